@@ -1,0 +1,123 @@
+"""Every setting of the worker, read from the environment or `.env`.
+
+Names are part of the public contract (README, `.env.example`): keep them stable.
+A bad value stops start-up with pydantic's message, which names the setting.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # --- connections -------------------------------------------------------------------
+    database_url: str = Field("sqlite:///cascade.db", alias="DATABASE_URL", repr=False)
+    broker_url: str = Field("redis://localhost:6379/0", alias="BROKER_URL", repr=False)
+
+    # --- provider ------------------------------------------------------------------------
+    smsbat_base_url: str = Field("https://restapi.smsbat.com", alias="SMSBAT_BASE_URL")
+    smsbat_status_base_url: str | None = Field(None, alias="SMSBAT_STATUS_BASE_URL")
+    smsbat_api_key: SecretStr | None = Field(None, alias="SMSBAT_API_KEY")
+    smsbat_username: str | None = Field(None, alias="SMSBAT_USERNAME")
+    smsbat_password: SecretStr | None = Field(None, alias="SMSBAT_PASSWORD")
+    smsbat_viber_token: SecretStr | None = Field(None, alias="SMSBAT_VIBER_TOKEN")
+    smsbat_tg_bot_key: SecretStr | None = Field(None, alias="SMSBAT_TG_BOT_KEY")
+    smsbat_status_auth: Literal["key", "basic", "basic_key"] = Field(
+        "key", alias="SMSBAT_STATUS_AUTH"
+    )
+    webhook_token: SecretStr | None = Field(None, alias="WEBHOOK_TOKEN")
+
+    # --- HTTP ------------------------------------------------------------------------------
+    http_connect_timeout_seconds: float = Field(5.0, gt=0, alias="HTTP_CONNECT_TIMEOUT_SECONDS")
+    http_read_timeout_seconds: float = Field(30.0, gt=0, alias="HTTP_READ_TIMEOUT_SECONDS")
+    http_write_timeout_seconds: float = Field(10.0, gt=0, alias="HTTP_WRITE_TIMEOUT_SECONDS")
+    http_pool_size: int = Field(20, ge=1, alias="HTTP_POOL_SIZE")
+
+    # --- send policy -----------------------------------------------------------------------
+    send_batch_max: int = Field(1000, ge=1, le=1000, alias="SEND_BATCH_MAX")
+    send_batch_min: int = Field(100, ge=1, le=1000, alias="SEND_BATCH_MIN")
+    send_linger_seconds: float = Field(1.0, ge=0, alias="SEND_LINGER_SECONDS")
+    send_parallelism: int = Field(4, ge=1, le=256, alias="SEND_PARALLELISM")
+    send_lease_seconds: float = Field(300.0, gt=0, alias="SEND_LEASE_SECONDS")
+    send_max_attempts: int = Field(5, ge=1, alias="SEND_MAX_ATTEMPTS")
+    send_backoff_base_seconds: float = Field(1.0, gt=0, alias="SEND_BACKOFF_BASE_SECONDS")
+    send_backoff_max_seconds: float = Field(300.0, gt=0, alias="SEND_BACKOFF_MAX_SECONDS")
+    send_unknown_outcome: Literal["resend", "fail"] = Field("resend", alias="SEND_UNKNOWN_OUTCOME")
+    send_requests_per_second: int = Field(0, ge=0, alias="SEND_REQUESTS_PER_SECOND")
+    send_messages_per_second: int = Field(0, ge=0, alias="SEND_MESSAGES_PER_SECOND")
+    circuit_open_seconds: float = Field(30.0, gt=0, alias="CIRCUIT_OPEN_SECONDS")
+    retry_after_default_seconds: float = Field(5.0, gt=0, alias="RETRY_AFTER_DEFAULT_SECONDS")
+    retry_after_max_seconds: float = Field(600.0, gt=0, alias="RETRY_AFTER_MAX_SECONDS")
+    dispatch_interval_seconds: float = Field(1.0, gt=0, alias="DISPATCH_INTERVAL_SECONDS")
+
+    # --- validation at the door ------------------------------------------------------------
+    schedule_past_skew_seconds: float = Field(60.0, ge=0, alias="SCHEDULE_PAST_SKEW_SECONDS")
+    schedule_max_ahead_days: float = Field(30.0, gt=0, le=30, alias="SCHEDULE_MAX_AHEAD_DAYS")
+
+    # --- poll policy -----------------------------------------------------------------------
+    poll_first_delay_seconds: float = Field(5.0, gt=0, alias="POLL_FIRST_DELAY_SECONDS")
+    poll_backoff_factor: float = Field(2.0, ge=1, alias="POLL_BACKOFF_FACTOR")
+    poll_jitter: float = Field(0.2, ge=0, lt=1, alias="POLL_JITTER")
+    poll_max_interval_seconds: float = Field(300.0, gt=0, alias="POLL_MAX_INTERVAL_SECONDS")
+    poll_min_gap_seconds: float = Field(1.0, ge=1, alias="POLL_MIN_GAP_SECONDS")
+    poll_grace_seconds: float = Field(3600.0, ge=0, alias="POLL_GRACE_SECONDS")
+    poll_max_age_seconds: float = Field(259200.0, gt=0, le=259200, alias="POLL_MAX_AGE_SECONDS")
+    poll_batch_size: int = Field(200, ge=1, le=5000, alias="POLL_BATCH_SIZE")
+    poll_concurrency: int = Field(50, ge=1, le=1000, alias="POLL_CONCURRENCY")
+    poll_lease_seconds: float = Field(120.0, gt=0, alias="POLL_LEASE_SECONDS")
+    poll_sweep_interval_seconds: float = Field(2.0, gt=0, alias="POLL_SWEEP_INTERVAL_SECONDS")
+    poll_max_queued_tasks: int = Field(20, ge=1, alias="POLL_MAX_QUEUED_TASKS")
+    status_requests_per_second: int = Field(0, ge=0, alias="STATUS_REQUESTS_PER_SECOND")
+
+    # --- sweeper ---------------------------------------------------------------------------
+    sweep_interval_seconds: float = Field(15.0, gt=0, alias="SWEEP_INTERVAL_SECONDS")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="LOG_LEVEL")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_driver(cls, value: str) -> str:
+        """Plain `postgresql://` URLs get the psycopg 3 driver we ship."""
+        if value.startswith("postgres://"):
+            value = "postgresql://" + value.removeprefix("postgres://")
+        if value.startswith("postgresql://"):
+            value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
+        if not value.startswith(("sqlite:", "postgresql+psycopg:")):
+            scheme = value.partition(":")[0]
+            raise ValueError(f"must be a sqlite:// or postgresql:// URL, got scheme {scheme!r}")
+        return value
+
+    @field_validator("smsbat_base_url", "smsbat_status_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {value!r}")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.send_batch_min > self.send_batch_max:
+            raise ValueError("SEND_BATCH_MIN must not exceed SEND_BATCH_MAX")
+        if self.smsbat_status_auth == "basic" and not (
+            self.smsbat_username and self.smsbat_password
+        ):
+            raise ValueError("SMSBAT_STATUS_AUTH=basic needs SMSBAT_USERNAME and SMSBAT_PASSWORD")
+        return self
+
+    @property
+    def status_base_url(self) -> str:
+        return self.smsbat_status_base_url or self.smsbat_base_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once: workers fork after this."""
+    return Settings()

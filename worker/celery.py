@@ -1,0 +1,80 @@
+"""The Celery application: `celery -A worker worker|beat|flower` finds `app` here.
+
+Redis carries only signals. Every task is idempotent against the database, so the
+settings below favour redelivery over loss: late acks, one prefetched task per process,
+and long-running tasks cancelled (not finished twice) when the broker connection drops.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from celery import Celery
+from kombu import Queue
+
+from config import Settings, get_settings
+
+INTAKE_QUEUE = "cascade-intake"
+SEND_QUEUE = "cascade-send"
+POLL_QUEUE = "cascade-poll"
+PERIODIC_QUEUE = "cascade-periodic"
+
+VISIBILITY_TIMEOUT = 3600
+
+
+def create_app(settings: Settings) -> Celery:
+    app = Celery("cascade", broker=settings.broker_url, include=["worker.tasks"])
+    send_limit = settings.send_lease_seconds * 0.9  # a claim must outlive its task
+    transport = {"visibility_timeout": VISIBILITY_TIMEOUT}
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_backend=settings.broker_url,
+        result_backend_transport_options=transport,
+        broker_transport_options=transport,
+        result_expires=timedelta(days=1),
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=False,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_max_tasks_per_child=10_000,
+        broker_connection_retry_on_startup=True,
+        task_soft_time_limit=240,
+        task_time_limit=300,
+        task_annotations={
+            "cascade.send_batch": {
+                "soft_time_limit": send_limit * 0.9,
+                "time_limit": send_limit,
+            }
+        },
+        timezone="UTC",
+        enable_utc=True,
+        task_default_queue=INTAKE_QUEUE,
+        task_queues=[
+            Queue(q, routing_key=q) for q in (INTAKE_QUEUE, SEND_QUEUE, POLL_QUEUE, PERIODIC_QUEUE)
+        ],
+        task_routes={
+            "cascade.enqueue": {"queue": INTAKE_QUEUE},
+            "cascade.send_batch": {"queue": SEND_QUEUE},
+            "cascade.poll_batch": {"queue": POLL_QUEUE},
+            "cascade.dispatch": {"queue": PERIODIC_QUEUE},
+            "cascade.poll_sweep": {"queue": PERIODIC_QUEUE},
+            "cascade.sweep": {"queue": PERIODIC_QUEUE},
+        },
+        beat_schedule={
+            "dispatch": _tick("cascade.dispatch", settings.dispatch_interval_seconds),
+            "poll-sweep": _tick("cascade.poll_sweep", settings.poll_sweep_interval_seconds),
+            "sweep": _tick("cascade.sweep", settings.sweep_interval_seconds),
+        },
+    )
+    return app
+
+
+def _tick(task: str, every: float) -> dict[str, object]:
+    # A tick nobody ran in time is dropped: the next one does the same work.
+    return {"task": task, "schedule": every, "options": {"expires": max(every * 2, 2.0)}}
+
+
+app = create_app(get_settings())

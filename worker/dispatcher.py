@@ -1,0 +1,436 @@
+"""The send path: claim queued messages, POST them in one batch, record every outcome.
+
+A claim commits before any HTTP call and no connection is held while the provider
+answers. Each claimed row carries a claim token; results are written only to rows
+that still carry it, so a claim taken over after its lease ran out is never
+overwritten by the worker that lost it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, Row, bindparam, func, insert, select, update
+
+from config import Settings
+from worker.backoff import poll_deadline, send_retry_delay
+from worker.db import utcnow
+from worker.models import events, messages
+from worker.pacing import Pacing
+from worker.smsbat import (
+    BadRequest,
+    OutcomeUnknown,
+    SendClient,
+    Throttled,
+    Unauthorized,
+    Unavailable,
+)
+from worker.states import State
+from worker.validation import OutgoingMessage
+
+log = logging.getLogger(__name__)
+
+THROTTLE = "send:throttle"
+CIRCUIT = "send:circuit"
+
+
+# --- outcomes of one claim (pure data) -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    pk: int
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    pk: int
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Back to the queue. `counts` says whether this was a failed attempt."""
+
+    pk: int
+    reason: str
+    counts: bool
+    delay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    """The request was written but its answer was lost: the provider may have it."""
+
+    pk: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    pk: int
+
+
+Outcome = Submitted | Rejected | Retry | Unknown | Expired
+
+
+@dataclass
+class BatchReport:
+    route: str
+    claimed: int = 0
+    requests: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    paused: float = 0.0
+
+
+# --- decisions -----------------------------------------------------------------------
+
+
+def should_flush(ready: int, oldest_wait: float, *, batch_min: int, linger: float) -> bool:
+    """A batch goes out when it is big enough or its oldest message has waited long enough."""
+    return ready >= batch_min or (ready > 0 and oldest_wait >= linger)
+
+
+def after_failed_attempt(attempts: int, max_attempts: int) -> State:
+    """Where a message goes after its `attempts`-th failed send."""
+    return State.FAILED if attempts >= max_attempts else State.QUEUED
+
+
+def batch_limit(settings: Settings) -> int:
+    rate = settings.send_messages_per_second
+    return min(settings.send_batch_max, rate) if rate else settings.send_batch_max
+
+
+# --- database edges ------------------------------------------------------------------
+
+
+_CLAIM_COLUMNS = (
+    messages.c.pk,
+    messages.c.id,
+    messages.c.from_name,
+    messages.c.to_phone,
+    messages.c.message_type,
+    messages.c.text,
+    messages.c.ttl,
+    messages.c.scheduled_sent,
+    messages.c.survey_options,
+    messages.c.route,
+    messages.c.attempts,
+    messages.c.expires_at,
+)
+
+
+def _ready_filter(route: str, now: datetime) -> list[Any]:
+    return [
+        messages.c.state == State.QUEUED,
+        messages.c.route == route,
+        messages.c.available_at <= now,
+    ]
+
+
+def ready_summary(engine: Engine, route: str, now: datetime, cap: int) -> tuple[int, float]:
+    """How many messages are ready (counted up to `cap`) and how long the oldest has waited."""
+    ready = select(messages.c.pk).where(*_ready_filter(route, now)).limit(cap).subquery()
+    with engine.begin() as conn:
+        count = conn.execute(select(func.count()).select_from(ready)).scalar_one()
+        if not count:
+            return 0, 0.0
+        oldest = conn.execute(
+            select(func.min(messages.c.available_at)).where(*_ready_filter(route, now))
+        ).scalar_one()
+    return count, (now - oldest).total_seconds() if oldest else 0.0
+
+
+def claim(
+    engine: Engine, route: str, now: datetime, limit: int, lease: float, token: str
+) -> list[Row[Any]]:
+    """Take up to `limit` ready messages, urgent types first, in one statement."""
+    chosen = (
+        select(messages.c.pk)
+        .where(*_ready_filter(route, now))
+        .order_by(messages.c.priority, messages.c.pk)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    stmt = (
+        update(messages)
+        .where(messages.c.pk.in_(chosen))
+        .values(
+            state=State.SENDING,
+            claim_token=token,
+            lease_until=now + timedelta(seconds=lease),
+        )
+        .returning(*_CLAIM_COLUMNS)
+    )
+    with engine.begin() as conn:
+        return list(conn.execute(stmt))
+
+
+def provider_payload(row: Row[Any]) -> dict[str, Any]:
+    return OutgoingMessage(
+        id=row.id,
+        from_name=row.from_name,
+        to_phone=row.to_phone,
+        message_type=row.message_type,
+        text=row.text,
+        ttl=row.ttl,
+        scheduled_sent=row.scheduled_sent,
+        survey_options=tuple(row.survey_options) if row.survey_options else None,
+        route=row.route,
+    ).to_provider()
+
+
+_UPDATE_BY_PK = messages.c.pk == bindparam("b_pk")
+
+
+def record(
+    engine: Engine,
+    token: str,
+    outcomes: Sequence[Outcome],
+    claimed: dict[int, Row[Any]],
+    settings: Settings,
+) -> dict[str, int]:
+    """Write every outcome of one claim, and its event, in one transaction."""
+    now = utcnow()
+    counts: dict[str, int] = {}
+    with engine.begin() as conn:
+        ours = {
+            row.pk: row
+            for row in conn.execute(
+                select(messages.c.pk, messages.c.attempts, messages.c.unknown_outcomes)
+                .where(
+                    messages.c.pk.in_([o.pk for o in outcomes]),
+                    messages.c.claim_token == token,
+                    messages.c.state == State.SENDING,
+                )
+                .with_for_update()
+            )
+        }
+        updates: dict[str, list[dict[str, Any]]] = {}
+        journal: list[dict[str, Any]] = []
+        for outcome in outcomes:
+            current = ours.get(outcome.pk)
+            if current is None:
+                counts["lost_claim"] = counts.get("lost_claim", 0) + 1
+                continue
+            kind, values, to_state, detail = _decide(outcome, current, claimed, settings, now)
+            updates.setdefault(kind, []).append({"b_pk": outcome.pk, **values})
+            journal.append(
+                {
+                    "message_pk": outcome.pk,
+                    "at": now,
+                    "source": "send",
+                    "from_state": State.SENDING,
+                    "to_state": to_state,
+                    "detail": detail,
+                }
+            )
+            counts[to_state] = counts.get(to_state, 0) + 1
+        for rows in updates.values():
+            columns = {name: bindparam(name) for name in rows[0] if name != "b_pk"}
+            stmt = (
+                update(messages)
+                .where(_UPDATE_BY_PK)
+                .values({name.removeprefix("v_"): param for name, param in columns.items()})
+            )
+            conn.execute(stmt, rows)
+        if journal:
+            conn.execute(insert(events), journal)
+    return counts
+
+
+def _decide(
+    outcome: Outcome,
+    current: Row[Any],
+    claimed: dict[int, Row[Any]],
+    settings: Settings,
+    now: datetime,
+) -> tuple[str, dict[str, Any], str, str | None]:
+    """(update shape, column values, new state, event detail) for one outcome."""
+    release = {"v_claim_token": None, "v_lease_until": None}
+    if isinstance(outcome, Submitted):
+        row = claimed[outcome.pk]
+        start = max(now, row.scheduled_sent) if row.scheduled_sent else now
+        values = {
+            **release,
+            "v_state": State.SUBMITTED,
+            "v_provider_message_id": outcome.message_id,
+            "v_submitted_at": now,
+            "v_next_poll_at": start + timedelta(seconds=settings.poll_first_delay_seconds),
+            "v_poll_deadline": poll_deadline(
+                start,
+                row.ttl,
+                grace=settings.poll_grace_seconds,
+                max_age=settings.poll_max_age_seconds,
+            ),
+        }
+        return "submitted", values, State.SUBMITTED, f"messageId {outcome.message_id}"
+    if isinstance(outcome, Rejected):
+        values = {
+            **release,
+            "v_state": State.REJECTED,
+            "v_error_code": outcome.code,
+            "v_error_message": outcome.message,
+            "v_final_at": now,
+            "v_final_source": "send",
+        }
+        return "final_error", values, State.REJECTED, f"{outcome.code}: {outcome.message}"
+    if isinstance(outcome, Expired):
+        values = {
+            **release,
+            "v_state": State.EXPIRED,
+            "v_error_code": "TTL_EXPIRED",
+            "v_error_message": "TTL ran out before the message could be sent",
+            "v_final_at": now,
+            "v_final_source": "send",
+        }
+        return "final_error", values, State.EXPIRED, "TTL ran out before sending"
+    unknown = isinstance(outcome, Unknown)
+    if unknown and settings.send_unknown_outcome == "fail":
+        values = {
+            **release,
+            "v_state": State.FAILED,
+            "v_unknown_outcomes": current.unknown_outcomes + 1,
+            "v_error_code": "UNKNOWN_OUTCOME",
+            "v_error_message": outcome.reason,
+            "v_final_at": now,
+            "v_final_source": "send",
+        }
+        return (
+            "unknown_fail",
+            values,
+            State.FAILED,
+            f"outcome unknown ({outcome.reason}); not resent",
+        )
+    counts = unknown or (isinstance(outcome, Retry) and outcome.counts)
+    attempts = current.attempts + (1 if counts else 0)
+    target = after_failed_attempt(attempts, settings.send_max_attempts)
+    delay = (
+        outcome.delay
+        if isinstance(outcome, Retry) and not outcome.counts
+        else send_retry_delay(
+            attempts,
+            base=settings.send_backoff_base_seconds,
+            cap=settings.send_backoff_max_seconds,
+        )
+    )
+    values = {
+        **release,
+        "v_state": target,
+        "v_attempts": attempts,
+        "v_unknown_outcomes": current.unknown_outcomes + (1 if unknown else 0),
+        "v_available_at": now + timedelta(seconds=delay),
+        "v_error_code": "UNKNOWN_OUTCOME" if unknown else "SEND_RETRY",
+        "v_error_message": outcome.reason,
+        "v_final_at": now if target == State.FAILED else None,
+        "v_final_source": "send" if target == State.FAILED else None,
+    }
+    prefix = "outcome unknown, resending" if unknown else "retry"
+    detail = f"{prefix}: {outcome.reason} (attempt {attempts}/{settings.send_max_attempts})"
+    return "retry", values, target, detail
+
+
+# --- the provider call ---------------------------------------------------------------
+
+
+def deliver(
+    client: SendClient,
+    pacing: Pacing,
+    settings: Settings,
+    route: str,
+    rows: Sequence[Row[Any]],
+) -> tuple[list[Outcome], int]:
+    """POST the rows; isolate a 400 by halving; answer the outcome of every row."""
+    payloads = {row.pk: provider_payload(row) for row in rows}
+    outcomes: list[Outcome] = []
+    pending: list[list[Row[Any]]] = [list(rows)] if rows else []
+    requests = 0
+    while pending:
+        chunk = pending.pop()
+        pacing.acquire("send:requests", settings.send_requests_per_second)
+        pacing.acquire("send:messages", settings.send_messages_per_second, len(chunk))
+        requests += 1
+        try:
+            accepted = client.send(route, [payloads[row.pk] for row in chunk])
+        except BadRequest as exc:
+            if len(chunk) == 1:
+                outcomes.append(Rejected(chunk[0].pk, exc.code, exc.message))
+            else:
+                half = len(chunk) // 2
+                pending += [chunk[half:], chunk[:half]]
+            continue
+        except Throttled as exc:
+            pacing.pause(THROTTLE, exc.retry_after)
+            log.warning("provider throttled sends: pausing all workers %.1fs", exc.retry_after)
+            held = [row for part in [chunk, *pending] for row in part]
+            outcomes += [Retry(r.pk, "HTTP 429", False, exc.retry_after) for r in held]
+            break
+        except Unauthorized as exc:
+            pacing.pause(CIRCUIT, settings.circuit_open_seconds)
+            log.error(
+                "provider refused our credentials (%s): sending stopped for %.0fs, "
+                "messages stay queued; check SMSBAT_API_KEY",
+                exc,
+                settings.circuit_open_seconds,
+            )
+            held = [row for part in [chunk, *pending] for row in part]
+            outcomes += [Retry(r.pk, "HTTP 401", False) for r in held]
+            break
+        except Unavailable as exc:
+            outcomes += [Retry(r.pk, str(exc), True) for r in chunk]
+            continue
+        except OutcomeUnknown as exc:
+            log.warning("send outcome unknown for %d messages: %s", len(chunk), exc)
+            outcomes += [Unknown(r.pk, str(exc)) for r in chunk]
+            continue
+        for row in chunk:
+            message_id = accepted.get(row.id)
+            if message_id:
+                outcomes.append(Submitted(row.pk, message_id))
+            else:
+                outcomes.append(Retry(row.pk, "missing from the provider's answer", True))
+    return outcomes, requests
+
+
+def send_batch(
+    engine: Engine, client: SendClient, pacing: Pacing, settings: Settings, route: str
+) -> BatchReport:
+    """One provider request's worth of work: the body of the `cascade.send_batch` task."""
+    report = BatchReport(route)
+    report.paused = max(pacing.paused_for(THROTTLE), pacing.paused_for(CIRCUIT))
+    if report.paused:
+        return report
+    now = utcnow()
+    limit = batch_limit(settings)
+    ready, oldest_wait = ready_summary(engine, route, now, settings.send_batch_min)
+    if not should_flush(
+        ready, oldest_wait, batch_min=settings.send_batch_min, linger=settings.send_linger_seconds
+    ):
+        return report
+    token = uuid.uuid4().hex
+    rows = claim(engine, route, now, limit, settings.send_lease_seconds, token)
+    report.claimed = len(rows)
+    if not rows:
+        return report
+    expired = [r for r in rows if r.expires_at is not None and r.expires_at <= now]
+    live = [r for r in rows if r.expires_at is None or r.expires_at > now]
+    outcomes: list[Outcome] = [Expired(r.pk) for r in expired]
+    sent, report.requests = deliver(client, pacing, settings, route, live)
+    outcomes += sent
+    report.counts = record(engine, token, outcomes, {r.pk: r for r in rows}, settings)
+    log.info(
+        "batch route=%s claimed=%d requests=%d outcome=%s",
+        route,
+        report.claimed,
+        report.requests,
+        report.counts,
+    )
+    return report

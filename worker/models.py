@@ -1,0 +1,158 @@
+"""Tables: one row per message (the outbox and its tracking record) and its event history.
+
+The hot queue columns (`state`, `available_at`, `next_poll_at`) are covered by partial
+indexes over the rows that are still claimable, so finished rows cost the claims nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy import (
+    text as sql_text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets BIGINT.
+BigPK = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out; SQLite stores them naive, PostgreSQL as timestamptz."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given for a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None or value.tzinfo is not None:
+            return value
+        return value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime()}
+
+
+class Message(Base):
+    __tablename__ = "messages"
+
+    pk: Mapped[int] = mapped_column(BigPK, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(254), unique=True)
+    campaign: Mapped[str | None] = mapped_column(String(200))
+
+    # What the producer asked for (the cascade API's fields).
+    from_name: Mapped[str] = mapped_column(String(64))
+    to_phone: Mapped[str] = mapped_column(String(20))
+    message_type: Mapped[str] = mapped_column(String(16))
+    text: Mapped[str | None] = mapped_column(Text)
+    ttl: Mapped[int | None] = mapped_column(Integer)
+    scheduled_sent: Mapped[datetime | None]
+    survey_options: Mapped[list[str] | None] = mapped_column(JSON)
+    route: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(SmallInteger)
+
+    # Queue state.
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+    available_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(SmallInteger, default=0)
+    unknown_outcomes: Mapped[int] = mapped_column(SmallInteger, default=0)
+    claim_token: Mapped[str | None] = mapped_column(String(32))
+    lease_until: Mapped[datetime | None]
+
+    # Provider tracking.
+    provider_message_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    submitted_at: Mapped[datetime | None]
+    next_poll_at: Mapped[datetime | None]
+    poll_deadline: Mapped[datetime | None]
+    polls: Mapped[int] = mapped_column(Integer, default=0)
+    last_polled_at: Mapped[datetime | None]
+    final_at: Mapped[datetime | None]
+    final_source: Mapped[str | None] = mapped_column(String(16))
+
+    # Every field the provider reports.
+    messagelist_id: Mapped[int | None] = mapped_column(BigInteger)
+    deliverystatus: Mapped[str | None] = mapped_column(String(32))
+    partscount: Mapped[int | None] = mapped_column(Integer)
+    cost: Mapped[float | None] = mapped_column(Float)
+    fallbacks: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
+    extended_statuses: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    rate: Mapped[float | None] = mapped_column(Float)
+    rate_amount: Mapped[float | None] = mapped_column(Float)
+    rate_currency: Mapped[str | None] = mapped_column(String(8))
+    bill_amount: Mapped[float | None] = mapped_column(Float)
+    bill_currency: Mapped[str | None] = mapped_column(String(8))
+
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index(
+            "ix_messages_sendable",
+            "route",
+            "priority",
+            "pk",
+            postgresql_where=sql_text("state = 'queued'"),
+            sqlite_where=sql_text("state = 'queued'"),
+        ),
+        Index(
+            "ix_messages_queued_available",
+            "available_at",
+            postgresql_where=sql_text("state = 'queued'"),
+            sqlite_where=sql_text("state = 'queued'"),
+        ),
+        Index(
+            "ix_messages_sending_lease",
+            "lease_until",
+            postgresql_where=sql_text("state = 'sending'"),
+            sqlite_where=sql_text("state = 'sending'"),
+        ),
+        Index(
+            "ix_messages_next_poll",
+            "next_poll_at",
+            postgresql_where=sql_text("next_poll_at IS NOT NULL"),
+            sqlite_where=sql_text("next_poll_at IS NOT NULL"),
+        ),
+        Index("ix_messages_campaign_state", "campaign", "state"),
+    )
+
+
+class MessageEvent(Base):
+    __tablename__ = "message_events"
+
+    pk: Mapped[int] = mapped_column(BigPK, primary_key=True, autoincrement=True)
+    message_pk: Mapped[int] = mapped_column(
+        BigPK, ForeignKey("messages.pk", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[datetime]
+    source: Mapped[str] = mapped_column(String(16))
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+messages = Message.__table__
+events = MessageEvent.__table__

@@ -1,0 +1,272 @@
+"""Status polling: claim messages whose `next_poll_at` is due, check them, write the answers.
+
+The schedule lives in the database, not in Celery countdowns: a claim pushes
+`next_poll_at` forward by a lease, so a poll task lost with a flushed Redis or a killed
+worker simply comes due again. Each check re-reads the row first and skips it if it
+became final or was polled less than the minimum gap ago.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, Row, bindparam, insert, select, update
+
+from config import Settings
+from worker.backoff import poll_interval
+from worker.db import utcnow
+from worker.models import events, messages
+from worker.pacing import Pacing
+from worker.smsbat import (
+    NotFound,
+    ProviderError,
+    StatusClient,
+    StatusReport,
+    Throttled,
+    Unauthorized,
+)
+from worker.states import FINAL, State, advance
+
+log = logging.getLogger(__name__)
+
+THROTTLE = "poll:throttle"
+CIRCUIT = "poll:circuit"
+_POLLABLE = (State.SUBMITTED, State.SCHEDULED, State.PROCESSING)
+
+
+@dataclass
+class PollReport:
+    checked: int = 0
+    skipped: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def claim_due(engine: Engine, now: datetime, limit: int, lease: float) -> list[int]:
+    """Take up to `limit` messages due for a check, pushing their next check out by a lease."""
+    chosen = (
+        select(messages.c.pk)
+        .where(messages.c.next_poll_at <= now)
+        .order_by(messages.c.next_poll_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    stmt = (
+        update(messages)
+        .where(messages.c.pk.in_(chosen))
+        .values(next_poll_at=now + timedelta(seconds=lease))
+        .returning(messages.c.pk)
+    )
+    with engine.begin() as conn:
+        return list(conn.execute(stmt).scalars())
+
+
+def _due(row: Row[Any], now: datetime, min_gap: float) -> bool:
+    return (
+        row.state in _POLLABLE
+        and row.provider_message_id is not None
+        and (row.last_polled_at is None or (now - row.last_polled_at).total_seconds() >= min_gap)
+    )
+
+
+Answer = StatusReport | ProviderError
+Checked = tuple[datetime, Answer]  # when the request went out, and what came back
+
+
+async def check_all(
+    client: StatusClient,
+    pacing: Pacing,
+    settings: Settings,
+    message_ids: Sequence[str],
+) -> dict[str, Checked]:
+    """Check every id concurrently, within the shared status request rate."""
+    results: dict[str, Checked] = {}
+    gate = asyncio.Semaphore(settings.poll_concurrency)
+
+    async def one(message_id: str) -> None:
+        async with gate:
+            at = utcnow()
+            try:
+                results[message_id] = (at, await client.status(message_id))
+            except ProviderError as exc:
+                results[message_id] = (at, exc)
+
+    step = settings.status_requests_per_second or len(message_ids) or 1
+    for start in range(0, len(message_ids), step):
+        chunk = message_ids[start : start + step]
+        pacing.acquire("poll:requests", settings.status_requests_per_second, len(chunk))
+        await asyncio.gather(*(one(m) for m in chunk))
+        if any(isinstance(results[m][1], Throttled | Unauthorized) for m in chunk):
+            break
+    return results
+
+
+def poll_batch(
+    engine: Engine,
+    client: StatusClient,
+    pacing: Pacing,
+    settings: Settings,
+    pks: Sequence[int],
+    run: Any = asyncio.run,
+) -> PollReport:
+    """The body of `cascade.poll_batch`: check the given messages and record what came back."""
+    report = PollReport()
+    paused = max(pacing.paused_for(THROTTLE), pacing.paused_for(CIRCUIT))
+    now = utcnow()
+    with engine.begin() as conn:
+        rows = list(
+            conn.execute(
+                select(
+                    messages.c.pk,
+                    messages.c.state,
+                    messages.c.provider_message_id,
+                    messages.c.last_polled_at,
+                ).where(messages.c.pk.in_(pks))
+            )
+        )
+    due = [r for r in rows if _due(r, now, settings.poll_min_gap_seconds)]
+    report.skipped = len(rows) - len(due)
+    results: dict[str, Checked] = {}
+    if due and not paused:
+        results = run(check_all(client, pacing, settings, [r.provider_message_id for r in due]))
+        report.checked = len(results)
+    for _, error in results.values():
+        if isinstance(error, Throttled):
+            pacing.pause(THROTTLE, error.retry_after)
+            paused = max(paused, error.retry_after)
+        elif isinstance(error, Unauthorized):
+            log.error("provider refused status credentials: polling paused; check SMSBAT_*")
+            pacing.pause(CIRCUIT, settings.circuit_open_seconds)
+            paused = max(paused, settings.circuit_open_seconds)
+    report.counts = record_polls(engine, settings, [r.pk for r in rows], results, paused)
+    return report
+
+
+def record_polls(
+    engine: Engine,
+    settings: Settings,
+    pks: Sequence[int],
+    results: dict[str, Checked],
+    paused: float,
+) -> dict[str, int]:
+    """Apply answers forward-only, schedule the next check of every unfinished message."""
+    now = utcnow()
+    counts: dict[str, int] = {}
+    updates: list[dict[str, Any]] = []
+    journal: list[dict[str, Any]] = []
+    with engine.begin() as conn:
+        rows = conn.execute(
+            select(
+                messages.c.pk,
+                messages.c.state,
+                messages.c.provider_message_id,
+                messages.c.polls,
+                messages.c.last_polled_at,
+                messages.c.poll_deadline,
+                messages.c.next_poll_at,
+            )
+            .where(messages.c.pk.in_(pks))
+            .with_for_update()
+        )
+        for row in rows:
+            checked = results.get(row.provider_message_id)
+            change = _next(row, checked, settings, now)
+            if paused and change.get("next_poll_at"):
+                change["next_poll_at"] = max(
+                    change["next_poll_at"], now + timedelta(seconds=paused)
+                )
+            new_state = change.get("state", row.state)
+            if new_state != row.state:
+                counts[new_state] = counts.get(new_state, 0) + 1
+                timed_out = new_state == State.TIMEOUT
+                journal.append(
+                    {
+                        "message_pk": row.pk,
+                        "at": now,
+                        "source": "system" if timed_out else "poll",
+                        "from_state": row.state,
+                        "to_state": new_state,
+                        "detail": "no final status before the deadline"
+                        if timed_out
+                        else _describe(checked[1] if checked else None),
+                    }
+                )
+            updates.append(change | {"b_pk": row.pk})
+        for shape in _group_by_keys(updates):
+            stmt = (
+                update(messages)
+                .where(messages.c.pk == bindparam("b_pk"))
+                .values({k: bindparam("v_" + k) for k in shape[0] if k != "b_pk"})
+            )
+            conn.execute(
+                stmt, [{("v_" + k if k != "b_pk" else k): v for k, v in u.items()} for u in shape]
+            )
+        if journal:
+            conn.execute(insert(events), journal)
+    return counts
+
+
+def _describe(result: Answer | None) -> str | None:
+    if isinstance(result, StatusReport):
+        return f"deliverystatus {result.deliverystatus}"
+    return None
+
+
+def _group_by_keys(updates: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for u in updates:
+        groups.setdefault(tuple(sorted(u)), []).append(u)
+    return list(groups.values())
+
+
+def _next(
+    row: Row[Any],
+    checked: Checked | None,
+    settings: Settings,
+    now: datetime,
+) -> dict[str, Any]:
+    """Column changes for one message after a round of checks (pure)."""
+    if row.state in FINAL:
+        return {"next_poll_at": None}
+    change: dict[str, Any] = {}
+    polls = row.polls
+    polled_at, result = checked if checked else (None, None)
+    if polled_at is not None:
+        polls += 1
+        change |= {"polls": polls, "last_polled_at": polled_at}
+    if isinstance(result, StatusReport):
+        if advance(row.state, result.state):
+            change["state"] = result.state
+        if advance(row.state, result.state) or result.state == row.state:
+            change |= result.fields()
+        if result.state in FINAL and "state" in change:
+            return change | {"next_poll_at": None, "final_at": now, "final_source": "poll"}
+    elif isinstance(result, NotFound):
+        change["error_message"] = "status check: message not found at the provider"
+    if row.poll_deadline is not None and now >= row.poll_deadline:
+        return change | {
+            "state": State.TIMEOUT,
+            "next_poll_at": None,
+            "final_at": now,
+            "final_source": "system",
+            "error_code": "TIMEOUT",
+            "error_message": "no final status before the deadline",
+        }
+    last = polled_at or row.last_polled_at
+    delay = poll_interval(
+        polls,
+        first=settings.poll_first_delay_seconds,
+        factor=settings.poll_backoff_factor,
+        cap=settings.poll_max_interval_seconds,
+        jitter=settings.poll_jitter,
+        min_gap=settings.poll_min_gap_seconds,
+    )
+    next_at = (last or now) + timedelta(seconds=delay)
+    if row.poll_deadline is not None:
+        next_at = min(next_at, max(row.poll_deadline, now))
+    return change | {"next_poll_at": max(next_at, now + timedelta(seconds=0.05))}

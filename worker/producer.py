@@ -1,0 +1,175 @@
+"""The intake: validate messages, store the valid ones as `queued`, wake the dispatcher.
+
+A message is stored before anything else happens to it, so from here on the database
+alone decides its fate. A known `id` is not stored twice: the caller learns the state
+of the message already there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from itertools import islice
+from typing import Any, Literal
+
+from sqlalchemy import Engine, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from config import Settings, get_settings
+from worker.db import get_engine, is_sqlite, utcnow
+from worker.models import messages
+from worker.states import State
+from worker.validation import FieldError, OutgoingMessage, ValidationRules, validate_message
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1000
+MAX_CAMPAIGN_LENGTH = 200
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    """What became of one message handed to `enqueue`."""
+
+    id: str | None
+    status: Literal["accepted", "duplicate", "rejected"]
+    state: str | None = None
+    errors: tuple[FieldError, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"id": self.id, "status": self.status, "state": self.state}
+        if self.errors:
+            result["errors"] = [e.as_dict() for e in self.errors]
+        return result
+
+
+def rules_from(settings: Settings) -> ValidationRules:
+    return ValidationRules(
+        max_schedule_ahead=timedelta(days=settings.schedule_max_ahead_days),
+        past_skew=timedelta(seconds=settings.schedule_past_skew_seconds),
+    )
+
+
+def row_for(message: OutgoingMessage, campaign: str | None, now: datetime) -> dict[str, Any]:
+    start = max(now, message.scheduled_sent) if message.scheduled_sent else now
+    return {
+        "id": message.id,
+        "campaign": campaign,
+        "from_name": message.from_name,
+        "to_phone": message.to_phone,
+        "message_type": message.message_type,
+        "text": message.text,
+        "ttl": message.ttl,
+        "scheduled_sent": message.scheduled_sent,
+        "survey_options": list(message.survey_options) if message.survey_options else None,
+        "route": message.route,
+        "priority": message.priority,
+        "state": State.QUEUED,
+        "created_at": now,
+        "available_at": now,
+        "expires_at": start + timedelta(seconds=message.ttl) if message.ttl else None,
+        "attempts": 0,
+        "unknown_outcomes": 0,
+        "polls": 0,
+    }
+
+
+def _check_campaign(campaign: str | None) -> None:
+    if campaign is None:
+        return
+    if not isinstance(campaign, str) or not campaign.strip():
+        raise ValueError("campaign must be a non-empty string")
+    if len(campaign) > MAX_CAMPAIGN_LENGTH:
+        raise ValueError(f"campaign must be at most {MAX_CAMPAIGN_LENGTH} characters")
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def store(engine: Engine, rows: list[dict[str, Any]]) -> set[str]:
+    """Insert rows whose id is new; answer the ids actually inserted."""
+    if not rows:
+        return set()
+    insert = sqlite_insert if is_sqlite(engine) else pg_insert
+    stmt = insert(messages).on_conflict_do_nothing(index_elements=["id"]).returning(messages.c.id)
+    with engine.begin() as conn:
+        return set(conn.execute(stmt, rows).scalars())
+
+
+def existing_states(engine: Engine, ids: Iterable[str]) -> dict[str, str]:
+    wanted = list(ids)
+    if not wanted:
+        return {}
+    with engine.begin() as conn:
+        rows = conn.execute(
+            select(messages.c.id, messages.c.state).where(messages.c.id.in_(wanted))
+        )
+        return {row.id: row.state for row in rows}
+
+
+def enqueue(
+    items: Iterable[Mapping[str, Any]],
+    campaign: str | None = None,
+    *,
+    settings: Settings | None = None,
+    kick: bool = True,
+) -> list[EnqueueResult]:
+    """Validate and queue messages (the cascade API's JSON objects); one result per message.
+
+    Results come in input order. A refused message never stops the others.
+    """
+    _check_campaign(campaign)
+    settings = settings or get_settings()
+    engine = get_engine(settings.database_url)
+    rules = rules_from(settings)
+    results: list[EnqueueResult] = []
+    seen: set[str] = set()
+    accepted_any = False
+    for chunk in _chunks(items, CHUNK):
+        now = utcnow()
+        chunk_results: list[EnqueueResult | None] = []
+        rows: list[dict[str, Any]] = []
+        for raw in chunk:
+            checked = validate_message(raw, now=now, rules=rules)
+            if isinstance(checked, list):
+                raw_id = raw.get("id") if isinstance(raw, Mapping) else None
+                shown_id = raw_id if isinstance(raw_id, str) else None
+                chunk_results.append(EnqueueResult(shown_id, "rejected", errors=tuple(checked)))
+            elif checked.id in seen:
+                chunk_results.append(EnqueueResult(checked.id, "duplicate", State.QUEUED))
+            else:
+                seen.add(checked.id)
+                rows.append(row_for(checked, campaign, now))
+                chunk_results.append(None)
+        inserted = store(engine, rows)
+        accepted_any = accepted_any or bool(inserted)
+        known = existing_states(engine, {r["id"] for r in rows} - inserted)
+        pending = iter(rows)
+        for result in chunk_results:
+            if result is None:
+                message_id = next(pending)["id"]
+                result = (
+                    EnqueueResult(message_id, "accepted", State.QUEUED)
+                    if message_id in inserted
+                    else EnqueueResult(message_id, "duplicate", known.get(message_id))
+                )
+            results.append(result)
+    if kick and accepted_any:
+        wake_dispatcher()
+    return results
+
+
+def wake_dispatcher() -> None:
+    """Ask for a dispatch now rather than at the next beat tick; harmless if it fails."""
+    from worker.tasks import dispatch
+
+    try:
+        dispatch.apply_async(retry=False)
+    except Exception as exc:  # the beat tick will pick the messages up anyway
+        log.warning("could not wake the dispatcher (%s); the next beat tick will", exc)

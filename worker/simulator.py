@@ -1,0 +1,715 @@
+"""A simulated SMSBAT Cascade provider on loopback, with fault injection and counters.
+
+Tests and benchmarks talk to it over real sockets, so the worker's HTTP client, retry and
+polling policies run exactly as they would against the real provider. The ``/_sim/*``
+endpoints set faults and read back what the client did (duplicates, early retries,
+over-polling). Everything runs on one event loop, so the synchronous core needs no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import math
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from types import UnionType
+from typing import Any, Final, NamedTuple, get_args, get_origin, get_type_hints
+
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+SEND_PATH: Final = "/api/CascadeMessage/send_message/async"
+SEND_TG_VIBER_PATH: Final = "/api/CascadeMessage/send_message/tg-viber/async"
+STATUS_PATH: Final = "/bat/message/{messageId}"
+
+FINAL_STATES: Final = ("delivered", "undeliverable", "permanenterror")
+CHANNELS: Final = ("telegram", "viber", "rcs", "sms")
+REQUIRED_FIELDS: Final = ("id", "toPhone", "messageType")
+AUTH_HEADERS: Final = {
+    "x-authorization-key": "X-Authorization-Key",
+    "x-viber-auth-token": "X-Viber-Auth-Token",
+    "x-tg-bot-key": "X-Tg-Bot-Key",
+}
+SEND_CODES: Final = (200, 400, 401, 429, 500)
+STATUS_CODES: Final = (200, 401, 404, 429, 500)
+RATE: Final = 0.05
+CURRENCY: Final = "UAH"
+PART_CHARS: Final = 160
+MAX_ID_CHARS: Final = 255
+POLL_GAP: Final = 1.0
+REQUEST_LOG_SIZE: Final = 100_000
+
+
+@dataclass
+class SimulatorConfig:
+    """What the simulated provider does; changed live through ``POST /_sim/config``."""
+
+    api_key: str = "test-key"
+    username: str = "user"
+    password: str = "pass"
+    delay_min: float = 5.0
+    delay_max: float = 30.0
+    processing_at: float = 0.3
+    mix: dict[str, float] = field(
+        default_factory=lambda: {"delivered": 0.9, "undeliverable": 0.07, "permanenterror": 0.03}
+    )
+    latency_ms: float = 0.0
+    error_rate: float = 0.0
+    fail_next_sends: int = 0
+    throttle_next: int = 0
+    retry_after: str = "1"
+    status_throttle_next: int = 0
+    hang_next_sends: int = 0
+    hang_seconds: float = 5.0
+    reject_phones: list[str] = field(default_factory=list)
+    shuffle: bool = True
+    drop_answers: float = 0.0
+    fallbacks: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse impossible settings up front rather than failing mid-request."""
+        _check_config(self)
+
+    def update(self, changes: Mapping[str, Any]) -> None:
+        """Apply ``changes`` all or nothing, so a bad admin call leaves the config intact."""
+        hints = _config_hints()
+        values: dict[str, Any] = {}
+        for name, value in changes.items():
+            if name not in hints:
+                raise ValueError(f"{name}: unknown config field")
+            values[name] = _coerce(name, hints[name], value)
+        replace(self, **values)  # runs __post_init__ on the would-be config
+        for name, value in values.items():
+            setattr(self, name, value)
+
+
+def _config_hints() -> dict[str, Any]:
+    """Field types, resolved from the postponed annotations."""
+    return get_type_hints(SimulatorConfig)
+
+
+def _check_config(config: SimulatorConfig) -> None:
+    """Range checks; each error starts with the field name for the admin answer."""
+    non_negative, unit = "must be >= 0", "must be within [0, 1]"
+    checks = {
+        "delay_min": (config.delay_min >= 0, non_negative),
+        "delay_max": (config.delay_max >= config.delay_min, "must be >= delay_min"),
+        "processing_at": (0 <= config.processing_at <= 1, unit),
+        "latency_ms": (config.latency_ms >= 0, non_negative),
+        "error_rate": (0 <= config.error_rate <= 1, unit),
+        "drop_answers": (0 <= config.drop_answers <= 1, unit),
+        "hang_seconds": (config.hang_seconds >= 0, non_negative),
+        "fail_next_sends": (config.fail_next_sends >= 0, non_negative),
+        "throttle_next": (config.throttle_next >= 0, non_negative),
+        "status_throttle_next": (config.status_throttle_next >= 0, non_negative),
+        "hang_next_sends": (config.hang_next_sends >= 0, non_negative),
+        "mix": (_valid_mix(config.mix), f"weights >= 0 over {FINAL_STATES}, not all 0"),
+    }
+    for name, (ok, rule) in checks.items():
+        if not ok:
+            raise ValueError(f"{name}: {rule}")
+    try:
+        _retry_deadline(config.retry_after, 0.0)
+    except ValueError as exc:
+        raise ValueError(f"retry_after: {exc}") from exc
+
+
+def _valid_mix(mix: dict[str, float]) -> bool:
+    """Final-state weights that random.choices can draw from."""
+    return (
+        set(mix) <= set(FINAL_STATES)
+        and all(weight >= 0 for weight in mix.values())
+        and sum(mix.values()) > 0
+    )
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """Check one admin value against its declared type; ints are fine where floats are."""
+    if not _matches(hint, value):
+        raise ValueError(f"{name}: expected {_type_name(hint)}, got {type(value).__name__}")
+    return float(value) if hint is float else value
+
+
+def _matches(hint: Any, value: Any) -> bool:
+    """isinstance for the handful of annotation shapes SimulatorConfig uses."""
+    origin = get_origin(hint)
+    if origin is dict:
+        key_type, value_type = get_args(hint)
+        return isinstance(value, dict) and all(
+            _matches(key_type, k) and _matches(value_type, v) for k, v in value.items()
+        )
+    if origin is list:
+        (item_type,) = get_args(hint)
+        return isinstance(value, list) and all(_matches(item_type, v) for v in value)
+    if origin is UnionType:
+        return any(_matches(option, value) for option in get_args(hint))
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    """``float`` rather than ``<class 'float'>`` in error messages."""
+    return hint.__name__ if hint in (str, int, float, bool) else str(hint)
+
+
+def _retry_deadline(value: str, answered_at: float) -> float:
+    """Unix time before which a client must not retry, per Retry-After (seconds or date)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        return _http_date(value).timestamp()
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"not a usable Retry-After: {value!r}")
+    return answered_at + seconds
+
+
+def _http_date(value: str) -> datetime:
+    """Parse an HTTP date; a zone-less one is taken as UTC, as HTTP dates always are."""
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not a usable Retry-After: {value!r}") from exc
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+class _Answer(NamedTuple):
+    """A computed HTTP answer; ``hold`` is extra time to sit on it (hang injection)."""
+
+    code: int
+    body: bytes
+    headers: dict[str, str] | None = None
+    hold: float = 0.0
+
+
+def _error(code: int, error: str, message: str, field_name: str | None = None) -> _Answer:
+    """The provider's error shape: ``{"error": {"code", "message", "field"?}}``."""
+    detail = {"code": error, "message": message}
+    if field_name is not None:
+        detail["field"] = field_name
+    return _Answer(code, orjson.dumps({"error": detail}))
+
+
+_UNAUTHORIZED: Final = _error(401, "UNAUTHORIZED", "Invalid API key")
+_SERVER_ERROR: Final = _error(500, "SERVER_ERROR", "Internal server error")
+_INVALID_JSON: Final = object()
+
+
+def _extended(channel: str, final: str) -> dict[str, Any]:
+    """Cascade outcome: channels before the deciding one failed; SMS is the fallback."""
+    reached = CHANNELS[: CHANNELS.index(channel) + 1]
+    statuses = dict.fromkeys(reached[:-1], "undeliverable")
+    statuses[channel] = final
+    statuses.setdefault("sms", "not_used")
+    used = "used" if channel == "sms" else "not_used"
+    return {"fallbacks": [{"type": "sms", "status": used}], "extendedStatuses": statuses}
+
+
+# Built once: final answers share these read-only fragments instead of rebuilding them.
+_EXTENDED: Final = {(c, s): _extended(c, s) for c in CHANNELS for s in FINAL_STATES}
+
+
+class _Track:
+    """Everything sent under one trackinId (the client's own id)."""
+
+    __slots__ = ("message_ids", "polls", "route", "sends")
+
+    def __init__(self, route: str) -> None:
+        self.message_ids: list[str] = []
+        self.sends = 0
+        self.polls = 0
+        self.route = route
+
+
+class _Message:
+    """One accepted message and its planned timeline."""
+
+    __slots__ = (
+        "batch_id",
+        "channel",
+        "final",
+        "final_seen",
+        "last_poll",
+        "message_id",
+        "parts",
+        "t_final",
+        "t_processing",
+        "track",
+    )
+
+    def __init__(
+        self,
+        message_id: str,
+        batch_id: int,
+        t_processing: float,
+        t_final: float,
+        final: str,
+        channel: str,
+        parts: int,
+        track: _Track,
+    ) -> None:
+        self.message_id = message_id
+        self.batch_id = batch_id
+        self.t_processing = t_processing
+        self.t_final = t_final
+        self.final = final
+        self.channel = channel
+        self.parts = parts
+        self.track = track
+        self.last_poll: float | None = None
+        self.final_seen = False
+
+
+def _parts(text: Any) -> int:
+    """SMS parts the provider bills: one per 160 characters, at least one."""
+    return max(1, math.ceil(len(text) / PART_CHARS)) if isinstance(text, str) else 1
+
+
+def _scheduled_at(value: Any) -> float | None:
+    """``scheduledSent`` as unix time (ISO 8601, UTC when no zone), None if unreadable."""
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _load(body: bytes) -> Any:
+    """The request body as JSON, or the ``_INVALID_JSON`` marker."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _INVALID_JSON
+
+
+def _check_batch(batch: Any, rejected: frozenset[str]) -> _Answer | None:
+    """The 400 the provider would give this body, or None when it is acceptable."""
+    if batch is _INVALID_JSON:
+        return _error(400, "INVALID_JSON", "body is not valid JSON", "body")
+    if not isinstance(batch, list) or not batch:
+        return _error(400, "INVALID_PARAMETER", "body must be a non-empty JSON array", "body")
+    for index, message in enumerate(batch):
+        problem = _check_message(index, message, rejected)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _check_message(index: int, message: Any, rejected: frozenset[str]) -> _Answer | None:
+    """Validate one element; the message names its index so a client can isolate it."""
+    if not isinstance(message, dict):
+        return _error(400, "INVALID_PARAMETER", f"messages[{index}] must be an object", "body")
+    for name in REQUIRED_FIELDS:
+        value = message.get(name)
+        if not isinstance(value, str) or not value:
+            return _error(400, "INVALID_PARAMETER", f"messages[{index}].{name} is required", name)
+    if len(message["id"]) >= MAX_ID_CHARS:
+        return _error(400, "INVALID_PARAMETER", f"messages[{index}].id is too long", "id")
+    phone = message["toPhone"]
+    if phone in rejected:
+        text = f"messages[{index}].toPhone {phone} is not a valid phone number"
+        return _error(400, "INVALID_PHONE", text, "toPhone")
+    scheduled = message.get("scheduledSent")
+    if scheduled is not None and _scheduled_at(scheduled) is None:
+        text = f"messages[{index}].scheduledSent is not an ISO 8601 time"
+        return _error(400, "INVALID_PARAMETER", text, "scheduledSent")
+    return None
+
+
+def _basic_credentials(header: str | None) -> tuple[str, str] | None:
+    """``(user, password)`` from an HTTP Basic header, None if absent or malformed."""
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else None
+
+
+class _Simulator:
+    """Recorded state and counters, plus the synchronous request logic."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything recorded; the random stream restarts from the seed."""
+        self.rng = random.Random(self.config.seed)
+        self.messages: dict[str, _Message] = {}
+        self.tracks: dict[str, _Track] = {}
+        self.requests: deque[tuple[float, str, int, int]] = deque(maxlen=REQUEST_LOG_SIZE)
+        self.batches = 0
+        self.send_requests = 0
+        self.send_status = dict.fromkeys(SEND_CODES, 0)
+        self.messages_accepted = 0
+        self.messages_dropped = 0
+        self.duplicate_tracking_ids = 0
+        self.status_requests = 0
+        self.status_by_code = dict.fromkeys(STATUS_CODES, 0)
+        self.polls_after_final = 0
+        self.polls_within_1s = 0
+        self.min_poll_gap: float | None = None
+        self.early_after_429 = 0
+        self.status_early_after_429 = 0
+        self.max_batch = 0
+        self.auth_headers_seen: set[str] = set()
+        self.send_retry_at = 0.0
+        self.status_retry_at = 0.0
+
+    def configure(self, changes: Mapping[str, Any]) -> None:
+        """Apply admin changes; a new seed restarts the random stream."""
+        self.config.update(changes)
+        if "seed" in changes:
+            self.rng.seed(self.config.seed)
+
+    # --- sends -------------------------------------------------------------------------
+
+    def send(self, headers: Headers, body: bytes, route: str, now: float) -> _Answer:
+        """Answer one send request and record it."""
+        self.send_requests += 1
+        if now < self.send_retry_at:
+            self.early_after_429 += 1
+        batch = _load(body)
+        size = len(batch) if isinstance(batch, list) else 0
+        self.max_batch = max(self.max_batch, size)
+        answer = self._send_answer(headers, batch, route, now)
+        self.send_status[answer.code] = self.send_status.get(answer.code, 0) + 1
+        self.requests.append((now, "send", answer.code, size))
+        return answer
+
+    def _send_answer(self, headers: Headers, batch: Any, route: str, now: float) -> _Answer:
+        """Checks in the provider's order: auth, injected faults, validation, acceptance."""
+        self.auth_headers_seen.update(AUTH_HEADERS[k] for k in headers if k in AUTH_HEADERS)
+        if headers.get("x-authorization-key") != self.config.api_key:
+            return _UNAUTHORIZED
+        fault = self._send_fault(now)
+        if fault is not None:
+            return fault
+        problem = _check_batch(batch, frozenset(self.config.reject_phones))
+        if problem is not None:
+            return problem
+        return self._accept(batch, route, now)
+
+    def _send_fault(self, now: float) -> _Answer | None:
+        """Injected 500/429 for sends; countdowns first, then the random error rate."""
+        config = self.config
+        if config.fail_next_sends > 0:
+            config.fail_next_sends -= 1
+            return _SERVER_ERROR
+        if config.throttle_next > 0:
+            config.throttle_next -= 1
+            answer, self.send_retry_at = self._throttled(now)
+            return answer
+        if config.error_rate and self.rng.random() < config.error_rate:
+            return _SERVER_ERROR
+        return None
+
+    def _throttled(self, now: float) -> tuple[_Answer, float]:
+        """A 429 and the time before which a polite client does not come back."""
+        value = self.config.retry_after
+        answer = _error(429, "TOO_MANY_REQUESTS", "Too many requests")
+        answered_at = now + self.config.latency_ms / 1000
+        return answer._replace(headers={"Retry-After": value}), _retry_deadline(value, answered_at)
+
+    def _accept(self, batch: list[dict[str, Any]], route: str, now: float) -> _Answer:
+        """Record the batch's messages and answer ``[{messageId, trackinId}]``."""
+        config, rng = self.config, self.rng
+        self.batches += 1
+        states, weights = zip(*config.mix.items(), strict=True)
+        finals = rng.choices(states, weights, k=len(batch))
+        channels = rng.choices(CHANNELS, k=len(batch))
+        answer = []
+        for message, final, channel in zip(batch, finals, channels, strict=True):
+            if config.drop_answers and rng.random() < config.drop_answers:
+                self.messages_dropped += 1
+                continue
+            message_id = self._record(message, final, channel, route, now)
+            answer.append({"messageId": message_id, "trackinId": message["id"]})
+        if config.shuffle:
+            rng.shuffle(answer)
+        hold = 0.0
+        if config.hang_next_sends > 0:
+            config.hang_next_sends -= 1
+            hold = config.hang_seconds
+        return _Answer(200, orjson.dumps(answer), hold=hold)
+
+    def _record(
+        self, message: dict[str, Any], final: str, channel: str, route: str, now: float
+    ) -> str:
+        """Plan one message's timeline from now, or from its future ``scheduledSent``."""
+        config, rng = self.config, self.rng
+        scheduled = _scheduled_at(message.get("scheduledSent"))
+        start = now if scheduled is None else max(now, scheduled)
+        delay = rng.uniform(config.delay_min, config.delay_max)
+        message_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        track = self._track(message["id"], route)
+        record = _Message(
+            message_id,
+            self.batches,
+            start + config.processing_at * delay,
+            start + delay,
+            final,
+            channel,
+            _parts(message.get("text")),
+            track,
+        )
+        track.message_ids.append(message_id)
+        self.messages[message_id] = record
+        self.messages_accepted += 1
+        return message_id
+
+    def _track(self, tracking_id: str, route: str) -> _Track:
+        """The trackinId's record, counting a second acceptance as a duplicate."""
+        track = self.tracks.get(tracking_id)
+        if track is None:
+            track = self.tracks[tracking_id] = _Track(route)
+        track.sends += 1
+        track.route = route
+        if track.sends == 2:
+            self.duplicate_tracking_ids += 1
+        return track
+
+    # --- status ------------------------------------------------------------------------
+
+    def status(self, headers: Headers, message_id: str, now: float) -> _Answer:
+        """Answer one status GET and record it."""
+        self.status_requests += 1
+        if now < self.status_retry_at:
+            self.status_early_after_429 += 1
+        answer = self._status_answer(headers, message_id, now)
+        self.status_by_code[answer.code] = self.status_by_code.get(answer.code, 0) + 1
+        self.requests.append((now, "status", answer.code, 1))
+        return answer
+
+    def _status_answer(self, headers: Headers, message_id: str, now: float) -> _Answer:
+        """Auth, poll bookkeeping, injected faults, then the message's current state."""
+        if not self._status_authorized(headers):
+            return _UNAUTHORIZED
+        message = self.messages.get(message_id)
+        if message is not None:
+            self._note_poll(message, now)
+        fault = self._status_fault(now)
+        if fault is not None:
+            return fault
+        if message is None:
+            return _error(404, "NOT_FOUND", f"Message {message_id} not found")
+        return _Answer(200, orjson.dumps(self._status_body(message, now)))
+
+    def _status_authorized(self, headers: Headers) -> bool:
+        """Any of: the API key header, Basic user:password, Basic ``@:api_key``."""
+        config = self.config
+        if headers.get("x-authorization-key") == config.api_key:
+            return True
+        credentials = _basic_credentials(headers.get("authorization"))
+        return credentials in ((config.username, config.password), ("@", config.api_key))
+
+    def _note_poll(self, message: _Message, now: float) -> None:
+        """Count the polling habits the provider asks clients to avoid."""
+        message.track.polls += 1
+        if message.final_seen:
+            self.polls_after_final += 1
+        if message.last_poll is not None:
+            gap = now - message.last_poll
+            if gap < POLL_GAP:
+                self.polls_within_1s += 1
+            if self.min_poll_gap is None or gap < self.min_poll_gap:
+                self.min_poll_gap = gap
+        message.last_poll = now
+
+    def _status_fault(self, now: float) -> _Answer | None:
+        """Injected 429/500 for status GETs."""
+        config = self.config
+        if config.status_throttle_next > 0:
+            config.status_throttle_next -= 1
+            answer, self.status_retry_at = self._throttled(now)
+            return answer
+        if config.error_rate and self.rng.random() < config.error_rate:
+            return _SERVER_ERROR
+        return None
+
+    def _status_body(self, message: _Message, now: float) -> dict[str, Any]:
+        """The state the timeline has reached; early states carry only two fields."""
+        if now < message.t_processing:
+            return {"deliverystatus": "scheduled", "partscount": message.parts}
+        if now < message.t_final:
+            return {"deliverystatus": "processing", "partscount": message.parts}
+        message.final_seen = True
+        return self._final_body(message)
+
+    def _final_body(self, message: _Message) -> dict[str, Any]:
+        """Final answer; failed messages cost nothing, as the reference says."""
+        cost = round(RATE * message.parts, 2) if message.final == "delivered" else 0.0
+        body: dict[str, Any] = {
+            "messagelistId": message.batch_id,
+            "messageId": message.message_id,
+            "deliverystatus": message.final,
+            "partscount": message.parts,
+            "cost": cost,
+        }
+        if self.config.fallbacks:
+            body.update(_EXTENDED[message.channel, message.final])
+            body.update(
+                rate=RATE,
+                rateAmount=RATE,
+                rateCurrency=CURRENCY,
+                billAmount=cost,
+                billCurrency=CURRENCY,
+            )
+        return body
+
+    # --- admin reports -----------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for tests and benchmarks."""
+        return {
+            "send_requests": self.send_requests,
+            "send_status": {str(code): n for code, n in self.send_status.items()},
+            "messages_accepted": self.messages_accepted,
+            "messages_dropped": self.messages_dropped,
+            "unique_tracking_ids": len(self.tracks),
+            "duplicate_tracking_ids": self.duplicate_tracking_ids,
+            "status_requests": self.status_requests,
+            "status_by_code": {str(code): n for code, n in self.status_by_code.items()},
+            "polls_after_final": self.polls_after_final,
+            "polls_within_1s": self.polls_within_1s,
+            "min_poll_gap": self.min_poll_gap,
+            "early_after_429": self.early_after_429,
+            "status_early_after_429": self.status_early_after_429,
+            "max_batch": self.max_batch,
+            "auth_headers_seen": sorted(self.auth_headers_seen),
+        }
+
+    def message_report(self, now: float) -> dict[str, Any]:
+        """Per trackinId; ``final`` is the latest messageId's state once it is reached."""
+        report = {}
+        for tracking_id, track in self.tracks.items():
+            latest = self.messages[track.message_ids[-1]]
+            report[tracking_id] = {
+                "messageIds": track.message_ids,
+                "sends": track.sends,
+                "route": track.route,
+                "polls": track.polls,
+                "final": latest.final if now >= latest.t_final else None,
+            }
+        return report
+
+    def request_log(self) -> list[dict[str, Any]]:
+        """The last REQUEST_LOG_SIZE provider requests, oldest first."""
+        return [{"t": t, "kind": k, "code": c, "size": s} for t, k, c, s in self.requests]
+
+
+def _json(payload: Any, code: int = 200) -> Response:
+    """A JSON response serialised with orjson."""
+    return Response(orjson.dumps(payload), code, media_type="application/json")
+
+
+def _config_error(message: str) -> Response:
+    """400 for a refused admin change."""
+    return _json({"error": {"code": "INVALID_CONFIG", "message": message}}, 400)
+
+
+async def _reply(sim: _Simulator, answer: _Answer) -> Response:
+    """Send an answer after the configured latency (and any injected hang)."""
+    delay = sim.config.latency_ms / 1000 + answer.hold
+    if delay > 0:
+        await asyncio.sleep(delay)
+    return Response(answer.body, answer.code, answer.headers, media_type="application/json")
+
+
+def _send_endpoint(sim: _Simulator, route: str) -> Callable[[Request], Any]:
+    """The handler for one of the two send routes."""
+
+    async def send(request: Request) -> Response:
+        now = time.time()
+        body = await request.body()
+        return await _reply(sim, sim.send(request.headers, body, route, now))
+
+    return send
+
+
+def _provider_routes(sim: _Simulator) -> list[Route]:
+    """The SMSBAT endpoints."""
+
+    async def status(request: Request) -> Response:
+        message_id = request.path_params["messageId"]
+        return await _reply(sim, sim.status(request.headers, message_id, time.time()))
+
+    return [
+        Route(SEND_PATH, _send_endpoint(sim, "standard"), methods=["POST"]),
+        Route(SEND_TG_VIBER_PATH, _send_endpoint(sim, "tg-viber"), methods=["POST"]),
+        Route(STATUS_PATH, status, methods=["GET"]),
+    ]
+
+
+def _admin_routes(sim: _Simulator) -> list[Route]:
+    """``/_sim/*``: no auth, because the simulator only binds loopback."""
+
+    async def health(_: Request) -> Response:
+        return _json({"ok": True})
+
+    async def set_config(request: Request) -> Response:
+        changes = _load(await request.body())
+        if not isinstance(changes, dict):
+            return _config_error("body must be a JSON object of config changes")
+        try:
+            sim.configure(changes)
+        except ValueError as exc:
+            return _config_error(str(exc))
+        return _json(asdict(sim.config))
+
+    async def reset(_: Request) -> Response:
+        sim.reset()
+        return _json({"ok": True})
+
+    async def stats(_: Request) -> Response:
+        return _json(sim.stats())
+
+    async def messages(_: Request) -> Response:
+        return _json(sim.message_report(time.time()))
+
+    async def requests(_: Request) -> Response:
+        return _json(sim.request_log())
+
+    return [
+        Route("/_sim/health", health, methods=["GET"]),
+        Route("/_sim/config", set_config, methods=["POST"]),
+        Route("/_sim/reset", reset, methods=["POST"]),
+        Route("/_sim/stats", stats, methods=["GET"]),
+        Route("/_sim/messages", messages, methods=["GET"]),
+        Route("/_sim/requests", requests, methods=["GET"]),
+    ]
+
+
+def create_app(config: SimulatorConfig | None = None) -> Starlette:
+    """The simulator as an ASGI app; ``config`` stays live (admin changes mutate it)."""
+    sim = _Simulator(config if config is not None else SimulatorConfig())
+    return Starlette(routes=_provider_routes(sim) + _admin_routes(sim))
+
+
+def serve(host: str = "127.0.0.1", port: int = 8090, config: SimulatorConfig | None = None) -> None:
+    """Run the simulator until interrupted (``cascade simulator``)."""
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)

@@ -1,0 +1,315 @@
+"""The SMSBAT client: cascade sends (sync, pooled) and status checks (async, pooled).
+
+Exceptions say what the caller may do next:
+
+    ProviderError
+    ├── BadRequest      400: the batch was refused; do not resend it as it is
+    ├── Unauthorized    401/403: credentials are wrong; stop and keep messages queued
+    ├── Throttled       429: wait `retry_after` seconds, then try again
+    ├── NotFound        404 on a status check
+    ├── Unavailable     5xx, connect errors, timeouts before the request was written:
+    │                   nothing reached the provider, safe to try again
+    └── OutcomeUnknown  the request was written but no usable answer came back:
+                        the provider may or may not have the messages
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import orjson
+
+from config import Settings
+from worker.backoff import parse_retry_after
+from worker.states import PROVIDER_STATES, State
+
+ROUTE_PATHS = {
+    "standard": "/api/CascadeMessage/send_message/async",
+    "tg-viber": "/api/CascadeMessage/send_message/tg-viber/async",
+}
+
+
+class ProviderError(Exception):
+    pass
+
+
+class BadRequest(ProviderError):
+    def __init__(self, code: str, message: str, field: str | None) -> None:
+        super().__init__(f"{code}: {message}" + (f" (field {field})" if field else ""))
+        self.code, self.message, self.field = code, message, field
+
+
+class Unauthorized(ProviderError):
+    pass
+
+
+class Throttled(ProviderError):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"throttled, retry after {retry_after:.1f}s")
+        self.retry_after = retry_after
+
+
+class NotFound(ProviderError):
+    pass
+
+
+class Unavailable(ProviderError):
+    pass
+
+
+class OutcomeUnknown(ProviderError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """One status answer, every field the provider sends, already type-checked."""
+
+    message_id: str
+    state: State
+    deliverystatus: str
+    partscount: int | None = None
+    cost: float | None = None
+    messagelist_id: int | None = None
+    fallbacks: list[dict[str, str]] | None = None
+    extended_statuses: dict[str, str] | None = None
+    rate: float | None = None
+    rate_amount: float | None = None
+    rate_currency: str | None = None
+    bill_amount: float | None = None
+    bill_currency: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """Column values to store; absent fields do not erase earlier ones."""
+        values = {
+            "deliverystatus": self.deliverystatus,
+            "partscount": self.partscount,
+            "cost": self.cost,
+            "messagelist_id": self.messagelist_id,
+            "fallbacks": self.fallbacks,
+            "extended_statuses": self.extended_statuses,
+            "rate": self.rate,
+            "rate_amount": self.rate_amount,
+            "rate_currency": self.rate_currency,
+            "bill_amount": self.bill_amount,
+            "bill_currency": self.bill_currency,
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+
+def _number(data: Mapping[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _string(data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def parse_status(data: Any, message_id: str) -> StatusReport:
+    """Check a status answer's shape; raise ValueError naming the bad field."""
+    if not isinstance(data, Mapping):
+        raise ValueError("status answer must be a JSON object")
+    status = data.get("deliverystatus")
+    if not isinstance(status, str) or status.lower() not in PROVIDER_STATES:
+        raise ValueError(f"deliverystatus is not a known status: {status!r}")
+    partscount = _number(data, "partscount")
+    messagelist_id = _number(data, "messagelistId")
+    fallbacks = data.get("fallbacks")
+    if fallbacks is not None and not (
+        isinstance(fallbacks, list) and all(isinstance(f, dict) for f in fallbacks)
+    ):
+        raise ValueError("fallbacks must be a list of objects")
+    extended = data.get("extendedStatuses")
+    if extended is not None and not isinstance(extended, dict):
+        raise ValueError("extendedStatuses must be an object")
+    return StatusReport(
+        message_id=message_id,
+        state=PROVIDER_STATES[status.lower()],
+        deliverystatus=status.lower(),
+        partscount=None if partscount is None else int(partscount),
+        cost=_number(data, "cost"),
+        messagelist_id=None if messagelist_id is None else int(messagelist_id),
+        fallbacks=fallbacks,
+        extended_statuses=extended,
+        rate=_number(data, "rate"),
+        rate_amount=_number(data, "rateAmount"),
+        rate_currency=_string(data, "rateCurrency"),
+        bill_amount=_number(data, "billAmount"),
+        bill_currency=_string(data, "billCurrency"),
+    )
+
+
+def parse_send_answer(body: bytes) -> dict[str, str]:
+    """Map trackinId → messageId from a 200 answer; order is irrelevant by design."""
+    data = orjson.loads(body)
+    if not isinstance(data, list):
+        raise ValueError("send answer must be a JSON array")
+    accepted: dict[str, str] = {}
+    for item in data:
+        if not isinstance(item, dict):
+            raise ValueError("send answer items must be objects")
+        tracking, message_id = item.get("trackinId"), item.get("messageId")
+        if isinstance(tracking, str) and isinstance(message_id, str) and message_id:
+            accepted[tracking] = message_id
+    return accepted
+
+
+def parse_error(body: bytes) -> BadRequest:
+    try:
+        error = orjson.loads(body).get("error") or {}
+    except (orjson.JSONDecodeError, AttributeError):
+        error = {}
+    if not isinstance(error, dict):
+        error = {}
+    return BadRequest(
+        str(error.get("code") or "BAD_REQUEST"),
+        str(error.get("message") or "the provider refused the request"),
+        error.get("field") if isinstance(error.get("field"), str) else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RetryAfterPolicy:
+    default: float = 5.0
+    cap: float = 600.0
+
+    def seconds(self, response: httpx.Response) -> float:
+        return parse_retry_after(
+            response.headers.get("Retry-After"),
+            now=datetime.now(UTC),
+            default=self.default,
+            cap=self.cap,
+        )
+
+
+def _raise_for_status(
+    response: httpx.Response, *, sending: bool, retry_after: RetryAfterPolicy
+) -> None:
+    code = response.status_code
+    if code == 200:
+        return
+    if code == 400 and sending:
+        raise parse_error(response.content)
+    if code in (401, 403):
+        raise Unauthorized(f"HTTP {code} from {response.request.url.path}")
+    if code == 429:
+        raise Throttled(retry_after.seconds(response))
+    if code == 404 and not sending:
+        raise NotFound(f"HTTP 404 from {response.request.url.path}")
+    raise Unavailable(f"HTTP {code} from {response.request.url.path}")
+
+
+def send_headers(settings: Settings) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    for name, secret in (
+        ("X-Authorization-Key", settings.smsbat_api_key),
+        ("X-Viber-Auth-Token", settings.smsbat_viber_token),
+        ("X-Tg-Bot-Key", settings.smsbat_tg_bot_key),
+    ):
+        if secret is not None:
+            headers[name] = secret.get_secret_value()
+    return headers
+
+
+def status_auth(settings: Settings) -> tuple[dict[str, str], httpx.BasicAuth | None]:
+    """Headers and Basic auth for status checks, per SMSBAT_STATUS_AUTH."""
+    key = settings.smsbat_api_key.get_secret_value() if settings.smsbat_api_key else ""
+    if settings.smsbat_status_auth == "basic":
+        password = settings.smsbat_password.get_secret_value() if settings.smsbat_password else ""
+        return {}, httpx.BasicAuth(settings.smsbat_username or "", password)
+    if settings.smsbat_status_auth == "basic_key":
+        return {}, httpx.BasicAuth("@", key)
+    return {"X-Authorization-Key": key}, None
+
+
+def _timeout(settings: Settings) -> httpx.Timeout:
+    return httpx.Timeout(
+        connect=settings.http_connect_timeout_seconds,
+        read=settings.http_read_timeout_seconds,
+        write=settings.http_write_timeout_seconds,
+        pool=settings.http_connect_timeout_seconds,
+    )
+
+
+def _retry_after_policy(settings: Settings) -> RetryAfterPolicy:
+    return RetryAfterPolicy(settings.retry_after_default_seconds, settings.retry_after_max_seconds)
+
+
+class SendClient:
+    """Posts batches to a cascade endpoint over one keep-alive pool per process."""
+
+    def __init__(self, settings: Settings, transport: httpx.BaseTransport | None = None) -> None:
+        self._retry_after = _retry_after_policy(settings)
+        self._client = httpx.Client(
+            base_url=settings.smsbat_base_url,
+            headers=send_headers(settings),
+            timeout=_timeout(settings),
+            limits=httpx.Limits(max_connections=settings.http_pool_size),
+            transport=transport,
+        )
+
+    def send(self, route: str, payloads: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+        """POST one batch; answer trackinId → messageId for the messages accepted."""
+        try:
+            response = self._client.post(ROUTE_PATHS[route], content=orjson.dumps(payloads))
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise Unavailable(f"{type(exc).__name__} before the request was sent") from None
+        except (httpx.WriteError, httpx.WriteTimeout) as exc:
+            # The body never arrived whole, so the provider cannot have parsed it.
+            raise Unavailable(f"{type(exc).__name__} while writing the request") from None
+        except httpx.TransportError as exc:
+            raise OutcomeUnknown(f"{type(exc).__name__} after the request was written") from None
+        _raise_for_status(response, sending=True, retry_after=self._retry_after)
+        try:
+            return parse_send_answer(response.content)
+        except (orjson.JSONDecodeError, ValueError) as exc:
+            raise OutcomeUnknown(f"unreadable 200 answer: {exc}") from None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class StatusClient:
+    """Checks many messages concurrently over one async keep-alive pool."""
+
+    def __init__(
+        self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        headers, auth = status_auth(settings)
+        self._retry_after = _retry_after_policy(settings)
+        self._client = httpx.AsyncClient(
+            base_url=settings.status_base_url,
+            headers=headers,
+            auth=auth,
+            timeout=_timeout(settings),
+            limits=httpx.Limits(max_connections=settings.poll_concurrency),
+            transport=transport,
+        )
+
+    async def status(self, message_id: str) -> StatusReport:
+        try:
+            response = await self._client.get(f"/bat/message/{message_id}")
+        except httpx.TransportError as exc:
+            raise Unavailable(f"{type(exc).__name__} on status check") from None
+        _raise_for_status(response, sending=False, retry_after=self._retry_after)
+        try:
+            return parse_status(orjson.loads(response.content), message_id)
+        except (orjson.JSONDecodeError, ValueError) as exc:
+            raise Unavailable(f"unreadable status answer: {exc}") from None
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,95 @@
+"""The message state machine: which states exist, which are final, which moves are allowed.
+
+Provider reports (poll, webhook, DLR) may arrive late, twice or out of order; `advance`
+only ever moves a message forward and never out of a final state, so applying them in any
+order converges on the same answer.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class State(StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"
+    SUBMITTED = "submitted"
+    SCHEDULED = "scheduled"
+    PROCESSING = "processing"
+    DELIVERED = "delivered"
+    UNDELIVERABLE = "undeliverable"
+    PERMANENTERROR = "permanenterror"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+
+
+FINAL: frozenset[State] = frozenset(
+    {
+        State.DELIVERED,
+        State.UNDELIVERABLE,
+        State.PERMANENTERROR,
+        State.REJECTED,
+        State.FAILED,
+        State.EXPIRED,
+        State.CANCELLED,
+        State.TIMEOUT,
+    }
+)
+
+# The provider's `deliverystatus` values, in lifecycle order.
+PROVIDER_STATES: dict[str, State] = {
+    "scheduled": State.SCHEDULED,
+    "processing": State.PROCESSING,
+    "delivered": State.DELIVERED,
+    "undeliverable": State.UNDELIVERABLE,
+    "permanenterror": State.PERMANENTERROR,
+}
+
+_RANK: dict[State, int] = {
+    State.QUEUED: 0,
+    State.SENDING: 1,
+    State.SUBMITTED: 2,
+    State.SCHEDULED: 3,
+    State.PROCESSING: 4,
+}
+_FINAL_RANK = 9
+
+# Moves the worker itself makes (not provider reports).
+_SYSTEM_MOVES: dict[State, frozenset[State]] = {
+    State.QUEUED: frozenset(
+        {State.SENDING, State.REJECTED, State.EXPIRED, State.CANCELLED, State.FAILED}
+    ),
+    State.SENDING: frozenset(
+        {State.QUEUED, State.SUBMITTED, State.REJECTED, State.FAILED, State.EXPIRED}
+    ),
+    State.SUBMITTED: frozenset({State.TIMEOUT}),
+    State.SCHEDULED: frozenset({State.TIMEOUT}),
+    State.PROCESSING: frozenset({State.TIMEOUT}),
+}
+
+
+def is_final(state: str) -> bool:
+    return state in FINAL
+
+
+def rank(state: str) -> int:
+    return _FINAL_RANK if state in FINAL else _RANK[State(state)]
+
+
+def advance(current: str, reported: str) -> bool:
+    """Whether a provider report of `reported` moves a message now in `current` forward.
+
+    Reports only apply once the message is with the provider (submitted or later); a
+    final state never changes; an equal or earlier state is a no-op.
+    """
+    if current in FINAL or rank(current) < rank(State.SUBMITTED):
+        return False
+    return rank(reported) > rank(current)
+
+
+def can_move(current: str, target: str) -> bool:
+    """Whether the worker may move a message from `current` to `target` on its own."""
+    return State(target) in _SYSTEM_MOVES.get(State(current), frozenset())
