@@ -313,13 +313,16 @@ def test_429_sets_retry_after_and_early_retries_are_counted(
     assert throttled.headers["Retry-After"] == "1"
 
     assert client.post(SEND, json=batch(1), headers=KEY).status_code == 200
+    assert stats(client)["early_after_429"] == 0  # within the in-flight grace
+    time.sleep(0.2)
+    assert client.post(SEND, json=batch(1), headers=KEY).status_code == 200
     assert stats(client)["early_after_429"] == 1
     time.sleep(1.05)
     assert client.post(SEND, json=batch(1), headers=KEY).status_code == 200
     counters = stats(client)
     assert counters["early_after_429"] == 1
     assert counters["send_status"]["429"] == 1
-    assert counters["messages_accepted"] == 2
+    assert counters["messages_accepted"] == 3
 
 
 def test_retry_after_as_http_date(start: Callable[..., httpx.Client]) -> None:
@@ -329,6 +332,7 @@ def test_retry_after_as_http_date(start: Callable[..., httpx.Client]) -> None:
 
     throttled = client.post(SEND, json=batch(1), headers=KEY)
     assert throttled.headers["Retry-After"] == later
+    time.sleep(0.2)
     client.post(SEND, json=batch(1), headers=KEY)
     assert stats(client)["early_after_429"] == 1
 

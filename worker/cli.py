@@ -63,9 +63,8 @@ def db_upgrade(revision: str) -> None:
 
 
 def upgrade_database(url: str, revision: str = "head") -> None:
-    from alembic.config import Config
-
     from alembic import command
+    from alembic.config import Config
 
     config = Config(str(ROOT / "alembic.ini"))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))

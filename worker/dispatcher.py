@@ -357,6 +357,11 @@ def deliver(
         chunk = pending.pop()
         pacing.acquire("send:requests", settings.send_requests_per_second)
         pacing.acquire("send:messages", settings.send_messages_per_second, len(chunk))
+        paused = max(pacing.paused_for(THROTTLE), pacing.paused_for(CIRCUIT))
+        if paused:  # another worker was told to back off while we were claiming
+            held = [row for part in [chunk, *pending] for row in part]
+            outcomes += [Retry(r.pk, "paused", False, paused) for r in held]
+            break
         requests += 1
         try:
             accepted = client.send(route, [payloads[row.pk] for row in chunk])

@@ -161,15 +161,16 @@ def enqueue(
                 )
             results.append(result)
     if kick and accepted_any:
-        wake_dispatcher()
+        wake_dispatcher(settings.broker_url)
     return results
 
 
-def wake_dispatcher() -> None:
+def wake_dispatcher(broker_url: str) -> None:
     """Ask for a dispatch now rather than at the next beat tick; harmless if it fails."""
     from worker.tasks import dispatch
 
     try:
-        dispatch.apply_async(retry=False)
+        with dispatch.app.connection_for_write(broker_url) as conn:
+            dispatch.apply_async(retry=False, connection=conn)
     except Exception as exc:  # the beat tick will pick the messages up anyway
         log.warning("could not wake the dispatcher (%s); the next beat tick will", exc)

@@ -38,6 +38,9 @@ STATUS_PATH: Final = "/bat/message/{messageId}"
 FINAL_STATES: Final = ("delivered", "undeliverable", "permanenterror")
 CHANNELS: Final = ("telegram", "viber", "rcs", "sms")
 REQUIRED_FIELDS: Final = ("id", "toPhone", "messageType")
+# A send that arrives this soon after a 429 was answered was already in flight from
+# another worker; only later ones show a client ignoring Retry-After.
+IN_FLIGHT_GRACE: Final = 0.1
 AUTH_HEADERS: Final = {
     "x-authorization-key": "X-Authorization-Key",
     "x-viber-auth-token": "X-Viber-Auth-Token",
@@ -378,6 +381,7 @@ class _Simulator:
         self.max_batch = 0
         self.auth_headers_seen: set[str] = set()
         self.send_retry_at = 0.0
+        self.send_throttled_at = 0.0
         self.status_retry_at = 0.0
 
     def configure(self, changes: Mapping[str, Any]) -> None:
@@ -391,7 +395,7 @@ class _Simulator:
     def send(self, headers: Headers, body: bytes, route: str, now: float) -> _Answer:
         """Answer one send request and record it."""
         self.send_requests += 1
-        if now < self.send_retry_at:
+        if self.send_throttled_at + IN_FLIGHT_GRACE < now < self.send_retry_at:
             self.early_after_429 += 1
         batch = _load(body)
         size = len(batch) if isinstance(batch, list) else 0
@@ -423,6 +427,7 @@ class _Simulator:
         if config.throttle_next > 0:
             config.throttle_next -= 1
             answer, self.send_retry_at = self._throttled(now)
+            self.send_throttled_at = now
             return answer
         if config.error_rate and self.rng.random() < config.error_rate:
             return _SERVER_ERROR

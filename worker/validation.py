@@ -304,7 +304,7 @@ def _choice_problem(value: object, choices: tuple[str, ...], *, required: bool) 
     """Refuse a value outside a fixed set, listing the set."""
     if value is None:
         return "is required" if required else None
-    if value in choices and isinstance(value, str):
+    if isinstance(value, str) and value in choices:
         return None
     return f"must be one of {', '.join(choices)}, got {_got(value)}"
 
@@ -318,13 +318,10 @@ def _text_problem(value: object, message_type: object) -> str | None:
         return None
     if not isinstance(value, str):
         return _not_a_string(value)
-    problem = _content_problem(value, MAX_TEXT_LENGTH)
-    if problem is None and message_type == "viber_survey" and len(value) > MAX_SURVEY_TEXT_LENGTH:
-        problem = (
-            f"must be at most {MAX_SURVEY_TEXT_LENGTH} characters for viber_survey, "
-            f"got {len(value)}"
-        )
-    return problem
+    if message_type == "viber_survey" and len(value) > MAX_SURVEY_TEXT_LENGTH:
+        limit = MAX_SURVEY_TEXT_LENGTH
+        return f"must be at most {limit} characters for viber_survey, got {len(value)}"
+    return _content_problem(value, MAX_TEXT_LENGTH)
 
 
 def _ttl_problem(value: object) -> str | None:
