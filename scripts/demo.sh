@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# A demo campaign end to end against the bundled simulator (SQLite by default).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CASCADE_NEEDS_POSTGRES=0 bash scripts/services.sh
+bash scripts/install.sh
+exec .venv/bin/cascade demo "$@"

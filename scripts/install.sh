@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Create .venv and install the worker with its development tools (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"

@@ -1,0 +1,101 @@
+"""The sweeper repairs from database state alone: dead claims, expired TTLs, deadlines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from config import Settings
+from tests.test_claims import _fill
+from worker import sweeper
+from worker.db import get_engine, utcnow
+from worker.dispatcher import claim
+from worker.models import events, messages
+
+
+def _settings(url: str, **extra: str) -> Settings:
+    return Settings(DATABASE_URL=url, **extra)  # type: ignore[arg-type]
+
+
+def _states(url: str) -> dict[str, str]:
+    with get_engine(url).connect() as conn:
+        return dict(conn.execute(select(messages.c.id, messages.c.state)).all())
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_claim_whose_worker_died_is_resent_and_counted(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    url = database_factory(backend)
+    _fill(url, 10, "dead")
+    engine = get_engine(url)
+    claim(engine, "standard", utcnow(), 10, -1, "gone")  # lease already over
+
+    assert sweeper.recover_stale_claims(engine, _settings(url)) == 10
+
+    with engine.connect() as conn:
+        rows = conn.execute(select(messages)).all()
+        history = conn.execute(select(events)).all()
+    assert {r.state for r in rows} == {"queued"}
+    assert {(r.attempts, r.unknown_outcomes, r.claim_token) for r in rows} == {(1, 1, None)}
+    assert len(history) == 10 and {e.to_state for e in history} == {"queued"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_fail_policy_fails_a_dead_claim_instead(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    url = database_factory(backend)
+    _fill(url, 3, "dead")
+    engine = get_engine(url)
+    claim(engine, "standard", utcnow(), 10, -1, "gone")
+
+    sweeper.recover_stale_claims(engine, _settings(url, SEND_UNKNOWN_OUTCOME="fail"))
+
+    assert set(_states(url).values()) == {"failed"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_live_claims_and_fresh_messages_are_left_alone(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    url = database_factory(backend)
+    _fill(url, 4, "live")
+    engine = get_engine(url)
+    claim(engine, "standard", utcnow(), 2, 60, "alive")
+
+    assert sweeper.sweep(engine, _settings(url)) == {"stale_claims": 0, "expired": 0, "timeout": 0}
+    assert sorted(_states(url).values()) == ["queued", "queued", "sending", "sending"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_expiry_and_timeout(backend: str, database_factory: Callable[[str], str]) -> None:
+    url = database_factory(backend)
+    _fill(url, 2, "ttl", ttl=60)
+    _fill(url, 2, "late")
+    engine = get_engine(url)
+    past = utcnow() - timedelta(hours=1)
+    with engine.begin() as conn:
+        conn.execute(
+            messages.update().where(messages.c.id.like("ttl-%")).values(expires_at=past)
+        )
+        conn.execute(
+            messages.update()
+            .where(messages.c.id.like("late-%"))
+            .values(state="processing", poll_deadline=past, next_poll_at=past)
+        )
+
+    assert sweeper.sweep(engine, _settings(url)) == {"stale_claims": 0, "expired": 2, "timeout": 2}
+
+    assert _states(url) == {
+        "ttl-0": "expired",
+        "ttl-1": "expired",
+        "late-0": "timeout",
+        "late-1": "timeout",
+    }
+    with engine.connect() as conn:
+        froms = {e.from_state for e in conn.execute(select(events)).all()}
+    assert froms == {"queued", "processing"}
