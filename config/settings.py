@@ -80,8 +80,6 @@ class Settings(BaseSettings):
     # --- sweeper ---------------------------------------------------------------------------
     sweep_interval_seconds: float = Field(15.0, gt=0, alias="SWEEP_INTERVAL_SECONDS")
 
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="LOG_LEVEL")
-
     @field_validator("database_url")
     @classmethod
     def _database_driver(cls, value: str) -> str:

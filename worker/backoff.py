@@ -6,6 +6,9 @@ import random
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 
+# Growth stops mattering long before this; beyond it a float power would overflow.
+_MAX_EXPONENT = 64
+
 
 def send_retry_delay(
     attempts: int, *, base: float, cap: float, rng: random.Random | None = None
@@ -15,7 +18,7 @@ def send_retry_delay(
     `attempts` counts failures so far (1 after the first). The jitter spreads the retries
     of a whole failed batch so they do not come back as one burst.
     """
-    ceiling = min(cap, base * 2 ** max(attempts - 1, 0))
+    ceiling = min(cap, base * 2 ** min(max(attempts - 1, 0), _MAX_EXPONENT))
     return (rng or random).uniform(ceiling / 2, ceiling)
 
 
@@ -34,7 +37,7 @@ def poll_interval(
     0 polls: the first check, `first` seconds after submit; then ×`factor` per poll,
     ±`jitter`, capped at `cap`, and never under `min_gap` (the provider's 1 s rule).
     """
-    base = min(cap, first * factor**polls)
+    base = min(cap, first * factor ** min(polls, _MAX_EXPONENT))
     spread = (rng or random).uniform(1 - jitter, 1 + jitter)
     return max(min_gap, min(cap, base * spread))
 

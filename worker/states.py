@@ -1,8 +1,8 @@
 """The message state machine: which states exist, which are final, which moves are allowed.
 
 Provider reports (poll, webhook, DLR) may arrive late, twice or out of order; `advance`
-only ever moves a message forward and never out of a final state, so applying them in any
-order converges on the same answer.
+only ever moves a message forward and never out of a final state, so a late `processing`
+cannot undo a `delivered`, and the first final answer recorded is the one that stands.
 """
 
 from __future__ import annotations
