@@ -58,22 +58,35 @@ def test_persistent_5xx_fails_after_max_attempts(failing_stack: Stack, campaign)
 def test_global_send_rate_holds_across_worker_processes(
     database_factory: Callable[[str], str], campaign: str
 ) -> None:
-    env = {"SEND_REQUESTS_PER_SECOND": "2", "SEND_BATCH_MAX": "5", "SEND_BATCH_MIN": "1"}
+    env = {
+        "SEND_REQUESTS_PER_SECOND": "2",
+        "SEND_BATCH_MAX": "5",
+        "SEND_BATCH_MIN": "1",
+        "SMSBAT_STATUS_AUTH": "basic_key",  # status checks as HTTP Basic "@:<api key>"
+    }
     with make_stack(database_factory("sqlite"), "sqlite", env, processes=2) as stack:
         stack.enqueue(make_messages(40, campaign), campaign)
         stack.wait_final(campaign, 40)
         sends = [r["t"] for r in stack.simulator.admin("/_sim/requests") if r["kind"] == "send"]
+        status_codes = stack.simulator.stats()["status_by_code"]
 
     assert len(sends) >= 8
     busiest = max(sum(1 for t in sends if start <= t < start + 1) for start in sends)
     assert busiest <= 2 * 2  # the sliding window counter admits at most a 2x edge burst
     assert (len(sends) - 2) / (sends[-1] - sends[0]) <= 2 * 1.1
+    assert status_codes["401"] == 0 and status_codes["200"] >= 40
 
 
 def test_a_worker_killed_mid_send_is_taken_over(
     database_factory: Callable[[str], str], campaign: str
 ) -> None:
-    env = {"SEND_LEASE_SECONDS": "4", "HTTP_READ_TIMEOUT_SECONDS": "30"}
+    env = {
+        "SEND_LEASE_SECONDS": "4",
+        "HTTP_READ_TIMEOUT_SECONDS": "30",
+        "SMSBAT_STATUS_AUTH": "basic",  # status checks as HTTP Basic user:password
+        "SMSBAT_USERNAME": "user",
+        "SMSBAT_PASSWORD": "pass",
+    }
     with make_stack(database_factory("sqlite"), "sqlite", env) as stack:
         stack.simulator.configure(hang_next_sends=1, hang_seconds=20)
         stack.enqueue(make_messages(30, campaign), campaign)
@@ -88,6 +101,7 @@ def test_a_worker_killed_mid_send_is_taken_over(
         at_provider = stack.simulator.admin("/_sim/messages")
 
     assert report["total"] == 30 and report["unknown_outcomes"] == 30
+    assert report["states"].keys() <= {"delivered", "undeliverable", "permanenterror"}
     rows = _rows(stack, campaign)
     assert all(at_provider[r.id]["sends"] == 2 for r in rows)
     assert all(r.provider_message_id == at_provider[r.id]["messageIds"][-1] for r in rows)
