@@ -1,7 +1,7 @@
 """Fixtures on real services: Redis, PostgreSQL and SQLite, the simulator and Celery workers.
 
 Every integration test runs the processes a deployment runs (`celery -A worker worker -B`,
-`cascade simulator`) over real sockets. Redis DB indexes 4–15 belong to the tests.
+`cascade simulator`) over real sockets. Each stack claims a Redis DB index of its own.
 """
 
 from __future__ import annotations
@@ -63,7 +63,27 @@ SIMULATOR_DEFAULTS = {
     "drop_answers": 0.0,
 }
 
-_redis_slots = iter(range(4, 15))  # one Redis DB per stack; 15 is the in-process default
+
+def claim_redis_db() -> int:
+    """A Redis DB index of our own (1–14), so concurrent test runs never share a broker."""
+    registry = redis.Redis.from_url(f"{REDIS}/0")
+    for index in range(1, 15):
+        if registry.set(f"cascade-tests:db:{index}", os.getpid(), nx=True, ex=3600):
+            redis.Redis.from_url(f"{REDIS}/{index}").flushdb()
+            return index
+    raise RuntimeError("no free Redis DB index for tests (1-14 all claimed)")
+
+
+def release_redis_db(index: int) -> None:
+    redis.Redis.from_url(f"{REDIS}/{index}").flushdb()
+    redis.Redis.from_url(f"{REDIS}/0").delete(f"cascade-tests:db:{index}")
+
+
+@pytest.fixture
+def redis_db() -> Iterator[str]:
+    index = claim_redis_db()
+    yield f"{REDIS}/{index}"
+    release_redis_db(index)
 
 
 def create_postgres_database() -> str:
@@ -137,8 +157,8 @@ class Stack:
 def make_stack(
     database_url: str, backend: str, env: dict[str, str] | None = None, processes: int = 1
 ) -> Iterator[Stack]:
-    broker = f"{REDIS}/{next(_redis_slots)}"
-    redis.Redis.from_url(broker).flushdb()
+    index = claim_redis_db()
+    broker = f"{REDIS}/{index}"
     worker_env = {**FAST, **(env or {}), "DATABASE_URL": database_url, "BROKER_URL": broker}
     with workers({}) as group:
         simulator = start_simulator(group.logdir)
@@ -152,6 +172,7 @@ def make_stack(
             yield Stack(backend, settings, simulator, group)
         finally:
             simulator.process.stop()
+            release_redis_db(index)
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 
-def test_demo_campaign_runs_to_all_final(tmp_path: Path) -> None:
+def test_demo_campaign_runs_to_all_final(tmp_path: Path, redis_db: str) -> None:
     env = {
         **os.environ,
         "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}",
-        "BROKER_URL": "redis://127.0.0.1:6379/14",
+        "BROKER_URL": redis_db,
     }
     done = subprocess.run(
         [sys.executable, "-m", "worker.cli", "demo", "--messages", "300", "--campaign", "qs"],

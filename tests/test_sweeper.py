@@ -79,9 +79,7 @@ def test_expiry_and_timeout(backend: str, database_factory: Callable[[str], str]
     engine = get_engine(url)
     past = utcnow() - timedelta(hours=1)
     with engine.begin() as conn:
-        conn.execute(
-            messages.update().where(messages.c.id.like("ttl-%")).values(expires_at=past)
-        )
+        conn.execute(messages.update().where(messages.c.id.like("ttl-%")).values(expires_at=past))
         conn.execute(
             messages.update()
             .where(messages.c.id.like("late-%"))
