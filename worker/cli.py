@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from rich.table import Table
 
 from config import Settings
 
-console = Console()
+console = Console(soft_wrap=True)  # paths and ids must stay whole when piped
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -110,6 +111,164 @@ def message_show(message_id: str, as_json: bool) -> None:
 @main.group()
 def campaign() -> None:
     """Campaigns: messages enqueued under one name."""
+
+
+@campaign.command("launch")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--name", required=True, help="Campaign name (the key for status, report, cancel).")
+@click.option("--from-name", help="fromName for rows without one.")
+@click.option("--type", "message_type", help="messageType for rows without one.")
+@click.option("--ttl", type=click.IntRange(min=1), help="ttl (seconds) for rows without one.")
+@click.option("--route", type=click.Choice(["standard", "tg-viber"]), help="Cascade route.")
+@click.option("--text", help="Text template for rows without text: 'Hi {name}, code {code}'.")
+@click.option("--dry-run", is_flag=True, help="Validate every row, enqueue nothing.")
+def campaign_launch(
+    file: Path,
+    name: str,
+    from_name: str | None,
+    message_type: str | None,
+    ttl: int | None,
+    route: str | None,
+    text: str | None,
+    dry_run: bool,
+) -> None:
+    """Enqueue a campaign from a CSV file whose headers are the cascade API's field names."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from worker.campaigns import CampaignCancelled, CampaignError, Defaults, launch
+
+    settings = _settings()
+    defaults = Defaults(from_name, message_type, ttl, route, text)
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TextColumn("{task.fields[figures]}"),
+        TimeElapsedColumn(),
+    )
+    started = time.monotonic()
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("dry run" if dry_run else "launching", figures="")
+
+            def show(stats: Any) -> None:
+                rate = stats.rows / max(time.monotonic() - started, 1e-6)
+                progress.update(
+                    task,
+                    figures=f"rows {stats.rows:,}  accepted {stats.accepted:,}  "
+                    f"duplicate {stats.duplicate:,}  rejected {stats.rejected:,}  "
+                    f"{rate:,.0f} rows/s",
+                )
+
+            stats = launch(file, name, defaults, settings, dry_run=dry_run, progress=show)
+    except (CampaignError, CampaignCancelled) as exc:
+        raise click.ClickException(str(exc)) from None
+    if stats.ignored_columns:
+        console.print(f"ignored columns (not API fields): {', '.join(stats.ignored_columns)}")
+    verb = "would enqueue" if dry_run else "enqueued"
+    console.print(
+        f"{name}: {stats.rows:,} rows, {verb} {stats.accepted:,}, "
+        f"{stats.duplicate:,} already known, {stats.rejected:,} rejected"
+    )
+    if stats.rejected_file:
+        console.print(f"rejected rows: {stats.rejected_file}")
+
+
+@campaign.command("status")
+@click.argument("name")
+@click.option("--watch", is_flag=True, help="Live view until every message is final.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--interval", default=1.0, show_default=True, help="Refresh seconds (--watch).")
+def campaign_status(name: str, watch: bool, as_json: bool, interval: float) -> None:
+    """Progress of a campaign: counts per state, delivery rate, cost, throughput, ETA."""
+    from worker.reports import campaign_report
+
+    engine = _engine()
+    report = campaign_report(engine, name)
+    if report is None:
+        raise click.ClickException(f"no campaign named {name!r}")
+    if as_json:
+        _print_json(report)
+        return
+    if not watch:
+        console.print(status_view(report, None))
+        return
+    from rich.live import Live
+
+    samples: list[tuple[float, int]] = [(time.monotonic(), report["final"])]
+    with Live(status_view(report, None), console=console, refresh_per_second=4) as live:
+        while not report["all_final"]:
+            time.sleep(interval)
+            report = campaign_report(engine, name) or report
+            samples = [*samples[-30:], (time.monotonic(), report["final"])]
+            live.update(status_view(report, samples))
+    console.print(f"{name}: every message is final")
+
+
+def status_view(report: dict[str, Any], samples: list[tuple[float, int]] | None) -> Table:
+    """One frame of `campaign status`: figures, states and a bar to all-final."""
+    total, final = report["total"], report["final"]
+    width = 40
+    filled = int(width * final / total) if total else width
+    rate = eta = None
+    if samples and len(samples) > 1:
+        (t0, f0), (t1, f1) = samples[0], samples[-1]
+        rate = (f1 - f0) / (t1 - t0) if t1 > t0 else None
+        if rate:
+            eta = (total - final) / rate
+    table = Table(title=f"campaign {report['campaign']}", show_header=False)
+    table.add_row("final", f"[green]{'█' * filled}[/]{'░' * (width - filled)} {final:,}/{total:,}")
+    for state, count in report["states"].items():
+        table.add_row(f"  {state}", f"{count:,}")
+    table.add_row("delivery rate", f"{report['delivery_rate']:.1%} of total")
+    table.add_row("cost so far", f"{report['cost']:.2f}")
+    table.add_row("throughput", f"{rate:,.1f} final/s" if rate is not None else "-")
+    table.add_row("ETA", f"{eta:,.0f} s" if eta is not None else "-")
+    return table
+
+
+@campaign.command("cancel")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def campaign_cancel(name: str, as_json: bool) -> None:
+    """Cancel the messages not yet sent; those already with the provider are left alone."""
+    from worker.campaigns import cancel_campaign
+
+    result = cancel_campaign(_engine(), name)
+    if result is None:
+        raise click.ClickException(f"no campaign named {name!r}")
+    if as_json:
+        _print_json({"campaign": name, **result})
+        return
+    console.print(
+        f"{name}: {result['cancelled_now']:,} messages cancelled now "
+        f"({result['cancelled']:,} cancelled in all); "
+        f"{result['with_provider']:,} already with the provider and left alone; "
+        f"{result['in_flight']:,} in flight (cancelled if their send fails); "
+        f"{result['final_before']:,} were already final"
+    )
+
+
+@campaign.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def campaign_list(as_json: bool) -> None:
+    """Every campaign with its size and progress."""
+    from worker.campaigns import list_campaigns
+
+    listing = list_campaigns(_engine())
+    if as_json:
+        _print_json(listing)
+        return
+    table = Table("campaign", "created", "total", "final", "delivered", "cancelled")
+    for c in listing:
+        table.add_row(
+            c["campaign"],
+            c["created_at"] or "",
+            f"{c['total']:,}",
+            f"{c['final']:,}",
+            f"{c['delivered']:,}",
+            c["cancelled_at"] or "",
+        )
+    console.print(table)
 
 
 @campaign.command("report")

@@ -19,6 +19,7 @@ from sqlalchemy import Engine, Row, bindparam, func, insert, select, update
 
 from config import Settings
 from worker.backoff import poll_deadline, send_retry_delay
+from worker.campaigns import cancelled_campaigns
 from worker.db import utcnow
 from worker.models import events, messages
 from worker.pacing import Pacing
@@ -78,7 +79,14 @@ class Expired:
     pk: int
 
 
-Outcome = Submitted | Rejected | Retry | Unknown | Expired
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    """Would go back to the queue, but its campaign was cancelled meanwhile."""
+
+    pk: int
+
+
+Outcome = Submitted | Rejected | Retry | Unknown | Expired | Cancelled
 
 
 @dataclass
@@ -114,6 +122,7 @@ def batch_limit(settings: Settings) -> int:
 _CLAIM_COLUMNS = (
     messages.c.pk,
     messages.c.id,
+    messages.c.campaign,
     messages.c.from_name,
     messages.c.to_phone,
     messages.c.message_type,
@@ -205,7 +214,12 @@ def record(
         ours = {
             row.pk: row
             for row in conn.execute(
-                select(messages.c.pk, messages.c.attempts, messages.c.unknown_outcomes)
+                select(
+                    messages.c.pk,
+                    messages.c.campaign,
+                    messages.c.attempts,
+                    messages.c.unknown_outcomes,
+                )
                 .where(
                     messages.c.pk.in_([o.pk for o in outcomes]),
                     messages.c.claim_token == token,
@@ -214,6 +228,8 @@ def record(
                 .with_for_update()
             )
         }
+        requeued = {ours[o.pk].campaign for o in outcomes if _requeues(o) and o.pk in ours}
+        stopped = cancelled_campaigns(conn, requeued - {None})
         updates: dict[str, list[dict[str, Any]]] = {}
         journal: list[dict[str, Any]] = []
         for outcome in outcomes:
@@ -221,6 +237,8 @@ def record(
             if current is None:
                 counts["lost_claim"] = counts.get("lost_claim", 0) + 1
                 continue
+            if _requeues(outcome) and current.campaign in stopped:
+                outcome = Cancelled(outcome.pk)
             kind, values, to_state, detail = _decide(outcome, current, claimed, settings, now)
             updates.setdefault(kind, []).append({"b_pk": outcome.pk, **values})
             journal.append(
@@ -245,6 +263,10 @@ def record(
         if journal:
             conn.execute(insert(events), journal)
     return counts
+
+
+def _requeues(outcome: Outcome) -> bool:
+    return isinstance(outcome, Retry | Unknown)
 
 
 def _decide(
@@ -293,6 +315,16 @@ def _decide(
             "v_final_source": "send",
         }
         return "final_error", values, State.EXPIRED, "TTL ran out before sending"
+    if isinstance(outcome, Cancelled):
+        values = {
+            **release,
+            "v_state": State.CANCELLED,
+            "v_error_code": "CANCELLED",
+            "v_error_message": "campaign cancelled before the message was sent",
+            "v_final_at": now,
+            "v_final_source": "send",
+        }
+        return "final_error", values, State.CANCELLED, "campaign cancelled; not resent"
     unknown = isinstance(outcome, Unknown)
     if unknown and settings.send_unknown_outcome == "fail":
         values = {

@@ -55,6 +55,16 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime()}
 
 
+class Campaign(Base):
+    """A name messages were enqueued under; cancelling it stops its unsent messages."""
+
+    __tablename__ = "campaigns"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    created_at: Mapped[datetime]
+    cancelled_at: Mapped[datetime | None]
+
+
 class Message(Base):
     __tablename__ = "messages"
 
@@ -154,5 +164,6 @@ class MessageEvent(Base):
     detail: Mapped[str | None] = mapped_column(Text)
 
 
+campaigns = Campaign.__table__
 messages = Message.__table__
 events = MessageEvent.__table__

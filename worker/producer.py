@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from config import Settings, get_settings
+from worker.campaigns import ensure_campaign
 from worker.db import get_engine, is_sqlite, utcnow
 from worker.models import messages
 from worker.states import State
@@ -86,7 +87,7 @@ def _check_campaign(campaign: str | None) -> None:
         raise ValueError(f"campaign must be at most {MAX_CAMPAIGN_LENGTH} characters")
 
 
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
         yield chunk
@@ -122,16 +123,19 @@ def enqueue(
 ) -> list[EnqueueResult]:
     """Validate and queue messages (the cascade API's JSON objects); one result per message.
 
-    Results come in input order. A refused message never stops the others.
+    Results come in input order. A refused message never stops the others. A cancelled
+    campaign takes no new messages (`CampaignCancelled`).
     """
     _check_campaign(campaign)
     settings = settings or get_settings()
     engine = get_engine(settings.database_url)
+    if campaign is not None:
+        ensure_campaign(engine, campaign)
     rules = rules_from(settings)
     results: list[EnqueueResult] = []
     seen: set[str] = set()
     accepted_any = False
-    for chunk in _chunks(items, CHUNK):
+    for chunk in chunked(items, CHUNK):
         now = utcnow()
         chunk_results: list[EnqueueResult | None] = []
         rows: list[dict[str, Any]] = []

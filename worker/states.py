@@ -63,7 +63,14 @@ _SYSTEM_MOVES: dict[State, frozenset[State]] = {
         {State.SENDING, State.REJECTED, State.EXPIRED, State.CANCELLED, State.FAILED}
     ),
     State.SENDING: frozenset(
-        {State.QUEUED, State.SUBMITTED, State.REJECTED, State.FAILED, State.EXPIRED}
+        {
+            State.QUEUED,
+            State.SUBMITTED,
+            State.REJECTED,
+            State.FAILED,
+            State.EXPIRED,
+            State.CANCELLED,
+        }
     ),
     State.SUBMITTED: frozenset({State.TIMEOUT}),
     State.SCHEDULED: frozenset({State.TIMEOUT}),

@@ -16,6 +16,7 @@ from sqlalchemy import Engine, insert, select, update
 
 from config import Settings
 from worker.backoff import send_retry_delay
+from worker.campaigns import cancelled_campaigns
 from worker.db import utcnow
 from worker.dispatcher import after_failed_attempt
 from worker.models import events, messages
@@ -43,17 +44,25 @@ def recover_stale_claims(engine: Engine, settings: Settings) -> int:
     with engine.begin() as conn:
         rows = list(
             conn.execute(
-                select(messages.c.pk, messages.c.attempts, messages.c.unknown_outcomes)
+                select(
+                    messages.c.pk,
+                    messages.c.campaign,
+                    messages.c.attempts,
+                    messages.c.unknown_outcomes,
+                )
                 .where(messages.c.state == State.SENDING, messages.c.lease_until < now)
                 .limit(CHUNK)
                 .with_for_update(skip_locked=True)
             )
         )
+        stopped = cancelled_campaigns(conn, {r.campaign for r in rows} - {None})
         journal = []
         for row in rows:
             attempts = row.attempts + 1
             if settings.send_unknown_outcome == "fail":
                 target = State.FAILED
+            elif row.campaign in stopped:
+                target = State.CANCELLED
             else:
                 target = after_failed_attempt(attempts, settings.send_max_attempts)
             delay = send_retry_delay(
@@ -61,7 +70,7 @@ def recover_stale_claims(engine: Engine, settings: Settings) -> int:
                 base=settings.send_backoff_base_seconds,
                 cap=settings.send_backoff_max_seconds,
             )
-            final = target == State.FAILED
+            final = target != State.QUEUED
             conn.execute(
                 update(messages)
                 .where(messages.c.pk == row.pk)

@@ -1,0 +1,286 @@
+"""Campaign launches from CSV files, cancellation and the listing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from config import Settings
+from tests.conftest import Stack, make_messages
+from worker.campaigns import (
+    CampaignCancelled,
+    CampaignError,
+    Defaults,
+    Row,
+    cancel_campaign,
+    generated_id,
+    launch,
+    read_rows,
+    to_message,
+)
+from worker.db import get_engine, utcnow
+from worker.models import messages
+from worker.validation import validate_message
+
+HEADER = "id,fromName,toPhone,messageType,text\n"
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    if isinstance(text, str):
+        text = text.encode()
+    path.write_bytes(text)
+    return path
+
+
+def big_file(path: Path, rows: int, bad_every: int = 10) -> Path:
+    """`rows` rows without ids; every `bad_every`-th has a national-format phone."""
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["toPhone", "name", "code"])
+        for i in range(rows):
+            phone = f"067{i:07d}" if i % bad_every == bad_every - 1 else f"+38067{i:07d}"
+            writer.writerow([phone, f"n{i}", f"{i:06d}"])
+    return path
+
+
+DEFAULTS = Defaults(from_name="Shop", message_type="transaction", text="Hi {name}, code {code}")
+
+
+def count(url: str, campaign: str) -> int:
+    with get_engine(url).connect() as conn:
+        return conn.execute(
+            select(func.count()).select_from(messages).where(messages.c.campaign == campaign)
+        ).scalar_one()
+
+
+# --- pure parts ----------------------------------------------------------------------
+
+
+def test_generated_ids_are_stable_valid_and_distinct() -> None:
+    a = generated_id("Spring sale 2026!", 7, "+380671234567")
+    assert a == generated_id("Spring sale 2026!", 7, "+380671234567")
+    assert a != generated_id("Spring sale 2026!", 8, "+380671234567")
+    assert a != generated_id("Spring sale 2026!", 7, "+380671234568")
+    assert a.startswith("Spring-sale-2026-7-")
+    message = {"id": a, "fromName": "x", "toPhone": "+380671234567", "messageType": "flashcall"}
+    assert not isinstance(validate_message(message, now=utcnow()), list)
+
+
+def test_rows_become_api_messages_with_defaults_and_templates() -> None:
+    row = Row(4, {"toPhone": " +380671234567 ", "name": "Olena", "code": "42", "ttl": "600"})
+    assert to_message(row, DEFAULTS, "c") == {
+        "id": generated_id("c", 4, "+380671234567"),
+        "toPhone": "+380671234567",
+        "fromName": "Shop",
+        "messageType": "transaction",
+        "text": "Hi Olena, code 42",
+        "ttl": 600,
+    }
+    survey = Row(5, {"toPhone": "+1", "messageType": "viber_survey", "surveyOptions": "Yes | No"})
+    assert to_message(survey, Defaults(), "c")["surveyOptions"] == ["Yes", "No"]
+    own = Row(6, {"id": "mine", "toPhone": "+1", "text": "own text", "ttl": "soon"})
+    message = to_message(own, DEFAULTS, "c")
+    assert (message["id"], message["text"], message["ttl"]) == ("mine", "own text", "soon")
+
+
+# --- reading files -------------------------------------------------------------------
+
+
+def test_excel_style_files_just_work(tmp_path: Path) -> None:
+    body = '\ufeffid;toPhone;text\r\nA1;+380671234567;"hello; world"\r\nA2;+380671234568;x\r\n'
+    layout, rows = read_rows(write(tmp_path / "x.csv", body.encode()), Defaults())
+    assert layout.columns == ["id", "toPhone", "text"] and layout.delimiter == ";"
+    assert [(r.line, r.values["text"]) for r in rows] == [(2, "hello; world"), (3, "x")]
+
+
+def test_header_names_are_matched_case_insensitively_and_extras_reported(tmp_path: Path) -> None:
+    layout, _ = read_rows(write(tmp_path / "x.csv", "TOPHONE,Text,segment\n"), Defaults())
+    assert layout.columns == ["toPhone", "text", "segment"]
+    assert layout.ignored == ["segment"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "is empty"),
+        (b"   \n\n", "is empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not a CSV text file"),
+        (b"id,fromName,text\nA,b,c\n", "no toPhone column (found: id, fromName, text)"),
+        (b"toPhone,toPhone\n", "repeats columns: toPhone"),
+    ],
+)
+def test_bad_files_get_a_clear_message(tmp_path: Path, content: bytes, message: str) -> None:
+    with pytest.raises(CampaignError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_rows(write(tmp_path / "x.csv", content), Defaults())
+
+
+def test_missing_file_and_template_columns(tmp_path: Path) -> None:
+    with pytest.raises(CampaignError, match="no such file"):
+        read_rows(tmp_path / "absent.csv", Defaults())
+    with pytest.raises(CampaignError, match="--text uses columns the file does not have: code"):
+        read_rows(write(tmp_path / "x.csv", "toPhone,name\n"), Defaults(text="{name} {code}"))
+
+
+def test_a_badly_encoded_line_costs_one_row(tmp_path: Path) -> None:
+    content = b"toPhone,text\n+380671234567,ok\n+380671234568,caf\xe9\n+380671234569,fine\n"
+    _, rows = read_rows(write(tmp_path / "x.csv", content), Defaults())
+    rows = list(rows)
+    assert [r.line for r in rows] == [2, 3, 4]
+    assert rows[1].problem == "not valid UTF-8; save the file as UTF-8"
+    assert rows[0].problem is None and rows[2].values["text"] == "fine"
+
+
+# --- launches on real databases ------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(
+    request: pytest.FixtureRequest, database_factory: Callable[[str], str], redis_db: str
+) -> Settings:
+    return Settings(DATABASE_URL=database_factory(request.param), BROKER_URL=redis_db)  # type: ignore[call-arg]
+
+
+def test_launch_streams_rejects_bad_rows_and_resumes(tmp_path: Path, settings: Settings) -> None:
+    path = big_file(tmp_path / "contacts.csv", 5000)
+
+    first = launch(path, "spring", DEFAULTS, settings)
+
+    assert (first.rows, first.accepted, first.rejected, first.duplicate) == (5000, 4500, 500, 0)
+    assert first.rejected_file == str(tmp_path / "contacts.rejected.csv")
+    with open(first.rejected_file, newline="") as handle:
+        rejected = list(csv.DictReader(handle))
+    assert len(rejected) == 500
+    assert rejected[0]["line"] == "11" and rejected[0]["field"] == "toPhone"
+    assert [int(r["line"]) for r in rejected] == sorted(int(r["line"]) for r in rejected)
+    assert count(settings.database_url, "spring") == 4500
+
+    again = launch(path, "spring", DEFAULTS, settings)
+
+    assert (again.accepted, again.duplicate, again.rejected) == (0, 4500, 500)
+    assert count(settings.database_url, "spring") == 4500
+
+
+def test_an_interrupted_launch_is_finished_by_launching_again(
+    tmp_path: Path, settings: Settings
+) -> None:
+    full = big_file(tmp_path / "full.csv", 3000, bad_every=1000)
+    lines = full.read_text().splitlines(keepends=True)
+    partial = write(tmp_path / "partial.csv", "".join(lines[:1201]))
+    launch(partial, "resume", DEFAULTS, settings)  # as if stopped after 1200 rows
+    assert count(settings.database_url, "resume") == 1199
+
+    done = launch(full, "resume", DEFAULTS, settings)
+
+    assert done.duplicate == 1199 and done.accepted == 3000 - 3 - 1199
+    assert count(settings.database_url, "resume") == 2997
+
+
+def test_dry_run_validates_without_enqueueing(tmp_path: Path, settings: Settings) -> None:
+    stats = launch(big_file(tmp_path / "c.csv", 200), "dry", DEFAULTS, settings, dry_run=True)
+
+    assert (stats.accepted, stats.rejected) == (180, 20)
+    assert count(settings.database_url, "dry") == 0
+
+
+def test_cancelled_campaign_takes_no_new_messages(settings: Settings) -> None:
+    from worker.producer import enqueue
+
+    enqueue(make_messages(3, "gone"), "gone", settings=settings, kick=False)
+    result = cancel_campaign(get_engine(settings.database_url), "gone")
+    assert result is not None and result["cancelled_now"] == 3
+
+    with pytest.raises(CampaignCancelled, match="'gone' was cancelled"):
+        enqueue(make_messages(1, "gone-2"), "gone", settings=settings, kick=False)
+    assert cancel_campaign(get_engine(settings.database_url), "nope") is None
+
+
+# --- with a running worker -----------------------------------------------------------
+
+
+def _cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=timeout,
+    )
+
+
+def test_cancel_stops_unsent_messages_and_leaves_sent_ones(
+    stack: Stack, sim, campaign: str
+) -> None:
+    stack.enqueue(make_messages(50, campaign), campaign)
+    stack.wait_final(campaign, 50)
+    sim.configure(api_key="rotated-key")  # later messages stay queued
+    stack.enqueue(make_messages(200, campaign, start=50), campaign)
+    env = {"DATABASE_URL": stack.settings.database_url, "BROKER_URL": stack.settings.broker_url}
+
+    done = _cli("campaign", "cancel", campaign, "--json", env=env)
+
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    # Unsent ones are cancelled now, or (mid-claim) as soon as their send comes back.
+    assert result["cancelled_now"] + result["in_flight"] == 200
+    assert result["final_before"] == 50 and result["with_provider"] == 0
+    sim.configure(api_key="test-key")
+    report = stack.wait_final(campaign, 250)
+    assert report["states"]["cancelled"] == 200
+    assert sim.stats()["unique_tracking_ids"] == 50
+    listing = json.loads(_cli("campaign", "list", "--json", env=env).stdout)
+    mine = next(c for c in listing if c["campaign"] == campaign)
+    assert mine["total"] == 250 and mine["cancelled_at"]
+
+
+def test_launch_and_watch_from_the_command_line(
+    stack: Stack, sim, tmp_path: Path, campaign
+) -> None:
+    path = big_file(tmp_path / "people.csv", 300)
+    env = {"DATABASE_URL": stack.settings.database_url, "BROKER_URL": stack.settings.broker_url}
+
+    launched = _cli(
+        "campaign",
+        "launch",
+        str(path),
+        "--name",
+        campaign,
+        "--from-name",
+        "Shop",
+        "--type",
+        "promo",
+        "--text",
+        "Hi {name}, code {code}",
+        env=env,
+    )
+
+    assert launched.returncode == 0, launched.stderr
+    assert "300 rows, enqueued 270, 0 already known, 30 rejected" in launched.stdout
+    assert "people.rejected.csv" in launched.stdout
+    watched = _cli("campaign", "status", campaign, "--watch", "--interval", "0.2", env=env)
+    assert watched.returncode == 0, watched.stderr
+    assert "every message is final" in watched.stdout
+    report = stack.wait_final(campaign, 270, timeout=5)
+    assert report["total"] == 270
+
+
+def test_launch_refuses_bad_files_without_a_traceback(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    cases = {
+        "missing.csv": None,
+        "empty.csv": b"",
+        "nophone.csv": b"id,text\n1,hi\n",
+    }
+    for name, content in cases.items():
+        if content is not None:
+            write(tmp_path / name, content)
+        done = _cli("campaign", "launch", str(tmp_path / name), "--name", "x", env=env)
+        assert done.returncode != 0
+        assert "Traceback" not in done.stderr and "Error:" in done.stderr

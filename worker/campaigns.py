@@ -1,0 +1,451 @@
+"""Campaigns: launching one from a CSV file, cancelling it, listing them.
+
+A launch streams the file in chunks, so a million rows use the memory of one chunk.
+Ids are either the file's own or derived from the campaign name, the line and the phone,
+so launching the same file again under the same name enqueues nothing twice and resumes
+a launch that was interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+import string
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from config import Settings
+from worker.db import is_sqlite, utcnow
+from worker.models import campaigns, events, messages
+from worker.states import FINAL, State
+
+API_COLUMNS = (
+    "id",
+    "fromName",
+    "toPhone",
+    "messageType",
+    "text",
+    "ttl",
+    "scheduledSent",
+    "surveyOptions",
+    "route",
+)
+_CANONICAL = {name.lower(): name for name in API_COLUMNS}
+CHUNK = 1000
+SNIFF_BYTES = 64 * 1024
+
+
+class CampaignError(ValueError):
+    """A problem with the whole launch (file, header, flags): nothing was enqueued."""
+
+
+class CampaignCancelled(ValueError):
+    pass
+
+
+# --- the campaign row ----------------------------------------------------------------
+
+
+def ensure_campaign(engine: Engine, name: str) -> None:
+    """Record the campaign name once; refuse new messages for a cancelled campaign."""
+    insert_ = sqlite_insert if is_sqlite(engine) else pg_insert
+    with engine.begin() as conn:
+        conn.execute(
+            insert_(campaigns)
+            .values(name=name, created_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["name"])
+        )
+        cancelled = conn.execute(
+            select(campaigns.c.cancelled_at).where(campaigns.c.name == name)
+        ).scalar_one()
+    if cancelled is not None:
+        raise CampaignCancelled(f"campaign {name!r} was cancelled; use a new name")
+
+
+def cancelled_campaigns(conn: Connection, names: Iterable[str]) -> set[str]:
+    wanted = list(names)
+    if not wanted:
+        return set()
+    return set(
+        conn.execute(
+            select(campaigns.c.name).where(
+                campaigns.c.name.in_(wanted), campaigns.c.cancelled_at.is_not(None)
+            )
+        ).scalars()
+    )
+
+
+def cancel_campaign(engine: Engine, name: str) -> dict[str, int] | None:
+    """Cancel every message not yet sent; answer what happened to the campaign's messages.
+
+    Messages already with the provider are left alone (SMSBAT has no recall); messages in
+    flight become `cancelled` if their send fails, instead of being retried.
+    """
+    now = utcnow()
+    with engine.begin() as conn:
+        found = conn.execute(
+            update(campaigns)
+            .where(campaigns.c.name == name)
+            .values(cancelled_at=func.coalesce(campaigns.c.cancelled_at, now))
+            .returning(campaigns.c.name)
+        ).first()
+    if found is None:
+        return None
+    cancelled = 0
+    while True:
+        with engine.begin() as conn:
+            pks = list(
+                conn.execute(
+                    select(messages.c.pk)
+                    .where(messages.c.campaign == name, messages.c.state == State.QUEUED)
+                    .limit(10_000)
+                    .with_for_update(skip_locked=True)
+                ).scalars()
+            )
+            if not pks:
+                break
+            conn.execute(
+                update(messages)
+                .where(messages.c.pk.in_(pks), messages.c.state == State.QUEUED)
+                .values(
+                    state=State.CANCELLED,
+                    final_at=now,
+                    final_source="system",
+                    error_code="CANCELLED",
+                    error_message="campaign cancelled before the message was sent",
+                )
+            )
+            conn.execute(
+                insert(events),
+                [
+                    {
+                        "message_pk": pk,
+                        "at": now,
+                        "source": "system",
+                        "from_state": State.QUEUED,
+                        "to_state": State.CANCELLED,
+                        "detail": "campaign cancelled",
+                    }
+                    for pk in pks
+                ],
+            )
+            cancelled += len(pks)
+    with engine.connect() as conn:
+        states = dict(
+            conn.execute(
+                select(messages.c.state, func.count())
+                .where(messages.c.campaign == name)
+                .group_by(messages.c.state)
+            ).all()
+        )
+    with_provider = sum(
+        n for s, n in states.items() if s not in FINAL and s not in (State.QUEUED, State.SENDING)
+    )
+    return {
+        "cancelled_now": cancelled,
+        "cancelled": states.get(State.CANCELLED, 0),
+        "in_flight": states.get(State.SENDING, 0),
+        "with_provider": with_provider,
+        "final_before": sum(n for s, n in states.items() if s in FINAL and s != State.CANCELLED),
+        "queued": states.get(State.QUEUED, 0),
+    }
+
+
+def list_campaigns(engine: Engine) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        counts: dict[str, dict[str, int]] = {}
+        for name, state, n in conn.execute(
+            select(messages.c.campaign, messages.c.state, func.count())
+            .where(messages.c.campaign.is_not(None))
+            .group_by(messages.c.campaign, messages.c.state)
+        ):
+            counts.setdefault(name, {})[state] = n
+        rows = conn.execute(select(campaigns).order_by(campaigns.c.created_at)).all()
+    listing = []
+    for row in rows:
+        states = counts.get(row.name, {})
+        total = sum(states.values())
+        listing.append(
+            {
+                "campaign": row.name,
+                "created_at": _iso(row.created_at),
+                "cancelled_at": _iso(row.cancelled_at),
+                "total": total,
+                "final": sum(n for s, n in states.items() if s in FINAL),
+                "delivered": states.get(State.DELIVERED, 0),
+            }
+        )
+    return listing
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+# --- reading a CSV file --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Values for columns the file lacks or leaves empty (`--from-name`, `--type`, …)."""
+
+    from_name: str | None = None
+    message_type: str | None = None
+    ttl: int | None = None
+    route: str | None = None
+    text: str | None = None  # a template: "Hi {name}, your code {code}"
+
+
+@dataclass(frozen=True)
+class Row:
+    line: int
+    values: dict[str, str]
+    problem: str | None = None  # set when the line could not even be read
+
+
+@dataclass
+class CsvLayout:
+    columns: list[str]  # canonical API names where they match, else as written
+    ignored: list[str]
+    delimiter: str
+
+
+def _decode_lines(raw: IO[bytes], bad: set[int]) -> Iterator[str]:
+    """Decode line by line, so one badly encoded line costs one row, not the file."""
+    for number, line in enumerate(raw, start=1):
+        if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.add(number)
+            yield line.decode("utf-8", errors="replace")
+
+
+def _sniff(path: Path) -> str:
+    with path.open("rb") as raw:
+        head = raw.read(SNIFF_BYTES)
+    if not head.strip():
+        raise CampaignError(f"{path} is empty")
+    if b"\x00" in head:
+        raise CampaignError(f"{path} is not a CSV text file (it contains binary data)")
+    sample = head.decode("utf-8", errors="replace").lstrip("\ufeff")
+    first = sample.splitlines()[0] if sample.splitlines() else sample
+    try:
+        return csv.Sniffer().sniff(first, delimiters=",;\t|").delimiter
+    except csv.Error:
+        return ","
+
+
+def template_fields(template: str) -> list[str]:
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    except ValueError as exc:
+        raise CampaignError(f"--text template is malformed: {exc}") from None
+
+
+def read_layout(header: list[str], defaults: Defaults, delimiter: str) -> CsvLayout:
+    columns = [_CANONICAL.get(h.strip().lower(), h.strip()) for h in header]
+    if not any(columns):
+        raise CampaignError("the header row is empty")
+    duplicates = sorted({c for c in columns if columns.count(c) > 1 and c})
+    if duplicates:
+        raise CampaignError(f"the header repeats columns: {', '.join(duplicates)}")
+    if "toPhone" not in columns:
+        raise CampaignError(
+            f"the header has no toPhone column (found: {', '.join(columns)}); "
+            f"the columns are the cascade API's field names: {', '.join(API_COLUMNS)}"
+        )
+    used = set(template_fields(defaults.text)) if defaults.text else set()
+    missing = sorted(used - set(columns))
+    if missing:
+        raise CampaignError(f"--text uses columns the file does not have: {', '.join(missing)}")
+    ignored = [c for c in columns if c and c not in API_COLUMNS and c not in used]
+    return CsvLayout(columns, ignored, delimiter)
+
+
+def read_rows(path: Path, defaults: Defaults) -> tuple[CsvLayout, Iterator[Row]]:
+    """The file's layout (checked now) and its rows (read lazily)."""
+    if not path.is_file():
+        raise CampaignError(f"{path}: no such file")
+    delimiter = _sniff(path)
+    raw = path.open("rb")
+    bad: set[int] = set()
+    reader = csv.reader(_decode_lines(raw, bad), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raw.close()
+        raise CampaignError(f"{path} is empty") from None
+    except csv.Error as exc:
+        raw.close()
+        raise CampaignError(f"{path} is not readable as CSV: {exc}") from None
+    layout = read_layout(header, defaults, delimiter)
+    return layout, _rows(reader, raw, layout, bad)
+
+
+def _rows(reader: Any, raw: IO[bytes], layout: CsvLayout, bad: set[int]) -> Iterator[Row]:
+    try:
+        start = reader.line_num + 1
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield Row(start, {}, f"not readable as CSV: {exc}")
+                start = reader.line_num + 1
+                continue
+            end = reader.line_num
+            line, start = start, end + 1
+            if not any(c.strip() for c in cells):
+                continue  # blank line
+            if bad.intersection(range(line, end + 1)):
+                yield Row(line, {}, "not valid UTF-8; save the file as UTF-8")
+                continue
+            if len(cells) > len(layout.columns):
+                yield Row(line, {}, f"has {len(cells)} cells, the header {len(layout.columns)}")
+                continue
+            yield Row(line, dict(zip(layout.columns, cells, strict=False)))
+    finally:
+        raw.close()
+
+
+# --- rows to messages (pure) ---------------------------------------------------------
+
+
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def generated_id(campaign: str, line: int, phone: str) -> str:
+    """Stable for the same file and name: re-launching enqueues nothing twice."""
+    slug = _ID_UNSAFE.sub("-", campaign).strip("-")[:80] or "campaign"
+    digest = hashlib.sha1(f"{campaign}\x00{line}\x00{phone}".encode()).hexdigest()[:10]
+    return f"{slug}-{line}-{digest}"
+
+
+def to_message(row: Row, defaults: Defaults, campaign: str) -> dict[str, Any]:
+    """The cascade API object for one CSV row; type problems are left to validation."""
+    values = {k: v.strip() for k, v in row.values.items() if k in API_COLUMNS}
+    message: dict[str, Any] = {k: v for k, v in values.items() if v != ""}
+    for key, default in (
+        ("fromName", defaults.from_name),
+        ("messageType", defaults.message_type),
+        ("ttl", defaults.ttl),
+        ("route", defaults.route),
+    ):
+        if key not in message and default is not None:
+            message[key] = default
+    if "text" not in message and defaults.text:
+        message["text"] = defaults.text.format_map(row.values)
+    if "ttl" in message and isinstance(message["ttl"], str):
+        message["ttl"] = int(message["ttl"]) if message["ttl"].isdigit() else message["ttl"]
+    if "surveyOptions" in message:
+        message["surveyOptions"] = [o.strip() for o in message["surveyOptions"].split("|")]
+    if "id" not in message:
+        message["id"] = generated_id(campaign, row.line, message.get("toPhone", ""))
+    return message
+
+
+# --- the launch ----------------------------------------------------------------------
+
+
+@dataclass
+class LaunchStats:
+    rows: int = 0
+    accepted: int = 0
+    duplicate: int = 0
+    rejected: int = 0
+    ignored_columns: list[str] = field(default_factory=list)
+    rejected_file: str | None = None
+
+
+REJECT_COLUMNS = ("line", "field", "reason", "id", "toPhone")
+
+
+def rejected_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.rejected.csv")
+
+
+def launch(
+    path: Path,
+    name: str,
+    defaults: Defaults,
+    settings: Settings,
+    *,
+    dry_run: bool = False,
+    progress: Callable[[LaunchStats], None] | None = None,
+) -> LaunchStats:
+    """Validate and enqueue every row; write refused rows beside the file; never stop early."""
+    from worker.producer import chunked, wake_dispatcher
+
+    layout, rows = read_rows(path, defaults)
+    stats = LaunchStats(ignored_columns=layout.ignored)
+    woken = False
+    out_path = rejected_path(path)
+    with out_path.open("w", newline="", encoding="utf-8") as out:
+        rejects = csv.writer(out)
+        rejects.writerow(REJECT_COLUMNS)
+        for chunk in chunked(rows, CHUNK):
+            stats.rows += len(chunk)
+            for line, field_name, reason, message in _settle(
+                chunk, defaults, name, settings, stats, dry_run
+            ):
+                rejects.writerow(
+                    (line, field_name, reason, message.get("id", ""), message.get("toPhone", ""))
+                )
+            if progress:
+                progress(stats)
+            if not dry_run and stats.accepted and not woken:
+                wake_dispatcher(settings.broker_url)  # beat and chained sends do the rest
+                woken = True
+    if stats.rejected:
+        stats.rejected_file = str(out_path)
+    else:
+        out_path.unlink()
+    return stats
+
+
+def _settle(
+    chunk: list[Row],
+    defaults: Defaults,
+    name: str,
+    settings: Settings,
+    stats: LaunchStats,
+    dry_run: bool,
+) -> Iterator[tuple[int, str, str, dict[str, Any]]]:
+    """Validate (and unless a dry run, enqueue) one chunk; yield its refusals in line order."""
+    from worker.producer import enqueue, rules_from
+    from worker.validation import validate_message
+
+    readable = [r for r in chunk if r.problem is None]
+    messages_ = [to_message(r, defaults, name) for r in readable]
+    if dry_run:
+        now, rules = utcnow(), rules_from(settings)
+        checked = [validate_message(m, now=now, rules=rules) for m in messages_]
+        errors = [c if isinstance(c, list) else None for c in checked]
+        stats.accepted += sum(e is None for e in errors)
+    else:
+        answered = enqueue(messages_, name, settings=settings, kick=False)
+        errors = [list(r.errors) if r.status == "rejected" else None for r in answered]
+        stats.accepted += sum(r.status == "accepted" for r in answered)
+        stats.duplicate += sum(r.status == "duplicate" for r in answered)
+    found = dict(zip((r.line for r in readable), zip(messages_, errors, strict=True), strict=True))
+    for row in chunk:
+        if row.problem is not None:
+            stats.rejected += 1
+            yield row.line, "row", row.problem, {}
+            continue
+        message, problems = found[row.line]
+        if problems is not None:
+            stats.rejected += 1
+            for error in problems:
+                yield row.line, error.field, error.problem, message
