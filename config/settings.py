@@ -14,8 +14,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
+    # hide_input_in_errors: an error must name the setting, never echo the values it was
+    # given (a model-level error would otherwise print every key and password in the input).
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        hide_input_in_errors=True,
     )
 
     # --- connections -------------------------------------------------------------------
@@ -80,6 +86,11 @@ class Settings(BaseSettings):
     # --- sweeper ---------------------------------------------------------------------------
     sweep_interval_seconds: float = Field(15.0, gt=0, alias="SWEEP_INTERVAL_SECONDS")
 
+    # --- monitoring (Flower) -----------------------------------------------------------------
+    # `worker/celery.py` hands these to `celery -A worker flower` as its FLOWER_* options.
+    flower_basic_auth: SecretStr | None = Field(None, alias="FLOWER_BASIC_AUTH")
+    flower_max_tasks: int = Field(10_000, ge=1, alias="FLOWER_MAX_TASKS")
+
     @field_validator("database_url")
     @classmethod
     def _database_driver(cls, value: str) -> str:
@@ -99,6 +110,18 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError(f"must start with http:// or https://, got {value!r}")
         return value.rstrip("/") if value else value
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _basic_auth_pairs(cls, value: SecretStr | None) -> SecretStr | None:
+        """Flower silently never matches a malformed pair: refuse it here, without echoing it."""
+        if value is None or not value.get_secret_value():
+            return None
+        for number, pair in enumerate(value.get_secret_value().split(","), 1):
+            user, colon, password = pair.partition(":")
+            if not (user and colon and password):
+                raise ValueError(f"pair {number} must be user:password (several comma-separated)")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -14,3 +14,8 @@ if [ "${CASCADE_NEEDS_POSTGRES:-1}" = 1 ] && ! pg_isready -q -h 127.0.0.1 -p 543
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start
   for _ in $(seq 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
 fi
+
+# The compose file is validated by Debian's docker-compose (no Docker engine is needed).
+if [ "${CASCADE_NEEDS_COMPOSE:-1}" = 1 ] && ! command -v docker-compose >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
+fi

@@ -29,7 +29,7 @@ from config import Settings  # noqa: E402
 from worker.cli import upgrade_database  # noqa: E402
 from worker.db import get_engine  # noqa: E402
 from worker.producer import EnqueueResult, enqueue  # noqa: E402
-from worker.reports import campaign_report  # noqa: E402
+from worker.reports import campaign_summary  # noqa: E402
 from worker.stack import Simulator, Workers, start_simulator, workers  # noqa: E402
 
 # Short timings so a test run takes seconds; the policies are the same.
@@ -138,7 +138,7 @@ class Stack:
         deadline = time.monotonic() + timeout
         report: dict[str, Any] | None = None
         while time.monotonic() < deadline:
-            report = campaign_report(self.engine, campaign)
+            report = campaign_summary(self.engine, campaign)
             if report and report["final"] >= total:
                 return report
             time.sleep(0.3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ def cascade(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_message_show_and_campaign_report(stack: Stack, sim, campaign: str) -> None:
+def test_message_show_and_campaign_report(stack: Stack, sim, campaign: str, tmp_path: Path) -> None:
     stack.enqueue(make_messages(20, campaign), campaign)
     stack.wait_final(campaign, 20)
     env = {"DATABASE_URL": stack.settings.database_url}
@@ -48,6 +49,21 @@ def test_message_show_and_campaign_report(stack: Stack, sim, campaign: str) -> N
     assert sum(report["states"].values()) == 20
     assert report["delivery_rate"] == report["states"].get("delivered", 0) / 20
     assert report["cost"] >= 0
+
+    assert set(report["channels"]) <= {"telegram", "viber", "rcs", "sms", "none"}
+    assert sum(report["channels"].values()) == 20
+
+    out_csv, out_html = tmp_path / "outcomes.csv", tmp_path / "report.html"
+    files = cascade(
+        "campaign", "report", campaign, "--csv", str(out_csv), "--html", str(out_html), **env
+    )
+    assert files.returncode == 0, files.stderr
+    with out_csv.open(newline="") as handle:
+        outcomes = list(csv.DictReader(handle))
+    assert len(outcomes) == 20 and {o["state"] for o in outcomes} == set(report["states"])
+    assert all("*" in o["toPhone"] for o in outcomes)  # phones masked
+    page = out_html.read_text()
+    assert campaign in page and "<svg" in page and "<script" not in page
 
     table = cascade("campaign", "report", campaign, **env)
     assert "delivery rate" in table.stdout and campaign in table.stdout

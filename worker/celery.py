@@ -7,6 +7,7 @@ and long-running tasks cancelled (not finished twice) when the broker connection
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 from celery import Celery
@@ -49,6 +50,11 @@ def create_app(settings: Settings) -> Celery:
                 "time_limit": send_limit,
             }
         },
+        # Task events are what Flower shows: without them it lists workers but no tasks.
+        # They are cheap here because a task carries a whole batch (up to 1000 messages),
+        # so it is a few events per batch, not per message. The sent event carries the queue.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
         timezone="UTC",
         enable_utc=True,
         task_default_queue=INTAKE_QUEUE,
@@ -77,4 +83,19 @@ def _tick(task: str, every: float) -> dict[str, object]:
     return {"task": task, "schedule": every, "options": {"expires": max(every * 2, 2.0)}}
 
 
+def flower_environment(settings: Settings) -> dict[str, str]:
+    """Flower's own options from our settings, so `.env` configures `celery -A worker flower`.
+
+    Flower reads FLOWER_* variables when its command runs, after `-A worker` imported this
+    module. A variable already in the environment, or `--basic-auth`/`--max-tasks` on the
+    command line, still wins.
+    """
+    options = {"FLOWER_MAX_TASKS": str(settings.flower_max_tasks)}  # Flower's 100k grows RAM
+    if settings.flower_basic_auth is not None:
+        options["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()
+    return options
+
+
 app = create_app(get_settings())
+for _name, _value in flower_environment(get_settings()).items():
+    os.environ.setdefault(_name, _value)

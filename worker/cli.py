@@ -180,10 +180,10 @@ def campaign_launch(
 @click.option("--interval", default=1.0, show_default=True, help="Refresh seconds (--watch).")
 def campaign_status(name: str, watch: bool, as_json: bool, interval: float) -> None:
     """Progress of a campaign: counts per state, delivery rate, cost, throughput, ETA."""
-    from worker.reports import campaign_report
+    from worker.reports import campaign_summary
 
     engine = _engine()
-    report = campaign_report(engine, name)
+    report = campaign_summary(engine, name)
     if report is None:
         raise click.ClickException(f"no campaign named {name!r}")
     if as_json:
@@ -198,7 +198,7 @@ def campaign_status(name: str, watch: bool, as_json: bool, interval: float) -> N
     with Live(status_view(report, None), console=console, refresh_per_second=4) as live:
         while not report["all_final"]:
             time.sleep(interval)
-            report = campaign_report(engine, name) or report
+            report = campaign_summary(engine, name) or report
             samples = [*samples[-30:], (time.monotonic(), report["final"])]
             live.update(status_view(report, samples))
     console.print(f"{name}: every message is final")
@@ -274,32 +274,87 @@ def campaign_list(as_json: bool) -> None:
 @campaign.command("report")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def campaign_report_cmd(name: str, as_json: bool) -> None:
-    """Counts per state, delivery rate and cost of a campaign."""
+@click.option(
+    "--csv",
+    "csv_file",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Write every message's outcome as CSV to FILE ('-' for stdout).",
+)
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), help="Write an HTML report.")
+def campaign_report_cmd(
+    name: str, as_json: bool, csv_file: str | None, html_file: str | None
+) -> None:
+    """Counts per state, delivery rate, cost per currency, channels, latency, errors."""
     from worker.reports import campaign_report
 
-    report = campaign_report(_engine(), name)
+    engine = _engine()
+    report = campaign_report(engine, name)
     if report is None:
         raise click.ClickException(f"no campaign named {name!r}")
+    if csv_file:
+        _write_outcomes(engine, name, csv_file)
+    if html_file:
+        from worker.html_report import render_html
+        from worker.reports import deliveries_over_time
+
+        Path(html_file).write_text(render_html(report, deliveries_over_time(engine, name)))
+        if not as_json:
+            console.print(f"HTML report: {html_file}")
     if as_json:
         _print_json(report)
-        return
-    print_report(report)
+    elif csv_file != "-":
+        print_report(report)
+
+
+def _write_outcomes(engine: Any, name: str, target: str) -> None:
+    import csv
+    from contextlib import nullcontext
+
+    from worker.reports import OUTCOME_COLUMNS, message_outcomes
+
+    stream = (
+        nullcontext(sys.stdout)
+        if target == "-"
+        else open(target, "w", newline="", encoding="utf-8")  # noqa: SIM115
+    )
+    with stream as out:
+        writer = csv.DictWriter(out, fieldnames=OUTCOME_COLUMNS)
+        writer.writeheader()
+        writer.writerows(message_outcomes(engine, name))
 
 
 def print_report(report: dict[str, Any]) -> None:
     table = Table(title=f"campaign {report['campaign']}", show_header=False)
     for key in ("total", "sent", "delivered", "final"):
-        table.add_row(key, str(report[key]))
-    table.add_row("delivery rate", f"{report['delivery_rate']:.1%}")
+        table.add_row(key, f"{report[key]:,}")
+    table.add_row("delivery rate", f"{report['delivery_rate']:.1%} of total")
+    table.add_row("", f"{report['delivery_rate_of_sent']:.1%} of sent")
     table.add_row("cost", f"{report['cost']:.2f}")
-    table.add_row("unknown send outcomes", str(report["unknown_outcomes"]))
-    table.add_row("status polls", str(report["polls"]))
+    for currency, money in report.get("money", {}).items():
+        table.add_row(f"  {currency}", f"cost {money['cost']:.2f}, bill {money['bill']:.2f}")
+    table.add_row("unknown send outcomes", f"{report['unknown_outcomes']:,}")
+    table.add_row("status polls", f"{report['polls']:,}")
+    latency = report.get("latency_seconds", {}).get("submit_to_final") or {}
+    if latency.get("p50") is not None:
+        table.add_row(
+            "submit → final",
+            "  ".join(f"{k} {v:.1f}s" for k, v in latency.items() if v is not None),
+        )
     console.print(table)
     states = Table("state", "messages", title="states")
     for state, count in report["states"].items():
-        states.add_row(state, str(count))
+        states.add_row(state, f"{count:,}")
     console.print(states)
+    if report.get("channels"):
+        channels = Table("channel", "messages", title="delivered by")
+        for channel, count in report["channels"].items():
+            channels.add_row(channel, f"{count:,}")
+        console.print(channels)
+    if report.get("top_errors"):
+        errors = Table("error", "messages", title="top errors")
+        for error in report["top_errors"]:
+            errors.add_row(error["code"], f"{error['count']:,}")
+        console.print(errors)
 
 
 # --- simulator and demo --------------------------------------------------------------

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from config import Settings
 from worker.db import get_engine
 from worker.producer import enqueue
-from worker.reports import campaign_report
+from worker.reports import campaign_report, campaign_summary
 from worker.stack import start_simulator, workers
 
 TYPES = (("transaction", 0.6), ("promo", 0.3), ("viber_survey", 0.05), ("flashcall", 0.05))
@@ -86,7 +86,7 @@ def _watch(engine: Any, name: str, total: int, console: Console, timeout: float 
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("final", total=total, detail="")
         while time.monotonic() < deadline:
-            report = campaign_report(engine, name) or {"final": 0, "states": {}}
+            report = campaign_summary(engine, name) or {"final": 0, "states": {}}
             detail = " ".join(f"{k}={v}" for k, v in report["states"].items())
             progress.update(task, completed=report["final"], detail=detail)
             if report["final"] >= total:

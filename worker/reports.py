@@ -2,17 +2,75 @@
 
 The dictionaries returned here are the `--json` output of the CLI; their keys are part of
 the public contract.
+
+Campaign figures must stay cheap at a million messages on SQLite and PostgreSQL, so every
+figure is aggregated in SQL and Python only ever sees small grouped results or one page of
+rows at a time.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import json
+import math
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Float,
+    Integer,
+    Row,
+    Text,
+    and_,
+    cast,
+    extract,
+    func,
+    literal,
+    or_,
+    select,
+)
 
-from worker.models import events, messages
+from worker.models import UTCDateTime, events, messages
+from worker.redact import mask_phone
 from worker.states import FINAL, State
+
+# Final states the provider itself reported: the only ones with a delivery latency.
+PROVIDER_FINAL: tuple[State, ...] = (State.DELIVERED, State.UNDELIVERABLE, State.PERMANENTERROR)
+# Final states in lifecycle order, for stable series in timelines and charts.
+FINAL_ORDER: tuple[State, ...] = tuple(state for state in State if state in FINAL)
+# The cascade's channel order; channels the provider adds later sort after these.
+CHANNEL_ORDER: tuple[str, ...] = ("telegram", "viber", "rcs", "sms")
+NO_CHANNEL = "none"
+PERCENTILES: dict[str, int] = {"p50": 50, "p90": 90, "p99": 99}
+TOP_ERRORS = 10
+OUTCOME_PAGE = 1000
+
+OUTCOME_COLUMNS: tuple[str, ...] = (
+    "id",
+    "toPhone",
+    "messageType",
+    "route",
+    "state",
+    "messageId",
+    "deliverystatus",
+    "channel",
+    "partscount",
+    "cost",
+    "billAmount",
+    "billCurrency",
+    "errorCode",
+    "errorMessage",
+    "unknownOutcomes",
+    "attempts",
+    "polls",
+    "createdAt",
+    "submittedAt",
+    "finalAt",
+)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -67,7 +125,8 @@ def message_detail(engine: Engine, message_id: str) -> dict[str, Any] | None:
     }
 
 
-def campaign_report(engine: Engine, campaign: str) -> dict[str, Any] | None:
+def campaign_summary(engine: Engine, campaign: str) -> dict[str, Any] | None:
+    """The campaign's counts in one grouped query: cheap enough to refresh every second."""
     with engine.connect() as conn:
         by_state = conn.execute(
             select(
@@ -77,6 +136,8 @@ def campaign_report(engine: Engine, campaign: str) -> dict[str, Any] | None:
                 func.coalesce(func.sum(messages.c.unknown_outcomes), 0),
                 func.coalesce(func.sum(messages.c.polls), 0),
                 func.count(messages.c.provider_message_id),
+                func.min(messages.c.created_at),
+                func.max(messages.c.final_at),
             )
             .where(messages.c.campaign == campaign)
             .group_by(messages.c.state)
@@ -101,4 +162,341 @@ def campaign_report(engine: Engine, campaign: str) -> dict[str, Any] | None:
         "cost": round(sum(row[2] for row in by_state), 4),
         "unknown_outcomes": int(sum(row[3] for row in by_state)),
         "polls": int(sum(row[4] for row in by_state)),
+        "first_enqueued_at": _iso(min(row[6] for row in by_state)),
+        "last_final_at": _iso(max((row[7] for row in by_state if row[7]), default=None)),
+    }
+
+
+def campaign_report(engine: Engine, campaign: str) -> dict[str, Any] | None:
+    """The summary plus money per currency, channels, latency percentiles and top errors.
+
+    `money` counts only messages that carry a cost or bill; `channels` and
+    `latency_seconds` cover what the provider answered; percentiles are nearest-rank.
+    """
+    summary = campaign_summary(engine, campaign)
+    if summary is None:
+        return None
+    with engine.connect() as conn:
+        return summary | {
+            "money": _money(conn, campaign),
+            "channels": _channels(conn, campaign),
+            "latency_seconds": _latency(conn, campaign),
+            "top_errors": _top_errors(conn, campaign),
+        }
+
+
+def _money(conn: Connection, campaign: str) -> dict[str, dict[str, Any]]:
+    """Cost and bill per currency; only messages that carry an amount are counted."""
+    rows = conn.execute(
+        select(
+            messages.c.bill_currency,
+            messages.c.rate_currency,
+            func.coalesce(func.sum(messages.c.cost), 0.0),
+            func.coalesce(func.sum(messages.c.bill_amount), 0.0),
+            func.count(),
+        )
+        .where(
+            messages.c.campaign == campaign,
+            or_(messages.c.cost.is_not(None), messages.c.bill_amount.is_not(None)),
+        )
+        .group_by(messages.c.bill_currency, messages.c.rate_currency)
+    ).all()
+    totals: dict[str, Counter[str]] = {}
+    for bill_currency, rate_currency, cost, bill, count in rows:
+        currency = bill_currency or rate_currency or "unknown"
+        totals.setdefault(currency, Counter()).update(cost=cost, bill=bill, messages=count)
+    return {
+        currency: {
+            "cost": round(figures["cost"], 4),
+            "bill": round(figures["bill"], 4),
+            "messages": int(figures["messages"]),
+        }
+        for currency, figures in sorted(totals.items())
+    }
+
+
+def _delivering_channel(extended_statuses: Any) -> str | None:
+    """The channel that delivered a message, from the provider's `extendedStatuses`."""
+    if not isinstance(extended_statuses, dict):
+        return None
+    for channel, status in extended_statuses.items():
+        if isinstance(status, str) and status.lower() == State.DELIVERED:
+            return str(channel)
+    return None
+
+
+def _decode(text: str | None) -> Any:
+    return json.loads(text) if text else None
+
+
+def _channels(conn: Connection, campaign: str) -> dict[str, int]:
+    """Messages per delivering channel; provider-final ones that no channel delivered: none.
+
+    Grouped by the column's text (PostgreSQL's json has no equality), so Python decodes
+    one value per distinct cascade outcome, not one per message.
+    """
+    text = cast(messages.c.extended_statuses, Text)
+    rows = conn.execute(
+        select(text, messages.c.state, func.count())
+        .where(messages.c.campaign == campaign)
+        .group_by(text, messages.c.state)
+    ).all()
+    counts: Counter[str] = Counter()
+    for statuses, state, count in rows:
+        channel = _delivering_channel(_decode(statuses))
+        if channel is not None:
+            counts[channel] += count
+        elif state in PROVIDER_FINAL:
+            counts[NO_CHANNEL] += count
+    return dict(sorted(counts.items(), key=lambda item: _channel_rank(item[0])))
+
+
+def _channel_rank(channel: str) -> tuple[int, str]:
+    if channel == NO_CHANNEL:
+        return (len(CHANNEL_ORDER) + 1, channel)
+    if channel in CHANNEL_ORDER:
+        return (CHANNEL_ORDER.index(channel), channel)
+    return (len(CHANNEL_ORDER), channel)
+
+
+def _seconds(conn: Connection, start: Any, end: Any) -> ColumnElement[float]:
+    """Seconds from `start` to `end` in SQL (SQLite's julianday is exact to the millisecond)."""
+    if conn.dialect.name == "sqlite":
+        return func.round((func.julianday(end) - func.julianday(start)) * 86400.0, 3)
+    return cast(extract("epoch", end - start), Float)
+
+
+def _latency(conn: Connection, campaign: str) -> dict[str, dict[str, float | None]]:
+    reached = and_(messages.c.campaign == campaign, messages.c.state.in_(PROVIDER_FINAL))
+    starts = {"submit_to_final": messages.c.submitted_at, "enqueue_to_final": messages.c.created_at}
+    return {
+        name: _percentiles(conn, reached, _seconds(conn, start, messages.c.final_at))
+        for name, start in starts.items()
+    }
+
+
+def _percentiles(
+    conn: Connection, where: ColumnElement[bool], seconds: ColumnElement[float]
+) -> dict[str, float | None]:
+    """Nearest-rank percentiles and the maximum in one sorted pass that returns four rows.
+
+    `seconds` is computed once in an inner query; ranks are picked in SQL from the row
+    count, so neither the values nor a separate count query reach Python.
+    """
+    values = select(seconds.label("seconds")).where(where).subquery()
+    ranked = (
+        select(
+            values.c.seconds,
+            func.row_number().over(order_by=values.c.seconds).label("rank"),
+            func.count().over().label("n"),
+        )
+        .where(values.c.seconds.is_not(None))
+        .subquery()
+    )
+    wanted = {name: (ranked.c.n * percent + 99) // 100 for name, percent in PERCENTILES.items()}
+    rows = conn.execute(
+        select(ranked.c.rank, ranked.c.seconds, ranked.c.n).where(
+            ranked.c.rank.in_([*wanted.values(), ranked.c.n])
+        )
+    ).all()
+    if not rows:
+        return dict.fromkeys([*PERCENTILES, "max"])
+    found = {rank: value for rank, value, _ in rows}
+    count = rows[0].n
+    ranks = {name: -(-count * percent // 100) for name, percent in PERCENTILES.items()}
+    return {name: round(found[rank], 3) for name, rank in ranks.items()} | {
+        "max": round(found[count], 3)
+    }
+
+
+def _top_errors(conn: Connection, campaign: str) -> list[dict[str, Any]]:
+    count = func.count().label("count")
+    rows = conn.execute(
+        select(messages.c.error_code, count)
+        .where(messages.c.campaign == campaign, messages.c.error_code.is_not(None))
+        .group_by(messages.c.error_code)
+        .order_by(count.desc(), messages.c.error_code)
+        .limit(TOP_ERRORS)
+    ).all()
+    return [{"code": code, "count": n} for code, n in rows]
+
+
+def message_outcomes(engine: Engine, campaign: str) -> Iterator[dict[str, Any]]:
+    """Every message of a campaign, one dict per message (keys: OUTCOME_COLUMNS), streamed.
+
+    Read in pages by primary key, each in a short transaction of its own: on SQLite every
+    transaction is BEGIN IMMEDIATE (worker.db), so one long cursor would hold the write
+    lock and stall the workers for the whole export. Listing every state lets SQLite walk
+    the (campaign, state) index in pk order per state and stop at the page size, instead
+    of sorting the rest of the campaign for every page; a message changing state while
+    it runs is still read exactly once.
+    """
+    page = (
+        select(*_OUTCOME_SOURCE)
+        .where(messages.c.campaign == campaign, messages.c.state.in_(list(State)))
+        .order_by(messages.c.pk)
+        .limit(OUTCOME_PAGE)
+    )
+    after = 0  # primary keys start at 1 on both backends
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(page.where(messages.c.pk > after)).all()
+        yield from map(_outcome, rows)
+        if len(rows) < OUTCOME_PAGE:
+            return
+        after = rows[-1][0]
+
+
+_OUTCOME_SOURCE = [
+    messages.c[name]
+    for name in (
+        "pk",
+        "id",
+        "to_phone",
+        "message_type",
+        "route",
+        "state",
+        "provider_message_id",
+        "deliverystatus",
+        "extended_statuses",
+        "partscount",
+        "cost",
+        "bill_amount",
+        "bill_currency",
+        "error_code",
+        "error_message",
+        "unknown_outcomes",
+        "attempts",
+        "polls",
+        "created_at",
+        "submitted_at",
+        "final_at",
+    )
+]
+
+
+def _outcome(row: Row[Any]) -> dict[str, Any]:
+    # Unpacked by position: named access on a Row costs more than the rest of this function.
+    (
+        _pk,
+        message_id,
+        to_phone,
+        message_type,
+        route,
+        state,
+        provider_message_id,
+        deliverystatus,
+        extended_statuses,
+        partscount,
+        cost,
+        bill_amount,
+        bill_currency,
+        error_code,
+        error_message,
+        unknown_outcomes,
+        attempts,
+        polls,
+        created_at,
+        submitted_at,
+        final_at,
+    ) = row
+    return {
+        "id": message_id,
+        "toPhone": mask_phone(to_phone),
+        "messageType": message_type,
+        "route": route,
+        "state": state,
+        "messageId": provider_message_id,
+        "deliverystatus": deliverystatus,
+        "channel": _delivering_channel(extended_statuses) or "",
+        "partscount": partscount,
+        "cost": cost,
+        "billAmount": bill_amount,
+        "billCurrency": bill_currency,
+        "errorCode": error_code,
+        "errorMessage": error_message,
+        "unknownOutcomes": unknown_outcomes,
+        "attempts": attempts,
+        "polls": polls,
+        "createdAt": _iso(created_at),
+        "submittedAt": _iso(submitted_at),
+        "finalAt": _iso(final_at),
+    }
+
+
+def deliveries_over_time(engine: Engine, campaign: str, buckets: int = 60) -> dict[str, Any]:
+    """Messages reaching each final state per time bucket, from first enqueue to last final.
+
+    The width is whole seconds (at least 1) so that the campaign's span fits `buckets`;
+    every bucket is listed, empty ones too, with a count for every state in `states`.
+    """
+    if buckets < 1:
+        raise ValueError("buckets must be at least 1")
+    with engine.connect() as conn:
+        start, end = conn.execute(
+            select(func.min(messages.c.created_at), func.max(messages.c.final_at)).where(
+                messages.c.campaign == campaign
+            )
+        ).one()
+        if start is None or end is None:
+            return {
+                "campaign": campaign,
+                "start": _iso(start),
+                "end": None,
+                "bucket_seconds": 1,
+                "states": [],
+                "buckets": [],
+            }
+        span = (end - start).total_seconds()
+        width = max(1, math.ceil(span / buckets))
+        # At least one bucket: producer and worker clocks may disagree by a little.
+        count = max(1, min(buckets, int(span // width) + 1))
+        rows = _bucket_counts(conn, campaign, start, width)
+    return _timeline(campaign, start, end, width, count, rows)
+
+
+def _bucket_counts(
+    conn: Connection, campaign: str, start: datetime, width: int
+) -> Sequence[Row[Any]]:
+    """(bucket index, state, count) rows; the index is grouped in a subquery, so its bound
+    parameters appear once (PostgreSQL refuses a GROUP BY that repeats them)."""
+    offset = _seconds(conn, literal(start, UTCDateTime()), messages.c.final_at) / width
+    index = cast(offset, Integer) if conn.dialect.name == "sqlite" else func.floor(offset)
+    final = (
+        select(index.label("bucket"), messages.c.state)
+        .where(
+            messages.c.campaign == campaign,
+            messages.c.state.in_(FINAL),
+            messages.c.final_at.is_not(None),
+        )
+        .subquery()
+    )
+    return conn.execute(
+        select(final.c.bucket, final.c.state, func.count()).group_by(final.c.bucket, final.c.state)
+    ).all()
+
+
+def _timeline(
+    campaign: str,
+    start: datetime,
+    end: datetime,
+    width: int,
+    count: int,
+    rows: Sequence[Row[Any]],
+) -> dict[str, Any]:
+    present = {row.state for row in rows}
+    states = [state.value for state in FINAL_ORDER if state in present]
+    series = [dict.fromkeys(states, 0) for _ in range(count)]
+    for bucket, state, n in rows:
+        series[max(0, min(int(bucket), count - 1))][state] += n
+    return {
+        "campaign": campaign,
+        "start": _iso(start),
+        "end": _iso(end),
+        "bucket_seconds": width,
+        "states": states,
+        "buckets": [
+            {"start": _iso(start + timedelta(seconds=i * width)), "counts": counts}
+            for i, counts in enumerate(series)
+        ],
     }

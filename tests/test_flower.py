@@ -1,0 +1,193 @@
+"""Flower out of the box: `celery -A worker flower` on a real stack, behind basic auth.
+
+The monitor is only useful if it shows our tasks by name and queue (task events on) and
+only to operators (FLOWER_BASIC_AUTH applied without `--basic-auth`, never logged).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from config import Settings
+from tests.conftest import Stack, make_messages, make_stack
+from worker.celery import app, flower_environment
+from worker.stack import Process, free_port, spawn, wait_for
+
+USER, PASSWORD = "ops", "secret"
+MESSAGES = 5
+
+
+@dataclass
+class Flower:
+    url: str
+    process: Process
+    log: Path
+    stack: Stack
+
+    def get(self, path: str, auth: tuple[str, str] | None = (USER, PASSWORD)) -> httpx.Response:
+        return httpx.get(self.url + path, auth=auth, timeout=10)
+
+    def tasks(self, name: str) -> dict[str, dict[str, Any]]:
+        answer = self.get(f"/api/tasks?taskname={name}")
+        answer.raise_for_status()
+        return answer.json()  # type: ignore[no-any-return]
+
+
+def poll(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """The first truthy answer of `check`, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answer = check()
+        if answer:
+            return answer
+        time.sleep(0.2)
+    raise AssertionError(f"{what} within {timeout:.0f}s")
+
+
+@pytest.fixture(scope="module")
+def flower(database_factory: Callable[[str], str]) -> Iterator[Flower]:
+    """A stack with Flower watching it from before the first message, then a small campaign."""
+    with make_stack(database_factory("sqlite"), "sqlite") as stack:
+        port = free_port()
+        args = [sys.executable, "-m", "celery", "-A", "worker", "flower"]
+        args += ["--address=127.0.0.1", f"--port={port}"]
+        env = {**stack.workers.env, "FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}
+        process = spawn("flower", args, env, stack.workers.logdir)
+        log = stack.workers.logdir / "flower.log"
+        running = Flower(f"http://127.0.0.1:{port}", process, log, stack)
+        try:
+            wait_for(lambda: running.get("/healthcheck", None).status_code == 200, 60, "flower")
+            # Events only reach a Flower that is listening: wait for beat's ticks to show.
+            poll(lambda: running.tasks("cascade.dispatch"), 60, "flower saw no dispatch tick")
+            campaign = f"flower-{time.monotonic_ns()}"
+            stack.enqueue(make_messages(MESSAGES, campaign), campaign)
+            stack.wait_final(campaign, MESSAGES)
+            yield running
+        finally:
+            process.stop()
+
+
+def test_healthcheck_needs_no_credentials(flower: Flower) -> None:
+    answer = flower.get("/healthcheck", auth=None)
+    assert answer.status_code == 200
+    assert answer.text == "OK"
+
+
+@pytest.mark.parametrize("path", ["/api/workers", "/tasks"])
+@pytest.mark.parametrize(
+    "auth", [None, (USER, "wrong"), ("intruder", PASSWORD)], ids=["none", "bad-password", "user"]
+)
+def test_refused_without_the_right_credentials(
+    flower: Flower, path: str, auth: tuple[str, str] | None
+) -> None:
+    """The pages too: Flower 2.2 closes its API without auth, but serves its pages to all."""
+    assert flower.get(path, auth=auth).status_code == 401
+    assert flower.get(path).status_code == 200
+
+
+def test_api_lists_the_stack_worker(flower: Flower) -> None:
+    name = f"w0@{socket.gethostname()}"
+
+    def listed() -> bool:
+        answer = flower.get("/api/workers?refresh=1")
+        assert answer.status_code == 200
+        return name in answer.json()
+
+    poll(listed, 60, f"{name} not listed by /api/workers")
+
+
+@pytest.mark.parametrize(
+    ("task", "queue"),
+    [("cascade.send_batch", "cascade-send"), ("cascade.poll_batch", "cascade-poll")],
+)
+def test_tasks_show_name_state_and_queue(flower: Flower, task: str, queue: str) -> None:
+    """The sent event carries the routing key, so every finished task shows its queue."""
+
+    def succeeded() -> list[dict[str, Any]]:
+        return [t for t in flower.tasks(task).values() if t["state"] == "SUCCESS"]
+
+    # Flower listened before the first message, so it saw every one of these being sent.
+    done = poll(succeeded, 90, f"no successful {task} in /api/tasks")
+    assert {t["name"] for t in done} == {task}
+    assert {t["routing_key"] for t in done} == {queue}
+    assert all(t["worker"].startswith("w0@") for t in done)
+
+
+def test_password_is_never_logged(flower: Flower) -> None:
+    poll(lambda: "Visit me at" in flower.log.read_text(errors="replace"), 10, "no banner")
+    assert PASSWORD not in flower.log.read_text(errors="replace")
+    assert f"{USER}:{PASSWORD}" not in flower.stack.logs()  # workers and simulator too
+
+
+def test_basic_auth_comes_from_dotenv_without_flags(flower: Flower, tmp_path: Path) -> None:
+    """Flower reads only its environment; `-A worker` fills it from our settings, `.env` too."""
+    (tmp_path / ".env").write_text("FLOWER_BASIC_AUTH=dotenv:from-dotenv\n")
+    env = {k: v for k, v in flower.stack.workers.env.items() if not k.startswith("FLOWER_")}
+    port = free_port()
+    args = [sys.executable, "-m", "celery", "-A", "worker", "flower"]
+    args += ["--address=127.0.0.1", f"--port={port}"]
+    log = (tmp_path / "flower.log").open("ab")
+    popen = subprocess.Popen(
+        args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    process = Process("flower-dotenv", popen, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(url + "/healthcheck").status_code == 200, 60, "flower")
+        # The tasks page answers from Flower's memory, and is open when Flower has no auth.
+        assert httpx.get(url + "/tasks", timeout=10).status_code == 401
+        answer = httpx.get(url + "/tasks", auth=("dotenv", "from-dotenv"), timeout=10)
+        assert answer.status_code == 200
+    finally:
+        process.stop()
+    assert "from-dotenv" not in (tmp_path / "flower.log").read_text(errors="replace")
+
+
+def test_celery_sends_the_events_flower_needs() -> None:
+    assert app.conf.worker_send_task_events is True
+    assert app.conf.task_send_sent_event is True
+
+
+def settings(**values: str) -> Settings:
+    return Settings(_env_file=None, DATABASE_URL="sqlite:///x.db", **values)  # type: ignore[call-arg]
+
+
+def test_flower_environment_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLOWER_BASIC_AUTH", raising=False)
+    monkeypatch.delenv("FLOWER_MAX_TASKS", raising=False)
+    assert flower_environment(settings()) == {"FLOWER_MAX_TASKS": "10000"}
+    configured = settings(FLOWER_BASIC_AUTH="a:b,c:d:e", FLOWER_MAX_TASKS="500")
+    assert flower_environment(configured) == {
+        "FLOWER_MAX_TASKS": "500",
+        "FLOWER_BASIC_AUTH": "a:b,c:d:e",
+    }
+    assert "a:b" not in repr(configured)
+    assert flower_environment(settings(FLOWER_BASIC_AUTH="")) == {"FLOWER_MAX_TASKS": "10000"}
+
+
+@pytest.mark.parametrize("value", ["hunter2", "ops:hunter2,hunter2", ":hunter2", "ops:"])
+def test_malformed_basic_auth_is_refused_without_echoing_it(value: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        settings(FLOWER_BASIC_AUTH=value)
+    assert "FLOWER_BASIC_AUTH" in str(info.value)
+    assert "user:password" in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+def test_settings_errors_never_echo_secrets() -> None:
+    """A model-level error would otherwise print every value it was given, keys included."""
+    with pytest.raises(ValidationError) as info:
+        settings(SMSBAT_API_KEY="key-hunter2", SEND_BATCH_MIN="500", SEND_BATCH_MAX="10")
+    assert "SEND_BATCH_MIN" in str(info.value)
+    assert "hunter2" not in str(info.value)
