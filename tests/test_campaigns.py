@@ -129,6 +129,15 @@ def test_missing_file_and_template_columns(tmp_path: Path) -> None:
         read_rows(write(tmp_path / "x.csv", "toPhone,name\n"), Defaults(text="{name} {code}"))
 
 
+def test_short_rows_are_padded_so_templates_still_fill(tmp_path: Path) -> None:
+    _, rows = read_rows(
+        write(tmp_path / "x.csv", "toPhone,name,code\n+380671234567,Ann\n"), DEFAULTS
+    )
+    row = next(rows)
+    assert row.values == {"toPhone": "+380671234567", "name": "Ann", "code": ""}
+    assert to_message(row, DEFAULTS, "c")["text"] == "Hi Ann, code "
+
+
 def test_a_badly_encoded_line_costs_one_row(tmp_path: Path) -> None:
     content = b"toPhone,text\n+380671234567,ok\n+380671234568,caf\xe9\n+380671234569,fine\n"
     _, rows = read_rows(write(tmp_path / "x.csv", content), Defaults())
@@ -188,6 +197,33 @@ def test_dry_run_validates_without_enqueueing(tmp_path: Path, settings: Settings
 
     assert (stats.accepted, stats.rejected) == (180, 20)
     assert count(settings.database_url, "dry") == 0
+
+
+def test_a_cancelled_campaign_never_retries_nor_resends(settings: Settings) -> None:
+    from worker.dispatcher import Retry, Unknown, claim, record
+    from worker.producer import enqueue
+
+    engine = get_engine(settings.database_url)
+    enqueue(make_messages(2, "halt"), "halt", settings=settings, kick=False)
+    rows = claim(engine, "standard", utcnow(), 10, 60, "tok")
+    cancel_campaign(engine, "halt")  # both are in flight: not cancelled yet
+    failed_send, lost_answer = sorted(r.pk for r in rows)
+
+    record(
+        engine,
+        "tok",
+        [Retry(failed_send, "HTTP 500", True), Unknown(lost_answer, "ReadTimeout")],
+        {r.pk: r for r in rows},
+        settings,
+    )
+
+    with engine.connect() as conn:
+        after = {
+            r.pk: (r.state, r.unknown_outcomes, r.error_code)
+            for r in conn.execute(select(messages))
+        }
+    assert after[failed_send] == ("cancelled", 0, "CANCELLED")
+    assert after[lost_answer] == ("failed", 1, "UNKNOWN_OUTCOME")  # counted, never resent
 
 
 def test_cancelled_campaign_takes_no_new_messages(settings: Settings) -> None:
@@ -273,6 +309,8 @@ def test_launch_and_watch_from_the_command_line(
 
 def test_launch_refuses_bad_files_without_a_traceback(tmp_path: Path) -> None:
     env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    bad_name = _cli("campaign", "launch", "x.csv", "--name", " ", env=env)
+    assert bad_name.returncode != 0 and "campaign must be a non-empty string" in bad_name.stderr
     cases = {
         "missing.csv": None,
         "empty.csv": b"",

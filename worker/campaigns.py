@@ -314,7 +314,8 @@ def _rows(reader: Any, raw: IO[bytes], layout: CsvLayout, bad: set[int]) -> Iter
             if len(cells) > len(layout.columns):
                 yield Row(line, {}, f"has {len(cells)} cells, the header {len(layout.columns)}")
                 continue
-            yield Row(line, dict(zip(layout.columns, cells, strict=False)))
+            cells += [""] * (len(layout.columns) - len(cells))  # Excel drops trailing cells
+            yield Row(line, dict(zip(layout.columns, cells, strict=True)))
     finally:
         raw.close()
 
@@ -385,8 +386,9 @@ def launch(
     progress: Callable[[LaunchStats], None] | None = None,
 ) -> LaunchStats:
     """Validate and enqueue every row; write refused rows beside the file; never stop early."""
-    from worker.producer import chunked, wake_dispatcher
+    from worker.producer import check_campaign, chunked, wake_dispatcher
 
+    check_campaign(name)
     layout, rows = read_rows(path, defaults)
     stats = LaunchStats(ignored_columns=layout.ignored)
     woken = False

@@ -135,7 +135,7 @@ def campaign_launch(
     """Enqueue a campaign from a CSV file whose headers are the cascade API's field names."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from worker.campaigns import CampaignCancelled, CampaignError, Defaults, launch
+    from worker.campaigns import Defaults, launch
 
     settings = _settings()
     defaults = Defaults(from_name, message_type, ttl, route, text)
@@ -160,7 +160,7 @@ def campaign_launch(
                 )
 
             stats = launch(file, name, defaults, settings, dry_run=dry_run, progress=show)
-    except (CampaignError, CampaignCancelled) as exc:
+    except ValueError as exc:  # CampaignError, CampaignCancelled, a bad --name
         raise click.ClickException(str(exc)) from None
     if stats.ignored_columns:
         console.print(f"ignored columns (not API fields): {', '.join(stats.ignored_columns)}")
@@ -177,7 +177,13 @@ def campaign_launch(
 @click.argument("name")
 @click.option("--watch", is_flag=True, help="Live view until every message is final.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.option("--interval", default=1.0, show_default=True, help="Refresh seconds (--watch).")
+@click.option(
+    "--interval",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Refresh seconds (--watch).",
+)
 def campaign_status(name: str, watch: bool, as_json: bool, interval: float) -> None:
     """Progress of a campaign: counts per state, delivery rate, cost, throughput, ETA."""
     from worker.reports import campaign_summary

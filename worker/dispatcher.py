@@ -237,9 +237,14 @@ def record(
             if current is None:
                 counts["lost_claim"] = counts.get("lost_claim", 0) + 1
                 continue
-            if _requeues(outcome) and current.campaign in stopped:
+            halted = current.campaign in stopped
+            if halted and isinstance(outcome, Retry):
                 outcome = Cancelled(outcome.pk)
-            kind, values, to_state, detail = _decide(outcome, current, claimed, settings, now)
+            # The provider may have an unknown outcome: never resend it for a cancelled campaign.
+            resend_unknown = settings.send_unknown_outcome == "resend" and not halted
+            kind, values, to_state, detail = _decide(
+                outcome, current, claimed, settings, now, resend_unknown=resend_unknown
+            )
             updates.setdefault(kind, []).append({"b_pk": outcome.pk, **values})
             journal.append(
                 {
@@ -275,6 +280,8 @@ def _decide(
     claimed: dict[int, Row[Any]],
     settings: Settings,
     now: datetime,
+    *,
+    resend_unknown: bool,
 ) -> tuple[str, dict[str, Any], str, str | None]:
     """(update shape, column values, new state, event detail) for one outcome."""
     release = {"v_claim_token": None, "v_lease_until": None}
@@ -326,7 +333,7 @@ def _decide(
         }
         return "final_error", values, State.CANCELLED, "campaign cancelled; not resent"
     unknown = isinstance(outcome, Unknown)
-    if unknown and settings.send_unknown_outcome == "fail":
+    if unknown and not resend_unknown:
         values = {
             **release,
             "v_state": State.FAILED,

@@ -78,7 +78,7 @@ def row_for(message: OutgoingMessage, campaign: str | None, now: datetime) -> di
     }
 
 
-def _check_campaign(campaign: str | None) -> None:
+def check_campaign(campaign: str | None) -> None:
     if campaign is None:
         return
     if not isinstance(campaign, str) or not campaign.strip():
@@ -126,7 +126,7 @@ def enqueue(
     Results come in input order. A refused message never stops the others. A cancelled
     campaign takes no new messages (`CampaignCancelled`).
     """
-    _check_campaign(campaign)
+    check_campaign(campaign)
     settings = settings or get_settings()
     engine = get_engine(settings.database_url)
     if campaign is not None:

@@ -59,10 +59,8 @@ def recover_stale_claims(engine: Engine, settings: Settings) -> int:
         journal = []
         for row in rows:
             attempts = row.attempts + 1
-            if settings.send_unknown_outcome == "fail":
-                target = State.FAILED
-            elif row.campaign in stopped:
-                target = State.CANCELLED
+            if settings.send_unknown_outcome == "fail" or row.campaign in stopped:
+                target = State.FAILED  # never resend what the provider may already have
             else:
                 target = after_failed_attempt(attempts, settings.send_max_attempts)
             delay = send_retry_delay(
