@@ -83,6 +83,32 @@ class Settings(BaseSettings):
     poll_max_queued_tasks: int = Field(20, ge=1, alias="POLL_MAX_QUEUED_TASKS")
     status_requests_per_second: int = Field(0, ge=0, alias="STATUS_REQUESTS_PER_SECOND")
 
+    # --- HTTP API and pushed reports --------------------------------------------------------
+    api_token: SecretStr | None = Field(None, alias="API_TOKEN")
+    api_host: str = Field("127.0.0.1", alias="API_HOST")
+    api_port: int = Field(8000, ge=1, le=65535, alias="API_PORT")
+    webhook_signing_secret: SecretStr | None = Field(None, alias="WEBHOOK_SIGNING_SECRET")
+    webhook_signature_tolerance_seconds: float = Field(
+        300.0, gt=0, alias="WEBHOOK_SIGNATURE_TOLERANCE_SECONDS"
+    )
+    webhook_max_body_bytes: int = Field(1_000_000, ge=1024, alias="WEBHOOK_MAX_BODY_BYTES")
+    webhooks_enabled: bool = Field(False, alias="WEBHOOKS_ENABLED")
+    poll_first_delay_with_webhooks_seconds: float = Field(
+        600.0, gt=0, alias="POLL_FIRST_DELAY_WITH_WEBHOOKS_SECONDS"
+    )
+    report_park_max_seconds: float = Field(259200.0, gt=0, alias="REPORT_PARK_MAX_SECONDS")
+    reports_interval_seconds: float = Field(2.0, gt=0, alias="REPORTS_INTERVAL_SECONDS")
+
+    # --- outcome callbacks to producers ------------------------------------------------------
+    callback_signing_secret: SecretStr | None = Field(None, alias="CALLBACK_SIGNING_SECRET")
+    callback_timeout_seconds: float = Field(10.0, gt=0, alias="CALLBACK_TIMEOUT_SECONDS")
+    callback_retry_for_seconds: float = Field(90000.0, ge=86400, alias="CALLBACK_RETRY_FOR_SECONDS")
+    callback_backoff_base_seconds: float = Field(5.0, gt=0, alias="CALLBACK_BACKOFF_BASE_SECONDS")
+    callback_backoff_max_seconds: float = Field(3600.0, gt=0, alias="CALLBACK_BACKOFF_MAX_SECONDS")
+    callback_batch_size: int = Field(100, ge=1, le=1000, alias="CALLBACK_BATCH_SIZE")
+    callback_concurrency: int = Field(20, ge=1, le=500, alias="CALLBACK_CONCURRENCY")
+    callbacks_interval_seconds: float = Field(2.0, gt=0, alias="CALLBACKS_INTERVAL_SECONDS")
+
     # --- sweeper ---------------------------------------------------------------------------
     sweep_interval_seconds: float = Field(15.0, gt=0, alias="SWEEP_INTERVAL_SECONDS")
 

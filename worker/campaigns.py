@@ -202,6 +202,8 @@ class Defaults:
     ttl: int | None = None
     route: str | None = None
     text: str | None = None  # a template: "Hi {name}, your code {code}"
+    callback_url: str | None = None  # for the whole campaign (issue: outcome callbacks)
+    callback_task: str | None = None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ INTAKE_QUEUE = "cascade-intake"
 SEND_QUEUE = "cascade-send"
 POLL_QUEUE = "cascade-poll"
 PERIODIC_QUEUE = "cascade-periodic"
+CALLBACK_QUEUE = "cascade-callbacks"
 
 VISIBILITY_TIMEOUT = 3600
 
@@ -59,7 +60,8 @@ def create_app(settings: Settings) -> Celery:
         enable_utc=True,
         task_default_queue=INTAKE_QUEUE,
         task_queues=[
-            Queue(q, routing_key=q) for q in (INTAKE_QUEUE, SEND_QUEUE, POLL_QUEUE, PERIODIC_QUEUE)
+            Queue(q, routing_key=q)
+            for q in (INTAKE_QUEUE, SEND_QUEUE, POLL_QUEUE, PERIODIC_QUEUE, CALLBACK_QUEUE)
         ],
         task_routes={
             "cascade.enqueue": {"queue": INTAKE_QUEUE},
@@ -68,11 +70,15 @@ def create_app(settings: Settings) -> Celery:
             "cascade.dispatch": {"queue": PERIODIC_QUEUE},
             "cascade.poll_sweep": {"queue": PERIODIC_QUEUE},
             "cascade.sweep": {"queue": PERIODIC_QUEUE},
+            "cascade.apply_reports": {"queue": POLL_QUEUE},
+            "cascade.deliver_callbacks": {"queue": CALLBACK_QUEUE},
         },
         beat_schedule={
             "dispatch": _tick("cascade.dispatch", settings.dispatch_interval_seconds),
             "poll-sweep": _tick("cascade.poll_sweep", settings.poll_sweep_interval_seconds),
             "sweep": _tick("cascade.sweep", settings.sweep_interval_seconds),
+            "apply-reports": _tick("cascade.apply_reports", settings.reports_interval_seconds),
+            "callbacks": _tick("cascade.deliver_callbacks", settings.callbacks_interval_seconds),
         },
     )
     return app

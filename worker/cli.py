@@ -121,6 +121,8 @@ def campaign() -> None:
 @click.option("--ttl", type=click.IntRange(min=1), help="ttl (seconds) for rows without one.")
 @click.option("--route", type=click.Choice(["standard", "tg-viber"]), help="Cascade route.")
 @click.option("--text", help="Text template for rows without text: 'Hi {name}, code {code}'.")
+@click.option("--callback-url", help="POST a signed outcome event here on every final state.")
+@click.option("--callback-task", help="Send this Celery task by name with every outcome.")
 @click.option("--dry-run", is_flag=True, help="Validate every row, enqueue nothing.")
 def campaign_launch(
     file: Path,
@@ -130,6 +132,8 @@ def campaign_launch(
     ttl: int | None,
     route: str | None,
     text: str | None,
+    callback_url: str | None,
+    callback_task: str | None,
     dry_run: bool,
 ) -> None:
     """Enqueue a campaign from a CSV file whose headers are the cascade API's field names."""
@@ -138,7 +142,7 @@ def campaign_launch(
     from worker.campaigns import Defaults, launch
 
     settings = _settings()
-    defaults = Defaults(from_name, message_type, ttl, route, text)
+    defaults = Defaults(from_name, message_type, ttl, route, text, callback_url, callback_task)
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -361,6 +365,89 @@ def print_report(report: dict[str, Any]) -> None:
         for error in report["top_errors"]:
             errors.add_row(error["code"], f"{error['count']:,}")
         console.print(errors)
+
+
+# --- inbound SMS and outcome callbacks ----------------------------------------------
+
+
+@main.group()
+def inbound() -> None:
+    """SMS replies recipients sent back (BulkGate status 10)."""
+
+
+@inbound.command("list")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def inbound_list(limit: int, as_json: bool) -> None:
+    """The newest inbound messages, each linked to the last message we sent that number."""
+    from worker.inbox import list_inbound
+
+    rows = list_inbound(_engine(), limit)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("received", "from", "text", "reply to")
+    for row in rows:
+        table.add_row(row["receivedAt"], row["from"], row["text"] or "", row["replyTo"] or "")
+    console.print(table)
+
+
+@main.group()
+def callbacks() -> None:
+    """Outcome callbacks to the producing apps."""
+
+
+@callbacks.command("list")
+@click.option("--dead", is_flag=True, help="Only callbacks that gave up.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def callbacks_list(dead: bool, limit: int, as_json: bool) -> None:
+    """Callbacks with their state, attempts and last error."""
+    from worker.callbacks import list_callbacks
+
+    rows = list_callbacks(_engine(), "dead" if dead else None, limit)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("pk", "message", "kind", "target", "state", "attempts", "last error")
+    for row in rows:
+        table.add_row(
+            str(row["pk"]),
+            row["messageId"],
+            row["kind"],
+            row["target"],
+            row["state"],
+            str(row["attempts"]),
+            row["lastError"] or "",
+        )
+    console.print(table)
+
+
+@callbacks.command("retry")
+@click.argument("pks", nargs=-1, type=int)
+@click.option("--all-dead", is_flag=True, help="Retry every dead callback.")
+def callbacks_retry(pks: tuple[int, ...], all_dead: bool) -> None:
+    """Give dead callbacks a new round of attempts."""
+    from worker.callbacks import retry_dead
+
+    if not pks and not all_dead:
+        raise click.UsageError("name callback ids or pass --all-dead")
+    count = retry_dead(_engine(), None if all_dead else list(pks))
+    console.print(f"{count} callbacks queued again")
+
+
+# --- HTTP API ------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default=None, help="Default: API_HOST.")
+@click.option("--port", default=None, type=int, help="Default: API_PORT.")
+def api(host: str | None, port: int | None) -> None:
+    """Serve the HTTP API: producers, message and campaign views, webhooks, /healthz."""
+    from worker.api import serve
+
+    settings = _settings()
+    serve(settings, host or settings.api_host, port or settings.api_port)
 
 
 # --- simulator and demo --------------------------------------------------------------

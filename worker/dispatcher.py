@@ -111,6 +111,13 @@ def after_failed_attempt(attempts: int, max_attempts: int) -> State:
     return State.FAILED if attempts >= max_attempts else State.QUEUED
 
 
+def first_poll_delay(settings: Settings) -> float:
+    """With webhooks reporting, polling only reconciles what they missed: start it later."""
+    if settings.webhooks_enabled:
+        return settings.poll_first_delay_with_webhooks_seconds
+    return settings.poll_first_delay_seconds
+
+
 def batch_limit(settings: Settings) -> int:
     rate = settings.send_messages_per_second
     return min(settings.send_batch_max, rate) if rate else settings.send_batch_max
@@ -293,7 +300,7 @@ def _decide(
             "v_state": State.SUBMITTED,
             "v_provider_message_id": outcome.message_id,
             "v_submitted_at": now,
-            "v_next_poll_at": start + timedelta(seconds=settings.poll_first_delay_seconds),
+            "v_next_poll_at": start + timedelta(seconds=first_poll_delay(settings)),
             "v_poll_deadline": poll_deadline(
                 start,
                 row.ttl,

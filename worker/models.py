@@ -63,6 +63,8 @@ class Campaign(Base):
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     created_at: Mapped[datetime]
     cancelled_at: Mapped[datetime | None]
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    callback_task: Mapped[str | None] = mapped_column(String(200))
 
 
 class Message(Base):
@@ -119,6 +121,13 @@ class Message(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
 
+    # Outcome callback to the producing app: "waiting" until final, then "created".
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    callback_task: Mapped[str | None] = mapped_column(String(200))
+    callback_state: Mapped[str | None] = mapped_column(String(16))
+    # "Tell me if it is not delivered by then" (e.g. an OTP to re-send another way).
+    callback_late_at: Mapped[datetime | None]
+
     __table_args__ = (
         Index(
             "ix_messages_sendable",
@@ -147,6 +156,19 @@ class Message(Base):
             sqlite_where=sql_text("next_poll_at IS NOT NULL"),
         ),
         Index("ix_messages_campaign_state", "campaign", "state"),
+        Index(
+            "ix_messages_callback_waiting",
+            "final_at",
+            postgresql_where=sql_text("callback_state = 'waiting'"),
+            sqlite_where=sql_text("callback_state = 'waiting'"),
+        ),
+        Index(
+            "ix_messages_callback_late",
+            "callback_late_at",
+            postgresql_where=sql_text("callback_late_at IS NOT NULL"),
+            sqlite_where=sql_text("callback_late_at IS NOT NULL"),
+        ),
+        Index("ix_messages_to_phone", "to_phone", "pk"),
     )
 
 
@@ -164,6 +186,89 @@ class MessageEvent(Base):
     detail: Mapped[str | None] = mapped_column(Text)
 
 
+class ProviderReport(Base):
+    """A pushed report (SMSBAT webhook, BulkGate DLR), stored before it is applied.
+
+    A report for a messageId we do not know yet (the provider answered the webhook before
+    our send answer was committed) stays unprocessed, parked, until the id appears.
+    """
+
+    __tablename__ = "provider_reports"
+
+    pk: Mapped[int] = mapped_column(BigPK, primary_key=True, autoincrement=True)
+    received_at: Mapped[datetime]
+    source: Mapped[str] = mapped_column(String(16))
+    provider_message_id: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    processed_at: Mapped[datetime | None]
+    outcome: Mapped[str | None] = mapped_column(String(16))
+
+    __table_args__ = (
+        Index(
+            "ix_provider_reports_parked",
+            "provider_message_id",
+            postgresql_where=sql_text("processed_at IS NULL"),
+            sqlite_where=sql_text("processed_at IS NULL"),
+        ),
+        Index(
+            "ix_provider_reports_pending",
+            "received_at",
+            postgresql_where=sql_text("processed_at IS NULL"),
+            sqlite_where=sql_text("processed_at IS NULL"),
+        ),
+    )
+
+
+class InboundMessage(Base):
+    """An SMS a recipient sent us (BulkGate status 10), linked to what we last sent them."""
+
+    __tablename__ = "inbound_messages"
+
+    pk: Mapped[int] = mapped_column(BigPK, primary_key=True, autoincrement=True)
+    received_at: Mapped[datetime] = mapped_column(index=True)
+    sender: Mapped[str] = mapped_column(String(32))
+    text: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None]
+    message_pk: Mapped[int | None] = mapped_column(
+        BigPK, ForeignKey("messages.pk", ondelete="SET NULL")
+    )
+    source: Mapped[str] = mapped_column(String(16))
+    raw: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class Callback(Base):
+    """One outcome notification to a producing app: a signed POST or a Celery task by name."""
+
+    __tablename__ = "callbacks"
+
+    pk: Mapped[int] = mapped_column(BigPK, primary_key=True, autoincrement=True)
+    message_pk: Mapped[int] = mapped_column(
+        BigPK, ForeignKey("messages.pk", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(8))  # "url" | "task"
+    target: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))  # pending | delivered | dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime]
+    next_attempt_at: Mapped[datetime | None]
+    lease_until: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index(
+            "ix_callbacks_due",
+            "next_attempt_at",
+            postgresql_where=sql_text("state = 'pending'"),
+            sqlite_where=sql_text("state = 'pending'"),
+        ),
+    )
+
+
 campaigns = Campaign.__table__
 messages = Message.__table__
 events = MessageEvent.__table__
+provider_reports = ProviderReport.__table__
+inbound_messages = InboundMessage.__table__
+callbacks = Callback.__table__

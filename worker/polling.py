@@ -30,7 +30,8 @@ from worker.smsbat import (
     Throttled,
     Unauthorized,
 )
-from worker.states import FINAL, State, advance
+from worker.states import FINAL, State
+from worker.statuses import Report, apply
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,16 @@ def record_polls(
     return counts
 
 
+def as_report(status: StatusReport) -> Report:
+    return Report(
+        status.message_id,
+        status.state,
+        "poll",
+        status.fields(),
+        f"deliverystatus {status.deliverystatus}",
+    )
+
+
 def _describe(result: Answer | None) -> str | None:
     if isinstance(result, StatusReport):
         return f"deliverystatus {result.deliverystatus}"
@@ -240,12 +251,9 @@ def _next(
         polls += 1
         change |= {"polls": polls, "last_polled_at": polled_at}
     if isinstance(result, StatusReport):
-        if advance(row.state, result.state):
-            change["state"] = result.state
-        if advance(row.state, result.state) or result.state == row.state:
-            change |= result.fields()
-        if result.state in FINAL and "state" in change:
-            return change | {"next_poll_at": None, "final_at": now, "final_source": "poll"}
+        change |= apply(row.state, as_report(result), now)
+        if change.get("state") in FINAL:
+            return change
     elif isinstance(result, NotFound):
         change["error_message"] = "status check: message not found at the provider"
     if row.poll_deadline is not None and now >= row.poll_deadline:

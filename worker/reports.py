@@ -138,13 +138,19 @@ def campaign_summary(engine: Engine, campaign: str) -> dict[str, Any] | None:
                 func.count(messages.c.provider_message_id),
                 func.min(messages.c.created_at),
                 func.max(messages.c.final_at),
+                messages.c.final_source,
             )
             .where(messages.c.campaign == campaign)
-            .group_by(messages.c.state)
+            .group_by(messages.c.state, messages.c.final_source)
         ).all()
     if not by_state:
         return None
-    states = {row[0]: row[1] for row in by_state}
+    states: dict[str, int] = {}
+    sources: dict[str, int] = {}
+    for row in by_state:
+        states[row[0]] = states.get(row[0], 0) + row[1]
+        if row[8] is not None:
+            sources[row[8]] = sources.get(row[8], 0) + row[1]
     total = sum(states.values())
     final = sum(n for state, n in states.items() if state in FINAL)
     delivered = states.get(State.DELIVERED, 0)
@@ -162,6 +168,7 @@ def campaign_summary(engine: Engine, campaign: str) -> dict[str, Any] | None:
         "cost": round(sum(row[2] for row in by_state), 4),
         "unknown_outcomes": int(sum(row[3] for row in by_state)),
         "polls": int(sum(row[4] for row in by_state)),
+        "finals_by_source": dict(sorted(sources.items())),
         "first_enqueued_at": _iso(min(row[6] for row in by_state)),
         "last_final_at": _iso(max((row[7] for row in by_state if row[7]), default=None)),
     }

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from config import Settings, get_settings
-from worker import dispatcher, polling, producer, sweeper
+from worker import callbacks, dispatcher, inbox, polling, producer, sweeper
 from worker.celery import POLL_QUEUE, SEND_QUEUE, app
 from worker.db import get_engine, utcnow
 from worker.pacing import Pacing, get_pacing
@@ -134,3 +134,17 @@ def poll_batch(pks: list[int]) -> dict[str, Any]:
 def sweep() -> dict[str, int]:
     res = resources()
     return sweeper.sweep(res.engine, res.settings)
+
+
+@app.task(name="cascade.apply_reports")
+def apply_reports() -> dict[str, int]:
+    """Apply stored webhook and DLR reports; match parked ones whose message appeared."""
+    res = resources()
+    return inbox.apply_pending(res.engine, res.settings)
+
+
+@app.task(name="cascade.deliver_callbacks")
+def deliver_callbacks() -> dict[str, int]:
+    """Create callbacks for newly final messages and deliver the ones that are due."""
+    res = resources()
+    return callbacks.deliver_due(res.engine, res.settings)
