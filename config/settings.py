@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_file=".env",
         env_file_encoding="utf-8",
+        env_ignore_empty=True,  # `SECRET=` in .env means unset, not an empty secret
         extra="ignore",
         case_sensitive=False,
         hide_input_in_errors=True,

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-APP_SERVICES = {"migrate", "worker", "beat", "flower", "simulator", "demo"}
+APP_SERVICES = {"migrate", "worker", "beat", "api", "flower", "simulator", "demo"}
 SERVICES = APP_SERVICES | {"redis", "postgres", "demo-db"}
 FLOWER_AUTH = "ops:secret"
 

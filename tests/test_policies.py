@@ -88,7 +88,7 @@ def test_a_worker_killed_mid_send_is_taken_over(
         "SMSBAT_PASSWORD": "pass",
     }
     with make_stack(database_factory("sqlite"), "sqlite", env) as stack:
-        stack.simulator.configure(hang_next_sends=1, hang_seconds=20)
+        stack.simulator.configure(hang_next_sends=1, hang_seconds=8)
         stack.enqueue(make_messages(30, campaign), campaign)
         deadline = time.monotonic() + 20
         while stack.simulator.stats()["messages_accepted"] < 30:

@@ -26,6 +26,7 @@ from config import Settings
 from worker.db import is_sqlite, utcnow
 from worker.models import campaigns, events, messages
 from worker.states import FINAL, State
+from worker.validation import NO_CALLBACKS, Callbacks, campaign_callbacks
 
 API_COLUMNS = (
     "id",
@@ -54,8 +55,12 @@ class CampaignCancelled(ValueError):
 # --- the campaign row ----------------------------------------------------------------
 
 
-def ensure_campaign(engine: Engine, name: str) -> None:
-    """Record the campaign name once; refuse new messages for a cancelled campaign."""
+def ensure_campaign(engine: Engine, name: str, callbacks: Callbacks = NO_CALLBACKS) -> Callbacks:
+    """Record the campaign name once; refuse new messages for a cancelled campaign.
+
+    Callbacks given (either one) replace the campaign's pair, so a relaunch can fix a URL;
+    none given keeps them. Answers the campaign's callbacks, which its messages inherit.
+    """
     insert_ = sqlite_insert if is_sqlite(engine) else pg_insert
     with engine.begin() as conn:
         conn.execute(
@@ -63,11 +68,21 @@ def ensure_campaign(engine: Engine, name: str) -> None:
             .values(name=name, created_at=utcnow())
             .on_conflict_do_nothing(index_elements=["name"])
         )
-        cancelled = conn.execute(
-            select(campaigns.c.cancelled_at).where(campaigns.c.name == name)
-        ).scalar_one()
-    if cancelled is not None:
-        raise CampaignCancelled(f"campaign {name!r} was cancelled; use a new name")
+        row = conn.execute(
+            select(
+                campaigns.c.cancelled_at, campaigns.c.callback_url, campaigns.c.callback_task
+            ).where(campaigns.c.name == name)
+        ).one()
+        if row.cancelled_at is not None:
+            raise CampaignCancelled(f"campaign {name!r} was cancelled; use a new name")
+        if not (callbacks.url or callbacks.task):
+            return Callbacks(row.callback_url, row.callback_task)
+        conn.execute(
+            update(campaigns)
+            .where(campaigns.c.name == name)
+            .values(callback_url=callbacks.url, callback_task=callbacks.task)
+        )
+    return callbacks
 
 
 def cancelled_campaigns(conn: Connection, names: Iterable[str]) -> set[str]:
@@ -391,6 +406,7 @@ def launch(
     from worker.producer import check_campaign, chunked, wake_dispatcher
 
     check_campaign(name)
+    campaign_callbacks(defaults.callback_url, defaults.callback_task)  # refuse bad flags first
     layout, rows = read_rows(path, defaults)
     stats = LaunchStats(ignored_columns=layout.ignored)
     woken = False
@@ -438,7 +454,14 @@ def _settle(
         errors = [c if isinstance(c, list) else None for c in checked]
         stats.accepted += sum(e is None for e in errors)
     else:
-        answered = enqueue(messages_, name, settings=settings, kick=False)
+        answered = enqueue(
+            messages_,
+            name,
+            settings=settings,
+            kick=False,
+            callback_url=defaults.callback_url,
+            callback_task=defaults.callback_task,
+        )
         errors = [list(r.errors) if r.status == "rejected" else None for r in answered]
         stats.accepted += sum(r.status == "accepted" for r in answered)
         stats.duplicate += sum(r.status == "duplicate" for r in answered)

@@ -232,6 +232,7 @@ def record(
                     messages.c.claim_token == token,
                     messages.c.state == State.SENDING,
                 )
+                .order_by(messages.c.pk)
                 .with_for_update()
             )
         }

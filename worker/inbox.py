@@ -1,24 +1,303 @@
 """Pushed reports (SMSBAT webhooks, BulkGate DLRs) and inbound SMS: stored, then applied.
 
-Stub: helper B implements. Public surface:
-    store_reports(engine, reports: list[Report], received_at) -> int
-    store_inbound(engine, inbound: list[Inbound]) -> int
-    apply_pending(engine, settings) -> dict[str, int]
-    list_inbound(engine, limit: int = 100) -> list[dict]
+A webhook only stores what it was told and answers; `apply_pending` (task
+`cascade.apply_reports`) applies the reports later through `statuses.apply`, the same
+forward-only path polls use. A report can arrive before our send answer was committed, so
+one whose message is not known yet (or is still `queued`/`sending`) stays parked and is
+retried on every run, until REPORT_PARK_MAX_SECONDS make it an orphan.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, Row, Select, bindparam, func, insert, select, update
 
 from config import Settings
+from worker.db import utcnow
+from worker.dlr import Inbound
+from worker.models import events, inbound_messages, messages, provider_reports
+from worker.states import State
+from worker.statuses import Report, apply
+
+BATCH_SIZE = 500
+MAX_BATCHES = 20  # per run; the next run (beat or a webhook's wake) takes the rest
+# States in which the message never left us: a reply cannot be an answer to it.
+_NEVER_SENT = (State.QUEUED, State.REJECTED, State.EXPIRED, State.CANCELLED)
+# A report for a message in these states waits: our send answer is not committed yet.
+_NOT_YET_SUBMITTED = (State.QUEUED, State.SENDING)
+
+
+# --- storing --------------------------------------------------------------------------------
+
+
+def store_reports(engine: Engine, reports: Sequence[Report], received_at: datetime) -> int:
+    """Insert reports unprocessed; answer how many were stored."""
+    if not reports:
+        return 0
+    rows = [
+        {
+            "received_at": received_at,
+            "source": r.source,
+            "provider_message_id": r.message_id,
+            "state": str(r.state),
+            "payload": {"fields": r.fields, "detail": r.detail},
+            "processed_at": None,
+            "outcome": None,
+        }
+        for r in reports
+    ]
+    with engine.begin() as conn:
+        conn.execute(insert(provider_reports), rows)
+    return len(rows)
+
+
+def store_inbound(
+    engine: Engine, items: Sequence[Inbound], received_at: datetime | None = None
+) -> int:
+    """Insert inbound SMS linked to the last message we sent that number; skip exact repeats.
+
+    A provider retry sends the same SMS again: one with the same sender, text and send
+    time as a stored one is not stored twice. Answers how many rows were inserted.
+    """
+    if not items:
+        return 0
+    received_at = received_at or utcnow()
+    inserted = 0
+    with engine.begin() as conn:
+        links: dict[str, int | None] = {}
+        for item in items:
+            if item.sent_at is not None and _already_stored(conn, item):
+                continue
+            if item.sender not in links:
+                links[item.sender] = _last_sent_to(conn, item.sender)
+            conn.execute(
+                insert(inbound_messages).values(
+                    received_at=received_at,
+                    sender=item.sender,
+                    text=item.text,
+                    sent_at=item.sent_at,
+                    message_pk=links[item.sender],
+                    source="bulkgate",
+                    raw=item.raw,
+                )
+            )
+            inserted += 1
+    return inserted
+
+
+def _last_sent_to(conn: Connection, phone: str) -> int | None:
+    return conn.execute(
+        select(messages.c.pk)
+        .where(messages.c.to_phone == phone, messages.c.state.not_in(_NEVER_SENT))
+        .order_by(messages.c.pk.desc())
+        .limit(1)
+    ).scalar()
+
+
+def _already_stored(conn: Connection, item: Inbound) -> bool:
+    same_text = (
+        inbound_messages.c.text.is_(None)
+        if item.text is None
+        else inbound_messages.c.text == item.text
+    )
+    found = conn.execute(
+        select(inbound_messages.c.pk)
+        .where(
+            inbound_messages.c.sender == item.sender,
+            inbound_messages.c.sent_at == item.sent_at,
+            same_text,
+        )
+        .limit(1)
+    ).first()
+    return found is not None
+
+
+# --- applying -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    """What one batch decided: message updates, event rows, report outcomes."""
+
+    updates: dict[int, dict[str, Any]]
+    journal: list[dict[str, Any]]
+    outcomes: dict[str, list[int]]
 
 
 def apply_pending(engine: Engine, settings: Settings) -> dict[str, int]:
-    return {}
+    """Apply stored reports whose message is with the provider; orphan the too-old parked ones.
+
+    Answers counts: `applied` (something changed), `ignored` (duplicate, late, after a
+    final state), `orphan`, and `parked` (still waiting for their message).
+    """
+    counts = {"applied": 0, "ignored": 0, "orphan": 0, "parked": 0}
+    for _ in range(MAX_BATCHES):
+        claimed = _apply_batch(engine, utcnow(), counts)
+        if claimed < BATCH_SIZE:
+            break
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.report_park_max_seconds)
+    with engine.begin() as conn:
+        counts["orphan"] = conn.execute(
+            update(provider_reports)
+            .where(provider_reports.c.processed_at.is_(None))
+            .where(provider_reports.c.received_at < cutoff)
+            .values(processed_at=now, outcome="orphan")
+        ).rowcount
+        counts["parked"] = conn.execute(
+            select(func.count())
+            .select_from(provider_reports)
+            .where(provider_reports.c.processed_at.is_(None))
+        ).scalar_one()
+    return counts
+
+
+def _apply_batch(engine: Engine, now: datetime, counts: dict[str, int]) -> int:
+    """Claim one batch of matchable reports, apply them in arrival order; answer how many."""
+    with engine.begin() as conn:
+        claimed = [(row.pk, _as_report(row)) for row in conn.execute(_claim_stmt())]
+        if not claimed:
+            return 0
+        rows = _lock_messages(conn, [report for _, report in claimed])
+        batch = _decide(claimed, rows, now)
+        _write(conn, batch, now)
+    for outcome, pks in batch.outcomes.items():
+        counts[outcome] += len(pks)
+    return len(claimed)
+
+
+def _claim_stmt() -> Select[Any]:
+    """Unprocessed reports whose message has been submitted, oldest first, skipping locked."""
+    return (
+        select(provider_reports)
+        .join(
+            messages,
+            messages.c.provider_message_id == provider_reports.c.provider_message_id,
+        )
+        .where(provider_reports.c.processed_at.is_(None))
+        .where(messages.c.state.not_in(_NOT_YET_SUBMITTED))
+        .order_by(provider_reports.c.pk)
+        .limit(BATCH_SIZE)
+        .with_for_update(skip_locked=True, of=provider_reports)
+    )
+
+
+def _as_report(stored: Row[Any]) -> Report:
+    """The stored report again; fields that are not message columns are dropped, not fatal."""
+    payload = stored.payload or {}
+    fields = {k: v for k, v in (payload.get("fields") or {}).items() if k in messages.c}
+    return Report(
+        stored.provider_message_id,
+        State(stored.state),
+        stored.source,
+        fields,
+        payload.get("detail"),
+    )
+
+
+def _lock_messages(conn: Connection, reports: Sequence[Report]) -> dict[str, dict[str, Any]]:
+    """Lock the matched messages (in pk order, so concurrent batches cannot deadlock).
+
+    Reads the state and every column the reports would set, to tell a real change from a
+    repeat.
+    """
+    columns = sorted({k for r in reports for k in r.fields})
+    rows = conn.execute(
+        select(
+            messages.c.pk,
+            messages.c.state,
+            messages.c.provider_message_id,
+            *(messages.c[k] for k in columns),
+        )
+        .where(messages.c.provider_message_id.in_({r.message_id for r in reports}))
+        .order_by(messages.c.pk)
+        .with_for_update()
+    )
+    return {row.provider_message_id: dict(row._mapping) for row in rows}
+
+
+def _decide(
+    claimed: Sequence[tuple[int, Report]], rows: dict[str, dict[str, Any]], now: datetime
+) -> _Batch:
+    """Pure: fold each message's reports over its row, in arrival order (claim order)."""
+    batch = _Batch(updates={}, journal=[], outcomes={"applied": [], "ignored": []})
+    for report_pk, report in claimed:
+        row = rows[report.message_id]
+        proposed = apply(row["state"], report, now)
+        change = {k: v for k, v in proposed.items() if k not in row or row[k] != v}
+        if not change:
+            batch.outcomes["ignored"].append(report_pk)
+            continue
+        batch.outcomes["applied"].append(report_pk)
+        if "state" in change:
+            batch.journal.append(
+                {
+                    "message_pk": row["pk"],
+                    "at": now,
+                    "source": report.source,
+                    "from_state": row["state"],
+                    "to_state": change["state"],
+                    "detail": report.detail,
+                }
+            )
+        row.update(change)
+        batch.updates.setdefault(row["pk"], {}).update(change)
+    return batch
+
+
+def _write(conn: Connection, batch: _Batch, now: datetime) -> None:
+    """Bulk: one UPDATE per shape of change, the events, the report outcomes."""
+    shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for pk, change in batch.updates.items():
+        shapes.setdefault(tuple(sorted(change)), []).append(
+            {"b_pk": pk, **{"v_" + k: v for k, v in change.items()}}
+        )
+    for keys, params in shapes.items():
+        stmt = (
+            update(messages)
+            .where(messages.c.pk == bindparam("b_pk"))
+            .values({k: bindparam("v_" + k) for k in keys})
+        )
+        conn.execute(stmt, params)
+    if batch.journal:
+        conn.execute(insert(events), batch.journal)
+    for outcome, pks in batch.outcomes.items():
+        if pks:
+            conn.execute(
+                update(provider_reports)
+                .where(provider_reports.c.pk.in_(pks))
+                .values(processed_at=now, outcome=outcome)
+            )
+
+
+# --- reading --------------------------------------------------------------------------------
 
 
 def list_inbound(engine: Engine, limit: int = 100) -> list[dict[str, Any]]:
-    return []
+    """The newest inbound SMS first, each with the id of the message it answers (or null)."""
+    stmt = (
+        select(inbound_messages, messages.c.id.label("reply_to"))
+        .outerjoin(messages, messages.c.pk == inbound_messages.c.message_pk)
+        .order_by(inbound_messages.c.received_at.desc(), inbound_messages.c.pk.desc())
+        .limit(limit)
+    )
+    with engine.connect() as conn:
+        return [
+            {
+                "receivedAt": _iso(row.received_at),
+                "from": row.sender,
+                "text": row.text,
+                "sentAt": _iso(row.sent_at),
+                "replyTo": row.reply_to,
+                "source": row.source,
+            }
+            for row in conn.execute(stmt)
+        ]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None

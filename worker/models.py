@@ -247,6 +247,7 @@ class Callback(Base):
         BigPK, ForeignKey("messages.pk", ondelete="CASCADE"), index=True
     )
     kind: Mapped[str] = mapped_column(String(8))  # "url" | "task"
+    event: Mapped[str] = mapped_column(String(16), server_default="final")  # final | late
     target: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16))  # pending | delivered | dead
     attempts: Mapped[int] = mapped_column(Integer, default=0)

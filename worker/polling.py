@@ -172,6 +172,7 @@ def record_polls(
                 messages.c.next_poll_at,
             )
             .where(messages.c.pk.in_(pks))
+            .order_by(messages.c.pk)  # one lock order everywhere: no deadlocks with webhooks
             .with_for_update()
         )
         for row in rows:

@@ -23,7 +23,14 @@ from worker.campaigns import ensure_campaign
 from worker.db import get_engine, is_sqlite, utcnow
 from worker.models import messages
 from worker.states import State
-from worker.validation import FieldError, OutgoingMessage, ValidationRules, validate_message
+from worker.validation import (
+    FieldError,
+    OutgoingMessage,
+    ValidationRules,
+    campaign_callbacks,
+    inherit_callbacks,
+    validate_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,8 @@ def rules_from(settings: Settings) -> ValidationRules:
 
 def row_for(message: OutgoingMessage, campaign: str | None, now: datetime) -> dict[str, Any]:
     start = max(now, message.scheduled_sent) if message.scheduled_sent else now
+    called_back = bool(message.callback_url or message.callback_task)
+    late = message.callback_late_after if called_back else None
     return {
         "id": message.id,
         "campaign": campaign,
@@ -75,6 +84,11 @@ def row_for(message: OutgoingMessage, campaign: str | None, now: datetime) -> di
         "attempts": 0,
         "unknown_outcomes": 0,
         "polls": 0,
+        "callback_url": message.callback_url,
+        "callback_task": message.callback_task,
+        "callback_state": "waiting" if called_back else None,
+        # Late counts from when the message may go out: a scheduled one is not late before.
+        "callback_late_at": start + timedelta(seconds=late) if late else None,
     }
 
 
@@ -120,17 +134,22 @@ def enqueue(
     *,
     settings: Settings | None = None,
     kick: bool = True,
+    callback_url: str | None = None,
+    callback_task: str | None = None,
 ) -> list[EnqueueResult]:
     """Validate and queue messages (the cascade API's JSON objects); one result per message.
 
     Results come in input order. A refused message never stops the others. A cancelled
-    campaign takes no new messages (`CampaignCancelled`).
+    campaign takes no new messages (`CampaignCancelled`). `callback_url`/`callback_task`
+    are stored on the campaign (or, without one, apply to this call); messages without
+    callbacks of their own inherit the campaign's.
     """
     check_campaign(campaign)
+    inherited = campaign_callbacks(callback_url, callback_task)
     settings = settings or get_settings()
     engine = get_engine(settings.database_url)
     if campaign is not None:
-        ensure_campaign(engine, campaign)
+        inherited = ensure_campaign(engine, campaign, inherited)
     rules = rules_from(settings)
     results: list[EnqueueResult] = []
     seen: set[str] = set()
@@ -141,6 +160,8 @@ def enqueue(
         rows: list[dict[str, Any]] = []
         for raw in chunk:
             checked = validate_message(raw, now=now, rules=rules)
+            if not isinstance(checked, list):
+                checked = inherit_callbacks(checked, inherited)
             if isinstance(checked, list):
                 raw_id = raw.get("id") if isinstance(raw, Mapping) else None
                 shown_id = raw_id if isinstance(raw_id, str) else None

@@ -4,6 +4,11 @@ Tests and benchmarks talk to it over real sockets, so the worker's HTTP client, 
 polling policies run exactly as they would against the real provider. The ``/_sim/*``
 endpoints set faults and read back what the client did (duplicates, early retries,
 over-polling). Everything runs on one event loop, so the synchronous core needs no locks.
+
+It can also push what happened to a receiver, as the providers do: SMSBAT-style status
+webhooks and BulkGate-style delivery reports (with inbound replies), optionally late,
+twice, out of order, before the send answer, or not at all. Planned reports wait in one
+heap; a scheduler task hands the due ones to a few delivery workers sharing one client.
 """
 
 from __future__ import annotations
@@ -11,18 +16,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import hashlib
+import heapq
+import hmac
+import itertools
 import math
 import random
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import UnionType
-from typing import Any, Final, NamedTuple, get_args, get_origin, get_type_hints
+from typing import Any, Final, Literal, NamedTuple, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
 
+import httpx
 import orjson
 import uvicorn
 from starlette.applications import Starlette
@@ -55,6 +68,32 @@ MAX_ID_CHARS: Final = 255
 POLL_GAP: Final = 1.0
 REQUEST_LOG_SIZE: Final = 100_000
 
+# Pushed reports: SMSBAT status webhooks and BulkGate delivery reports (DLRs).
+WEBHOOK: Final = "webhook"
+DLR: Final = "dlr"
+DLR_BUFFERED: Final = "2"
+DLR_INBOUND: Final = "10"
+DLR_READ: Final = "13"
+DLR_FINALS: Final = {"delivered": "1", "undeliverable": "3", "permanenterror": "3"}
+INTERMEDIATE: Final = frozenset({"processing", DLR_BUFFERED})
+PRAGUE: Final = ZoneInfo("Europe/Prague")  # BulkGate dates are Czech local time
+BUFFERED_SHARE: Final = 0.2  # messages the SMSC buffers (status 2) before their final
+READ_SHARE: Final = 0.5  # Viber-delivered messages that get read (status 13)
+AFTER_FINAL: Final = 1.0  # reads and inbound replies follow delivery within this (s)
+REORDER_LAG: Final = 1.0  # a reordered intermediate may land this long after its final
+DUPLICATE_LAG: Final = 0.5  # a duplicate follows its original within this (s)
+DLR_TICK: Final = 0.25  # BulkGate collects reports this long into one array
+DLR_BATCH: Final = 100  # at most this many reports per array
+EARLY_HOLD: Final = 0.2  # push_early: how long the send answer waits after the push
+PUSH_ATTEMPTS: Final = 4
+PUSH_BACKOFF: Final = 0.1  # seconds before the first retry, doubled each time
+PUSH_TIMEOUT: Final = 5.0
+PUSH_WORKERS: Final = 16
+PUSH_PASS: Final = 1000  # reports taken per scheduler pass before the loop is yielded
+INBOUND_TEXTS: Final = ("OK, thanks", "STOP", "Díky, dorazilo", "Дякую!", "Who is this?")
+
+DlrForm = Literal["json", "query"]
+
 
 @dataclass
 class SimulatorConfig:
@@ -81,6 +120,16 @@ class SimulatorConfig:
     shuffle: bool = True
     drop_answers: float = 0.0
     fallbacks: bool = True
+    webhook_url: str | None = None
+    webhook_token: str | None = None
+    webhook_secret: str | None = None
+    dlr_url: str | None = None
+    dlr_form: DlrForm = "json"
+    inbound_rate: float = 0.0
+    push_duplicates: float = 0.0
+    push_reorder: bool = False
+    push_early: bool = False
+    push_drop: float = 0.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -121,6 +170,12 @@ def _check_config(config: SimulatorConfig) -> None:
         "status_throttle_next": (config.status_throttle_next >= 0, non_negative),
         "hang_next_sends": (config.hang_next_sends >= 0, non_negative),
         "mix": (_valid_mix(config.mix), f"weights >= 0 over {FINAL_STATES}, not all 0"),
+        "webhook_url": (_valid_url(config.webhook_url), "must be an http(s) URL"),
+        "dlr_url": (_valid_url(config.dlr_url), "must be an http(s) URL"),
+        "dlr_form": (config.dlr_form in get_args(DlrForm), "must be 'json' or 'query'"),
+        "inbound_rate": (0 <= config.inbound_rate <= 1, unit),
+        "push_duplicates": (0 <= config.push_duplicates <= 1, unit),
+        "push_drop": (0 <= config.push_drop <= 1, unit),
     }
     for name, (ok, rule) in checks.items():
         if not ok:
@@ -138,6 +193,17 @@ def _valid_mix(mix: dict[str, float]) -> bool:
         and all(weight >= 0 for weight in mix.values())
         and sum(mix.values()) > 0
     )
+
+
+def _valid_url(url: str | None) -> bool:
+    """No URL (pushes off), or an absolute http(s) URL httpx can send to."""
+    if url is None:
+        return True
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return False
+    return parsed.scheme in ("http", "https") and bool(parsed.host)
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:
@@ -160,6 +226,8 @@ def _matches(hint: Any, value: Any) -> bool:
         return isinstance(value, list) and all(_matches(item_type, v) for v in value)
     if origin is UnionType:
         return any(_matches(option, value) for option in get_args(hint))
+    if origin is Literal:
+        return value in get_args(hint)
     if hint is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if hint is int:
@@ -251,8 +319,10 @@ class _Message:
         "last_poll",
         "message_id",
         "parts",
+        "phone",
         "t_final",
         "t_processing",
+        "t_sent",
         "track",
     )
 
@@ -260,6 +330,8 @@ class _Message:
         self,
         message_id: str,
         batch_id: int,
+        phone: str,
+        t_sent: float,
         t_processing: float,
         t_final: float,
         final: str,
@@ -269,6 +341,8 @@ class _Message:
     ) -> None:
         self.message_id = message_id
         self.batch_id = batch_id
+        self.phone = phone
+        self.t_sent = t_sent
         self.t_processing = t_processing
         self.t_final = t_final
         self.final = final
@@ -277,6 +351,96 @@ class _Message:
         self.track = track
         self.last_poll: float | None = None
         self.final_seen = False
+
+
+class _Report(NamedTuple):
+    """One planned push: an SMSBAT state change, a BulkGate DLR or an inbound SMS."""
+
+    sink: str  # WEBHOOK or DLR
+    status: str  # the deliverystatus (webhook) or the BulkGate status code (DLR)
+    at: float  # when it happened at the provider
+    message: _Message
+    text: str | None = None  # an inbound SMS's text (status 10)
+    settled: bool = False  # push faults already decided (a duplicate or a delayed report)
+
+
+class _Push(NamedTuple):
+    """One HTTP request to a receiver; ``generation`` ties it to the records it counts in."""
+
+    generation: int
+    lane: int  # pushes in one lane go out one after another, in order
+    method: str
+    url: str
+    body: bytes
+    inbound: int  # inbound SMS it carries
+
+
+def _cost(message: _Message) -> float:
+    """What the message costs: failed messages cost nothing, as the reference says."""
+    return round(RATE * message.parts, 2) if message.final == "delivered" else 0.0
+
+
+def _iso(at: float) -> str:
+    """A webhook timestamp: ISO 8601 in UTC with milliseconds."""
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def _prague(at: float) -> str:
+    """A BulkGate date half: ``yymmddHHMM`` in Prague local time (CET/CEST)."""
+    return datetime.fromtimestamp(at, PRAGUE).strftime("%y%m%d%H%M")
+
+
+def _webhook_body(report: _Report) -> dict[str, Any]:
+    """SMSBAT status webhook; the cost is known once the message is final."""
+    body: dict[str, Any] = {
+        "messageId": report.message.message_id,
+        "deliverystatus": report.status,
+        "timestamp": _iso(report.at),
+    }
+    if report.status in FINAL_STATES:
+        body["cost"] = _cost(report.message)
+    return body
+
+
+def _dlr_item(report: _Report) -> dict[str, str]:
+    """One BulkGate report, with string values as in BulkGate's own example."""
+    message = report.message
+    if report.status == DLR_INBOUND:
+        return {
+            "status": DLR_INBOUND,
+            "from": message.phone.lstrip("+"),
+            "message": report.text or "",
+            "date": f"{_prague(report.at)};{_prague(report.at)}",
+        }
+    return {
+        "status": report.status,
+        "smsID": message.message_id,
+        "price": f"{_cost(message):.2f}",
+        "date": f"{_prague(message.t_sent)};{_prague(report.at)}",
+    }
+
+
+def _inbound(items: list[dict[str, str]]) -> int:
+    """How many inbound SMS (status 10) a DLR request carries."""
+    return sum(item["status"] == DLR_INBOUND for item in items)
+
+
+def _push_seed(seed: int | None) -> str | None:
+    """Seed of the pushes' own random stream, so pushes never change ids or outcomes."""
+    return None if seed is None else f"pushes/{seed}"
+
+
+def _signature(secret: str, signed: bytes, now: float) -> dict[str, str]:
+    """``X-Cascade-Signature: sha256=HMAC(secret, "<timestamp>.<signed>")`` and its timestamp."""
+    timestamp = str(int(now))
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + signed, hashlib.sha256)
+    return {"X-Cascade-Timestamp": timestamp, "X-Cascade-Signature": f"sha256={digest.hexdigest()}"}
+
+
+def _safe_url(url: str) -> str:
+    """A URL without userinfo, query or fragment, which may hold tokens."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment="").geturl()
 
 
 def _parts(text: Any) -> int:
@@ -357,16 +521,35 @@ class _Simulator:
 
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
+        self.wake = asyncio.Event()  # set when a report becomes the next one due
+        self.push_order = itertools.count()  # heap tie-breaker: equal times keep their order
+        self.lanes = itertools.count()  # DLR requests take the lanes in turn
+        self.generation = 0
         self.reset()
 
     def reset(self) -> None:
-        """Forget everything recorded; the random stream restarts from the seed."""
+        """Forget everything recorded; the random stream restarts from the seed.
+
+        Planned reports are dropped too, and pushes already handed to the delivery
+        workers belong to the old generation: they are neither sent again nor counted.
+        """
+        self.generation += 1
+        self.pushes: list[tuple[float, int, _Report]] = []
+        self.pushes_sent = 0
+        self.pushes_failed = 0
+        self.pushes_by_code: Counter[int] = Counter()
+        self.pushes_dropped = 0
+        self.pushes_duplicated = 0
+        self.inbound_sent = 0
+        self.push_rng = random.Random(_push_seed(self.config.seed))
         self.rng = random.Random(self.config.seed)
         self.messages: dict[str, _Message] = {}
         self.tracks: dict[str, _Track] = {}
         self.requests: deque[tuple[float, str, int, int]] = deque(maxlen=REQUEST_LOG_SIZE)
         self.batches = 0
         self.send_requests = 0
+        self.first_send_at: float | None = None
+        self.last_send_at: float | None = None
         self.send_status = dict.fromkeys(SEND_CODES, 0)
         self.messages_accepted = 0
         self.messages_dropped = 0
@@ -389,12 +572,15 @@ class _Simulator:
         self.config.update(changes)
         if "seed" in changes:
             self.rng.seed(self.config.seed)
+            self.push_rng.seed(_push_seed(self.config.seed))
 
     # --- sends -------------------------------------------------------------------------
 
     def send(self, headers: Headers, body: bytes, route: str, now: float) -> _Answer:
         """Answer one send request and record it."""
         self.send_requests += 1
+        self.first_send_at = self.first_send_at or now
+        self.last_send_at = now
         if self.send_throttled_at + IN_FLIGHT_GRACE < now < self.send_retry_at:
             self.early_after_429 += 1
         batch = _load(body)
@@ -447,34 +633,48 @@ class _Simulator:
         states, weights = zip(*config.mix.items(), strict=True)
         finals = rng.choices(states, weights, k=len(batch))
         channels = rng.choices(CHANNELS, k=len(batch))
-        answer = []
+        # push_early: the provider finishes the first message (and pushes its reports)
+        # before it answers, so the reports can beat the client's commit of the answer.
+        early = config.push_early and bool(config.webhook_url or config.dlr_url)
+        answer: list[dict[str, str]] = []
         for message, final, channel in zip(batch, finals, channels, strict=True):
             if config.drop_answers and rng.random() < config.drop_answers:
                 self.messages_dropped += 1
                 continue
-            message_id = self._record(message, final, channel, route, now)
+            instant = early and not answer
+            message_id = self._record(message, final, channel, route, now, instant)
             answer.append({"messageId": message_id, "trackinId": message["id"]})
         if config.shuffle:
             rng.shuffle(answer)
-        hold = 0.0
+        hold = EARLY_HOLD if early and answer else 0.0
         if config.hang_next_sends > 0:
             config.hang_next_sends -= 1
-            hold = config.hang_seconds
+            hold += config.hang_seconds
         return _Answer(200, orjson.dumps(answer), hold=hold)
 
     def _record(
-        self, message: dict[str, Any], final: str, channel: str, route: str, now: float
+        self,
+        message: dict[str, Any],
+        final: str,
+        channel: str,
+        route: str,
+        now: float,
+        instant: bool,
     ) -> str:
         """Plan one message's timeline from now, or from its future ``scheduledSent``."""
         config, rng = self.config, self.rng
         scheduled = _scheduled_at(message.get("scheduledSent"))
         start = now if scheduled is None else max(now, scheduled)
         delay = rng.uniform(config.delay_min, config.delay_max)
+        if instant:
+            delay = 0.0
         message_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
         track = self._track(message["id"], route)
         record = _Message(
             message_id,
             self.batches,
+            message["toPhone"],
+            start,
             start + config.processing_at * delay,
             start + delay,
             final,
@@ -485,6 +685,7 @@ class _Simulator:
         track.message_ids.append(message_id)
         self.messages[message_id] = record
         self.messages_accepted += 1
+        self._plan_pushes(record, now)
         return message_id
 
     def _track(self, tracking_id: str, route: str) -> _Track:
@@ -566,8 +767,8 @@ class _Simulator:
         return self._final_body(message)
 
     def _final_body(self, message: _Message) -> dict[str, Any]:
-        """Final answer; failed messages cost nothing, as the reference says."""
-        cost = round(RATE * message.parts, 2) if message.final == "delivered" else 0.0
+        """Final answer with its cost, and the cascade's details when fallbacks are on."""
+        cost = _cost(message)
         body: dict[str, Any] = {
             "messagelistId": message.batch_id,
             "messageId": message.message_id,
@@ -586,12 +787,151 @@ class _Simulator:
             )
         return body
 
+    # --- pushes ------------------------------------------------------------------------
+
+    def _plan_pushes(self, message: _Message, now: float) -> None:
+        """Queue the reports the configured receivers will get about this message."""
+        if self.config.webhook_url:
+            self._schedule(_Report(WEBHOOK, "processing", message.t_processing, message), now)
+            self._schedule(_Report(WEBHOOK, message.final, message.t_final, message), now)
+        if self.config.dlr_url:
+            self._plan_dlr(message, now)
+
+    def _plan_dlr(self, message: _Message, now: float) -> None:
+        """BulkGate: sometimes buffered (2) first, then 1 or 3; a Viber delivery may be read."""
+        rng = self.push_rng
+        if rng.random() < BUFFERED_SHARE:
+            at = rng.uniform(message.t_processing, message.t_final)
+            self._schedule(_Report(DLR, DLR_BUFFERED, at, message), now)
+        self._schedule(_Report(DLR, DLR_FINALS[message.final], message.t_final, message), now)
+        read = message.final == "delivered" and message.channel == "viber"
+        if read and rng.random() < READ_SHARE:
+            at = message.t_final + rng.uniform(0, AFTER_FINAL)
+            self._schedule(_Report(DLR, DLR_READ, at, message), now)
+
+    def _schedule(self, report: _Report, now: float, due: float | None = None) -> None:
+        """Queue a report for ``due`` (default: when it happens); future DLRs wait for a tick."""
+        due = report.at if due is None else due
+        if report.sink == DLR and due > now:
+            due = math.ceil(due / DLR_TICK) * DLR_TICK
+        heapq.heappush(self.pushes, (due, next(self.push_order), report))
+        if self.pushes[0][2] is report:
+            self.wake.set()
+
+    def next_push_in(self, now: float) -> float | None:
+        """Seconds until the next report is due; None when nothing is planned."""
+        return self.pushes[0][0] - now if self.pushes else None
+
+    def due_pushes(self, now: float) -> list[_Push]:
+        """Take up to PUSH_PASS due reports, inject faults, and turn them into requests."""
+        ready: list[_Report] = []
+        for _ in range(PUSH_PASS):
+            if not self.pushes or self.pushes[0][0] > now:
+                break
+            report = heapq.heappop(self.pushes)[2]
+            if report.settled or self._settle(report, now):
+                ready.append(report)
+        if self.config.push_reorder:
+            self.push_rng.shuffle(ready)
+        return self._requests(ready)
+
+    def _settle(self, report: _Report, now: float) -> bool:
+        """Decide a report's fate once: reply to it, lose, copy or delay it. True: send now."""
+        config, rng = self.config, self.push_rng
+        # The recipient replies whether or not the delivery report itself gets through.
+        replied = report.status == DLR_FINALS["delivered"] and config.inbound_rate
+        if replied and rng.random() < config.inbound_rate:
+            at = now + rng.uniform(0, AFTER_FINAL)
+            reply = _Report(DLR, DLR_INBOUND, at, report.message, rng.choice(INBOUND_TEXTS))
+            self._schedule(reply, now)
+        if config.push_drop and rng.random() < config.push_drop:
+            self.pushes_dropped += 1
+            return False
+        settled = report._replace(settled=True)
+        if config.push_duplicates and rng.random() < config.push_duplicates:
+            self.pushes_duplicated += 1
+            self._schedule(settled, now, now + rng.uniform(0, DUPLICATE_LAG))
+        if config.push_reorder and report.status in INTERMEDIATE:
+            lag = report.message.t_final - report.at + REORDER_LAG
+            self._schedule(settled, now, now + rng.uniform(0, lag))
+            return False
+        return True
+
+    def _requests(self, reports: list[_Report]) -> list[_Push]:
+        """Webhooks one per request; DLRs in arrays or one GET each (``dlr_form``).
+
+        URLs are read now, so a receiver switched off meanwhile gets nothing.
+        """
+        webhook_url, dlr_url = self.config.webhook_url, self.config.dlr_url
+        webhooks = [report for report in reports if report.sink == WEBHOOK]
+        items = [_dlr_item(report) for report in reports if report.sink == DLR]
+        requests = [self._webhook_push(webhook_url, r) for r in webhooks] if webhook_url else []
+        if items and dlr_url:
+            requests += self._dlr_requests(dlr_url, items)
+        return requests
+
+    def _webhook_push(self, url: str, report: _Report) -> _Push:
+        """One state change; a lane per message keeps its state changes in order."""
+        body = orjson.dumps(_webhook_body(report))
+        return _Push(self.generation, hash(report.message.message_id), "POST", url, body, 0)
+
+    def _dlr_requests(self, url: str, items: list[dict[str, str]]) -> list[_Push]:
+        """POSTed JSON arrays of up to DLR_BATCH reports, or the older one-GET-each form."""
+        if self.config.dlr_form == "query":
+            base = httpx.URL(url)
+            return [
+                self._dlr_push("GET", str(base.copy_merge_params(item)), b"", _inbound([item]))
+                for item in items
+            ]
+        chunks = (items[i : i + DLR_BATCH] for i in range(0, len(items), DLR_BATCH))
+        return [self._dlr_push("POST", url, orjson.dumps(c), _inbound(c)) for c in chunks]
+
+    def _dlr_push(self, method: str, url: str, body: bytes, inbound: int) -> _Push:
+        """A DLR request of the current generation, in the next lane."""
+        return _Push(self.generation, next(self.lanes), method, url, body, inbound)
+
+    def is_current(self, push: _Push) -> bool:
+        """False once a reset has happened since the push was planned."""
+        return push.generation == self.generation
+
+    def push_headers(self, push: _Push, now: float) -> dict[str, str]:
+        """Bearer token and signature as configured now, signed afresh for each attempt.
+
+        A GET has no body, so its raw query string is what gets signed.
+        """
+        config = self.config
+        post = push.method == "POST"
+        headers = {"Content-Type": "application/json"} if post else {}
+        if config.webhook_token:
+            headers["Authorization"] = f"Bearer {config.webhook_token}"
+        if config.webhook_secret:
+            signed = push.body if post else httpx.URL(push.url).query
+            headers.update(_signature(config.webhook_secret, signed, now))
+        return headers
+
+    def push_answered(self, push: _Push, code: int) -> None:
+        """Count one receiver answer (each attempt counts)."""
+        if self.is_current(push):
+            self.pushes_by_code[code] += 1
+
+    def push_done(self, push: _Push, delivered: bool) -> None:
+        """Count a push that got a 2xx, or was given up."""
+        if not self.is_current(push):
+            return
+        if delivered:
+            self.pushes_sent += 1
+            self.inbound_sent += push.inbound
+        else:
+            self.pushes_failed += 1
+
     # --- admin reports -----------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         """Counters for tests and benchmarks."""
         return {
             "send_requests": self.send_requests,
+            "first_send_at": self.first_send_at,
+            "last_send_at": self.last_send_at,
             "send_status": {str(code): n for code, n in self.send_status.items()},
             "messages_accepted": self.messages_accepted,
             "messages_dropped": self.messages_dropped,
@@ -606,6 +946,12 @@ class _Simulator:
             "status_early_after_429": self.status_early_after_429,
             "max_batch": self.max_batch,
             "auth_headers_seen": sorted(self.auth_headers_seen),
+            "pushes_sent": self.pushes_sent,
+            "pushes_failed": self.pushes_failed,
+            "pushes_by_code": {str(code): n for code, n in sorted(self.pushes_by_code.items())},
+            "pushes_dropped": self.pushes_dropped,
+            "pushes_duplicated": self.pushes_duplicated,
+            "inbound_sent": self.inbound_sent,
         }
 
     def message_report(self, now: float) -> dict[str, Any]:
@@ -625,6 +971,68 @@ class _Simulator:
     def request_log(self) -> list[dict[str, Any]]:
         """The last REQUEST_LOG_SIZE provider requests, oldest first."""
         return [{"t": t, "kind": k, "code": c, "size": s} for t, k, c, s in self.requests]
+
+
+class _Pusher:
+    """Sends due reports: one scheduler task, PUSH_WORKERS lanes, one shared client."""
+
+    def __init__(self, sim: _Simulator) -> None:
+        self.sim = sim
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Run the pushes for the app's lifetime (its lifespan)."""
+        lanes: list[asyncio.Queue[_Push]] = [asyncio.Queue() for _ in range(PUSH_WORKERS)]
+        headers = {"User-Agent": "smsbat-simulator"}
+        async with httpx.AsyncClient(timeout=PUSH_TIMEOUT, headers=headers) as client:
+            tasks = [asyncio.create_task(self._schedule(lanes))]
+            tasks += [asyncio.create_task(self._send(client, lane)) for lane in lanes]
+            try:
+                yield
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _schedule(self, lanes: list[asyncio.Queue[_Push]]) -> None:
+        """Sleep until the next report is due (or an earlier one is planned), hand it over."""
+        sim = self.sim
+        while True:
+            wait = sim.next_push_in(time.time())
+            if wait is not None and wait <= 0:
+                for push in sim.due_pushes(time.time()):
+                    lanes[push.lane % len(lanes)].put_nowait(push)
+                await asyncio.sleep(0)  # a large backlog must not starve the handlers
+                continue
+            sim.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sim.wake.wait(), wait)
+
+    async def _send(self, client: httpx.AsyncClient, lane: asyncio.Queue[_Push]) -> None:
+        """One lane's delivery worker."""
+        while True:
+            push = await lane.get()
+            self.sim.push_done(push, await self._deliver(client, push))
+
+    async def _deliver(self, client: httpx.AsyncClient, push: _Push) -> bool:
+        """Send with retries on connection errors and 5xx, as a provider would; True on 2xx."""
+        sim = self.sim
+        for attempt in range(PUSH_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(PUSH_BACKOFF * 2 ** (attempt - 1))
+            if not sim.is_current(push):
+                return False
+            headers = sim.push_headers(push, time.time())
+            try:
+                response = await client.request(
+                    push.method, push.url, content=push.body or None, headers=headers
+                )
+            except httpx.HTTPError:
+                continue
+            sim.push_answered(push, response.status_code)
+            if response.status_code < 500:
+                return response.is_success
+        return False
 
 
 def _json(payload: Any, code: int = 200) -> Response:
@@ -712,7 +1120,23 @@ def _admin_routes(sim: _Simulator) -> list[Route]:
 def create_app(config: SimulatorConfig | None = None) -> Starlette:
     """The simulator as an ASGI app; ``config`` stays live (admin changes mutate it)."""
     sim = _Simulator(config if config is not None else SimulatorConfig())
-    return Starlette(routes=_provider_routes(sim) + _admin_routes(sim))
+    pusher = _Pusher(sim)
+    return Starlette(
+        routes=_provider_routes(sim) + _admin_routes(sim), lifespan=lambda _: pusher.running()
+    )
+
+
+def push_targets(config: SimulatorConfig) -> list[str]:
+    """Where pushes go, for the console: URLs without userinfo or query, never a token."""
+    lines = []
+    if config.webhook_url:
+        lines.append(f"status webhooks to {_safe_url(config.webhook_url)}")
+    if config.dlr_url:
+        lines.append(f"delivery reports ({config.dlr_form}) to {_safe_url(config.dlr_url)}")
+    if lines:
+        auth = "bearer token" if config.webhook_token else "no token"
+        lines.append(f"pushes with {auth}, {'signed' if config.webhook_secret else 'unsigned'}")
+    return lines
 
 
 def serve(host: str = "127.0.0.1", port: int = 8090, config: SimulatorConfig | None = None) -> None:

@@ -140,3 +140,29 @@ def workers(env: Mapping[str, str], logdir: Path | None = None) -> Iterator[Work
         yield group
     finally:
         group.stop()
+
+
+@dataclass
+class Api:
+    url: str
+    process: Process
+
+
+def start_api(logdir: Path, env: Mapping[str, str], name: str = "api") -> Api:
+    """`cascade api` on a free port, up once /healthz answers at all: a 503 (a broker
+    down on purpose) is an API that serves."""
+    port = free_port()
+    args = [sys.executable, "-m", "worker.cli", "api", "--host", "127.0.0.1", "--port", str(port)]
+    process = spawn(name, args, {**os.environ, **env}, logdir)
+    url = f"http://127.0.0.1:{port}"
+
+    def answered_or_exited() -> bool:
+        if process.popen.poll() is not None:
+            return True
+        return httpx.get(url + "/healthz", timeout=5).status_code in (200, 503)
+
+    wait_for(answered_or_exited, 30, name)
+    if process.popen.poll() is not None:
+        process.stop()
+        raise RuntimeError(f"{name} exited with code {process.popen.returncode}: see {logdir}")
+    return Api(url, process)

@@ -59,9 +59,17 @@ def queue_length(name: str) -> int:
 
 
 @app.task(name="cascade.enqueue", ignore_result=False)
-def enqueue(messages: list[dict[str, Any]], campaign: str | None = None) -> list[dict[str, Any]]:
+def enqueue(
+    messages: list[dict[str, Any]],
+    campaign: str | None = None,
+    callback_url: str | None = None,
+    callback_task: str | None = None,
+) -> list[dict[str, Any]]:
     """Intake for apps that share only the broker: validate, store, answer per message."""
-    return [r.as_dict() for r in producer.enqueue(messages, campaign)]
+    results = producer.enqueue(
+        messages, campaign, callback_url=callback_url, callback_task=callback_task
+    )
+    return [r.as_dict() for r in results]
 
 
 @app.task(name="cascade.dispatch")

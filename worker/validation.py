@@ -8,12 +8,15 @@ Where the provider documentation is silent, the rules are strict and say so clea
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import phonenumbers
+
+from worker.redact import mask_url
 
 MESSAGE_TYPES = ("transaction", "promo", "viber_survey", "flashcall")
 ROUTES = ("standard", "tg-viber")
@@ -26,6 +29,10 @@ MAX_SURVEY_TEXT_LENGTH = 85  # the provider: "maximum survey text: 85 characters
 MIN_SURVEY_OPTIONS, MAX_SURVEY_OPTIONS = 2, 5
 MAX_SURVEY_OPTION_LENGTH = 100
 MAX_TTL_SECONDS = 31 * 24 * 3600  # the provider gives no maximum; 31 days covers every use
+MAX_CALLBACK_URL_LENGTH = 2000  # what browsers and proxies reliably carry
+MAX_CALLBACK_TASK_LENGTH = 200  # the column, with the queue: "name@queue"
+MAX_CALLBACK_LATE_SECONDS = MAX_TTL_SECONDS
+DEFAULT_CALLBACK_QUEUE = "celery"  # Celery's own default queue
 
 _FIELDS = (
     "id",
@@ -37,6 +44,9 @@ _FIELDS = (
     "scheduledSent",
     "surveyOptions",
     "route",
+    "callbackUrl",
+    "callbackTask",
+    "callbackLateAfter",
 )
 _FIELD_SET = frozenset(_FIELDS)
 _ALLOWED = ", ".join(_FIELDS)
@@ -44,6 +54,8 @@ _FOLDED_FIELDS = {name.lower(): name for name in _FIELDS}
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_TASK_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]*")
+_QUEUE_RE = re.compile(r"[A-Za-z0-9_.:-]+")
 _E164_RE = re.compile(r"\+[1-9][0-9]{1,14}")
 _ISO_RE = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?"
@@ -76,6 +88,16 @@ class FieldError:
         return {"field": self.field, "problem": self.problem}
 
 
+class Callbacks(NamedTuple):
+    """Where a message's outcome goes: a URL to POST to, a Celery task `name@queue`, or both."""
+
+    url: str | None = None
+    task: str | None = None
+
+
+NO_CALLBACKS = Callbacks()
+
+
 @dataclass(frozen=True, slots=True)
 class OutgoingMessage:
     """A message that passed validation: normalised, and safe to send as it is."""
@@ -89,6 +111,10 @@ class OutgoingMessage:
     scheduled_sent: datetime | None
     survey_options: tuple[str, ...] | None
     route: str
+    # Ours, never the provider's: where to report the outcome, and when to call it late.
+    callback_url: str | None = None
+    callback_task: str | None = None  # always "name@queue"
+    callback_late_after: int | None = None
 
     @property
     def priority(self) -> int:
@@ -96,7 +122,7 @@ class OutgoingMessage:
         return 0 if self.message_type in URGENT_TYPES else 1
 
     def to_provider(self) -> dict[str, Any]:
-        """The cascade API's JSON object; the route chooses the endpoint and is not sent."""
+        """The cascade API's JSON object; the route and the callbacks are ours, not sent."""
         body: dict[str, Any] = {
             "id": self.id,
             "fromName": self.from_name,
@@ -155,6 +181,9 @@ def validate_message(
         ("messageType", _choice_problem(message_type, MESSAGE_TYPES, required=True)),
         ("text", _text_problem(get("text"), message_type)),
         ("ttl", _ttl_problem(get("ttl"))),
+        ("callbackUrl", _optional(get("callbackUrl"), callback_url_problem)),
+        ("callbackTask", _optional(get("callbackTask"), callback_task_problem)),
+        ("callbackLateAfter", _late_after_problem(get("callbackLateAfter"))),
     )
     errors.extend(FieldError(field, problem) for field, problem in problems if problem)
     scheduled_sent, problem = _parse_schedule(get("scheduledSent"), now, rules)
@@ -178,7 +207,96 @@ def validate_message(
         scheduled_sent=scheduled_sent,
         survey_options=None if survey_options is None else tuple(survey_options),
         route=rules.default_route if route is None else route,
+        callback_url=get("callbackUrl"),
+        callback_task=_with_queue(get("callbackTask")),
+        callback_late_after=get("callbackLateAfter"),
     )
+
+
+def campaign_callbacks(url: str | None, task: str | None) -> Callbacks:
+    """Check callbacks given for a whole campaign (`enqueue`, `--callback-url`) like a
+    message's own; a bad one refuses the whole call with ValueError."""
+    problems = [
+        f"{name} {problem}"
+        for name, problem in (
+            ("callback_url", _optional(url, callback_url_problem)),
+            ("callback_task", _optional(task, callback_task_problem)),
+        )
+        if problem
+    ]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return Callbacks(url, _with_queue(task))
+
+
+def inherit_callbacks(
+    message: OutgoingMessage, campaign: Callbacks
+) -> OutgoingMessage | list[FieldError]:
+    """A message without callbacks of its own takes its campaign's, as a whole.
+
+    Asking to hear about lateness with nowhere to say it is refused rather than ignored.
+    """
+    if message.callback_url or message.callback_task:
+        return message
+    if campaign.url or campaign.task:
+        return replace(message, callback_url=campaign.url, callback_task=campaign.task)
+    if message.callback_late_after is not None:
+        problem = "needs callbackUrl or callbackTask, on the message or on its campaign"
+        return [FieldError("callbackLateAfter", problem)]
+    return message
+
+
+def callback_url_problem(value: object) -> str | None:
+    """An absolute http(s) URL; a password in it is masked when the value is echoed."""
+    if not isinstance(value, str):
+        return _not_a_string(value)
+    if len(value) > MAX_CALLBACK_URL_LENGTH:
+        return f"must be at most {MAX_CALLBACK_URL_LENGTH} characters, got {len(value)}"
+    if not value:
+        return "must not be empty"
+    shown = _show(mask_url(value))
+    if _CONTROL_RE.search(value) or " " in value:
+        return f"must be a URL without spaces or control characters, got {shown}"
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises for a port that is not a number up to 65535
+    except ValueError:
+        return f"is not a valid URL, got {shown}"
+    if parts.scheme not in ("http", "https"):
+        return f"must be an http:// or https:// URL, got {shown}"
+    if not parts.hostname or port == 0:
+        return f"must name a host (and a port from 1), got {shown}"
+    return None
+
+
+def callback_task_problem(value: object) -> str | None:
+    """A Celery task name, optionally `@queue`; the worker sends it by name, like send_task."""
+    if not isinstance(value, str):
+        return _not_a_string(value)
+    name, at, queue = value.partition("@")
+    if not _TASK_NAME_RE.fullmatch(name):
+        return (
+            "must be a Celery task name like 'shop.tasks.sms_outcome', optionally "
+            f"followed by '@queue', got {_show(value)}"
+        )
+    if at and not _QUEUE_RE.fullmatch(queue):
+        return f"must name a queue after '@' (letters, digits, '_.:-'), got {_show(value)}"
+    length = len(_with_queue(value) or "")
+    if length > MAX_CALLBACK_TASK_LENGTH:
+        limit = MAX_CALLBACK_TASK_LENGTH
+        return f"must be at most {limit} characters with its @queue, got {length}"
+    return None
+
+
+def _with_queue(task: str | None) -> str | None:
+    """Store tasks as `name@queue`, so a later change of default never reroutes them."""
+    if task is None or "@" in task:
+        return task
+    return f"{task}@{DEFAULT_CALLBACK_QUEUE}"
+
+
+def _optional(value: object, check: Callable[[object], str | None]) -> str | None:
+    return None if value is None else check(value)
 
 
 def _kind(value: object) -> str:
@@ -334,6 +452,18 @@ def _ttl_problem(value: object) -> str | None:
         return f"must be a positive number of seconds, got {_show_int(value)}"
     if value > MAX_TTL_SECONDS:
         return f"must be at most {MAX_TTL_SECONDS} seconds (31 days), got {_show_int(value)}"
+    return None
+
+
+def _late_after_problem(value: object) -> str | None:
+    """Seconds after which an undelivered message is reported late; whole and positive."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"must be an integer number of seconds, got {_kind(value)}"
+    if not 0 < value <= MAX_CALLBACK_LATE_SECONDS:
+        limit = MAX_CALLBACK_LATE_SECONDS
+        return f"must be from 1 to {limit} seconds (31 days), got {_show_int(value)}"
     return None
 
 

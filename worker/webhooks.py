@@ -1,7 +1,256 @@
-"""Webhook receivers. Stub: helper B implements `router`."""
+"""Webhook receivers: SMSBAT status pushes and BulkGate delivery reports / inbound SMS.
+
+They answer fast: check the caller, parse, store, wake `cascade.apply_reports`, answer
+200 with per-element results. Applying happens in the worker (`inbox.apply_pending`), so
+a slow database lock or a report that arrives before our send answer never holds the
+provider's request. A refused request (401, 413, 400, 422, 503) writes nothing.
+
+Security: the shared WEBHOOK_TOKEN (`Authorization: Bearer …`, or `?token=…` for providers
+that can only call a URL), compared in constant time; with WEBHOOK_SIGNING_SECRET also an
+HMAC-SHA256 over "<X-Cascade-Timestamp>.<raw body>" (for GET, the raw query string),
+refused outside WEBHOOK_SIGNATURE_TOLERANCE_SECONDS to bound replays. Replays inside the
+window are harmless anyway: reports only move messages forward, inbound repeats are skipped.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import hmac
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
 
-router = APIRouter()
+import orjson
+from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
+from pydantic import BaseModel
+
+from config import Settings, get_settings
+from worker.db import get_engine, utcnow
+from worker.dlr import (
+    Inbound,
+    Parsed,
+    ParseError,
+    parse_bulkgate,
+    parse_bulkgate_query,
+    parse_smsbat_webhook,
+)
+from worker.inbox import store_inbound, store_reports
+from worker.redact import mask_phone
+from worker.signing import sign as signature
+from worker.statuses import Report
+
+log = logging.getLogger(__name__)
+
+TIMESTAMP_HEADER = "X-Cascade-Timestamp"
+SIGNATURE_HEADER = "X-Cascade-Signature"
+
+
+class Rejected(BaseModel):
+    index: int
+    error: str
+
+
+class Answer(BaseModel):
+    accepted: int
+    rejected: list[Rejected]
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "malformed JSON or Content-Length"},
+    401: {"model": Problem, "description": "missing or wrong token or signature"},
+    413: {"model": Problem, "description": "body larger than WEBHOOK_MAX_BODY_BYTES"},
+    422: {"model": Problem, "description": "JSON of the wrong shape"},
+    503: {"model": Problem, "description": "WEBHOOK_TOKEN is not set"},
+}
+
+
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI for a body read raw (the signature covers the exact bytes)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+_OBJECT = {"type": "object", "additionalProperties": True}
+_SMSBAT_BODY = _json_body({"anyOf": [_OBJECT, {"type": "array", "items": _OBJECT}]})
+_BULKGATE_BODY = _json_body({"type": "array", "items": _OBJECT})
+_BULKGATE_QUERY = {
+    "parameters": [
+        {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+        for name in ("status", "smsID", "price", "date", "from", "message", "token")
+    ]
+}
+
+router = APIRouter(prefix="/webhooks", tags=["webhooks"], responses=_PROBLEMS)
+
+
+# --- dependencies (tests override them) --------------------------------------------------------
+
+
+def webhook_settings(request: Request) -> Settings:
+    """The app's own settings (`app.state.settings`, as `worker.api` sets), else the process's."""
+    return getattr(request.app.state, "settings", None) or get_settings()
+
+
+def webhook_waker() -> Callable[[str], None]:
+    """How to wake the applier; tests swap it for a recorder."""
+    return wake_reports
+
+
+SettingsDep = Annotated[Settings, Depends(webhook_settings)]
+WakerDep = Annotated[Callable[[str], None], Depends(webhook_waker)]
+
+
+def wake_reports(broker_url: str) -> None:
+    """Ask for `cascade.apply_reports` now; harmless if it fails, beat runs it anyway."""
+    from worker.tasks import apply_reports
+
+    app = apply_reports.app
+    # No connection retries: with Redis down, kombu's default retrying holds a thread ~6 s.
+    options = {**app.conf.broker_transport_options, "max_retries": 0}
+    try:
+        with app.connection_for_write(broker_url, transport_options=options) as conn:
+            apply_reports.apply_async(retry=False, connection=conn)
+    except Exception as exc:  # beat runs it every REPORTS_INTERVAL_SECONDS
+        log.warning("could not wake cascade.apply_reports (%s); the next beat tick will", exc)
+
+
+# --- the checks, in order: configured, token, size, signature ----------------------------------
+
+
+def _refuse(request: Request, status: int, reason: str) -> HTTPException:
+    client = request.client.host if request.client else "?"
+    log.warning("webhook %s from %s refused (%d): %s", request.url.path, client, status, reason)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return HTTPException(status, reason, headers=headers)
+
+
+def _check_token(request: Request, settings: Settings) -> None:
+    expected = settings.webhook_token.get_secret_value() if settings.webhook_token else ""
+    if not expected:
+        raise _refuse(request, 503, "webhooks are not configured (WEBHOOK_TOKEN)")
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    presented = value.strip() if scheme.lower() == "bearer" else ""
+    presented = presented or request.query_params.get("token", "")
+    if not presented:
+        raise _refuse(request, 401, "a token is required (Authorization: Bearer, or ?token=)")
+    if not hmac.compare_digest(presented.encode(), expected.encode()):
+        raise _refuse(request, 401, "wrong token")
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The raw body, refused (413) as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not (declared.isascii() and declared.isdigit()):
+            raise _refuse(request, 400, "Content-Length is not a number")
+        if int(declared) > limit:
+            raise _refuse(request, 413, f"body larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _refuse(request, 413, f"body larger than {limit} bytes")
+    return bytes(body)
+
+
+def _check_signature(request: Request, signed: bytes, settings: Settings, now: float) -> None:
+    if settings.webhook_signing_secret is None:
+        return
+    stamp = request.headers.get(TIMESTAMP_HEADER, "").strip()
+    presented = request.headers.get(SIGNATURE_HEADER, "").strip().lower()
+    if not stamp or not presented:
+        raise _refuse(request, 401, f"{TIMESTAMP_HEADER} and {SIGNATURE_HEADER} are required")
+    if not (stamp.isascii() and stamp.isdigit()):
+        raise _refuse(request, 401, f"{TIMESTAMP_HEADER} must be unix seconds")
+    if abs(now - int(stamp)) > settings.webhook_signature_tolerance_seconds:
+        raise _refuse(request, 401, f"{TIMESTAMP_HEADER} is outside the tolerance window")
+    secret = settings.webhook_signing_secret.get_secret_value()
+    if not hmac.compare_digest(presented.encode(), signature(secret, stamp, signed).encode()):
+        raise _refuse(request, 401, f"{SIGNATURE_HEADER} does not match")
+
+
+async def verified_body(request: Request, settings: SettingsDep) -> bytes:
+    """The raw body of a caller that passed every check (nothing is parsed before that)."""
+    _check_token(request, settings)
+    body = await _read_limited(request, settings.webhook_max_body_bytes)
+    signed = body if request.method == "POST" else request.scope.get("query_string", b"")
+    _check_signature(request, signed, settings, time.time())
+    return body
+
+
+BodyDep = Annotated[bytes, Depends(verified_body)]
+
+
+# --- endpoints ---------------------------------------------------------------------------------
+
+
+@router.post("/smsbat", response_model=Answer, openapi_extra=_SMSBAT_BODY)
+def smsbat_webhook(
+    request: Request, body: BodyDep, settings: SettingsDep, wake: WakerDep, tasks: BackgroundTasks
+) -> dict[str, Any]:
+    """SMSBAT status push: `{messageId, deliverystatus, timestamp, cost}` or an array of them."""
+    data = _json(request, body)
+    if not isinstance(data, dict | list):
+        raise _refuse(request, 422, "body must be a JSON object or an array of objects")
+    return _accept(parse_smsbat_webhook(data), settings, wake, tasks)
+
+
+@router.post("/bulkgate", response_model=Answer, openapi_extra=_BULKGATE_BODY)
+def bulkgate_webhook(
+    request: Request, body: BodyDep, settings: SettingsDep, wake: WakerDep, tasks: BackgroundTasks
+) -> dict[str, Any]:
+    """BulkGate delivery reports and inbound SMS: a JSON array of reports."""
+    data = _json(request, body)
+    if not isinstance(data, list):
+        raise _refuse(request, 422, "body must be a JSON array of reports")
+    return _accept(parse_bulkgate(data), settings, wake, tasks)
+
+
+@router.get("/bulkgate", response_model=Answer, openapi_extra=_BULKGATE_QUERY)
+def bulkgate_query(
+    request: Request, _body: BodyDep, settings: SettingsDep, wake: WakerDep, tasks: BackgroundTasks
+) -> dict[str, Any]:
+    """The older BulkGate form: one report as query parameters (the token is not a field)."""
+    params = {k: v for k, v in request.query_params.items() if k != "token"}
+    return _accept(parse_bulkgate_query(params), settings, wake, tasks)
+
+
+def _json(request: Request, body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise _refuse(request, 400, f"malformed JSON: {exc}") from None
+
+
+def _accept(
+    results: Sequence[Parsed],
+    settings: Settings,
+    wake: Callable[[str], None],
+    tasks: BackgroundTasks,
+) -> dict[str, Any]:
+    """Store what parsed, wake the applier after answering, report per element."""
+    reports = [r for r in results if isinstance(r, Report)]
+    inbound = [r for r in results if isinstance(r, Inbound)]
+    rejected = [r.as_dict() for r in results if isinstance(r, ParseError)]
+    engine = get_engine(settings.database_url)
+    now = utcnow()
+    store_reports(engine, reports, now)
+    store_inbound(engine, inbound, now)
+    if reports:
+        tasks.add_task(wake, settings.broker_url)
+    _log(reports, inbound, rejected)
+    return {"accepted": len(reports) + len(inbound), "rejected": rejected}
+
+
+def _log(reports: Sequence[Report], inbound: Sequence[Inbound], rejected: Sequence[Any]) -> None:
+    log.info(
+        "webhook: %d reports, %d inbound SMS stored, %d rejected",
+        len(reports),
+        len(inbound),
+        len(rejected),
+    )
+    for item in inbound:
+        log.info("inbound SMS from %s stored", mask_phone(item.sender))

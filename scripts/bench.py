@@ -1,0 +1,390 @@
+"""End-to-end benchmark: our pipeline beside the naive baseline and the floor, one run.
+
+    .venv/bin/python scripts/bench.py [--n 100000] [--workers 2] [--db postgresql|sqlite]
+
+- ours: `celery -A worker worker` processes (prefork, 2 each, beat in the first) against
+  the simulator (deliveries spread over 5–30 s); N messages enqueued from this process.
+- naive: what the provider's examples lead to (scripts/naive_baseline.py): one task per
+  message posting a one-element array, then a countdown poll task every 5 s until final.
+- floor: the same messages bulk-inserted, then POSTed in 1000-message batches from this one
+  process with their answers written back; no queue, no polling.
+
+Uses Redis DB 15 (flushed) and a fresh PostgreSQL database (or SQLite file) per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import psycopg
+import redis
+from sqlalchemy import func, insert, select, text
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from config import Settings  # noqa: E402
+from worker.cli import upgrade_database  # noqa: E402
+from worker.db import get_engine, make_engine  # noqa: E402
+from worker.models import messages  # noqa: E402
+from worker.producer import enqueue  # noqa: E402
+from worker.stack import Simulator, spawn, start_simulator, workers  # noqa: E402
+
+DEFAULT_BROKER = "redis://127.0.0.1:6379/15"
+POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+API_KEY = "bench-key"
+
+
+@dataclass
+class Result:
+    name: str
+    n: int
+    figures: dict[str, float | None] = field(default_factory=dict)
+
+
+def bench_messages(n: int, prefix: str) -> Iterator[dict[str, Any]]:
+    for i in range(n):
+        yield {
+            "id": f"{prefix}-{i}",
+            "fromName": "Bench",
+            "toPhone": f"+38067{i % 10_000_000:07d}",
+            "messageType": "transaction" if i % 3 else "promo",
+            "text": f"Your code is {i % 1_000_000:06d}",
+            "ttl": 3600,
+        }
+
+
+def _rate(n: int, start: float | None, end: float | None) -> float | None:
+    return n / (end - start) if start and end and end > start else None
+
+
+def new_database(backend: str, workdir: Path) -> str:
+    if backend == "sqlite":
+        url = f"sqlite:///{workdir / f'bench-{uuid.uuid4().hex[:6]}.db'}"
+    else:
+        name = f"cascade_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    upgrade_database(url)
+    return url
+
+
+def drop_database(url: str) -> None:
+    if url.startswith("postgresql"):
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def database_bytes(url: str) -> int:
+    if url.startswith("sqlite"):
+        path = Path(url.removeprefix("sqlite:///"))
+        return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+    with make_engine(url).connect() as conn:
+        return int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
+
+
+def peak_rss_mb(root_pids: list[int]) -> list[float]:
+    """Peak resident memory (VmHWM) of each process and its children, in MB."""
+    found = []
+    for pid in root_pids:
+        tree = [pid, *_children(pid)]
+        for p in tree:
+            try:
+                status = Path(f"/proc/{p}/status").read_text()
+            except OSError:
+                continue
+            kb = next(
+                int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")
+            )
+            found.append(kb / 1024)
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(k) for k in kids] + [g for k in kids for g in _children(int(k))]
+
+
+# --- ours --------------------------------------------------------------------------------
+
+
+def run_ours(n: int, n_workers: int, url: str, broker: str, sim: Simulator, logdir: Path) -> Result:
+    env = {
+        "DATABASE_URL": url,
+        "BROKER_URL": broker,
+        "SMSBAT_BASE_URL": sim.url,
+        "SMSBAT_API_KEY": API_KEY,
+    }
+    settings = Settings(**env)  # type: ignore[arg-type]
+    engine = get_engine(url)
+    result = Result("ours", n)
+    with workers(env, logdir) as group:
+        for i in range(n_workers):
+            group.start(f"ours{i}", beat=i == 0)
+        time.sleep(3)  # let the workers connect before the clock starts
+        started = time.time()
+        campaign = f"bench-{uuid.uuid4().hex[:6]}"
+        enqueue(bench_messages(n, campaign), campaign, settings=settings)
+        enqueued = time.time()
+        while True:
+            with engine.connect() as conn:
+                final = conn.execute(
+                    select(func.count()).where(messages.c.final_at.is_not(None))
+                ).scalar_one()
+            if final >= n:
+                break
+            time.sleep(0.5)
+        first_send = sim.stats()["first_send_at"]
+        with engine.connect() as conn:
+            last_submit, last_final = conn.execute(
+                select(func.max(messages.c.submitted_at), func.max(messages.c.final_at))
+            ).one()
+        rss = peak_rss_mb([p.popen.pid for p in group.processes])
+    stats = sim.stats()
+    result.figures = {
+        "enqueue rate (msg/s)": n / (enqueued - started),
+        "send throughput (msg/s)": _rate(n, first_send, last_submit.timestamp()),
+        "launch to all-final (s)": last_final.timestamp() - started,
+        "send requests / message": stats["send_requests"] / n,
+        "status polls / message": stats["status_requests"] / n,
+        "peak worker RSS (MB, max)": max(rss) if rss else None,
+        "database bytes / message": database_bytes(url) / n,
+    }
+    return result
+
+
+# --- naive -------------------------------------------------------------------------------
+
+
+def run_naive(
+    n: int, n_workers: int, url: str, broker: str, sim: Simulator, logdir: Path, timeout: float
+) -> Result:
+    from scripts.naive_baseline import metadata, naive_messages
+
+    engine = make_engine(url)
+    metadata.create_all(engine)
+    batch = list(bench_messages(n, "naive"))
+    with engine.begin() as conn:
+        conn.execute(insert(naive_messages), [{"id": m["id"], "status": "queued"} for m in batch])
+    env = {
+        **os.environ,
+        "NAIVE_DATABASE_URL": url,
+        "NAIVE_BROKER_URL": broker,
+        "BROKER_URL": broker,  # Celery reads it from the environment too
+        "NAIVE_PROVIDER_URL": sim.url,
+        "NAIVE_API_KEY": API_KEY,
+        "PYTHONPATH": str(ROOT),
+    }
+    procs = [
+        spawn(
+            f"naive{i}",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "scripts.naive_baseline",
+                "worker",
+                "-l",
+                "warning",
+                "-P",
+                "prefork",
+                "-c",
+                "2",
+                "-n",
+                f"naive{i}@%h",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            env,
+            logdir,
+        )
+        for i in range(n_workers)
+    ]
+    result = Result("naive", n)
+    try:
+        time.sleep(3)
+        from scripts.naive_baseline import app, send
+
+        app.conf.broker_url = broker
+        started = time.time()
+        with app.connection_for_write() as conn:
+            for message in batch:
+                send.apply_async((message,), connection=conn)
+        enqueued = time.time()
+        deadline = started + timeout
+        while time.time() < deadline:
+            with engine.connect() as conn:
+                final = conn.execute(
+                    select(func.count()).where(
+                        naive_messages.c.status.in_(
+                            ["delivered", "undeliverable", "permanenterror"]
+                        )
+                    )
+                ).scalar_one()
+            if final >= n:
+                break
+            time.sleep(0.5)
+        finished = time.time()
+        rss = peak_rss_mb([p.popen.pid for p in procs])
+    finally:
+        for p in procs:
+            p.stop()
+    stats = sim.stats()
+    result.figures = {
+        "enqueue rate (msg/s)": n / (enqueued - started),
+        "send throughput (msg/s)": _rate(n, stats["first_send_at"], stats["last_send_at"]),
+        "launch to all-final (s)": finished - started if final >= n else None,
+        "send requests / message": stats["send_requests"] / n,
+        "status polls / message": stats["status_requests"] / n,
+        "peak worker RSS (MB, max)": max(rss) if rss else None,
+        "database bytes / message": None,
+    }
+    return result
+
+
+# --- floor -------------------------------------------------------------------------------
+
+
+def run_floor(n: int, url: str, sim: Simulator) -> Result:
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TABLE floor_messages "
+                "(id VARCHAR(254) PRIMARY KEY, body TEXT, message_id VARCHAR(64))"
+            )
+        )
+    batch = list(bench_messages(n, "floor"))
+    started = time.time()
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO floor_messages (id, body) VALUES (:id, :body)"),
+            [{"id": m["id"], "body": orjson.dumps(m).decode()} for m in batch],
+        )
+    inserted = time.time()
+    with httpx.Client(
+        base_url=sim.url, headers={"X-Authorization-Key": API_KEY}, timeout=60
+    ) as client:
+        for start in range(0, n, 1000):
+            chunk = batch[start : start + 1000]
+            answer = client.post(
+                "/api/CascadeMessage/send_message/async",
+                content=orjson.dumps(chunk),
+                headers={"Content-Type": "application/json"},
+            ).json()
+            with engine.begin() as conn:
+                conn.execute(
+                    text("UPDATE floor_messages SET message_id = :m WHERE id = :i"),
+                    [{"m": a["messageId"], "i": a["trackinId"]} for a in answer],
+                )
+    sent = time.time()
+    return Result(
+        "floor",
+        n,
+        {
+            "enqueue rate (msg/s)": n / (inserted - started),
+            "send throughput (msg/s)": n / (sent - inserted),
+            "launch to all-final (s)": None,
+            "send requests / message": sim.stats()["send_requests"] / n,
+            "status polls / message": 0.0,
+            "peak worker RSS (MB, max)": None,
+            "database bytes / message": None,
+        },
+    )
+
+
+# --- the table ---------------------------------------------------------------------------
+
+
+def print_table(results: list[Result], meta: str) -> None:
+    names = list(results[0].figures)
+    header = f"{'':32}" + "".join(f"{r.name + f' (n={r.n:,})':>22}" for r in results)
+    print(meta)
+    print(header)
+    for name in names:
+        cells = []
+        for r in results:
+            value = r.figures.get(name)
+            shown = (
+                "-" if value is None else f"{value:,.4f}" if abs(value) < 10 else f"{value:,.1f}"
+            )
+            cells.append(f"{shown:>22}")
+        print(f"{name:32}" + "".join(cells))
+    by = {r.name: r.figures.get("send throughput (msg/s)") for r in results}
+    if by.get("ours") and by.get("naive"):
+        print(f"send throughput ours / naive: {by['ours'] / by['naive']:.1f}x")
+    if by.get("ours") and by.get("floor"):
+        print(f"send throughput ours / floor: {by['ours'] / by['floor']:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (2 pool each)")
+    parser.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
+    parser.add_argument("--naive-n", type=int, default=None, help="default: min(n, 20000)")
+    parser.add_argument("--naive-timeout", type=float, default=1800)
+    parser.add_argument("--skip", action="append", default=[], choices=["naive", "floor"])
+    parser.add_argument("--delay-min", type=float, default=5.0)
+    parser.add_argument("--delay-max", type=float, default=30.0)
+    parser.add_argument("--broker", default=DEFAULT_BROKER, help="a Redis DB of its own (flushed)")
+    args = parser.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="cascade-bench-"))
+    redis.Redis.from_url(args.broker).flushdb()
+    sim = start_simulator(
+        workdir,
+        "--delay-min",
+        str(args.delay_min),
+        "--delay-max",
+        str(args.delay_max),
+        api_key=API_KEY,
+    )
+    results: list[Result] = []
+    urls: list[str] = []
+    try:
+        url = new_database(args.db, workdir)
+        urls.append(url)
+        results.append(run_ours(args.n, args.workers, url, args.broker, sim, workdir))
+        if "naive" not in args.skip:
+            sim.admin("/_sim/reset", {})
+            redis.Redis.from_url(args.broker).flushdb()
+            naive_n = args.naive_n or min(args.n, 20_000)
+            results.append(
+                run_naive(naive_n, args.workers, url, args.broker, sim, workdir, args.naive_timeout)
+            )
+        if "floor" not in args.skip:
+            sim.admin("/_sim/reset", {})
+            results.append(run_floor(args.n, url, sim))
+    finally:
+        sim.process.stop()
+        for url in urls:
+            drop_database(url)
+    meta = (
+        f"cascade bench: db={args.db} workers={args.workers}x2 deliveries {args.delay_min:g}-"
+        f"{args.delay_max:g}s, {os.cpu_count()} cores; logs in {workdir}"
+    )
+    print_table(results, meta)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,247 @@
+"""The HTTP API as producers use it: `cascade api` in its own process, over real sockets,
+in front of a real worker and the simulator, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+
+from tests.conftest import REDIS, Stack, make_messages
+from worker.api import MAX_BODY_BYTES, MAX_MESSAGES
+from worker.campaigns import cancel_campaign
+from worker.stack import Api, Simulator, free_port, start_api
+
+TOKEN = "api-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def api(stack: Stack) -> Iterator[Api]:
+    started = start_api(
+        stack.workers.logdir, {**stack.workers.env, "API_TOKEN": TOKEN}, f"api-{stack.backend}"
+    )
+    yield started
+    started.process.stop()
+
+
+@pytest.fixture
+def client(api: Api) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api.url, headers=AUTH, timeout=60) as http:
+        yield http
+
+
+def cli_json(*args: str, database_url: str) -> Any:
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args, "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DATABASE_URL": database_url},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_mixed_batch_gets_a_result_per_message_and_is_delivered(
+    stack: Stack, sim: Simulator, client: httpx.Client, api: Api, campaign: str
+) -> None:
+    valid = make_messages(3, campaign)
+    bad = {**valid[0], "id": f"{campaign}-bad", "toPhone": "0671234567", "to_phone": "x"}
+    batch = [*valid, bad, valid[0], 42]
+
+    answer = client.post("/v1/messages", params={"campaign": campaign}, json=batch)
+
+    assert answer.status_code == 200, answer.text
+    results = answer.json()
+    accepted = {"status": "accepted", "state": "queued"}
+    assert results[:3] == [{"id": m["id"], **accepted} for m in valid]
+    assert results[3]["id"] == bad["id"] and results[3]["status"] == "rejected"
+    assert results[3]["state"] is None
+    assert [e["field"] for e in results[3]["errors"]] == ["to_phone", "toPhone"]
+    assert "did you mean 'toPhone'" in results[3]["errors"][0]["problem"]
+    assert results[4] == {"id": valid[0]["id"], "status": "duplicate", "state": "queued"}
+    assert results[5]["id"] is None and results[5]["status"] == "rejected"
+    assert results[5]["errors"][0]["field"] == "message"
+
+    stack.wait_final(campaign, len(valid))
+    detail = client.get(f"/v1/messages/{valid[1]['id']}")
+    report = client.get(f"/v1/campaigns/{campaign}")
+    again = client.post("/v1/messages", params={"campaign": campaign}, json=valid[1:2])
+
+    url = stack.settings.database_url
+    assert detail.json() == cli_json("message", "show", valid[1]["id"], database_url=url)
+    assert report.json() == cli_json("campaign", "report", campaign, database_url=url)
+    assert detail.json()["final"] and detail.json()["events"]
+    assert report.json()["total"] == len(valid) and report.json()["all_final"]
+    assert again.json() == [
+        {"id": valid[1]["id"], "status": "duplicate", "state": detail.json()["state"]}
+    ]
+    document = schemathesis.openapi.from_url(f"{api.url}/openapi.json")
+    document["/v1/messages/{id}"]["GET"].validate_response(detail)
+    document["/v1/campaigns/{campaign}"]["GET"].validate_response(report)
+    document["/v1/messages"]["POST"].validate_response(answer)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/messages"), ("GET", "/v1/messages/m-1"), ("GET", "/v1/campaigns/c-1")],
+)
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer wrong-token", f"Basic {TOKEN}", f"Bearer {TOKEN}x"]
+)
+def test_producer_routes_refuse_a_missing_or_wrong_token(
+    api: Api, method: str, path: str, authorization: str | None
+) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    body = make_messages(1, "unauthorised") if method == "POST" else None
+    answer = httpx.request(method, api.url + path, headers=headers, json=body, timeout=30)
+    assert answer.status_code == 401
+    assert answer.headers["WWW-Authenticate"] == "Bearer"
+    assert "API_TOKEN" in answer.json()["detail"]
+    assert TOKEN not in answer.text and "wrong-token" not in answer.text
+    stored = httpx.get(f"{api.url}/v1/messages/unauthorised-0", headers=AUTH, timeout=30)
+    assert stored.status_code == 404
+
+
+def test_unknown_messages_and_campaigns_are_404(client: httpx.Client) -> None:
+    message = client.get("/v1/messages/no-such-message")
+    campaign = client.get("/v1/campaigns/no such/campaign")
+    assert message.status_code == 404
+    assert message.json() == {"detail": "no message with id 'no-such-message'"}
+    assert campaign.status_code == 404
+    assert campaign.json() == {"detail": "no campaign named 'no such/campaign'"}
+    assert client.get("/v1/messages/not a possible id").status_code == 422
+
+
+def test_bodies_that_are_not_a_json_array_of_messages(client: httpx.Client) -> None:
+    not_json = client.post(
+        "/v1/messages", content=b"[{", headers={"Content-Type": "application/json"}
+    )
+    an_object = client.post("/v1/messages", json={"id": "x"})
+    as_text = client.post("/v1/messages", content=b"[]", headers={"Content-Type": "text/plain"})
+    too_many = client.post("/v1/messages", json=[{}] * (MAX_MESSAGES + 1))
+    at_the_limit = client.post("/v1/messages", json=[{}] * MAX_MESSAGES)
+    empty = client.post("/v1/messages", json=[])
+
+    assert not_json.status_code == 400 and "not valid JSON" in not_json.json()["detail"]
+    assert an_object.status_code == 422
+    assert an_object.json()["detail"][0]["loc"] == ["body"]
+    assert "JSON array" in an_object.json()["detail"][0]["msg"]
+    assert as_text.status_code == 415 and "application/json" in as_text.json()["detail"]
+    assert too_many.status_code == 413 and "10,000 messages" in too_many.json()["detail"]
+    assert at_the_limit.status_code == 200
+    assert {r["status"] for r in at_the_limit.json()} == {"rejected"}
+    assert empty.status_code == 200 and empty.json() == []
+
+
+def test_a_body_over_the_byte_limit_is_refused_before_it_is_read(api: Api) -> None:
+    host, port = api.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\n".encode()
+            + f"Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n".encode()
+        )
+        answer = conn.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 413"), answer
+
+
+def test_streamed_body_over_the_byte_limit_is_refused(client: httpx.Client) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b"["
+        for _ in range(MAX_BODY_BYTES // 2**20):
+            yield b" " * 2**20
+        yield b"]"
+
+    answer = client.post(
+        "/v1/messages", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert answer.status_code == 413
+
+
+def test_campaign_names_follow_the_producers_rules(client: httpx.Client) -> None:
+    for name in ("   ", "x" * 201):
+        answer = client.post("/v1/messages", params={"campaign": name}, json=[])
+        assert answer.status_code == 422
+        assert answer.json()["detail"][0]["loc"] == ["query", "campaign"]
+
+
+def test_a_cancelled_campaign_takes_no_new_messages(
+    stack: Stack, client: httpx.Client, campaign: str
+) -> None:
+    first, second = make_messages(2, campaign)
+    assert client.post("/v1/messages", params={"campaign": campaign}, json=[first]).is_success
+    assert cancel_campaign(stack.engine, campaign) is not None
+
+    refused = client.post("/v1/messages", params={"campaign": campaign}, json=[second])
+
+    assert refused.status_code == 409
+    assert refused.json() == {"detail": f"campaign {campaign!r} was cancelled; use a new name"}
+    assert client.get(f"/v1/messages/{second['id']}").status_code == 404
+
+
+def test_healthz_needs_no_token_and_names_a_broker_that_is_down(stack: Stack, api: Api) -> None:
+    healthy = httpx.get(f"{api.url}/healthz", timeout=30)
+    assert healthy.status_code == 200
+    assert healthy.json() == {"database": "ok", "broker": "ok"}
+
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    env = {**stack.workers.env, "API_TOKEN": TOKEN, "BROKER_URL": closed}
+    no_broker = start_api(stack.workers.logdir, env, f"api-{stack.backend}-no-broker")
+    try:
+        sick = httpx.get(f"{no_broker.url}/healthz", timeout=30)
+    finally:
+        no_broker.process.stop()
+    assert sick.status_code == 503
+    assert sick.json() == {"database": "ok", "broker": "unavailable"}
+
+
+def test_a_database_outage_is_503_for_producers_and_healthz(tmp_path: Path, redis_db: str) -> None:
+    env = {
+        "API_TOKEN": TOKEN,
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/cascade",
+        "BROKER_URL": redis_db,
+    }
+    api = start_api(tmp_path, env)
+    try:
+        health = httpx.get(f"{api.url}/healthz", timeout=30)
+        post = httpx.post(
+            f"{api.url}/v1/messages", json=make_messages(1, "outage"), headers=AUTH, timeout=30
+        )
+        read = httpx.get(f"{api.url}/v1/messages/outage-0", headers=AUTH, timeout=30)
+    finally:
+        api.process.stop()
+    assert health.status_code == 503
+    assert health.json() == {"database": "unavailable", "broker": "ok"}
+    for answer in (post, read):
+        assert answer.status_code == 503
+        assert answer.json() == {"detail": "the database is unavailable; retry later"}
+
+
+def test_the_api_refuses_to_start_without_api_token(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "API_TOKEN"}
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "api", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        env={**env, "BROKER_URL": f"{REDIS}/15"},
+        cwd=tmp_path,  # no .env here to supply a token
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "API_TOKEN is not set" in done.stderr
+
+
+def test_the_api_warns_when_webhook_token_is_unset(stack: Stack, api: Api) -> None:
+    log = (stack.workers.logdir / f"api-{stack.backend}.log").read_text()
+    assert "WEBHOOK_TOKEN is not set" in log

@@ -1,0 +1,26 @@
+"""The benchmark runs end to end (tiny N); its figures are for reading, not asserting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_prints_the_three_columns(redis_db: str) -> None:
+    args = "--n 300 --naive-n 20 --db sqlite --delay-min 0.5 --delay-max 1 --naive-timeout 120"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), *args.split(), "--broker", redis_db],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = done.stdout
+    for row in ("enqueue rate", "send throughput", "launch to all-final", "status polls"):
+        assert row in table
+    assert "ours (n=300)" in table and "naive (n=20)" in table and "floor (n=300)" in table
+    assert "send throughput ours / naive:" in table and "send throughput ours / floor:" in table

@@ -1,0 +1,724 @@
+"""The HTTP API: producers hand over messages and read back what became of them.
+
+`POST /v1/messages` takes the cascade API's own JSON array, so a producer can point the
+payload it already builds for SMSBAT at us. Each message is checked by `validate_message`,
+not by the request schema, so one bad message earns a `rejected` result naming its field
+and never fails the others; the OpenAPI document still describes every field and rule.
+Producer endpoints need `Authorization: Bearer <API_TOKEN>`; `/healthz` is open to probes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Callable
+from importlib.metadata import version
+from typing import Annotated, Any, Literal
+
+import redis
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, WithJsonSchema
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from starlette.concurrency import run_in_threadpool
+
+from config import Settings, get_settings
+from worker import webhooks
+from worker.campaigns import CampaignCancelled
+from worker.db import get_engine
+from worker.producer import MAX_CAMPAIGN_LENGTH, check_campaign, enqueue
+from worker.reports import campaign_report, message_detail
+from worker.states import State
+from worker.validation import (
+    MAX_CALLBACK_LATE_SECONDS,
+    MAX_CALLBACK_TASK_LENGTH,
+    MAX_CALLBACK_URL_LENGTH,
+    MAX_FROM_NAME_LENGTH,
+    MAX_ID_LENGTH,
+    MAX_SURVEY_OPTION_LENGTH,
+    MAX_SURVEY_OPTIONS,
+    MAX_SURVEY_TEXT_LENGTH,
+    MAX_TEXT_LENGTH,
+    MAX_TTL_SECONDS,
+    MESSAGE_TYPES,
+    MIN_SURVEY_OPTIONS,
+    ROUTES,
+    campaign_callbacks,
+)
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Hand messages to the cascade delivery worker and follow each to its final state.
+
+`POST /v1/messages` takes the SMSBAT cascade API's own JSON array: point the payload you
+already build for SMSBAT here. Every message gets a result of its own, in order; a message
+that breaks a rule is `rejected` with every problem named, and never fails the others.
+
+The `/v1` endpoints need `Authorization: Bearer <API_TOKEN>`; `/healthz` needs nothing.
+"""
+
+MAX_MESSAGES = 10_000
+# Room for MAX_MESSAGES messages of about 6 KiB each (a 4096-character text in escaped
+# Cyrillic); a bigger body is refused while it streams in, before anything is parsed.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+BROKER_TIMEOUT_SECONDS = 2.0
+JSON_KINDS: dict[type, str] = {
+    dict: "an object",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+ID_PATTERN = r"^[A-Za-z0-9._-]+$"
+E164_PATTERN = r"^\+[1-9][0-9]{1,14}$"
+NOT_BLANK_PATTERN = r"\S"  # unanchored: at least one character that is not whitespace
+PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+# Necessary, not sufficient: the worker also parses the URL (host, port).
+CALLBACK_URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^ \x00-\x1f\x7f-\x9f]+$"
+CALLBACK_TASK_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.:-]*(@[A-Za-z0-9_.:-]+)?$"
+# A query parameter refused is a 422 for the whole request, so its schema names a host and
+# a port from 1 to 65535 exactly (a message's own callbackUrl is judged per message).
+_PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+QUERY_CALLBACK_URL_PATTERN = (
+    r"^https?://[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::" + _PORT + r")?"
+    r"(?:[/?#][^ \x00-\x1f\x7f-\x9f]*)?$"
+)
+ISO_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?"
+    r"(Z|[+-][0-9]{2}(:?[0-9]{2})?)$"
+)
+
+MessageType = Literal[MESSAGE_TYPES]  # type: ignore[valid-type]
+Route = Literal[ROUTES]  # type: ignore[valid-type]
+SurveyOption = Annotated[
+    str, Field(min_length=1, max_length=MAX_SURVEY_OPTION_LENGTH, pattern=NOT_BLANK_PATTERN)
+]
+# The record's timestamps are ISO 8601 strings in UTC ending in Z, as `cascade --json` prints.
+Timestamp = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+
+
+# --- the request body, documented ------------------------------------------------------
+
+
+def _message_type_in(*types: str) -> dict[str, Any]:
+    return {"properties": {"messageType": {"enum": list(types)}}, "required": ["messageType"]}
+
+
+class CascadeMessage(BaseModel):
+    """One message in the cascade API's own format, plus our optional route and callbacks.
+
+    The worker checks every rule per message: a message that breaks one gets a `rejected`
+    result naming the field and the problem, and the others go on. `null` counts as
+    absent. Rules no schema can state: `toPhone` must be a real number of its country's
+    numbering plan, in canonical E.164; `scheduledSent` may lie at most
+    SCHEDULE_PAST_SKEW_SECONDS (60) in the past and SCHEDULE_MAX_AHEAD_DAYS (30) ahead;
+    `callbackLateAfter` needs a callback, on the message or on its campaign; an `id`
+    already known answers `duplicate` and is not sent again.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "allOf": [
+                {
+                    "if": _message_type_in("viber_survey"),
+                    "then": {
+                        "required": ["text", "surveyOptions"],
+                        "properties": {
+                            "text": {"type": "string", "maxLength": MAX_SURVEY_TEXT_LENGTH},
+                            "surveyOptions": {"type": "array"},
+                        },
+                    },
+                    "else": {"properties": {"surveyOptions": {"type": "null"}}},
+                },
+                {
+                    "if": _message_type_in("transaction", "promo"),
+                    "then": {"required": ["text"], "properties": {"text": {"type": "string"}}},
+                },
+            ]
+        },
+    )
+
+    id: str = Field(
+        min_length=1,
+        max_length=MAX_ID_LENGTH,
+        pattern=ID_PATTERN,
+        description="Your tracking id (the provider's trackinId); unique across all messages.",
+    )
+    fromName: str = Field(
+        max_length=MAX_FROM_NAME_LENGTH,
+        pattern=PRINTABLE_PATTERN,
+        description="Sender name shown on the handset; no control characters.",
+    )
+    toPhone: str = Field(
+        pattern=E164_PATTERN,
+        description="Recipient in canonical E.164, valid for its country.",
+        examples=["+380671234567"],
+    )
+    messageType: MessageType = Field(description="Decides which other fields are required.")
+    text: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TEXT_LENGTH,
+        pattern=NOT_BLANK_PATTERN,
+        description=(
+            "Required except for flashcall; at most "
+            f"{MAX_SURVEY_TEXT_LENGTH} characters for viber_survey."
+        ),
+    )
+    ttl: int | None = Field(
+        None, ge=1, le=MAX_TTL_SECONDS, description="Seconds the provider may keep trying."
+    )
+    scheduledSent: str | None = Field(
+        None,
+        pattern=ISO_PATTERN,
+        description="ISO 8601 date-time with a zone ('Z' or an offset): when to send.",
+        examples=["2025-01-25T10:00:00Z"],
+    )
+    surveyOptions: list[SurveyOption] | None = Field(
+        None,
+        min_length=MIN_SURVEY_OPTIONS,
+        max_length=MAX_SURVEY_OPTIONS,
+        json_schema_extra={"uniqueItems": True},
+        description="viber_survey only, and required there.",
+    )
+    route: Route | None = Field(
+        "standard",
+        description="Cascade endpoint: standard, or tg-viber (Telegram and Viber only).",
+    )
+    callbackUrl: str | None = Field(
+        None,
+        max_length=MAX_CALLBACK_URL_LENGTH,
+        pattern=CALLBACK_URL_PATTERN,
+        description="An http(s) URL with a host: the outcome is POSTed there, signed.",
+    )
+    callbackTask: str | None = Field(
+        None,
+        max_length=MAX_CALLBACK_TASK_LENGTH,
+        pattern=CALLBACK_TASK_PATTERN,
+        description="A Celery task sent by name with the outcome: 'name' or 'name@queue'.",
+    )
+    callbackLateAfter: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CALLBACK_LATE_SECONDS,
+        description="Seconds after which an undelivered message is reported late.",
+    )
+
+
+MESSAGES_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "array",
+                "maxItems": MAX_MESSAGES,
+                "items": CascadeMessage.model_json_schema(),
+                "examples": [
+                    [
+                        {
+                            "id": "order-1001",
+                            "fromName": "Shop",
+                            "toPhone": "+380671234567",
+                            "messageType": "transaction",
+                            "text": "Your order is on its way",
+                            "ttl": 3600,
+                        }
+                    ]
+                ],
+                "description": (
+                    f"At most {MAX_MESSAGES:,} messages and {MAX_BODY_BYTES // 2**20} MiB."
+                ),
+            }
+        }
+    },
+}
+
+
+# --- answers -----------------------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    """Why a whole request was refused."""
+
+    detail: str
+
+
+class ValidationProblem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorBody(BaseModel):
+    """A malformed request: where (`loc`) and what (`msg`), FastAPI's own shape."""
+
+    detail: list[ValidationProblem]
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(description="The cascade API's field name, e.g. toPhone.")
+    problem: str
+
+
+class EnqueueResult(BaseModel):
+    """What became of one message: `worker.producer.EnqueueResult.as_dict()`, documented."""
+
+    id: str | None = Field(description="The message's id; null when it had no usable id.")
+    status: Literal["accepted", "duplicate", "rejected"]
+    state: State | None = Field(description="queued when accepted; the known message's state.")
+    errors: list[FieldProblem] = Field(
+        default_factory=list, description="Present only when rejected: every problem found."
+    )
+
+
+class MessageError(BaseModel):
+    code: str
+    message: str | None
+
+
+class MessageEvent(BaseModel):
+    at: Timestamp
+    source: str = Field(description="send, poll, webhook, dlr or system.")
+    from_: State | None = Field(alias="from")
+    to: State
+    detail: str | None
+
+
+class MessageDetail(BaseModel):
+    """One message: its state, every provider field, and its event history."""
+
+    id: str
+    campaign: str | None
+    state: State
+    final: bool
+    messageId: str | None = Field(description="The provider's id, once sent.")
+    route: Route
+    messageType: MessageType
+    deliverystatus: str | None
+    partscount: int | None
+    cost: float | None
+    messagelistId: int | None
+    fallbacks: list[dict[str, Any]] | None
+    extendedStatuses: dict[str, Any] | None = Field(description="Status per cascade channel.")
+    rate: float | None
+    rateAmount: float | None
+    rateCurrency: str | None
+    billAmount: float | None
+    billCurrency: str | None
+    attempts: int
+    unknownOutcomes: int = Field(description="Sends whose answer was lost.")
+    polls: int
+    error: MessageError | None
+    createdAt: Timestamp
+    submittedAt: Timestamp | None
+    finalAt: Timestamp | None
+    finalSource: str | None
+    events: list[MessageEvent]
+
+
+class Money(BaseModel):
+    cost: float
+    bill: float
+    messages: int
+
+
+class Percentiles(BaseModel):
+    p50: float | None
+    p90: float | None
+    p99: float | None
+    max: float | None
+
+
+class Latency(BaseModel):
+    submit_to_final: Percentiles
+    enqueue_to_final: Percentiles
+
+
+class TopError(BaseModel):
+    code: str
+    count: int
+
+
+class CampaignReport(BaseModel):
+    """A campaign in figures: what `cascade campaign report NAME --json` prints."""
+
+    campaign: str
+    total: int
+    states: dict[State, int]
+    final: int
+    all_final: bool
+    sent: int = Field(description="Messages the provider gave a messageId.")
+    delivered: int
+    delivery_rate: float = Field(ge=0, le=1, description="delivered / total")
+    delivery_rate_of_sent: float = Field(ge=0, le=1, description="delivered / sent")
+    cost: float
+    unknown_outcomes: int
+    polls: int
+    finals_by_source: dict[str, int]
+    first_enqueued_at: Timestamp
+    last_final_at: Timestamp | None
+    money: dict[str, Money] = Field(description="Cost and bill per currency.")
+    channels: dict[str, int] = Field(description="Messages per delivering channel.")
+    latency_seconds: Latency
+    top_errors: list[TopError]
+
+
+class Health(BaseModel):
+    database: Literal["ok", "unavailable"]
+    broker: Literal["ok", "unavailable"]
+
+
+# --- dependencies ------------------------------------------------------------------------
+
+
+def app_settings(request: Request) -> Settings:
+    """The settings `create_app` was given; a dependency so tests can override them."""
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(app_settings)]
+
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiToken",
+    description="The API_TOKEN setting, sent as `Authorization: Bearer <API_TOKEN>`.",
+)
+
+
+def _secret(value: SecretStr | None) -> str:
+    return value.get_secret_value() if value else ""
+
+
+def require_token(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    settings: SettingsDep,
+) -> None:
+    """Constant-time comparison, so timing tells nothing about the token."""
+    expected = _secret(settings.api_token).encode()
+    given = credentials.credentials.encode() if credentials else b""
+    if not (expected and hmac.compare_digest(given, expected)):
+        raise HTTPException(
+            401,
+            "missing or wrong token: send Authorization: Bearer <API_TOKEN>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+# --- responses documented per route ----------------------------------------------------------
+
+
+def _error(description: str, model: type[BaseModel] = ErrorBody) -> dict[str, Any]:
+    return {"model": model, "description": description}
+
+
+UNAUTHORIZED = _error("No bearer token, or not API_TOKEN.") | {
+    "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}}
+}
+UNAVAILABLE = _error("The database is unreachable; retry later.")
+
+
+# --- routes ------------------------------------------------------------------------------
+
+producers = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+
+
+@producers.post(
+    "/messages",
+    tags=["messages"],
+    summary="Queue messages",
+    response_model=list[EnqueueResult],
+    response_model_exclude_unset=True,
+    openapi_extra={"requestBody": MESSAGES_BODY},
+    responses={
+        400: _error("The body is not JSON."),
+        401: UNAUTHORIZED,
+        409: _error("The campaign was cancelled: it takes no new messages."),
+        413: _error(
+            f"More than {MAX_MESSAGES:,} messages, or a body over "
+            f"{MAX_BODY_BYTES // 2**20} MiB: split the batch."
+        ),
+        415: _error("The Content-Type is not application/json."),
+        422: _error(
+            "The body is not a JSON array, or the campaign name is invalid.", ValidationErrorBody
+        ),
+        503: UNAVAILABLE,
+    },
+)
+async def post_messages(
+    request: Request,
+    settings: SettingsDep,
+    campaign: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=MAX_CAMPAIGN_LENGTH,
+            pattern=NOT_BLANK_PATTERN,
+            description="Enqueue under this campaign (reports, cancel).",
+            examples=["orders"],
+        ),
+    ] = None,
+    callback_url: Annotated[
+        str | None,
+        Query(
+            alias="callbackUrl",
+            max_length=MAX_CALLBACK_URL_LENGTH,
+            pattern=QUERY_CALLBACK_URL_PATTERN,
+            description="Outcome callback URL for messages without their own "
+            "(stored on the campaign when one is given). See docs/callbacks.md.",
+        ),
+    ] = None,
+    callback_task: Annotated[
+        str | None,
+        Query(
+            alias="callbackTask",
+            max_length=MAX_CALLBACK_TASK_LENGTH - len("@celery"),
+            pattern=CALLBACK_TASK_PATTERN,
+            description="Celery task (`name` or `name@queue`) sent every outcome, for "
+            "messages without their own.",
+        ),
+    ] = None,
+) -> Any:
+    """Answer one result per message, in order: accepted, duplicate (the id is known, and
+    `state` says where that message is) or rejected with every problem found. One bad
+    message never fails the request."""
+    body = await read_body(request)
+    callbacks = (callback_url, callback_task)
+    return await run_in_threadpool(intake, body, campaign, callbacks, settings)
+
+
+@producers.get(
+    "/messages/{id}",
+    tags=["messages"],
+    summary="One message and its history",
+    response_model=MessageDetail,
+    responses={
+        401: UNAUTHORIZED,
+        404: _error("No message has this id."),
+        422: _error("The id cannot be a message id.", ValidationErrorBody),
+        503: UNAVAILABLE,
+    },
+)
+def get_message(
+    id: Annotated[
+        str,
+        Path(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN, examples=["order-1001"]),
+    ],
+    settings: SettingsDep,
+) -> Any:
+    """What `cascade message show ID --json` prints."""
+    detail = message_detail(get_engine(settings.database_url), id)
+    if detail is None:
+        raise HTTPException(404, f"no message with id {id!r}")
+    return detail
+
+
+@producers.get(
+    "/campaigns/{campaign:path}",
+    tags=["campaigns"],
+    summary="A campaign's report",
+    response_model=CampaignReport,
+    responses={
+        401: UNAUTHORIZED,
+        404: _error("No stored message has this campaign."),
+        422: _error("The name cannot be a campaign name.", ValidationErrorBody),
+        503: UNAVAILABLE,
+    },
+)
+def get_campaign(
+    campaign: Annotated[
+        str,
+        Path(
+            min_length=1,
+            max_length=MAX_CAMPAIGN_LENGTH,
+            pattern=NOT_BLANK_PATTERN,
+            examples=["orders"],
+        ),
+    ],
+    settings: SettingsDep,
+) -> Any:
+    """What `cascade campaign report NAME --json` prints."""
+    report = campaign_report(get_engine(settings.database_url), campaign)
+    if report is None:
+        raise HTTPException(404, f"no campaign named {campaign!r}")
+    return report
+
+
+probes = APIRouter(tags=["health"])
+
+
+@probes.get(
+    "/healthz",
+    summary="Database and broker reachable",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "The one marked unavailable is down."}},
+)
+def healthz(settings: SettingsDep, response: Response) -> Health:
+    """A `SELECT 1` and a Redis PING; no token, so load balancers can probe it."""
+    health = Health(
+        database=_probe("database", _ping_database, settings.database_url),
+        broker=_probe("broker", _ping_broker, settings.broker_url),
+    )
+    if "unavailable" in (health.database, health.broker):
+        response.status_code = 503
+    return health
+
+
+# --- the work behind the routes ------------------------------------------------------------
+
+
+async def read_body(request: Request) -> bytes:
+    """Read at most MAX_BODY_BYTES: an oversized body is refused before it fills memory."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if not _is_json(media_type):
+        raise HTTPException(415, "send the messages as Content-Type: application/json")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise _too_large()
+    return bytes(body)
+
+
+def _is_json(media_type: str) -> bool:
+    """application/json or a +json type, as FastAPI requires of JSON bodies."""
+    kind, _, subtype = media_type.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def intake(
+    body: bytes,
+    campaign: str | None,
+    callbacks: tuple[str | None, str | None],
+    settings: Settings,
+) -> list[dict[str, Any]]:
+    """Parse and enqueue, off the event loop: both are CPU or database work."""
+    messages = parse_messages(body)
+    try:
+        check_campaign(campaign)
+    except ValueError as exc:
+        raise _invalid(["query", "campaign"], str(exc), "value_error") from None
+    url, task = callbacks
+    for name, value in (("callbackUrl", (url, None)), ("callbackTask", (None, task))):
+        try:
+            campaign_callbacks(*value)
+        except ValueError as exc:
+            raise _invalid(["query", name], str(exc), "value_error") from None
+    try:
+        results = enqueue(
+            messages, campaign, settings=settings, callback_url=url, callback_task=task
+        )
+    except CampaignCancelled as exc:
+        raise HTTPException(409, str(exc)) from None
+    return [result.as_dict() for result in results]
+
+
+def parse_messages(body: bytes) -> list[Any]:
+    """The JSON array, items untouched: each item is judged by `validate_message`.
+
+    The standard library keeps big integers exact (orjson turns them into floats), so a
+    producer's mistake is reported as what it sent.
+    """
+    try:
+        data = json.loads(body, parse_constant=_refuse_constant)
+    except ValueError as exc:
+        raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, list):
+        got = JSON_KINDS.get(type(data), "a value")
+        raise _invalid(["body"], f"must be a JSON array of message objects, got {got}")
+    if len(data) > MAX_MESSAGES:
+        raise _too_large()
+    return data
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _too_large() -> HTTPException:
+    return HTTPException(
+        413,
+        f"at most {MAX_MESSAGES:,} messages and {MAX_BODY_BYTES // 2**20} MiB per request; "
+        "split the batch",
+    )
+
+
+def _invalid(loc: list[str | int], msg: str, kind: str = "list_type") -> RequestValidationError:
+    """A refusal in FastAPI's own 422 shape, so every 422 reads alike."""
+    return RequestValidationError([{"type": kind, "loc": loc, "msg": msg}])
+
+
+def _probe(name: str, check: Callable[[str], None], url: str) -> Literal["ok", "unavailable"]:
+    try:
+        check(url)
+    except Exception as exc:  # any failure means unavailable; the log says which
+        log.warning("healthz: the %s is unavailable: %s", name, exc)
+        return "unavailable"
+    return "ok"
+
+
+def _ping_database(url: str) -> None:
+    with get_engine(url).connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def _ping_broker(url: str) -> None:
+    client = redis.Redis.from_url(
+        url,
+        socket_connect_timeout=BROKER_TIMEOUT_SECONDS,
+        socket_timeout=BROKER_TIMEOUT_SECONDS,
+    )
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """A database outage is temporary: 503 tells producers to retry, a 500 would not."""
+    log.error("database unavailable during %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": "the database is unavailable; retry later"}, status_code=503)
+
+
+# --- the app -------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    app = FastAPI(
+        title="Cascade delivery worker",
+        version=version("cascade-worker"),
+        description=DESCRIPTION,
+    )
+    app.state.settings = settings or get_settings()
+    app.add_exception_handler(OperationalError, _database_unavailable)
+    app.include_router(producers)
+    app.include_router(probes)
+    app.include_router(webhooks.router)
+    return app
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    """Run the API under uvicorn. Without API_TOKEN no producer could ever be let in,
+    so refuse to start rather than serve an API that answers 401 to everyone."""
+    logging.basicConfig(level=logging.INFO)
+    if not _secret(settings.api_token):
+        raise SystemExit(
+            "refusing to start the API: API_TOKEN is not set "
+            "(producers send it as Authorization: Bearer <API_TOKEN>)"
+        )
+    if not _secret(settings.webhook_token):
+        log.warning("WEBHOOK_TOKEN is not set: provider webhooks cannot be authenticated")
+    # No access log: BulkGate can only send its token in the URL (?token=…).
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
