@@ -135,7 +135,8 @@ class Settings(BaseSettings):
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(f"must start with http:// or https://, got {value!r}")
+            scheme = value.partition(":")[0]
+            raise ValueError(f"must start with http:// or https://, got scheme {scheme!r}")
         return value.rstrip("/") if value else value
 
     @field_validator("flower_basic_auth")

@@ -635,6 +635,8 @@ def parse_messages(body: bytes) -> list[Any]:
         data = json.loads(body, parse_constant=_refuse_constant)
     except ValueError as exc:
         raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise HTTPException(400, "the body is nested too deeply") from None
     if not isinstance(data, list):
         got = JSON_KINDS.get(type(data), "a value")
         raise _invalid(["body"], f"must be a JSON array of message objects, got {got}")

@@ -30,7 +30,7 @@ from sqlalchemy import Connection, Engine, Row, bindparam, insert, select, updat
 
 from config import Settings
 from worker.backoff import parse_retry_after, send_retry_delay
-from worker.db import utcnow
+from worker.db import claim_rows, utcnow
 from worker.models import callbacks, messages
 from worker.redact import mask_url
 from worker.signing import sign
@@ -162,22 +162,15 @@ def lease_seconds(settings: Settings) -> float:
 def claim_due(engine: Engine, now: datetime, limit: int, lease: float) -> list[Row[Any]]:
     """Take due callbacks; the lease (also the record's token) makes a lost run come due again."""
     until = now + timedelta(seconds=lease)
-    chosen = (
-        select(callbacks.c.pk)
-        .where(callbacks.c.state == PENDING, callbacks.c.next_attempt_at <= now)
-        .order_by(callbacks.c.next_attempt_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
+    return claim_rows(
+        engine,
+        callbacks,
+        where=[callbacks.c.state == PENDING, callbacks.c.next_attempt_at <= now],
+        order_by=[callbacks.c.next_attempt_at],
+        limit=limit,
+        values={"next_attempt_at": until, "lease_until": until},
+        returning=list(callbacks.c),
     )
-    stmt = (
-        update(callbacks)
-        .where(callbacks.c.pk.in_(chosen), callbacks.c.state == PENDING)
-        .values(next_attempt_at=until, lease_until=until)
-        .returning(*callbacks.c)
-    )
-    with engine.begin() as conn:
-        return list(conn.execute(stmt))
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +257,8 @@ async def post(client: httpx.AsyncClient, job: Job, secret: str | None, timeout:
             )
     except (TimeoutError, httpx.TimeoutException):
         return Result(job.pk, "retry", f"no answer within {timeout:g} s")
+    except (httpx.InvalidURL, UnicodeError, ValueError) as exc:  # no request can ever go out
+        return Result(job.pk, "refused", f"the URL cannot be used: {exc}")
     except httpx.HTTPError as exc:  # connection refused, reset, DNS, TLS: try again later
         return Result(job.pk, "retry", f"{type(exc).__name__}: {exc}"[:ERROR_CHARS])
     return judge(job.pk, response.status_code, response.text, response.headers.get("Retry-After"))

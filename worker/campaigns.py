@@ -26,19 +26,9 @@ from config import Settings
 from worker.db import is_sqlite, utcnow
 from worker.models import campaigns, events, messages
 from worker.states import FINAL, State
-from worker.validation import NO_CALLBACKS, Callbacks, campaign_callbacks
+from worker.validation import FIELDS, NO_CALLBACKS, Callbacks, campaign_callbacks
 
-API_COLUMNS = (
-    "id",
-    "fromName",
-    "toPhone",
-    "messageType",
-    "text",
-    "ttl",
-    "scheduledSent",
-    "surveyOptions",
-    "route",
-)
+API_COLUMNS = FIELDS  # CSV headers are the message fields, matched case-insensitively
 _CANONICAL = {name.lower(): name for name in API_COLUMNS}
 CHUNK = 1000
 SNIFF_BYTES = 64 * 1024
@@ -364,8 +354,9 @@ def to_message(row: Row, defaults: Defaults, campaign: str) -> dict[str, Any]:
             message[key] = default
     if "text" not in message and defaults.text:
         message["text"] = defaults.text.format_map(row.values)
-    if "ttl" in message and isinstance(message["ttl"], str):
-        message["ttl"] = int(message["ttl"]) if message["ttl"].isdigit() else message["ttl"]
+    for number in ("ttl", "callbackLateAfter"):  # CSV cells are text; validation wants ints
+        if isinstance(message.get(number), str) and message[number].isdecimal():
+            message[number] = int(message[number])
     if "surveyOptions" in message:
         message["surveyOptions"] = [o.strip() for o in message["surveyOptions"].split("|")]
     if "id" not in message:

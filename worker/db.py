@@ -8,12 +8,14 @@ drops `FOR UPDATE SKIP LOCKED` on SQLite, and this is what makes claims safe the
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, Row, Table, create_engine, event, select, update
 from sqlalchemy.pool import NullPool
+from sqlalchemy.sql import ColumnElement
 
 
 def utcnow() -> datetime:
@@ -41,11 +43,14 @@ def _sqlite_begin(conn: Connection) -> None:
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 60})
+        engine = create_engine(
+            url, poolclass=NullPool, connect_args={"timeout": 60}, hide_parameters=True
+        )
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True)
+    # hide_parameters: a database error must not carry phone numbers or texts into logs.
+    return create_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True, hide_parameters=True)
 
 
 @lru_cache(maxsize=4)
@@ -60,3 +65,36 @@ def get_engine(url: str | None = None) -> Engine:
 
         url = get_settings().database_url
     return _engine_for(url, os.getpid())
+
+
+def claim_rows(
+    engine: Engine,
+    table: Table,
+    *,
+    where: Sequence[ColumnElement[bool]],
+    order_by: Sequence[ColumnElement[Any]],
+    limit: int,
+    values: dict[str, Any],
+    returning: Sequence[ColumnElement[Any]],
+) -> list[Row[Any]]:
+    """Take up to `limit` rows in one statement and commit before the caller does any I/O.
+
+    PostgreSQL: `FOR UPDATE SKIP LOCKED` lets concurrent claimers pass each other. SQLite
+    drops that clause, and the `BEGIN IMMEDIATE` of every transaction serialises claims.
+    """
+    # A materialised CTE runs once: PostgreSQL may re-run an IN (…LIMIT…) subquery per row
+    # and then take more than `limit` rows.
+    chosen = (
+        select(table.c.pk)
+        .where(*where)
+        .order_by(*order_by)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("chosen")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
+    )
+    stmt = (
+        update(table).where(table.c.pk == chosen.c.pk, *where).values(values).returning(*returning)
+    )
+    with engine.begin() as conn:
+        return list(conn.execute(stmt))

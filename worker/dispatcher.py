@@ -9,6 +9,7 @@ overwritten by the worker that lost it.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from sqlalchemy import Engine, Row, bindparam, func, insert, select, update
 from config import Settings
 from worker.backoff import poll_deadline, send_retry_delay
 from worker.campaigns import cancelled_campaigns
-from worker.db import utcnow
+from worker.db import claim_rows, utcnow
 from worker.models import events, messages
 from worker.pacing import Pacing
 from worker.smsbat import (
@@ -168,26 +169,19 @@ def claim(
     engine: Engine, route: str, now: datetime, limit: int, lease: float, token: str
 ) -> list[Row[Any]]:
     """Take up to `limit` ready messages, urgent types first, in one statement."""
-    chosen = (
-        select(messages.c.pk)
-        .where(*_ready_filter(route, now))
-        .order_by(messages.c.priority, messages.c.pk)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
+    return claim_rows(
+        engine,
+        messages,
+        where=_ready_filter(route, now),
+        order_by=[messages.c.priority, messages.c.pk],
+        limit=limit,
+        values={
+            "state": State.SENDING,
+            "claim_token": token,
+            "lease_until": now + timedelta(seconds=lease),
+        },
+        returning=_CLAIM_COLUMNS,
     )
-    stmt = (
-        update(messages)
-        .where(messages.c.pk.in_(chosen))
-        .values(
-            state=State.SENDING,
-            claim_token=token,
-            lease_until=now + timedelta(seconds=lease),
-        )
-        .returning(*_CLAIM_COLUMNS)
-    )
-    with engine.begin() as conn:
-        return list(conn.execute(stmt))
 
 
 def provider_payload(row: Row[Any]) -> dict[str, Any]:
@@ -395,60 +389,89 @@ def deliver(
     route: str,
     rows: Sequence[Row[Any]],
 ) -> tuple[list[Outcome], int]:
-    """POST the rows; isolate a 400 by halving; answer the outcome of every row."""
+    """POST the rows; isolate a 400 by halving; answer the outcome of every row.
+
+    Whatever stops the loop early (a pause, half the lease spent on a long isolation, a
+    soft time limit, Redis failing) still answers for every row, so the claim is recorded
+    now instead of waiting for its lease to run out.
+    """
     payloads = {row.pk: provider_payload(row) for row in rows}
     outcomes: list[Outcome] = []
     pending: list[list[Row[Any]]] = [list(rows)] if rows else []
     requests = 0
-    while pending:
-        chunk = pending.pop()
-        pacing.acquire("send:requests", settings.send_requests_per_second)
-        pacing.acquire("send:messages", settings.send_messages_per_second, len(chunk))
-        paused = max(pacing.paused_for(THROTTLE), pacing.paused_for(CIRCUIT))
-        if paused:  # another worker was told to back off while we were claiming
-            held = [row for part in [chunk, *pending] for row in part]
-            outcomes += [Retry(r.pk, "paused", False, paused) for r in held]
-            break
-        requests += 1
-        try:
-            accepted = client.send(route, [payloads[row.pk] for row in chunk])
-        except BadRequest as exc:
-            if len(chunk) == 1:
-                outcomes.append(Rejected(chunk[0].pk, exc.code, exc.message))
-            else:
-                half = len(chunk) // 2
-                pending += [chunk[half:], chunk[:half]]
-            continue
-        except Throttled as exc:
-            pacing.pause(THROTTLE, exc.retry_after)
-            log.warning("provider throttled sends: pausing all workers %.1fs", exc.retry_after)
-            held = [row for part in [chunk, *pending] for row in part]
-            outcomes += [Retry(r.pk, "HTTP 429", False, exc.retry_after) for r in held]
-            break
-        except Unauthorized as exc:
-            pacing.pause(CIRCUIT, settings.circuit_open_seconds)
-            log.error(
-                "provider refused our credentials (%s): sending stopped for %.0fs, "
-                "messages stay queued; check SMSBAT_API_KEY",
-                exc,
-                settings.circuit_open_seconds,
-            )
-            held = [row for part in [chunk, *pending] for row in part]
-            outcomes += [Retry(r.pk, "HTTP 401", False) for r in held]
-            break
-        except Unavailable as exc:
-            outcomes += [Retry(r.pk, str(exc), True) for r in chunk]
-            continue
-        except OutcomeUnknown as exc:
-            log.warning("send outcome unknown for %d messages: %s", len(chunk), exc)
-            outcomes += [Unknown(r.pk, str(exc)) for r in chunk]
-            continue
-        for row in chunk:
-            message_id = accepted.get(row.id)
-            if message_id:
-                outcomes.append(Submitted(row.pk, message_id))
-            else:
-                outcomes.append(Retry(row.pk, "missing from the provider's answer", True))
+    budget_ends = time.monotonic() + settings.send_lease_seconds / 2
+    in_flight: list[Row[Any]] = []
+
+    def hold(reason: str, delay: float = 0.0) -> None:
+        held = [row for part in pending for row in part]
+        outcomes.extend(Retry(r.pk, reason, False, delay) for r in held)
+        pending.clear()
+
+    try:
+        while pending:
+            if time.monotonic() > budget_ends:
+                hold("batch took half its lease; the rest goes in a later batch")
+                break
+            chunk = pending.pop()
+            pending.append(chunk)  # held with the rest if we stop before sending it
+            pacing.acquire("send:requests", settings.send_requests_per_second)
+            pacing.acquire("send:messages", settings.send_messages_per_second, len(chunk))
+            paused = max(pacing.paused_for(THROTTLE), pacing.paused_for(CIRCUIT))
+            if paused:  # another worker was told to back off while we were claiming
+                hold("paused", paused)
+                break
+            pending.pop()
+            requests += 1
+            in_flight = chunk
+            try:
+                accepted = client.send(route, [payloads[row.pk] for row in chunk])
+            except BadRequest as exc:
+                in_flight = []
+                if len(chunk) == 1:
+                    outcomes.append(Rejected(chunk[0].pk, exc.code, exc.message))
+                else:
+                    half = len(chunk) // 2
+                    pending += [chunk[half:], chunk[:half]]
+                continue
+            except Throttled as exc:
+                in_flight = []
+                pacing.pause(THROTTLE, exc.retry_after)
+                log.warning("provider throttled sends: pausing all workers %.1fs", exc.retry_after)
+                pending.append(chunk)
+                hold("HTTP 429", exc.retry_after)
+                break
+            except Unauthorized as exc:
+                in_flight = []
+                pacing.pause(CIRCUIT, settings.circuit_open_seconds)
+                log.error(
+                    "provider refused our credentials (%s): sending stopped for %.0fs, "
+                    "messages stay queued; check SMSBAT_API_KEY",
+                    exc,
+                    settings.circuit_open_seconds,
+                )
+                pending.append(chunk)
+                hold("HTTP 401")
+                break
+            except Unavailable as exc:
+                in_flight = []
+                outcomes += [Retry(r.pk, str(exc), True) for r in chunk]
+                continue
+            except OutcomeUnknown as exc:
+                in_flight = []
+                log.warning("send outcome unknown for %d messages: %s", len(chunk), exc)
+                outcomes += [Unknown(r.pk, str(exc)) for r in chunk]
+                continue
+            in_flight = []
+            for row in chunk:
+                message_id = accepted.get(row.id)
+                if message_id:
+                    outcomes.append(Submitted(row.pk, message_id))
+                else:
+                    outcomes.append(Retry(row.pk, "missing from the provider's answer", True))
+    except Exception as exc:
+        log.error("send batch interrupted (%s); recording what is known", type(exc).__name__)
+        outcomes += [Unknown(r.pk, f"interrupted: {type(exc).__name__}") for r in in_flight]
+        hold(f"interrupted: {type(exc).__name__}")
     return outcomes, requests
 
 

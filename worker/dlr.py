@@ -224,7 +224,7 @@ def _each(data: Any, parse: Callable[[Any], T]) -> list[T | ParseError]:
     for index, item in enumerate(items):
         try:
             results.append(parse(item))
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:  # OverflowError: a date beyond year 1..9999
             results.append(ParseError(index, str(exc)))
     return results
 

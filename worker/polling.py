@@ -19,7 +19,7 @@ from sqlalchemy import Engine, Row, bindparam, insert, select, update
 
 from config import Settings
 from worker.backoff import poll_interval
-from worker.db import utcnow
+from worker.db import claim_rows, utcnow
 from worker.models import events, messages
 from worker.pacing import Pacing
 from worker.smsbat import (
@@ -49,22 +49,16 @@ class PollReport:
 
 def claim_due(engine: Engine, now: datetime, limit: int, lease: float) -> list[int]:
     """Take up to `limit` messages due for a check, pushing their next check out by a lease."""
-    chosen = (
-        select(messages.c.pk)
-        .where(messages.c.next_poll_at <= now)
-        .order_by(messages.c.next_poll_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
+    rows = claim_rows(
+        engine,
+        messages,
+        where=[messages.c.next_poll_at <= now],
+        order_by=[messages.c.next_poll_at],
+        limit=limit,
+        values={"next_poll_at": now + timedelta(seconds=lease)},
+        returning=[messages.c.pk],
     )
-    stmt = (
-        update(messages)
-        .where(messages.c.pk.in_(chosen))
-        .values(next_poll_at=now + timedelta(seconds=lease))
-        .returning(messages.c.pk)
-    )
-    with engine.begin() as conn:
-        return list(conn.execute(stmt).scalars())
+    return [row.pk for row in rows]
 
 
 def _due(row: Row[Any], now: datetime, min_gap: float) -> bool:

@@ -16,6 +16,7 @@ Exceptions say what the caller may do next:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -126,6 +127,16 @@ def _string(data: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+def _within(value: float | None, top: int) -> int | None:
+    """An integer the column can hold; an impossible one is dropped, not the whole batch."""
+    return int(value) if value is not None and 0 <= value <= top else None
+
+
+def _currency(data: Mapping[str, Any], key: str) -> str | None:
+    value = _string(data, key)
+    return value if value is None or len(value) <= 8 else None
+
+
 def parse_status(data: Any, message_id: str) -> StatusReport:
     """Check a status answer's shape; raise ValueError naming the bad field."""
     if not isinstance(data, Mapping):
@@ -147,16 +158,16 @@ def parse_status(data: Any, message_id: str) -> StatusReport:
         message_id=message_id,
         state=PROVIDER_STATES[status.lower()],
         deliverystatus=status.lower(),
-        partscount=None if partscount is None else int(partscount),
+        partscount=_within(partscount, 2**31 - 1),
         cost=_number(data, "cost"),
-        messagelist_id=None if messagelist_id is None else int(messagelist_id),
+        messagelist_id=_within(messagelist_id, 2**63 - 1),
         fallbacks=fallbacks,
         extended_statuses=extended,
         rate=_number(data, "rate"),
         rate_amount=_number(data, "rateAmount"),
-        rate_currency=_string(data, "rateCurrency"),
+        rate_currency=_currency(data, "rateCurrency"),
         bill_amount=_number(data, "billAmount"),
-        bill_currency=_string(data, "billCurrency"),
+        bill_currency=_currency(data, "billCurrency"),
     )
 
 
@@ -170,9 +181,17 @@ def parse_send_answer(body: bytes) -> dict[str, str]:
         if not isinstance(item, dict):
             raise ValueError("send answer items must be objects")
         tracking, message_id = item.get("trackinId"), item.get("messageId")
-        if isinstance(tracking, str) and isinstance(message_id, str) and message_id:
+        if isinstance(tracking, str) and _usable_message_id(message_id):
             accepted[tracking] = message_id
     return accepted
+
+
+_MESSAGE_ID = re.compile(r"[A-Za-z0-9._~:-]{1,64}")
+
+
+def _usable_message_id(value: object) -> bool:
+    """Fits the column and a status URL; anything else counts as not confirmed."""
+    return isinstance(value, str) and _MESSAGE_ID.fullmatch(value) is not None
 
 
 def parse_error(body: bytes) -> BadRequest:
@@ -183,7 +202,7 @@ def parse_error(body: bytes) -> BadRequest:
     if not isinstance(error, dict):
         error = {}
     return BadRequest(
-        str(error.get("code") or "BAD_REQUEST"),
+        str(error.get("code") or "BAD_REQUEST")[:64],
         str(error.get("message") or "the provider refused the request"),
         error.get("field") if isinstance(error.get("field"), str) else None,
     )
@@ -278,7 +297,7 @@ class SendClient:
         except (httpx.WriteError, httpx.WriteTimeout) as exc:
             # The body never arrived whole, so the provider cannot have parsed it.
             raise Unavailable(f"{type(exc).__name__} while writing the request") from None
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:  # read errors, protocol errors, undecodable answers
             raise OutcomeUnknown(f"{type(exc).__name__} after the request was written") from None
         _raise_for_status(response, sending=True, retry_after=self._retry_after)
         try:
@@ -310,7 +329,7 @@ class StatusClient:
     async def status(self, message_id: str) -> StatusReport:
         try:
             response = await self._client.get(f"/bat/message/{message_id}")
-        except httpx.TransportError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise Unavailable(f"{type(exc).__name__} on status check") from None
         _raise_for_status(response, sending=False, retry_after=self._retry_after)
         try:

@@ -34,7 +34,7 @@ MAX_CALLBACK_TASK_LENGTH = 200  # the column, with the queue: "name@queue"
 MAX_CALLBACK_LATE_SECONDS = MAX_TTL_SECONDS
 DEFAULT_CALLBACK_QUEUE = "celery"  # Celery's own default queue
 
-_FIELDS = (
+FIELDS = (  # every field a message may carry: the cascade API's, then ours
     "id",
     "fromName",
     "toPhone",
@@ -48,9 +48,9 @@ _FIELDS = (
     "callbackTask",
     "callbackLateAfter",
 )
-_FIELD_SET = frozenset(_FIELDS)
-_ALLOWED = ", ".join(_FIELDS)
-_FOLDED_FIELDS = {name.lower(): name for name in _FIELDS}
+_FIELD_SET = frozenset(FIELDS)
+_ALLOWED = ", ".join(FIELDS)
+_FOLDED_FIELDS = {name.lower(): name for name in FIELDS}
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")

@@ -105,16 +105,10 @@ WakerDep = Annotated[Callable[[str], None], Depends(webhook_waker)]
 
 def wake_reports(broker_url: str) -> None:
     """Ask for `cascade.apply_reports` now; harmless if it fails, beat runs it anyway."""
+    from worker.producer import wake
     from worker.tasks import apply_reports
 
-    app = apply_reports.app
-    # No connection retries: with Redis down, kombu's default retrying holds a thread ~6 s.
-    options = {**app.conf.broker_transport_options, "max_retries": 0}
-    try:
-        with app.connection_for_write(broker_url, transport_options=options) as conn:
-            apply_reports.apply_async(retry=False, connection=conn)
-    except Exception as exc:  # beat runs it every REPORTS_INTERVAL_SECONDS
-        log.warning("could not wake cascade.apply_reports (%s); the next beat tick will", exc)
+    wake(apply_reports, broker_url)
 
 
 # --- the checks, in order: configured, token, size, signature ----------------------------------
@@ -163,7 +157,7 @@ def _check_signature(request: Request, signed: bytes, settings: Settings, now: f
     presented = request.headers.get(SIGNATURE_HEADER, "").strip().lower()
     if not stamp or not presented:
         raise _refuse(request, 401, f"{TIMESTAMP_HEADER} and {SIGNATURE_HEADER} are required")
-    if not (stamp.isascii() and stamp.isdigit()):
+    if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
         raise _refuse(request, 401, f"{TIMESTAMP_HEADER} must be unix seconds")
     if abs(now - int(stamp)) > settings.webhook_signature_tolerance_seconds:
         raise _refuse(request, 401, f"{TIMESTAMP_HEADER} is outside the tolerance window")
