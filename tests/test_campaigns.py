@@ -226,6 +226,22 @@ def test_a_cancelled_campaign_never_retries_nor_resends(settings: Settings) -> N
     assert after[lost_answer] == ("failed", 1, "UNKNOWN_OUTCOME")  # counted, never resent
 
 
+def test_a_cancel_between_the_campaign_check_and_the_insert_still_wins(
+    settings: Settings,
+) -> None:
+    from worker.producer import enqueue, row_for, store
+
+    engine = get_engine(settings.database_url)
+    enqueue(make_messages(1, "race"), "race", settings=settings, kick=False)  # the campaign
+    cancel_campaign(engine, "race")
+    late = validate_message(make_messages(1, "race", start=1)[0], now=utcnow())
+    assert not isinstance(late, list)
+
+    with pytest.raises(CampaignCancelled):  # as if ensure_campaign had run just before
+        store(engine, [row_for(late, "race", utcnow())], "race")
+    assert count(settings.database_url, "race") == 1
+
+
 def test_cancelled_campaign_takes_no_new_messages(settings: Settings) -> None:
     from worker.producer import enqueue
 

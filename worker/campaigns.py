@@ -39,7 +39,8 @@ class CampaignError(ValueError):
 
 
 class CampaignCancelled(ValueError):
-    pass
+    def __init__(self, name: str) -> None:
+        super().__init__(f"campaign {name!r} was cancelled; use a new name")
 
 
 # --- the campaign row ----------------------------------------------------------------
@@ -64,7 +65,7 @@ def ensure_campaign(engine: Engine, name: str, callbacks: Callbacks = NO_CALLBAC
             ).where(campaigns.c.name == name)
         ).one()
         if row.cancelled_at is not None:
-            raise CampaignCancelled(f"campaign {name!r} was cancelled; use a new name")
+            raise CampaignCancelled(name)
         if not (callbacks.url or callbacks.task):
             return Callbacks(row.callback_url, row.callback_task)
         conn.execute(

@@ -19,9 +19,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from config import Settings, get_settings
-from worker.campaigns import ensure_campaign
+from worker.campaigns import CampaignCancelled, ensure_campaign
 from worker.db import get_engine, is_sqlite, utcnow
-from worker.models import messages
+from worker.models import campaigns, messages
 from worker.states import State
 from worker.validation import (
     FieldError,
@@ -107,13 +107,25 @@ def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def store(engine: Engine, rows: list[dict[str, Any]]) -> set[str]:
-    """Insert rows whose id is new; answer the ids actually inserted."""
+def store(engine: Engine, rows: list[dict[str, Any]], campaign: str | None = None) -> set[str]:
+    """Insert rows whose id is new; answer the ids actually inserted.
+
+    The campaign row is read under a share lock in the same transaction, so a cancel either
+    commits first (and nothing is inserted) or waits and then cancels these rows too.
+    """
     if not rows:
         return set()
     insert = sqlite_insert if is_sqlite(engine) else pg_insert
     stmt = insert(messages).on_conflict_do_nothing(index_elements=["id"]).returning(messages.c.id)
     with engine.begin() as conn:
+        if campaign is not None:
+            cancelled = conn.execute(
+                select(campaigns.c.cancelled_at)
+                .where(campaigns.c.name == campaign)
+                .with_for_update(read=True)
+            ).scalar_one_or_none()
+            if cancelled is not None:
+                raise CampaignCancelled(campaign)
         return set(conn.execute(stmt, rows).scalars())
 
 
@@ -172,7 +184,7 @@ def enqueue(
                 seen.add(checked.id)
                 rows.append(row_for(checked, campaign, now))
                 chunk_results.append(None)
-        inserted = store(engine, rows)
+        inserted = store(engine, rows, campaign)
         accepted_any = accepted_any or bool(inserted)
         known = existing_states(engine, {r["id"] for r in rows} - inserted)
         pending = iter(rows)
