@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, bindparam, insert, select, update
+from sqlalchemy import Engine, Row, select
 
 from config import Settings
 from worker.backoff import poll_interval
-from worker.db import claim_rows, utcnow
+from worker.db import bulk_update, claim_rows, insert_rows, utcnow
 from worker.models import events, messages
 from worker.pacing import Pacing
 from worker.smsbat import (
@@ -152,7 +152,7 @@ def record_polls(
     """Apply answers forward-only, schedule the next check of every unfinished message."""
     now = utcnow()
     counts: dict[str, int] = {}
-    updates: list[dict[str, Any]] = []
+    changes: dict[int, dict[str, Any]] = {}
     journal: list[dict[str, Any]] = []
     with engine.begin() as conn:
         rows = conn.execute(
@@ -192,18 +192,9 @@ def record_polls(
                         else _describe(checked[1] if checked else None),
                     }
                 )
-            updates.append(change | {"b_pk": row.pk})
-        for shape in _group_by_keys(updates):
-            stmt = (
-                update(messages)
-                .where(messages.c.pk == bindparam("b_pk"))
-                .values({k: bindparam("v_" + k) for k in shape[0] if k != "b_pk"})
-            )
-            conn.execute(
-                stmt, [{("v_" + k if k != "b_pk" else k): v for k, v in u.items()} for u in shape]
-            )
-        if journal:
-            conn.execute(insert(events), journal)
+            changes[row.pk] = change
+        bulk_update(conn, messages, changes)
+        insert_rows(conn, events, journal)
     return counts
 
 
@@ -221,13 +212,6 @@ def _describe(result: Answer | None) -> str | None:
     if isinstance(result, StatusReport):
         return f"deliverystatus {result.deliverystatus}"
     return None
-
-
-def _group_by_keys(updates: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for u in updates:
-        groups.setdefault(tuple(sorted(u)), []).append(u)
-    return list(groups.values())
 
 
 def _next(

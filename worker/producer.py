@@ -15,12 +15,10 @@ from itertools import islice
 from typing import Any, Literal
 
 from sqlalchemy import Engine, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from config import Settings, get_settings
 from worker.campaigns import CampaignCancelled, ensure_campaign
-from worker.db import get_engine, is_sqlite, utcnow
+from worker.db import get_engine, insert_new, utcnow
 from worker.models import campaigns, messages
 from worker.states import State
 from worker.validation import (
@@ -115,8 +113,6 @@ def store(engine: Engine, rows: list[dict[str, Any]], campaign: str | None = Non
     """
     if not rows:
         return set()
-    insert = sqlite_insert if is_sqlite(engine) else pg_insert
-    stmt = insert(messages).on_conflict_do_nothing(index_elements=["id"]).returning(messages.c.id)
     with engine.begin() as conn:
         if campaign is not None:
             cancelled = conn.execute(
@@ -126,7 +122,7 @@ def store(engine: Engine, rows: list[dict[str, Any]], campaign: str | None = Non
             ).scalar_one_or_none()
             if cancelled is not None:
                 raise CampaignCancelled(campaign)
-        return set(conn.execute(stmt, rows).scalars())
+        return insert_new(conn, messages, rows, key="id")
 
 
 def existing_states(engine: Engine, ids: Iterable[str]) -> dict[str, str]:
