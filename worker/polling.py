@@ -8,9 +8,9 @@ became final or was polled less than the minimum gap ago.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -73,29 +73,28 @@ Answer = StatusReport | ProviderError
 Checked = tuple[datetime, Answer]  # when the request went out, and what came back
 
 
-async def check_all(
+def check_all(
     client: StatusClient,
     pacing: Pacing,
     settings: Settings,
     message_ids: Sequence[str],
+    threads: Executor,
 ) -> dict[str, Checked]:
     """Check every id concurrently, within the shared status request rate."""
     results: dict[str, Checked] = {}
-    gate = asyncio.Semaphore(settings.poll_concurrency)
 
-    async def one(message_id: str) -> None:
-        async with gate:
-            at = utcnow()
-            try:
-                results[message_id] = (at, await client.status(message_id))
-            except ProviderError as exc:
-                results[message_id] = (at, exc)
+    def one(message_id: str) -> tuple[str, Checked]:
+        at = utcnow()
+        try:
+            return message_id, (at, client.status(message_id))
+        except ProviderError as exc:
+            return message_id, (at, exc)
 
     step = settings.status_requests_per_second or len(message_ids) or 1
     for start in range(0, len(message_ids), step):
         chunk = message_ids[start : start + step]
         pacing.acquire("poll:requests", settings.status_requests_per_second, len(chunk))
-        await asyncio.gather(*(one(m) for m in chunk))
+        results.update(threads.map(one, chunk))
         if any(isinstance(results[m][1], Throttled | Unauthorized) for m in chunk):
             break
     return results
@@ -107,7 +106,7 @@ def poll_batch(
     pacing: Pacing,
     settings: Settings,
     pks: Sequence[int],
-    run: Any = asyncio.run,
+    threads: Executor,
 ) -> PollReport:
     """The body of `cascade.poll_batch`: check the given messages and record what came back."""
     report = PollReport()
@@ -128,7 +127,8 @@ def poll_batch(
     report.skipped = len(rows) - len(due)
     results: dict[str, Checked] = {}
     if due and not paused:
-        results = run(check_all(client, pacing, settings, [r.provider_message_id for r in due]))
+        ids = [r.provider_message_id for r in due]
+        results = check_all(client, pacing, settings, ids, threads)
         report.checked = len(results)
     for _, error in results.values():
         if isinstance(error, Throttled):

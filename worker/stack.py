@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +100,14 @@ class Workers:
     logdir: Path
     processes: list[Process] = field(default_factory=list)
 
-    def start(self, name: str = "worker", *, beat: bool = True, concurrency: int = 2) -> Process:
+    def start(
+        self,
+        name: str = "worker",
+        *,
+        beat: bool = True,
+        concurrency: int = 2,
+        queues: Sequence[str] = (),
+    ) -> Process:
         args = [
             sys.executable,
             "-m",
@@ -121,6 +128,8 @@ class Workers:
         ]
         if beat:
             args += ["-B", "--schedule", str(self.logdir / f"{name}-beat-schedule")]
+        if queues:
+            args += ["-Q", ",".join(queues)]
         process = spawn(name, args, self.env, self.logdir)
         self.processes.append(process)
         return process

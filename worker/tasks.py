@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
@@ -25,27 +25,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Resources:
-    """What one worker process keeps between tasks: pools, clients, an event loop."""
+    """What one worker process keeps between tasks: pools, clients, threads for checks."""
 
     settings: Settings
     engine: Engine
     pacing: Pacing
     sender: SendClient
     checker: StatusClient
-    loop: asyncio.AbstractEventLoop
+    threads: ThreadPoolExecutor
 
 
 @lru_cache(maxsize=1)
 def _resources(pid: int) -> Resources:
     settings = get_settings()
-    loop = asyncio.new_event_loop()
     return Resources(
         settings=settings,
         engine=get_engine(settings.database_url),
         pacing=get_pacing(settings.broker_url),
         sender=SendClient(settings),
         checker=StatusClient(settings),
-        loop=loop,
+        threads=ThreadPoolExecutor(settings.poll_concurrency, thread_name_prefix="status"),
     )
 
 
@@ -132,9 +131,7 @@ def poll_sweep() -> int:
 @app.task(name="cascade.poll_batch")
 def poll_batch(pks: list[int]) -> dict[str, Any]:
     res = resources()
-    report = polling.poll_batch(
-        res.engine, res.checker, res.pacing, res.settings, pks, run=res.loop.run_until_complete
-    )
+    report = polling.poll_batch(res.engine, res.checker, res.pacing, res.settings, pks, res.threads)
     return asdict(report)
 
 
