@@ -8,6 +8,7 @@ of the message already there.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -198,15 +199,40 @@ def enqueue(
     return results
 
 
+WAKE_GAP_SECONDS = 0.5
+_last_run: dict[tuple[str, str], float] = {}
+
+
+def wake_delay(key: tuple[str, str], now: float, gap: float = WAKE_GAP_SECONDS) -> float | None:
+    """When to run the task for a wake at `now`: 0 (at once), a countdown, or None (a run
+    already planned covers this one).
+
+    Runs are at least `gap` apart, and a wake between two runs plans the next one: a
+    webhook or an API request per message must not become a task per message, and the last
+    of a burst still gets its run within `gap`.
+    """
+    last = _last_run.get(key)
+    if last is None or now >= last + gap:
+        _last_run[key] = now
+        return 0.0
+    if last > now:
+        return None
+    _last_run[key] = last + gap
+    return last + gap - now
+
+
 def wake(task: Any, broker_url: str) -> None:
     """Ask for `task` now rather than at the next beat tick; harmless if it fails.
 
     No connection retries: with Redis down, kombu's default retrying holds the caller ~6 s.
     """
+    delay = wake_delay((broker_url, task.name), time.monotonic())
+    if delay is None:
+        return
     options = {**task.app.conf.broker_transport_options, "max_retries": 0}
     try:
         with task.app.connection_for_write(broker_url, transport_options=options) as conn:
-            task.apply_async(retry=False, connection=conn)
+            task.apply_async(retry=False, connection=conn, countdown=delay or None)
     except Exception as exc:  # beat runs every such task on its own schedule anyway
         log.warning("could not wake %s (%s); the next beat tick will", task.name, exc)
 
