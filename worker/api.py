@@ -462,8 +462,8 @@ async def post_messages(
         Query(
             min_length=1,
             max_length=MAX_CAMPAIGN_LENGTH,
-            pattern=NOT_BLANK_PATTERN,
-            description="Enqueue under this campaign (reports, cancel).",
+            pattern=PRINTABLE_PATTERN,
+            description="Enqueue under this campaign (reports, cancel); no control characters.",
             examples=["orders"],
         ),
     ] = None,
@@ -540,7 +540,7 @@ def get_campaign(
         Path(
             min_length=1,
             max_length=MAX_CAMPAIGN_LENGTH,
-            pattern=NOT_BLANK_PATTERN,
+            pattern=PRINTABLE_PATTERN,  # a NUL would reach PostgreSQL and fail there (500)
             examples=["orders"],
         ),
     ],
@@ -622,7 +622,17 @@ def intake(
         )
     except CampaignCancelled as exc:
         raise HTTPException(409, str(exc)) from None
-    return [result.as_dict() for result in results]
+    return [_answerable(result.as_dict()) for result in results]
+
+
+def _answerable(result: dict[str, Any]) -> dict[str, Any]:
+    """A rejected id echoed back must be encodable as UTF-8, or the whole answer fails (500);
+    one with a lone surrogate is answered as no usable id, its `id` error says why."""
+    try:
+        (result["id"] or "").encode("utf-8")
+    except UnicodeEncodeError:
+        result["id"] = None
+    return result
 
 
 def parse_messages(body: bytes) -> list[Any]:
