@@ -100,7 +100,10 @@ class IntakeRequest(Request):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._argsrepr, self._kwargsrepr = intake_summary(self._args, self._kwargs)
+        summary = intake_summary(self._args, self._kwargs)
+        self._argsrepr, self._kwargsrepr = summary
+        # The child reads task.request from this dict (and error reports show it).
+        self._request_dict["argsrepr"], self._request_dict["kwargsrepr"] = summary
 
 
 @app.task(name="cascade.enqueue", ignore_result=False, Request=IntakeRequest)
