@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MAX_SECONDS = 366 * 24 * 3600.0
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]+")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,19}")
 
 
@@ -168,6 +169,17 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError(f"must start with http:// or https://, got {_scheme(value)}")
         return value.rstrip("/") if value else value
+
+    @field_validator("api_token", "webhook_token")
+    @classmethod
+    def _header_safe_token(cls, value: SecretStr | None) -> SecretStr | None:
+        """Bearer tokens travel in headers (Latin-1) and URLs: anything but RFC 6750's
+        token characters could never be presented as configured, so every caller would get
+        401. Refused here, without echoing it."""
+        token = value.get_secret_value() if value is not None else ""
+        if token and not _TOKEN.fullmatch(token):  # empty means unset, as in `.env`
+            raise ValueError("must be letters, digits and - . _ ~ + / = only (no spaces)")
+        return value
 
     @field_validator("flower_basic_auth")
     @classmethod
