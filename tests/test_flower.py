@@ -86,16 +86,32 @@ def test_healthcheck_needs_no_credentials(flower: Flower) -> None:
     assert answer.text == "OK"
 
 
+WRONG_CREDENTIALS = {
+    "none": None,
+    "bad-password": (USER, "wrong"),
+    "user": ("intruder", PASSWORD),
+    "empty": ("", ""),
+    "prefix": (USER, PASSWORD[:-1]),
+    "longer": (USER, PASSWORD + "0"),
+    "swapped": (PASSWORD, USER),
+}
+
+
 @pytest.mark.parametrize("path", ["/api/workers", "/tasks"])
-@pytest.mark.parametrize(
-    "auth", [None, (USER, "wrong"), ("intruder", PASSWORD)], ids=["none", "bad-password", "user"]
-)
+@pytest.mark.parametrize("auth", WRONG_CREDENTIALS.values(), ids=WRONG_CREDENTIALS.keys())
 def test_refused_without_the_right_credentials(
     flower: Flower, path: str, auth: tuple[str, str] | None
 ) -> None:
     """The pages too: Flower 2.2 closes its API without auth, but serves its pages to all."""
     assert flower.get(path, auth=auth).status_code == 401
     assert flower.get(path).status_code == 200
+
+
+def test_non_ascii_credentials_are_never_let_in(flower: Flower) -> None:
+    """Flower compares str with hmac.compare_digest, which raises on non-ASCII: a 500 from
+    Flower itself (upstream), but never a way in."""
+    for auth in ((USER, "sécret"), ("öps", PASSWORD), (USER, PASSWORD + "🔑")):
+        assert flower.get("/api/workers", auth=auth).status_code in (401, 500)
 
 
 def test_api_lists_the_stack_worker(flower: Flower) -> None:
