@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from celery import Celery
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
@@ -28,7 +29,7 @@ from pydantic import ValidationError
 from sqlalchemy import delete, func, select
 
 from config import Settings
-from tests.conftest import claim_redis_db, release_redis_db
+from tests.conftest import claim_redis_db, make_messages, make_stack, release_redis_db
 from tests.test_validation import JSON_VALUES, valid_messages
 from worker.api import create_app
 from worker.campaigns import CampaignError, Defaults, launch, rejected_path
@@ -641,3 +642,47 @@ def test_stored_counts_are_exact_after_a_mixed_launch(config: Settings, tmp_path
             count = conn.execute(select(func.count()).select_from(messages)).scalar_one()
     assert texts == {"ok one", "ok two"} and count == 2
     assert (stats.accepted, stats.rejected) == (2, 4)
+
+
+# --- the intake task, on a real worker -----------------------------------------------------
+
+HOSTILE_CALLS: list[tuple[dict[str, Any], str | None]] = [
+    ({"messages": "+380671234567"}, "messages: must be an array of message objects"),
+    ({"messages": {"id": "x"}}, "messages: must be an array of message objects"),
+    ({"messages": None}, "messages: must be an array of message objects"),
+    ({"messages": [], "campaign": 5}, "campaign must be a non-empty string"),
+    ({"messages": [], "campaign": "a\x00"}, "campaign must not contain control characters"),
+    ({"messages": [], "callback_url": 7}, "callback_url must be a string"),
+    ({"messages": [], "callback_task": "not a task!"}, "callback_task must be a Celery task"),
+    ({"messages": [], "surprise": 1}, "unexpected keyword argument 'surprise'"),
+]
+
+
+def test_the_intake_task_survives_hostile_calls_and_keeps_valid_messages(
+    database_factory: Callable[[str], str],
+) -> None:
+    """By name, anything can arrive: each call fails alone with a clear error, a hostile
+    batch is answered per message, and the same worker still delivers what was valid."""
+    with make_stack(database_factory("sqlite"), "sqlite") as stack:
+        producer = Celery("producer", broker=stack.settings.broker_url)
+        producer.conf.update(result_backend=stack.settings.broker_url)
+
+        def call(kwargs: dict[str, Any]) -> Any:
+            sent = producer.send_task("cascade.enqueue", kwargs=kwargs, queue="cascade-intake")
+            return sent.get(timeout=60)
+
+        for kwargs, error in HOSTILE_CALLS:
+            with pytest.raises(Exception, match=re.escape(error)):
+                call(kwargs)
+        valid = make_messages(3, "hostile")
+        hostile = [
+            {**valid[0], "id": "h-sur", "text": "a\ud800"},
+            {**valid[0], "id": "h-nul", "fromName": "a\x00"},
+            {**valid[0], "id": "h-astral", "text": "\U0010ffff" * 5000},
+            [valid[0]],
+            None,
+        ]
+        answers = call({"messages": [valid[0], *hostile, *valid[1:]], "campaign": "hostile"})
+        assert [a["status"] for a in answers] == ["accepted"] + ["rejected"] * 5 + ["accepted"] * 2
+        assert answers[1]["errors"][0]["field"] == "text"
+        assert stack.wait_final("hostile", 3)["total"] == 3
