@@ -125,6 +125,20 @@ def test_the_right_token_is_let_in_with_any_case_of_scheme(
         assert answer.status_code == 200 and answer.json()[0]["status"] == "accepted"
 
 
+def test_a_refused_query_never_echoes_the_password_it_carried(
+    app_for: Callable[..., TestClient],
+) -> None:
+    answer = app_for().post(
+        "/v1/messages",
+        params={"callbackUrl": "https://shop:hunter2-pw@h x/"},
+        json=[],
+        headers={"Authorization": f"Bearer {API_TOKEN}"},
+    )
+    assert answer.status_code == 422
+    assert answer.json()["detail"][0]["loc"] == ["query", "callbackUrl"]
+    assert "hunter2-pw" not in answer.text
+
+
 def _signed(body: bytes, stamp: str | None = None, secret: str = SIGNING) -> dict[str, str]:
     stamp = stamp or str(int(time.time()))
     return {TIMESTAMP_HEADER: stamp, SIGNATURE_HEADER: sign(secret, stamp, body)}

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import redis
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -698,6 +699,13 @@ def _ping_broker(url: str) -> None:
         client.close()
 
 
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, without the `input` it echoes: a refused `callbackUrl` may carry a
+    password (`loc` and `msg` still name the parameter and the problem)."""
+    problems = [{k: v for k, v in e.items() if k != "input"} for e in exc.errors()]
+    return JSONResponse({"detail": jsonable_encoder(problems)}, status_code=422)
+
+
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     """A database outage is temporary: 503 tells producers to retry, a 500 would not."""
     log.error("database unavailable during %s %s: %s", request.method, request.url.path, exc)
@@ -715,6 +723,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings or get_settings()
     app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.include_router(producers)
     app.include_router(probes)
     app.include_router(webhooks.router)
