@@ -8,6 +8,7 @@ of the message already there.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1000
 MAX_CAMPAIGN_LENGTH = 200
+_UNSTORABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +100,8 @@ def check_campaign(campaign: str | None) -> None:
         raise ValueError("campaign must be a non-empty string")
     if len(campaign) > MAX_CAMPAIGN_LENGTH:
         raise ValueError(f"campaign must be at most {MAX_CAMPAIGN_LENGTH} characters")
+    if _UNSTORABLE.search(campaign):  # PostgreSQL refuses NUL; UTF-8 cannot hold surrogates
+        raise ValueError("campaign must not contain control characters or lone surrogates")
 
 
 def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
