@@ -8,18 +8,22 @@ drops `FOR UPDATE SKIP LOCKED` on SQLite, and this is what makes claims safe the
 from __future__ import annotations
 
 import os
-import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
 import orjson
+import psycopg
 from sqlalchemy import (
     JSON,
     Connection,
     Engine,
+    Float,
+    Integer,
     Row,
+    String,
     Table,
     bindparam,
     create_engine,
@@ -28,6 +32,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import ColumnElement
 
@@ -134,15 +139,14 @@ def insert_new(
         )
         return set(conn.execute(stmt, list(rows)).scalars())
     columns = ", ".join(rows[0])
-    staging = f"_intake_{table.name}_{zlib.crc32(columns.encode()):08x}"
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    with cursor:
-        # Lives as long as the connection, emptied at each commit; no NOT NULLs copied.
+    staging = f"_intake_{table.name}"
+    with _raw_cursor(conn, f"INSERT INTO {table.name} via COPY") as cursor:
+        # Made afresh each time and gone at commit: nothing outlives a schema change.
+        cursor.execute(f"DROP TABLE IF EXISTS pg_temp.{staging}")
         cursor.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS "
+            f"CREATE TEMP TABLE {staging} ON COMMIT DROP "
             f"AS SELECT {columns} FROM {table.name} WITH NO DATA"
         )
-        cursor.execute(f"DELETE FROM {staging}")  # an earlier call in this transaction
         _copy(cursor, staging, table, rows)
         cursor.execute(
             f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {staging} "
@@ -158,8 +162,7 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) 
     if conn.dialect.name != "postgresql":
         conn.execute(table.insert(), list(rows))
         return
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    with cursor:
+    with _raw_cursor(conn, f"COPY {table.name}") as cursor:
         _copy(cursor, table.name, table, rows)
 
 
@@ -198,11 +201,19 @@ def _unnest_update(
     sets = []
     for i, name in enumerate(names):
         column = table.c[name]
-        as_json = isinstance(column.type, JSON)
+        convert = _converter(column)
+        params[f"c{i}"] = [convert(change[name]) for _, change in rows]
         kind = column.type.compile(dialect=conn.dialect)
-        params[f"c{i}"] = [_driver_value(change[name], as_json) for _, change in rows]
-        arrays.append(f"CAST(%(c{i})s AS {'TEXT' if as_json else kind}[])")
-        sets.append(f"{name} = CAST(v.{name} AS {kind})" if as_json else f"{name} = v.{name}")
+        # Text goes in unbounded and is assigned: an explicit cast to VARCHAR(n) cuts an
+        # over-long value silently, where the assignment refuses it as an INSERT would.
+        if isinstance(column.type, JSON):
+            arrays.append(f"CAST(%(c{i})s AS TEXT[])")
+            sets.append(f"{name} = CAST(v.{name} AS {kind})")
+        else:
+            arrays.append(
+                f"CAST(%(c{i})s AS {'TEXT' if isinstance(column.type, String) else kind}[])"
+            )
+            sets.append(f"{name} = v.{name}")
     sql = (
         f"UPDATE {table.name} SET {', '.join(sets)} "
         f"FROM unnest({', '.join(arrays)}) AS v(pk, {', '.join(names)}) "
@@ -214,16 +225,45 @@ def _unnest_update(
 def _copy(cursor: Any, target: str, table: Table, rows: Sequence[dict[str, Any]]) -> None:
     """COPY rows into `target`, a table with `table`'s columns."""
     names = list(rows[0])
-    as_json = {name for name in names if isinstance(table.c[name].type, JSON)}
+    converters = [_converter(table.c[name]) for name in names]
     with cursor.copy(f"COPY {target} ({', '.join(names)}) FROM STDIN") as copy:
         for row in rows:
-            copy.write_row([_driver_value(row[n], n in as_json) for n in names])
+            copy.write_row([convert(row[n]) for n, convert in zip(names, converters, strict=True)])
 
 
-def _driver_value(value: Any, as_json: bool) -> Any:
-    """A value as the driver takes it, after the checks the column's type would make."""
-    if as_json:
-        return None if value is None else orjson.dumps(value).decode()
+def _converter(column: Any) -> Callable[[Any], Any]:
+    """Make a value what the driver takes for `column`, with the checks its type would make.
+
+    One Python type per column, too: psycopg cannot send an array mixing int and float.
+    """
+    kind = column.type
+    if isinstance(kind, JSON):
+        return lambda v: None if v is None else orjson.dumps(v).decode()
+    if isinstance(kind, Float):
+        return lambda v: None if v is None else float(v)
+    if isinstance(kind, Integer):
+        return lambda v: None if v is None else int(v)
+    if isinstance(kind, String):
+        return lambda v: None if v is None else str(v)
+    return _aware
+
+
+def _aware(value: Any) -> Any:
     if isinstance(value, datetime) and value.tzinfo is None:
         raise ValueError("naive datetime given for a UTC column")
     return value
+
+
+@contextmanager
+def _raw_cursor(conn: Connection, statement: str) -> Iterator[Any]:
+    """A psycopg cursor whose errors carry no row values (COPY's context quotes the row),
+    as `hide_parameters` keeps them out of SQLAlchemy's."""
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        with cursor:
+            yield cursor
+    except psycopg.Error as exc:
+        bare = type(exc)(exc.diag.message_primary or type(exc).__name__)
+        raise DBAPIError.instance(
+            statement, None, bare, psycopg.Error, hide_parameters=True
+        ) from None

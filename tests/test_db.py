@@ -1,0 +1,120 @@
+"""The bulk writers of worker/db.py on real SQLite and PostgreSQL: the hot paths' shortcuts
+(COPY, UPDATE … FROM unnest) must keep every check an ordinary INSERT or UPDATE makes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine, select, text
+from sqlalchemy.exc import DBAPIError, StatementError
+
+from tests.conftest import make_messages
+from worker.db import bulk_update, get_engine, insert_new, insert_rows
+from worker.models import events, messages
+from worker.producer import row_for
+from worker.validation import validate_message
+
+NOW = datetime.now(UTC)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, database_factory: Callable[[str], str]) -> Engine:
+    return get_engine(database_factory(request.param))
+
+
+@pytest.fixture
+def pg_engine(database_factory: Callable[[str], str]) -> Engine:
+    """For what only PostgreSQL does: COPY, a staging table, enforced VARCHAR lengths."""
+    return get_engine(database_factory("postgresql"))
+
+
+def _rows(n: int, prefix: str) -> list[dict]:
+    return [row_for(validate_message(m, now=NOW), None, NOW) for m in make_messages(n, prefix)]
+
+
+def _stored(engine: Engine, *columns: str) -> list[tuple]:
+    with engine.connect() as conn:
+        chosen = [messages.c[c] for c in columns]
+        return [tuple(r) for r in conn.execute(select(*chosen).order_by(messages.c.pk))]
+
+
+def test_insert_new_answers_the_new_ids_only(engine: Engine) -> None:
+    rows = _rows(3, "new")
+    rows[0]["survey_options"] = ["yes", "no"]
+    with engine.begin() as conn:
+        assert insert_new(conn, messages, rows[:2], key="id") == {rows[0]["id"], rows[1]["id"]}
+        # A second call in the same transaction, overlapping the first.
+        assert insert_new(conn, messages, rows, key="id") == {rows[2]["id"]}
+
+    assert _stored(engine, "id", "survey_options", "created_at") == [
+        (rows[0]["id"], ["yes", "no"], NOW),
+        (rows[1]["id"], None, NOW),
+        (rows[2]["id"], None, NOW),
+    ]
+
+
+def test_insert_new_follows_a_schema_change_on_the_same_connection(pg_engine: Engine) -> None:
+    with pg_engine.connect() as conn:
+        insert_new(conn, messages, _rows(1, "before"), key="id")
+        conn.commit()
+        conn.execute(text("ALTER TABLE messages ALTER COLUMN to_phone TYPE VARCHAR(32)"))
+        conn.commit()
+        row = _rows(1, "after")[0] | {"to_phone": "+" + "1" * 25}
+        assert insert_new(conn, messages, [row], key="id") == {row["id"]}
+        conn.commit()
+
+
+def test_bulk_update_refuses_an_over_long_value_instead_of_cutting_it(pg_engine: Engine) -> None:
+    with pg_engine.begin() as conn:
+        insert_new(conn, messages, _rows(1, "long"), key="id")
+    (pk,) = _stored(pg_engine, "pk")[0]
+
+    with pytest.raises(DBAPIError, match="too long"), pg_engine.begin() as conn:
+        bulk_update(conn, messages, {pk: {"error_code": "E" * 70}})
+
+    assert _stored(pg_engine, "error_code") == [(None,)]
+
+
+def test_bulk_update_writes_each_shape_and_mixed_numbers(engine: Engine) -> None:
+    with engine.begin() as conn:
+        insert_new(conn, messages, _rows(3, "upd"), key="id")
+    pks = [pk for (pk,) in _stored(engine, "pk")]
+    later = NOW + timedelta(seconds=5)
+    changes = {
+        pks[0]: {"cost": 1, "fallbacks": [{"type": "sms", "status": "not_used"}]},
+        pks[1]: {"cost": 2.5, "fallbacks": [{"type": "viber", "status": "delivered"}]},
+        pks[2]: {"state": "submitted", "next_poll_at": later, "claim_token": None},
+    }
+    with engine.begin() as conn:
+        bulk_update(conn, messages, changes)
+
+    assert _stored(engine, "cost", "fallbacks", "state", "next_poll_at") == [
+        (1.0, [{"type": "sms", "status": "not_used"}], "queued", None),
+        (2.5, [{"type": "viber", "status": "delivered"}], "queued", None),
+        (None, None, "submitted", later),
+    ]
+
+
+def test_bulk_writers_refuse_naive_datetimes(engine: Engine) -> None:
+    with engine.begin() as conn:
+        insert_new(conn, messages, _rows(1, "naive"), key="id")
+    (pk,) = _stored(engine, "pk")[0]
+    naive = datetime(2026, 1, 1)
+
+    with pytest.raises((ValueError, StatementError), match="naive"), engine.begin() as conn:
+        bulk_update(conn, messages, {pk: {"next_poll_at": naive}})
+    event = {"message_pk": pk, "at": naive, "source": "poll", "to_state": "queued"}
+    with pytest.raises((ValueError, StatementError), match="naive"), engine.begin() as conn:
+        insert_rows(conn, events, [event | {"from_state": None, "detail": None}])
+
+
+def test_copy_errors_carry_no_row_values(pg_engine: Engine) -> None:
+    row = _rows(1, "secret")[0] | {"to_phone": "+380671234567000000001234"}
+
+    with pytest.raises(DBAPIError) as raised, pg_engine.begin() as conn:
+        insert_new(conn, messages, [row], key="id")
+
+    assert "too long" in str(raised.value)
+    assert "380671234567" not in str(raised.value)
