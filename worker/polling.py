@@ -70,7 +70,10 @@ def _due(row: Row[Any], now: datetime, min_gap: float) -> bool:
 
 
 Answer = StatusReport | ProviderError
-Checked = tuple[datetime, Answer]  # when the request went out, and what came back
+# When the answer came back, and what it was. The answer time, not the send time: the
+# provider saw the request no later than that, so a next poll ≥ 1 s after it keeps the
+# provider's 1 s rule even when the request sat in a slow connect or a busy event loop.
+Checked = tuple[datetime, Answer]
 
 
 async def check_all(
@@ -85,11 +88,11 @@ async def check_all(
 
     async def one(message_id: str) -> None:
         async with gate:
-            at = utcnow()
             try:
-                results[message_id] = (at, await client.status(message_id))
+                answer: Answer = await client.status(message_id)
             except ProviderError as exc:
-                results[message_id] = (at, exc)
+                answer = exc
+            results[message_id] = (utcnow(), answer)
 
     step = settings.status_requests_per_second or len(message_ids) or 1
     for start in range(0, len(message_ids), step):
