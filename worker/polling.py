@@ -47,6 +47,11 @@ class PollReport:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+def lease_end(now: datetime, lease: float) -> datetime:
+    """The `next_poll_at` a claim made at `now` sets: the claim's mark on its rows."""
+    return now + timedelta(seconds=lease)
+
+
 def claim_due(engine: Engine, now: datetime, limit: int, lease: float) -> list[int]:
     """Take up to `limit` messages due for a check, pushing their next check out by a lease."""
     rows = claim_rows(
@@ -55,10 +60,27 @@ def claim_due(engine: Engine, now: datetime, limit: int, lease: float) -> list[i
         where=[messages.c.next_poll_at <= now],
         order_by=[messages.c.next_poll_at],
         limit=limit,
-        values={"next_poll_at": now + timedelta(seconds=lease)},
+        values={"next_poll_at": lease_end(now, lease)},
         returning=[messages.c.pk],
     )
     return [row.pk for row in rows]
+
+
+def take(engine: Engine, pks: Sequence[int], claimed: datetime, lease: float) -> list[int]:
+    """The rows still under the claim marked `claimed`, leased afresh from now.
+
+    A task can wait in the queue past its claim's lease; by then another sweep may have
+    claimed the same rows again. Only one of the two may poll them, and only the one that
+    holds a row may write its next check (else it ends the other's lease early).
+    """
+    stmt = (
+        update(messages)
+        .where(messages.c.pk.in_(pks), messages.c.next_poll_at == claimed)
+        .values(next_poll_at=lease_end(utcnow(), lease))
+        .returning(messages.c.pk)
+    )
+    with engine.begin() as conn:
+        return [row.pk for row in conn.execute(stmt)]
 
 
 def _due(row: Row[Any], now: datetime, min_gap: float) -> bool:
@@ -111,9 +133,17 @@ def poll_batch(
     settings: Settings,
     pks: Sequence[int],
     run: Any = asyncio.run,
+    claimed: datetime | None = None,
 ) -> PollReport:
-    """The body of `cascade.poll_batch`: check the given messages and record what came back."""
+    """The body of `cascade.poll_batch`: check the given messages and record what came back.
+
+    `claimed` is the claim's mark (`lease_end`); rows no longer under it are left alone.
+    """
     report = PollReport()
+    if claimed is not None:
+        held = take(engine, pks, claimed, settings.poll_lease_seconds)
+        report.skipped = len(pks) - len(held)
+        pks = held
     paused = max(pacing.paused_for(THROTTLE), pacing.paused_for(CIRCUIT))
     now = utcnow()
     with engine.begin() as conn:
@@ -128,7 +158,7 @@ def poll_batch(
             )
         )
     due = [r for r in rows if _due(r, now, settings.poll_min_gap_seconds)]
-    report.skipped = len(rows) - len(due)
+    report.skipped += len(rows) - len(due)
     results: dict[str, Checked] = {}
     if due and not paused:
         results = run(check_all(client, pacing, settings, [r.provider_message_id for r in due]))
