@@ -78,13 +78,15 @@ WORKER_ENV = {
     "POLL_FIRST_DELAY_SECONDS": "1",
     "POLL_MAX_INTERVAL_SECONDS": "4",
     "POLL_SWEEP_INTERVAL_SECONDS": "0.5",
-    "POLL_LEASE_SECONDS": "15",
+    "POLL_LEASE_SECONDS": "8",  # above a poll task's worst case: one wave, 4 s timeouts
+    "POLL_BATCH_SIZE": "50",
     "DISPATCH_INTERVAL_SECONDS": "0.5",
     "SWEEP_INTERVAL_SECONDS": "1",
     "SEND_LINGER_SECONDS": "0.2",
     "SEND_BACKOFF_BASE_SECONDS": "0.2",
     "SEND_BACKOFF_MAX_SECONDS": "2",
     "SEND_LEASE_SECONDS": "12",
+    "SEND_BATCH_MIN": "20",
     "SEND_MAX_ATTEMPTS": "10",
     "CIRCUIT_OPEN_SECONDS": "2",
     "HTTP_CONNECT_TIMEOUT_SECONDS": "2",
@@ -499,6 +501,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="'private' (a redis-server of its own, restarted once) or a Redis DB URL of "
         "its own, e.g. redis://127.0.0.1:6379/14 (flushed; no restart)",
     )
+    parser.add_argument("--batch", type=int, default=200, help="SEND_BATCH_MAX: more sends")
     parser.add_argument("--error-rate", type=float, default=0.2)
     parser.add_argument("--spike-rate", type=float, default=0.02)
     parser.add_argument("--reset-rate", type=float, default=0.02)
@@ -565,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         simulator.configure(**simulator_faults(args))
         env = {
             **WORKER_ENV,
+            "SEND_BATCH_MAX": str(args.batch),
             "DATABASE_URL": database_url,
             "BROKER_URL": broker_url,
             "SMSBAT_BASE_URL": simulator.url,
