@@ -100,3 +100,14 @@ def test_a_poll_task_whose_claim_was_taken_over_polls_nothing(
     assert (late.checked, late.skipped, polls_after_late) == (0, 1, 0)
     assert lease == polling.lease_end(second_at, 30)  # the second claim's lease untouched
     assert (current.checked, polls_after_current) == (1, 1)
+
+
+def test_a_poll_task_is_stopped_before_its_lease_runs_out() -> None:
+    """Found at 0.18 s gaps: a poll task took 11.6 s under an 8 s lease (200 checks at once
+    on two loaded cores); the rows were claimed again and polled twice. The task's time
+    limit now ends it before its lease does, as for send batches."""
+    from worker.celery import create_app
+
+    settings = Settings(POLL_LEASE_SECONDS=8, DATABASE_URL="sqlite://")  # type: ignore[call-arg]
+    limits = create_app(settings).conf.task_annotations["cascade.poll_batch"]
+    assert limits["soft_time_limit"] < limits["time_limit"] < settings.poll_lease_seconds
