@@ -284,6 +284,7 @@ class _Answer(NamedTuple):
     hold: float = 0.0
     reset: bool = False
     cut: bool = False
+    final: bool = False  # a status answer carrying a final state
 
     @property
     def unread(self) -> bool:
@@ -767,11 +768,12 @@ class _Simulator:
         if now < self.status_retry_at:
             self.status_early_after_429 += 1
         message = self.messages.get(message_id)
-        seen = (message.final_seen, message.final_seen_at) if message else (False, None)
         answer = self._transport_faults(self._status_answer(headers, message_id, now))
-        if message is not None and answer.unread:
-            # The client never read this answer, so a final in it was not seen.
-            message.final_seen, message.final_seen_at = seen
+        if message is not None:
+            # What the client was told last: a poll after a final it could read is the
+            # client's fault; one after a 5xx, a reset or a cut-off answer is not.
+            message.final_seen = answer.final and not answer.unread
+            message.final_seen_at = now if message.final_seen else None
         self.status_by_code[answer.code] = self.status_by_code.get(answer.code, 0) + 1
         self.requests.append((now, "status", answer.code, 1))
         return answer
@@ -788,7 +790,8 @@ class _Simulator:
             return fault
         if message is None:
             return _error(404, "NOT_FOUND", f"Message {message_id} not found")
-        return _Answer(200, orjson.dumps(self._status_body(message, now)))
+        body = self._status_body(message, now)
+        return _Answer(200, orjson.dumps(body), final=body["deliverystatus"] in FINAL_STATES)
 
     def _status_authorized(self, headers: Headers) -> bool:
         """Any of: the API key header, Basic user:password, Basic ``@:api_key``."""
@@ -840,8 +843,6 @@ class _Simulator:
             return {"deliverystatus": "scheduled", "partscount": message.parts}
         if now < message.t_final:
             return {"deliverystatus": "processing", "partscount": message.parts}
-        if not message.final_seen:
-            message.final_seen, message.final_seen_at = True, now
         return self._final_body(message)
 
     def _final_body(self, message: _Message) -> dict[str, Any]:
