@@ -80,11 +80,9 @@ WORKER_ENV = {
     "POLL_FIRST_DELAY_SECONDS": "1",
     "POLL_MAX_INTERVAL_SECONDS": "2",
     "POLL_SWEEP_INTERVAL_SECONDS": "0.5",
-    # One wave of 50 checks per poll task: about one request's worst case (4 s timeout),
-    # well inside the lease (200 at once on 2 loaded cores once took 11.6 s).
+    # --poll-batch checks in one wave per poll task: about one request's worst case (4 s
+    # timeout), well inside the lease (200 at once on 2 loaded cores once took 11.6 s).
     "POLL_LEASE_SECONDS": "15",
-    "POLL_BATCH_SIZE": "50",
-    "POLL_CONCURRENCY": "50",
     "DISPATCH_INTERVAL_SECONDS": "0.5",
     "SWEEP_INTERVAL_SECONDS": "1",
     "SEND_LINGER_SECONDS": "0.2",
@@ -555,6 +553,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "its own, e.g. redis://127.0.0.1:6379/14 (flushed; no restart)",
     )
     parser.add_argument("--batch", type=int, default=200, help="SEND_BATCH_MAX: more sends")
+    parser.add_argument(
+        "--poll-batch", type=int, default=50, help="POLL_BATCH_SIZE = POLL_CONCURRENCY"
+    )
     parser.add_argument("--error-rate", type=float, default=0.2)
     parser.add_argument("--spike-rate", type=float, default=0.02)
     parser.add_argument("--reset-rate", type=float, default=0.02)
@@ -627,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
         env = {
             **WORKER_ENV,
             "SEND_BATCH_MAX": str(args.batch),
+            "POLL_BATCH_SIZE": str(args.poll_batch),
+            "POLL_CONCURRENCY": str(args.poll_batch),
             "DATABASE_URL": database_url,
             "BROKER_URL": broker_url,
             "SMSBAT_BASE_URL": simulator.url,
