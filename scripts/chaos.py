@@ -545,7 +545,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=["local", "netns"], default="local")
     parser.add_argument("--duration", type=float, default=60.0, help="fault phase (s)")
     parser.add_argument("--kill-every", type=float, default=6.0, help="mean s between kills")
-    parser.add_argument("--timeout", type=float, default=600.0, help="s after the faults")
+    parser.add_argument("--timeout", type=float, default=2400.0, help="s after the faults")
     parser.add_argument(
         "--broker",
         default="private",
