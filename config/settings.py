@@ -6,11 +6,24 @@ A bad value stops start-up with pydantic's message, which names the setting.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MAX_SECONDS = 366 * 24 * 3600.0
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]+")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,19}")
+
+
+def _scheme(url: str) -> str:
+    """Name a URL's scheme for an error; anything else of the value may be a password."""
+    scheme, sep, _ = url.partition("://")
+    if sep and _SCHEME.fullmatch(scheme):
+        return f"scheme {scheme!r}"
+    return "a value without a scheme://"
 
 
 class Settings(BaseSettings):
@@ -23,6 +36,9 @@ class Settings(BaseSettings):
         extra="ignore",
         case_sensitive=False,
         hide_input_in_errors=True,
+        # "inf" and "nan" parse as floats and pass gt=0; every duration would then overflow
+        # (timedelta, Celery time limits) only when first used, inside a running worker.
+        allow_inf_nan=False,
     )
 
     # --- connections -------------------------------------------------------------------
@@ -78,7 +94,7 @@ class Settings(BaseSettings):
     poll_grace_seconds: float = Field(3600.0, ge=0, alias="POLL_GRACE_SECONDS")
     poll_max_age_seconds: float = Field(259200.0, gt=0, le=259200, alias="POLL_MAX_AGE_SECONDS")
     poll_batch_size: int = Field(200, ge=1, le=5000, alias="POLL_BATCH_SIZE")
-    poll_concurrency: int = Field(50, ge=1, le=1000, alias="POLL_CONCURRENCY")
+    poll_concurrency: int = Field(16, ge=1, le=1000, alias="POLL_CONCURRENCY")
     poll_lease_seconds: float = Field(120.0, gt=0, alias="POLL_LEASE_SECONDS")
     poll_sweep_interval_seconds: float = Field(2.0, gt=0, alias="POLL_SWEEP_INTERVAL_SECONDS")
     poll_max_queued_tasks: int = Field(20, ge=1, alias="POLL_MAX_QUEUED_TASKS")
@@ -118,6 +134,15 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr | None = Field(None, alias="FLOWER_BASIC_AUTH")
     flower_max_tasks: int = Field(10_000, ge=1, alias="FLOWER_MAX_TASKS")
 
+    @field_validator("*")
+    @classmethod
+    def _bounded_duration(cls, value: object, info: ValidationInfo) -> object:
+        """Every `*_seconds` setting at most a year: more overflows date arithmetic later."""
+        name = info.field_name or ""
+        if name.endswith("_seconds") and isinstance(value, float) and value > MAX_SECONDS:
+            raise ValueError(f"must be at most {MAX_SECONDS:.0f} seconds (366 days)")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _database_driver(cls, value: str) -> str:
@@ -127,17 +152,34 @@ class Settings(BaseSettings):
         if value.startswith("postgresql://"):
             value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
         if not value.startswith(("sqlite:", "postgresql+psycopg:")):
-            scheme = value.partition(":")[0]
-            raise ValueError(f"must be a sqlite:// or postgresql:// URL, got scheme {scheme!r}")
+            raise ValueError(f"must be a sqlite:// or postgresql:// URL, got {_scheme(value)}")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        """Redis is the only broker the pacing and pauses work with; fail here, not in Celery."""
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {_scheme(value)}")
         return value
 
     @field_validator("smsbat_base_url", "smsbat_status_base_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
-            scheme = value.partition(":")[0]
-            raise ValueError(f"must start with http:// or https://, got scheme {scheme!r}")
+            raise ValueError(f"must start with http:// or https://, got {_scheme(value)}")
         return value.rstrip("/") if value else value
+
+    @field_validator("api_token", "webhook_token")
+    @classmethod
+    def _header_safe_token(cls, value: SecretStr | None) -> SecretStr | None:
+        """Bearer tokens travel in headers (Latin-1) and URLs: anything but RFC 6750's
+        token characters could never be presented as configured, so every caller would get
+        401. Refused here, without echoing it."""
+        token = value.get_secret_value() if value is not None else ""
+        if token and not _TOKEN.fullmatch(token):  # empty means unset, as in `.env`
+            raise ValueError("must be letters, digits and - . _ ~ + / = only (no spaces)")
+        return value
 
     @field_validator("flower_basic_auth")
     @classmethod

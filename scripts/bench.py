@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,21 +34,32 @@ import httpx
 import orjson
 import psycopg
 import redis
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import Engine, func, insert, select, text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from config import Settings  # noqa: E402
+from worker.celery import SEND_QUEUE, app  # noqa: E402
 from worker.cli import upgrade_database  # noqa: E402
 from worker.db import get_engine, make_engine  # noqa: E402
 from worker.models import messages  # noqa: E402
-from worker.producer import enqueue  # noqa: E402
-from worker.stack import Simulator, spawn, start_simulator, workers  # noqa: E402
+from worker.producer import enqueue, wake_dispatcher  # noqa: E402
+from worker.stack import (  # noqa: E402
+    Process,
+    Simulator,
+    spawn,
+    start_api,
+    start_simulator,
+    workers,
+)
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/15"
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 API_KEY = "bench-key"
+WEBHOOK_TOKEN = "bench-webhook-token"
+# Every queue but sends: the workers take the send queue on once the outbox is full.
+HELD_BACK = [q.name for q in app.conf.task_queues if q.name != SEND_QUEUE]
 
 
 @dataclass
@@ -124,42 +140,66 @@ def _children(pid: int) -> list[int]:
 # --- ours --------------------------------------------------------------------------------
 
 
-def run_ours(n: int, n_workers: int, url: str, broker: str, sim: Simulator, logdir: Path) -> Result:
+def run_ours(
+    n: int,
+    n_workers: int,
+    url: str,
+    broker: str,
+    sim: Simulator,
+    logdir: Path,
+    *,
+    webhooks: bool = False,
+    profile: bool = False,
+) -> Result:
+    """Fill the outbox with sending held, then let the workers send and follow every message.
+
+    Workers start on every queue but sends (`-Q`) and take the send queue on by remote
+    control once the campaign is stored, so send throughput measures sending alone, as the
+    floor's does; launch to all-final still counts from the first message enqueued.
+    """
     env = {
         "DATABASE_URL": url,
         "BROKER_URL": broker,
         "SMSBAT_BASE_URL": sim.url,
         "SMSBAT_API_KEY": API_KEY,
     }
+    if webhooks:
+        env |= {"WEBHOOKS_ENABLED": "true", "WEBHOOK_TOKEN": WEBHOOK_TOKEN, "API_TOKEN": API_KEY}
     settings = Settings(**env)  # type: ignore[arg-type]
     engine = get_engine(url)
-    result = Result("ours", n)
+    result = Result("ours + webhooks" if webhooks else "ours", n)
+    nodes = [f"ours{i}@{socket.gethostname()}" for i in range(n_workers)]
+    app.conf.broker_url = broker  # remote control below goes through this app
     with workers(env, logdir) as group:
         for i in range(n_workers):
-            group.start(f"ours{i}", beat=i == 0)
-        time.sleep(3)  # let the workers connect before the clock starts
+            group.start(f"ours{i}", beat=i == 0, queues=HELD_BACK)
+        api = start_api(logdir, group.env) if webhooks else None
+        if api is not None:
+            sim.configure(webhook_url=f"{api.url}/webhooks/smsbat", webhook_token=WEBHOOK_TOKEN)
+        _wait_for_nodes(nodes)
         started = time.time()
         campaign = f"bench-{uuid.uuid4().hex[:6]}"
-        enqueue(bench_messages(n, campaign), campaign, settings=settings)
+        enqueue(bench_messages(n, campaign), campaign, settings=settings, kick=False)
         enqueued = time.time()
-        while True:
-            with engine.connect() as conn:
-                final = conn.execute(
-                    select(func.count()).where(messages.c.final_at.is_not(None))
-                ).scalar_one()
-            if final >= n:
-                break
+        spies = [_spy(p, logdir) for p in group.processes] if profile else []
+        app.control.add_consumer(SEND_QUEUE, destination=nodes, reply=True)
+        wake_dispatcher(broker)
+        while _finals(engine) < n:
             time.sleep(0.5)
-        first_send = sim.stats()["first_send_at"]
-        with engine.connect() as conn:
-            last_submit, last_final = conn.execute(
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+        with engine.connect() as db:
+            last_submit, last_final = db.execute(
                 select(func.max(messages.c.submitted_at), func.max(messages.c.final_at))
             ).one()
         rss = peak_rss_mb([p.popen.pid for p in group.processes])
+        if api is not None:
+            api.process.stop()
     stats = sim.stats()
     result.figures = {
         "enqueue rate (msg/s)": n / (enqueued - started),
-        "send throughput (msg/s)": _rate(n, first_send, last_submit.timestamp()),
+        "send throughput (msg/s)": _rate(n, stats["first_send_at"], last_submit.timestamp()),
         "launch to all-final (s)": last_final.timestamp() - started,
         "send requests / message": stats["send_requests"] / n,
         "status polls / message": stats["status_requests"] / n,
@@ -167,6 +207,49 @@ def run_ours(n: int, n_workers: int, url: str, broker: str, sim: Simulator, logd
         "database bytes / message": database_bytes(url) / n,
     }
     return result
+
+
+def _finals(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(select(func.count()).where(messages.c.final_at.is_not(None))).scalar_one()
+        )
+
+
+def _wait_for_nodes(nodes: list[str], timeout: float = 60) -> None:
+    """Until every worker answers a ping: the clock must not count their start-up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answered = app.control.ping(destination=nodes, timeout=1)
+        if {name for reply in answered for name in reply} >= set(nodes):
+            return
+    raise TimeoutError(f"workers {nodes} did not answer within {timeout:.0f}s")
+
+
+def _spy(process: Process, logdir: Path) -> subprocess.Popen[bytes]:
+    """py-spy on a worker and its pool children until SIGINT, as collapsed stacks."""
+    out = logdir / f"{process.name}.pyspy.txt"
+    args = ["record", "--pid", str(process.popen.pid), "--subprocesses", "--rate", "50"]
+    args += ["--format", "raw", "--output", str(out), "--nonblocking"]
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("py-spy")), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def profile_summary(logdir: Path, top: int = 15) -> list[str]:
+    """Share of the workers' samples spent in (or under) each of our own functions."""
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for path in logdir.glob("*.pyspy.txt"):
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            total += int(count)
+            ours = {re.sub(r":\d+\)$", ")", f) for f in stack.split(";") if " (worker/" in f}
+            for frame in ours:
+                inclusive[frame] += int(count)
+    return [f"{v / total * 100:5.1f}%  {k}" for k, v in inclusive.most_common(top)] if total else []
 
 
 # --- naive -------------------------------------------------------------------------------
@@ -315,7 +398,7 @@ def run_floor(n: int, url: str, sim: Simulator) -> Result:
 
 def print_table(results: list[Result], meta: str) -> None:
     names = list(results[0].figures)
-    header = f"{'':32}" + "".join(f"{r.name + f' (n={r.n:,})':>22}" for r in results)
+    header = f"{'':32}" + "".join(f"{r.name + f' (n={r.n:,})':>28}" for r in results)
     print(meta)
     print(header)
     for name in names:
@@ -325,7 +408,7 @@ def print_table(results: list[Result], meta: str) -> None:
             shown = (
                 "-" if value is None else f"{value:,.4f}" if abs(value) < 10 else f"{value:,.1f}"
             )
-            cells.append(f"{shown:>22}")
+            cells.append(f"{shown:>28}")
         print(f"{name:32}" + "".join(cells))
     by = {r.name: r.figures.get("send throughput (msg/s)") for r in results}
     if by.get("ours") and by.get("naive"):
@@ -343,7 +426,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
     parser.add_argument("--naive-n", type=int, default=None, help="default: min(n, 20000)")
     parser.add_argument("--naive-timeout", type=float, default=1800)
-    parser.add_argument("--skip", action="append", default=[], choices=["naive", "floor"])
+    parser.add_argument("--webhooks-n", type=int, default=None, help="default: min(n, 20000)")
+    parser.add_argument(
+        "--skip", action="append", default=[], choices=["naive", "floor", "webhooks"]
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy on our workers; prints where time went"
+    )
     parser.add_argument("--delay-min", type=float, default=5.0)
     parser.add_argument("--delay-max", type=float, default=30.0)
     parser.add_argument("--broker", default=DEFAULT_BROKER, help="a Redis DB of its own (flushed)")
@@ -363,7 +452,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         url = new_database(args.db, workdir)
         urls.append(url)
-        results.append(run_ours(args.n, args.workers, url, args.broker, sim, workdir))
+        results.append(
+            run_ours(args.n, args.workers, url, args.broker, sim, workdir, profile=args.profile)
+        )
+        if "webhooks" not in args.skip:
+            sim.admin("/_sim/reset", {})
+            redis.Redis.from_url(args.broker).flushdb()
+            hooked = new_database(args.db, workdir)
+            urls.append(hooked)
+            hooked_n = args.webhooks_n or min(args.n, 20_000)
+            results.append(
+                run_ours(hooked_n, args.workers, hooked, args.broker, sim, workdir, webhooks=True)
+            )
+            sim.configure(webhook_url=None)
         if "naive" not in args.skip:
             sim.admin("/_sim/reset", {})
             redis.Redis.from_url(args.broker).flushdb()
@@ -383,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.delay_max:g}s, {os.cpu_count()} cores; logs in {workdir}"
     )
     print_table(results, meta)
+    if args.profile:
+        print("where our workers spent their samples (inclusive), sending and polling:")
+        print("\n".join(profile_summary(workdir)))
     return 0
 
 

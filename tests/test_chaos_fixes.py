@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 import httpx
@@ -24,12 +25,12 @@ from worker.smsbat import StatusClient
 from worker.states import State
 
 
-class SlowStart(httpx.AsyncHTTPTransport):
+class SlowStart(httpx.HTTPTransport):
     """A real transport whose requests leave late, like a slow connect on a loaded host."""
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(0.3)
-        return await super().handle_async_request(request)
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        time.sleep(0.3)
+        return super().handle_request(request)
 
 
 def test_a_poll_is_timed_no_earlier_than_the_provider_saw_it(redis_db: str) -> None:
@@ -44,7 +45,8 @@ def test_a_poll_is_timed_no_earlier_than_the_provider_saw_it(redis_db: str) -> N
             DATABASE_URL="sqlite://",
         )  # type: ignore[call-arg]
         client = StatusClient(settings, transport=SlowStart())
-        results = asyncio.run(check_all(client, Pacing(redis_db), settings, [message_id]))
+        with ThreadPoolExecutor(2) as threads:
+            results = check_all(client, Pacing(redis_db), settings, [message_id], threads)
         seen_at = next(r["t"] for r in sim.get("/_sim/requests").json() if r["kind"] == "status")
 
     polled_at, answer = results[message_id]
@@ -86,15 +88,23 @@ def test_a_poll_task_whose_claim_was_taken_over_polls_nothing(
         second_at = utcnow()
         fresh = polling.claim_due(engine, second_at, 10, 30)
         assert stale == fresh  # the same row, claimed twice
+        threads = ThreadPoolExecutor(2)
         late = polling.poll_batch(
-            engine, client, pacing, settings, stale, claimed=polling.lease_end(first_at, 1)
+            engine, client, pacing, settings, stale, threads, claimed=polling.lease_end(first_at, 1)
         )
         polls_after_late = sim.get("/_sim/stats").json()["status_requests"]
         with engine.connect() as conn:
             lease = conn.execute(select(messages.c.next_poll_at)).scalar_one()
         current = polling.poll_batch(
-            engine, client, pacing, settings, fresh, claimed=polling.lease_end(second_at, 30)
+            engine,
+            client,
+            pacing,
+            settings,
+            fresh,
+            threads,
+            claimed=polling.lease_end(second_at, 30),
         )
+        threads.shutdown()
         polls_after_current = sim.get("/_sim/stats").json()["status_requests"]
 
     assert (late.checked, late.skipped, polls_after_late) == (0, 1, 0)

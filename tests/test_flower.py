@@ -6,6 +6,7 @@ only to operators (FLOWER_BASIC_AUTH applied without `--basic-auth`, never logge
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from celery import Celery
 from pydantic import ValidationError
 
 from config import Settings
@@ -84,16 +86,32 @@ def test_healthcheck_needs_no_credentials(flower: Flower) -> None:
     assert answer.text == "OK"
 
 
+WRONG_CREDENTIALS = {
+    "none": None,
+    "bad-password": (USER, "wrong"),
+    "user": ("intruder", PASSWORD),
+    "empty": ("", ""),
+    "prefix": (USER, PASSWORD[:-1]),
+    "longer": (USER, PASSWORD + "0"),
+    "swapped": (PASSWORD, USER),
+}
+
+
 @pytest.mark.parametrize("path", ["/api/workers", "/tasks"])
-@pytest.mark.parametrize(
-    "auth", [None, (USER, "wrong"), ("intruder", PASSWORD)], ids=["none", "bad-password", "user"]
-)
+@pytest.mark.parametrize("auth", WRONG_CREDENTIALS.values(), ids=WRONG_CREDENTIALS.keys())
 def test_refused_without_the_right_credentials(
     flower: Flower, path: str, auth: tuple[str, str] | None
 ) -> None:
     """The pages too: Flower 2.2 closes its API without auth, but serves its pages to all."""
     assert flower.get(path, auth=auth).status_code == 401
     assert flower.get(path).status_code == 200
+
+
+def test_non_ascii_credentials_are_never_let_in(flower: Flower) -> None:
+    """Flower compares str with hmac.compare_digest, which raises on non-ASCII: a 500 from
+    Flower itself (upstream), but never a way in."""
+    for auth in ((USER, "sécret"), ("öps", PASSWORD), (USER, PASSWORD + "🔑")):
+        assert flower.get("/api/workers", auth=auth).status_code in (401, 500)
 
 
 def test_api_lists_the_stack_worker(flower: Flower) -> None:
@@ -122,6 +140,40 @@ def test_tasks_show_name_state_and_queue(flower: Flower, task: str, queue: str) 
     assert {t["name"] for t in done} == {task}
     assert {t["routing_key"] for t in done} == {queue}
     assert all(t["worker"].startswith("w0@") for t in done)
+
+
+def test_intake_tasks_show_counts_and_ids_never_phones_or_texts(flower: Flower) -> None:
+    """A producer sending by name puts the whole kwargs in argsrepr/kwargsrepr; the worker
+    replaces them, so Flower's task view (from task-received) shows only a summary."""
+    producer = Celery("producer", broker=flower.stack.settings.broker_url)
+    producer.conf.update(result_backend=flower.stack.settings.broker_url)
+    campaign = f"flower-intake-{time.monotonic_ns()}"
+    batch = make_messages(3, campaign, text="your code is 7731-secret")
+    batch[2]["toPhone"] = "380671234599"  # rejected
+    sent = producer.send_task(
+        "cascade.enqueue",
+        kwargs={
+            "messages": batch,
+            "campaign": campaign,
+            "callback_url": "https://u:pw1@h.example/x",
+        },
+        queue="cascade-intake",
+    )
+    assert [r["status"] for r in sent.get(timeout=60)] == ["accepted", "accepted", "rejected"]
+
+    def finished() -> dict[str, Any]:
+        answer = flower.get(f"/api/task/info/{sent.id}")
+        return answer.json() if answer.status_code == 200 and answer.json().get("result") else {}
+
+    shown = poll(finished, 30, f"flower never showed the result of {sent.id}")
+    assert shown["name"] == "cascade.enqueue" and shown["state"] == "SUCCESS"
+    assert f"<3 messages: {campaign}-0, {campaign}-1, {campaign}-2>" in shown["kwargs"]
+    assert f"'campaign': '{campaign}'" in shown["kwargs"]
+    assert "https://u:***@h.example/x" in shown["kwargs"]
+    page = flower.get(f"/task/{sent.id}").text
+    for leaked in [*(m["toPhone"] for m in batch), "7731-secret", "pw1"]:
+        assert leaked not in json.dumps(shown) and leaked not in page
+        assert leaked not in flower.stack.logs()
 
 
 def test_password_is_never_logged(flower: Flower) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -500,16 +499,13 @@ def status_call(
         seen.append(request)
         return handler(request)
 
-    async def go() -> StatusReport | ProviderError:
-        client = StatusClient(settings(**overrides), transport=httpx.MockTransport(record))
-        try:
-            return await client.status(message_id)
-        except ProviderError as exc:
-            return exc
-        finally:
-            await client.aclose()
-
-    return asyncio.run(go()), seen
+    client = StatusClient(settings(**overrides), transport=httpx.MockTransport(record))
+    try:
+        return client.status(message_id), seen
+    except ProviderError as exc:
+        return exc, seen
+    finally:
+        client.close()
 
 
 def _delivered(request: httpx.Request) -> httpx.Response:

@@ -19,7 +19,7 @@ from config import Settings
 from tests.test_claims import _fill
 from tests.test_dlr import SEED_PAYLOAD
 from tests.test_inbox import _history, _message, _submit
-from worker import webhooks
+from worker import producer, webhooks
 from worker.celery import POLL_QUEUE
 from worker.db import get_engine
 from worker.inbox import apply_pending
@@ -448,11 +448,26 @@ def test_logs_never_show_tokens_or_whole_phone_numbers(
     assert TOKEN not in ours and "wrong-token" not in ours
 
 
-def test_wake_reports_queues_one_apply_task(redis_db: str) -> None:
-    wake_reports(redis_db)
+def test_a_burst_of_wakes_queues_one_apply_task_and_one_trailing(redis_db: str) -> None:
+    producer._last_run.clear()  # this DB index may have been another test's a moment ago
+    for _ in range(20):  # a burst of webhooks, one report each
+        wake_reports(redis_db)
 
-    queued = redis.Redis.from_url(redis_db).lrange(POLL_QUEUE, 0, -1)
-    assert [json.loads(m)["headers"]["task"] for m in queued] == ["cascade.apply_reports"]
+    queued = [json.loads(m) for m in redis.Redis.from_url(redis_db).lrange(POLL_QUEUE, 0, -1)]
+    assert [m["headers"]["task"] for m in queued] == ["cascade.apply_reports"] * 2
+    assert sorted(m["headers"]["eta"] is not None for m in queued) == [False, True]
+
+
+def test_wakes_are_coalesced_per_task_and_broker() -> None:
+    key = ("redis://b/0", "cascade.apply_reports")
+    assert producer.wake_delay(key, 100.0) == 0.0
+    assert producer.wake_delay(key, 100.1) == pytest.approx(0.4)  # a run at 100.5
+    assert producer.wake_delay(key, 100.2) is None  # covered by it
+    assert producer.wake_delay(key, 100.45) is None
+    assert producer.wake_delay(("redis://b/0", "cascade.dispatch"), 100.2) == 0.0
+    assert producer.wake_delay(("redis://other/0", "cascade.apply_reports"), 100.2) == 0.0
+    assert producer.wake_delay(key, 100.6) == pytest.approx(0.4)  # after 100.5: one at 101.0
+    assert producer.wake_delay(key, 101.7) == 0.0  # quiet for a gap since: at once again
 
 
 def test_a_broker_that_is_down_is_harmless_and_quick(caplog: pytest.LogCaptureFixture) -> None:

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import redis
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -462,8 +463,8 @@ async def post_messages(
         Query(
             min_length=1,
             max_length=MAX_CAMPAIGN_LENGTH,
-            pattern=NOT_BLANK_PATTERN,
-            description="Enqueue under this campaign (reports, cancel).",
+            pattern=PRINTABLE_PATTERN,
+            description="Enqueue under this campaign (reports, cancel); no control characters.",
             examples=["orders"],
         ),
     ] = None,
@@ -540,7 +541,7 @@ def get_campaign(
         Path(
             min_length=1,
             max_length=MAX_CAMPAIGN_LENGTH,
-            pattern=NOT_BLANK_PATTERN,
+            pattern=PRINTABLE_PATTERN,  # a NUL would reach PostgreSQL and fail there (500)
             examples=["orders"],
         ),
     ],
@@ -622,7 +623,17 @@ def intake(
         )
     except CampaignCancelled as exc:
         raise HTTPException(409, str(exc)) from None
-    return [result.as_dict() for result in results]
+    return [_answerable(result.as_dict()) for result in results]
+
+
+def _answerable(result: dict[str, Any]) -> dict[str, Any]:
+    """A rejected id echoed back must be encodable as UTF-8, or the whole answer fails (500);
+    one with a lone surrogate is answered as no usable id, its `id` error says why."""
+    try:
+        (result["id"] or "").encode("utf-8")
+    except UnicodeEncodeError:
+        result["id"] = None
+    return result
 
 
 def parse_messages(body: bytes) -> list[Any]:
@@ -688,6 +699,13 @@ def _ping_broker(url: str) -> None:
         client.close()
 
 
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, without the `input` it echoes: a refused `callbackUrl` may carry a
+    password (`loc` and `msg` still name the parameter and the problem)."""
+    problems = [{k: v for k, v in e.items() if k != "input"} for e in exc.errors()]
+    return JSONResponse({"detail": jsonable_encoder(problems)}, status_code=422)
+
+
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     """A database outage is temporary: 503 tells producers to retry, a 500 would not."""
     log.error("database unavailable during %s %s: %s", request.method, request.url.path, exc)
@@ -705,6 +723,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings or get_settings()
     app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.include_router(producers)
     app.include_router(probes)
     app.include_router(webhooks.router)

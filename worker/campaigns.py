@@ -238,12 +238,19 @@ def _decode_lines(raw: IO[bytes], bad: set[int]) -> Iterator[str]:
             yield line.decode("utf-8", errors="replace")
 
 
+def _binary(head: bytes) -> bool:
+    """NULs in the header line (UTF-16, zip/xlsx) or everywhere (images) mean not a text
+    file; a stray NUL in one data row costs that row only (validation refuses it)."""
+    first_line = head.partition(b"\n")[0]
+    return b"\x00" in first_line or head.count(b"\x00") * 10 > len(head)
+
+
 def _sniff(path: Path) -> str:
     with path.open("rb") as raw:
         head = raw.read(SNIFF_BYTES)
     if not head.strip():
         raise CampaignError(f"{path} is empty")
-    if b"\x00" in head:
+    if _binary(head):
         raise CampaignError(f"{path} is not a CSV text file (it contains binary data)")
     sample = head.decode("utf-8", errors="replace").lstrip("\ufeff")
     first = sample.splitlines()[0] if sample.splitlines() else sample

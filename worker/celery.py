@@ -7,6 +7,7 @@ and long-running tasks cancelled (not finished twice) when the broker connection
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 
@@ -108,5 +109,8 @@ def flower_environment(settings: Settings) -> dict[str, str]:
 
 
 app = create_app(get_settings())
+# httpx logs every request at INFO: a line per status check is most of a busy worker's log
+# and a measurable share of its CPU. Failures still reach the log through our own messages.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 for _name, _value in flower_environment(get_settings()).items():
     os.environ.setdefault(_name, _value)

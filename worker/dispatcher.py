@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, bindparam, func, insert, select, update
+from sqlalchemy import Engine, Row, func, select
 
 from config import Settings
 from worker.backoff import poll_deadline, send_retry_delay
 from worker.campaigns import cancelled_campaigns
-from worker.db import claim_rows, utcnow
+from worker.db import bulk_update, claim_rows, insert_rows, utcnow
 from worker.models import events, messages
 from worker.pacing import Pacing
 from worker.smsbat import (
@@ -198,9 +198,6 @@ def provider_payload(row: Row[Any]) -> dict[str, Any]:
     ).to_provider()
 
 
-_UPDATE_BY_PK = messages.c.pk == bindparam("b_pk")
-
-
 def record(
     engine: Engine,
     token: str,
@@ -232,7 +229,7 @@ def record(
         }
         requeued = {ours[o.pk].campaign for o in outcomes if _requeues(o) and o.pk in ours}
         stopped = cancelled_campaigns(conn, requeued - {None})
-        updates: dict[str, list[dict[str, Any]]] = {}
+        changes: dict[int, dict[str, Any]] = {}
         journal: list[dict[str, Any]] = []
         for outcome in outcomes:
             current = ours.get(outcome.pk)
@@ -244,10 +241,9 @@ def record(
                 outcome = Cancelled(outcome.pk)
             # The provider may have an unknown outcome: never resend it for a cancelled campaign.
             resend_unknown = settings.send_unknown_outcome == "resend" and not halted
-            kind, values, to_state, detail = _decide(
+            changes[outcome.pk], to_state, detail = _decide(
                 outcome, current, claimed, settings, now, resend_unknown=resend_unknown
             )
-            updates.setdefault(kind, []).append({"b_pk": outcome.pk, **values})
             journal.append(
                 {
                     "message_pk": outcome.pk,
@@ -259,16 +255,8 @@ def record(
                 }
             )
             counts[to_state] = counts.get(to_state, 0) + 1
-        for rows in updates.values():
-            columns = {name: bindparam(name) for name in rows[0] if name != "b_pk"}
-            stmt = (
-                update(messages)
-                .where(_UPDATE_BY_PK)
-                .values({name.removeprefix("v_"): param for name, param in columns.items()})
-            )
-            conn.execute(stmt, rows)
-        if journal:
-            conn.execute(insert(events), journal)
+        bulk_update(conn, messages, changes)
+        insert_rows(conn, events, journal)
     return counts
 
 
@@ -284,73 +272,68 @@ def _decide(
     now: datetime,
     *,
     resend_unknown: bool,
-) -> tuple[str, dict[str, Any], str, str | None]:
-    """(update shape, column values, new state, event detail) for one outcome."""
-    release = {"v_claim_token": None, "v_lease_until": None}
+) -> tuple[dict[str, Any], str, str | None]:
+    """(column values, new state, event detail) for one outcome."""
+    release = {"claim_token": None, "lease_until": None}
     if isinstance(outcome, Submitted):
         row = claimed[outcome.pk]
         start = max(now, row.scheduled_sent) if row.scheduled_sent else now
         values = {
             **release,
-            "v_state": State.SUBMITTED,
-            "v_provider_message_id": outcome.message_id,
-            "v_submitted_at": now,
-            "v_next_poll_at": start + timedelta(seconds=first_poll_delay(settings)),
-            "v_poll_deadline": poll_deadline(
+            "state": State.SUBMITTED,
+            "provider_message_id": outcome.message_id,
+            "submitted_at": now,
+            "next_poll_at": start + timedelta(seconds=first_poll_delay(settings)),
+            "poll_deadline": poll_deadline(
                 start,
                 row.ttl,
                 grace=settings.poll_grace_seconds,
                 max_age=settings.poll_max_age_seconds,
             ),
         }
-        return "submitted", values, State.SUBMITTED, f"messageId {outcome.message_id}"
+        return values, State.SUBMITTED, f"messageId {outcome.message_id}"
     if isinstance(outcome, Rejected):
         values = {
             **release,
-            "v_state": State.REJECTED,
-            "v_error_code": outcome.code,
-            "v_error_message": outcome.message,
-            "v_final_at": now,
-            "v_final_source": "send",
+            "state": State.REJECTED,
+            "error_code": outcome.code,
+            "error_message": outcome.message,
+            "final_at": now,
+            "final_source": "send",
         }
-        return "final_error", values, State.REJECTED, f"{outcome.code}: {outcome.message}"
+        return values, State.REJECTED, f"{outcome.code}: {outcome.message}"
     if isinstance(outcome, Expired):
         values = {
             **release,
-            "v_state": State.EXPIRED,
-            "v_error_code": "TTL_EXPIRED",
-            "v_error_message": "TTL ran out before the message could be sent",
-            "v_final_at": now,
-            "v_final_source": "send",
+            "state": State.EXPIRED,
+            "error_code": "TTL_EXPIRED",
+            "error_message": "TTL ran out before the message could be sent",
+            "final_at": now,
+            "final_source": "send",
         }
-        return "final_error", values, State.EXPIRED, "TTL ran out before sending"
+        return values, State.EXPIRED, "TTL ran out before sending"
     if isinstance(outcome, Cancelled):
         values = {
             **release,
-            "v_state": State.CANCELLED,
-            "v_error_code": "CANCELLED",
-            "v_error_message": "campaign cancelled before the message was sent",
-            "v_final_at": now,
-            "v_final_source": "send",
+            "state": State.CANCELLED,
+            "error_code": "CANCELLED",
+            "error_message": "campaign cancelled before the message was sent",
+            "final_at": now,
+            "final_source": "send",
         }
-        return "final_error", values, State.CANCELLED, "campaign cancelled; not resent"
+        return values, State.CANCELLED, "campaign cancelled; not resent"
     unknown = isinstance(outcome, Unknown)
     if unknown and not resend_unknown:
         values = {
             **release,
-            "v_state": State.FAILED,
-            "v_unknown_outcomes": current.unknown_outcomes + 1,
-            "v_error_code": "UNKNOWN_OUTCOME",
-            "v_error_message": outcome.reason,
-            "v_final_at": now,
-            "v_final_source": "send",
+            "state": State.FAILED,
+            "unknown_outcomes": current.unknown_outcomes + 1,
+            "error_code": "UNKNOWN_OUTCOME",
+            "error_message": outcome.reason,
+            "final_at": now,
+            "final_source": "send",
         }
-        return (
-            "unknown_fail",
-            values,
-            State.FAILED,
-            f"outcome unknown ({outcome.reason}); not resent",
-        )
+        return values, State.FAILED, f"outcome unknown ({outcome.reason}); not resent"
     counts = unknown or (isinstance(outcome, Retry) and outcome.counts)
     attempts = current.attempts + (1 if counts else 0)
     target = after_failed_attempt(attempts, settings.send_max_attempts)
@@ -365,18 +348,18 @@ def _decide(
     )
     values = {
         **release,
-        "v_state": target,
-        "v_attempts": attempts,
-        "v_unknown_outcomes": current.unknown_outcomes + (1 if unknown else 0),
-        "v_available_at": now + timedelta(seconds=delay),
-        "v_error_code": "UNKNOWN_OUTCOME" if unknown else "SEND_RETRY",
-        "v_error_message": outcome.reason,
-        "v_final_at": now if target == State.FAILED else None,
-        "v_final_source": "send" if target == State.FAILED else None,
+        "state": target,
+        "attempts": attempts,
+        "unknown_outcomes": current.unknown_outcomes + (1 if unknown else 0),
+        "available_at": now + timedelta(seconds=delay),
+        "error_code": "UNKNOWN_OUTCOME" if unknown else "SEND_RETRY",
+        "error_message": outcome.reason,
+        "final_at": now if target == State.FAILED else None,
+        "final_source": "send" if target == State.FAILED else None,
     }
     prefix = "outcome unknown, resending" if unknown else "retry"
     detail = f"{prefix}: {outcome.reason} (attempt {attempts}/{settings.send_max_attempts})"
-    return "retry", values, target, detail
+    return values, target, detail
 
 
 # --- the provider call ---------------------------------------------------------------

@@ -12,6 +12,7 @@ become UTC through `zoneinfo`, and DST edges are resolved by `prague_pair` (see 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +28,10 @@ PRAGUE = ZoneInfo("Europe/Prague")
 MAX_MESSAGE_ID = 64  # provider_reports.provider_message_id / messages.provider_message_id
 MAX_SENDER = 32  # inbound_messages.sender
 INBOUND = "10"
+# A NUL cannot be stored by PostgreSQL (text or JSON) and a lone surrogate not as UTF-8:
+# one such report refused alone, rather than failing the insert of the whole push.
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+MAX_DEPTH = 32  # of a field's value; json.dumps would fail on the stored raw report past ~1000
 
 # BulkGate status code → (our state, what it means). 2 (buffered) and 6 (accepted by the
 # SMSC) are not final: the message is with the network, being delivered (`processing`).
@@ -223,10 +228,42 @@ def _each(data: Any, parse: Callable[[Any], T]) -> list[T | ParseError]:
     results: list[T | ParseError] = []
     for index, item in enumerate(items):
         try:
+            _refuse_unstorable(item)
             results.append(parse(item))
         except (ValueError, OverflowError) as exc:  # OverflowError: a date beyond year 1..9999
             results.append(ParseError(index, str(exc)))
     return results
+
+
+def _refuse_unstorable(item: Any) -> None:
+    """Name the field that holds what no database can keep: a NUL or lone surrogate, or
+    nesting deeper than MAX_DEPTH (the raw report is stored whole, unknown fields too)."""
+    if not isinstance(item, dict):
+        return
+    for key, value in item.items():
+        problem = _storable_problem(key) or _storable_problem(value)
+        if problem:
+            plain = isinstance(key, str) and key.isprintable() and key.strip() == key != ""
+            name = key if plain else _show(key)
+            raise ValueError(f"{name}: {problem}")
+
+
+def _storable_problem(value: Any) -> str | None:
+    """Iterative, so JSON nested deeper than Python's recursion limit is no crash."""
+    pending = [(value, 1)]
+    while pending:
+        current, depth = pending.pop()
+        if isinstance(current, str) and _UNSTORABLE.search(current):
+            return "contains a NUL character or a lone surrogate"
+        children: list[Any] = []
+        if isinstance(current, dict):
+            children = [*current.keys(), *current.values()]
+        elif isinstance(current, list):
+            children = current
+        if children and depth >= MAX_DEPTH:
+            return f"nested deeper than {MAX_DEPTH} levels"
+        pending.extend((child, depth + 1) for child in children)
+    return None
 
 
 def _object(item: Any) -> dict[str, Any]:

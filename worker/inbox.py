@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, Select, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, Row, Select, func, insert, select, update
 
 from config import Settings
-from worker.db import utcnow
+from worker.db import bulk_update, insert_rows, utcnow
 from worker.dlr import Inbound
 from worker.models import events, inbound_messages, messages, provider_reports
 from worker.states import State
@@ -251,20 +251,8 @@ def _decide(
 
 def _write(conn: Connection, batch: _Batch, now: datetime) -> None:
     """Bulk: one UPDATE per shape of change, the events, the report outcomes."""
-    shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for pk, change in batch.updates.items():
-        shapes.setdefault(tuple(sorted(change)), []).append(
-            {"b_pk": pk, **{"v_" + k: v for k, v in change.items()}}
-        )
-    for keys, params in shapes.items():
-        stmt = (
-            update(messages)
-            .where(messages.c.pk == bindparam("b_pk"))
-            .values({k: bindparam("v_" + k) for k in keys})
-        )
-        conn.execute(stmt, params)
-    if batch.journal:
-        conn.execute(insert(events), batch.journal)
+    bulk_update(conn, messages, batch.updates)
+    insert_rows(conn, events, batch.journal)
     for outcome, pks in batch.outcomes.items():
         if pks:
             conn.execute(

@@ -8,18 +8,18 @@ became final or was polled less than the minimum gap ago.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, bindparam, insert, select, update
+from sqlalchemy import Engine, Row, select, update
 
 from config import Settings
 from worker.backoff import poll_interval
-from worker.db import claim_rows, utcnow
+from worker.db import bulk_update, claim_rows, insert_rows, utcnow
 from worker.models import events, messages
 from worker.pacing import Pacing
 from worker.smsbat import (
@@ -98,29 +98,28 @@ Answer = StatusReport | ProviderError
 Checked = tuple[datetime, Answer]
 
 
-async def check_all(
+def check_all(
     client: StatusClient,
     pacing: Pacing,
     settings: Settings,
     message_ids: Sequence[str],
+    threads: Executor,
 ) -> dict[str, Checked]:
     """Check every id concurrently, within the shared status request rate."""
     results: dict[str, Checked] = {}
-    gate = asyncio.Semaphore(settings.poll_concurrency)
 
-    async def one(message_id: str) -> None:
-        async with gate:
-            try:
-                answer: Answer = await client.status(message_id)
-            except ProviderError as exc:
-                answer = exc
-            results[message_id] = (utcnow(), answer)
+    def one(message_id: str) -> tuple[str, Checked]:
+        try:
+            answer: Answer = client.status(message_id)
+        except ProviderError as exc:
+            answer = exc
+        return message_id, (utcnow(), answer)
 
     step = settings.status_requests_per_second or len(message_ids) or 1
     for start in range(0, len(message_ids), step):
         chunk = message_ids[start : start + step]
         pacing.acquire("poll:requests", settings.status_requests_per_second, len(chunk))
-        await asyncio.gather(*(one(m) for m in chunk))
+        results.update(threads.map(one, chunk))
         if any(isinstance(results[m][1], Throttled | Unauthorized) for m in chunk):
             break
     return results
@@ -132,7 +131,7 @@ def poll_batch(
     pacing: Pacing,
     settings: Settings,
     pks: Sequence[int],
-    run: Any = asyncio.run,
+    threads: Executor,
     claimed: datetime | None = None,
 ) -> PollReport:
     """The body of `cascade.poll_batch`: check the given messages and record what came back.
@@ -161,7 +160,8 @@ def poll_batch(
     report.skipped += len(rows) - len(due)
     results: dict[str, Checked] = {}
     if due and not paused:
-        results = run(check_all(client, pacing, settings, [r.provider_message_id for r in due]))
+        ids = [r.provider_message_id for r in due]
+        results = check_all(client, pacing, settings, ids, threads)
         report.checked = len(results)
     for _, error in results.values():
         if isinstance(error, Throttled):
@@ -185,7 +185,7 @@ def record_polls(
     """Apply answers forward-only, schedule the next check of every unfinished message."""
     now = utcnow()
     counts: dict[str, int] = {}
-    updates: list[dict[str, Any]] = []
+    changes: dict[int, dict[str, Any]] = {}
     journal: list[dict[str, Any]] = []
     with engine.begin() as conn:
         rows = conn.execute(
@@ -225,18 +225,9 @@ def record_polls(
                         else _describe(checked[1] if checked else None),
                     }
                 )
-            updates.append(change | {"b_pk": row.pk})
-        for shape in _group_by_keys(updates):
-            stmt = (
-                update(messages)
-                .where(messages.c.pk == bindparam("b_pk"))
-                .values({k: bindparam("v_" + k) for k in shape[0] if k != "b_pk"})
-            )
-            conn.execute(
-                stmt, [{("v_" + k if k != "b_pk" else k): v for k, v in u.items()} for u in shape]
-            )
-        if journal:
-            conn.execute(insert(events), journal)
+            changes[row.pk] = change
+        bulk_update(conn, messages, changes)
+        insert_rows(conn, events, journal)
     return counts
 
 
@@ -254,13 +245,6 @@ def _describe(result: Answer | None) -> str | None:
     if isinstance(result, StatusReport):
         return f"deliverystatus {result.deliverystatus}"
     return None
-
-
-def _group_by_keys(updates: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for u in updates:
-        groups.setdefault(tuple(sorted(u)), []).append(u)
-    return list(groups.values())
 
 
 def _next(

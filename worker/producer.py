@@ -8,6 +8,8 @@ of the message already there.
 from __future__ import annotations
 
 import logging
+import re
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -15,12 +17,10 @@ from itertools import islice
 from typing import Any, Literal
 
 from sqlalchemy import Engine, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from config import Settings, get_settings
 from worker.campaigns import CampaignCancelled, ensure_campaign
-from worker.db import get_engine, is_sqlite, utcnow
+from worker.db import get_engine, insert_new, utcnow
 from worker.models import campaigns, messages
 from worker.states import State
 from worker.validation import (
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1000
 MAX_CAMPAIGN_LENGTH = 200
+_UNSTORABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,8 @@ def check_campaign(campaign: str | None) -> None:
         raise ValueError("campaign must be a non-empty string")
     if len(campaign) > MAX_CAMPAIGN_LENGTH:
         raise ValueError(f"campaign must be at most {MAX_CAMPAIGN_LENGTH} characters")
+    if _UNSTORABLE.search(campaign):  # PostgreSQL refuses NUL; UTF-8 cannot hold surrogates
+        raise ValueError("campaign must not contain control characters or lone surrogates")
 
 
 def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -115,8 +118,6 @@ def store(engine: Engine, rows: list[dict[str, Any]], campaign: str | None = Non
     """
     if not rows:
         return set()
-    insert = sqlite_insert if is_sqlite(engine) else pg_insert
-    stmt = insert(messages).on_conflict_do_nothing(index_elements=["id"]).returning(messages.c.id)
     with engine.begin() as conn:
         if campaign is not None:
             cancelled = conn.execute(
@@ -126,7 +127,7 @@ def store(engine: Engine, rows: list[dict[str, Any]], campaign: str | None = Non
             ).scalar_one_or_none()
             if cancelled is not None:
                 raise CampaignCancelled(campaign)
-        return set(conn.execute(stmt, rows).scalars())
+        return insert_new(conn, messages, rows, key="id")
 
 
 def existing_states(engine: Engine, ids: Iterable[str]) -> dict[str, str]:
@@ -202,15 +203,40 @@ def enqueue(
     return results
 
 
+WAKE_GAP_SECONDS = 0.5
+_last_run: dict[tuple[str, str], float] = {}
+
+
+def wake_delay(key: tuple[str, str], now: float, gap: float = WAKE_GAP_SECONDS) -> float | None:
+    """When to run the task for a wake at `now`: 0 (at once), a countdown, or None (a run
+    already planned covers this one).
+
+    Runs are at least `gap` apart, and a wake between two runs plans the next one: a
+    webhook or an API request per message must not become a task per message, and the last
+    of a burst still gets its run within `gap`.
+    """
+    last = _last_run.get(key)
+    if last is None or now >= last + gap:
+        _last_run[key] = now
+        return 0.0
+    if last > now:
+        return None
+    _last_run[key] = last + gap
+    return last + gap - now
+
+
 def wake(task: Any, broker_url: str) -> None:
     """Ask for `task` now rather than at the next beat tick; harmless if it fails.
 
     No connection retries: with Redis down, kombu's default retrying holds the caller ~6 s.
     """
+    delay = wake_delay((broker_url, task.name), time.monotonic())
+    if delay is None:
+        return
     options = {**task.app.conf.broker_transport_options, "max_retries": 0}
     try:
         with task.app.connection_for_write(broker_url, transport_options=options) as conn:
-            task.apply_async(retry=False, connection=conn)
+            task.apply_async(retry=False, connection=conn, countdown=delay or None)
     except Exception as exc:  # beat runs every such task on its own schedule anyway
         log.warning("could not wake %s (%s); the next beat tick will", task.name, exc)
 

@@ -1,4 +1,4 @@
-"""The SMSBAT client: cascade sends (sync, pooled) and status checks (async, pooled).
+"""The SMSBAT client: cascade sends and status checks, each over a keep-alive pool.
 
 Exceptions say what the caller may do next:
 
@@ -310,14 +310,17 @@ class SendClient:
 
 
 class StatusClient:
-    """Checks many messages concurrently over one async keep-alive pool."""
+    """Checks messages over one keep-alive pool, safe to share between threads.
 
-    def __init__(
-        self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None
-    ) -> None:
+    Synchronous on purpose: measured against the simulator here, httpx's asyncio client
+    spent 2.0–3.4 ms of CPU per check (anyio and the async pool's bookkeeping), the
+    threaded sync client 0.8–0.9 ms, and checks are CPU-bound on a worker.
+    """
+
+    def __init__(self, settings: Settings, transport: httpx.BaseTransport | None = None) -> None:
         headers, auth = status_auth(settings)
         self._retry_after = _retry_after_policy(settings)
-        self._client = httpx.AsyncClient(
+        self._client = httpx.Client(
             base_url=settings.status_base_url,
             headers=headers,
             auth=auth,
@@ -326,9 +329,9 @@ class StatusClient:
             transport=transport,
         )
 
-    async def status(self, message_id: str) -> StatusReport:
+    def status(self, message_id: str) -> StatusReport:
         try:
-            response = await self._client.get(f"/bat/message/{message_id}")
+            response = self._client.get(f"/bat/message/{message_id}")
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise Unavailable(f"{type(exc).__name__} on status check") from None
         _raise_for_status(response, sending=False, retry_after=self._retry_after)
@@ -337,5 +340,5 @@ class StatusClient:
         except (orjson.JSONDecodeError, ValueError) as exc:
             raise Unavailable(f"unreadable status answer: {exc}") from None
 
-    async def aclose(self) -> None:
-        await self._client.aclose()
+    def close(self) -> None:
+        self._client.close()

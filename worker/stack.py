@@ -116,11 +116,13 @@ class Workers:
         *,
         beat: bool = True,
         concurrency: int = 2,
+        queues: Sequence[str] = (),
         wrap: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> Process:
-        """A `celery -A worker worker`; `wrap` prefixes the command (`ip netns exec NS`) and
-        `env` overrides the group's environment for this process only."""
+        """A `celery -A worker worker`: on `queues` only (default all); `wrap` prefixes the
+        command (`ip netns exec NS`) and `env` overrides the group's environment for this
+        process only."""
         args = [
             *wrap,
             sys.executable,
@@ -142,6 +144,8 @@ class Workers:
         ]
         if beat:
             args += ["-B", "--schedule", str(self.logdir / f"{name}-beat-schedule")]
+        if queues:
+            args += ["-Q", ",".join(queues)]
         process = spawn(name, args, {**self.env, **(env or {})}, self.logdir)
         self.processes.append(process)
         return process

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+from celery.utils.saferepr import saferepr
+from celery.worker.request import Request
 from sqlalchemy import Engine
 
 from config import Settings, get_settings
@@ -18,6 +20,7 @@ from worker import callbacks, dispatcher, inbox, polling, producer, sweeper
 from worker.celery import POLL_QUEUE, SEND_QUEUE, app
 from worker.db import get_engine, utcnow
 from worker.pacing import Pacing, get_pacing
+from worker.redact import mask_url
 from worker.smsbat import SendClient, StatusClient
 from worker.validation import ROUTES
 
@@ -26,27 +29,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Resources:
-    """What one worker process keeps between tasks: pools, clients, an event loop."""
+    """What one worker process keeps between tasks: pools, clients, threads for checks."""
 
     settings: Settings
     engine: Engine
     pacing: Pacing
     sender: SendClient
     checker: StatusClient
-    loop: asyncio.AbstractEventLoop
+    threads: ThreadPoolExecutor
 
 
 @lru_cache(maxsize=1)
 def _resources(pid: int) -> Resources:
     settings = get_settings()
-    loop = asyncio.new_event_loop()
     return Resources(
         settings=settings,
         engine=get_engine(settings.database_url),
         pacing=get_pacing(settings.broker_url),
         sender=SendClient(settings),
         checker=StatusClient(settings),
-        loop=loop,
+        threads=ThreadPoolExecutor(settings.poll_concurrency, thread_name_prefix="status"),
     )
 
 
@@ -59,7 +61,52 @@ def queue_length(name: str) -> int:
         return int(conn.default_channel.client.llen(name))
 
 
-@app.task(name="cascade.enqueue", ignore_result=False)
+INTAKE_ARGUMENTS = ("messages", "campaign", "callback_url", "callback_task")
+SHOWN_IDS = 5
+
+
+def intake_summary(args: Any, kwargs: Any) -> tuple[str, str]:
+    """What logs, events and Flower show of a `cascade.enqueue` call: counts and ids.
+
+    Producers sending by name set argsrepr/kwargsrepr to the full arguments (phones and
+    texts, OTPs included), so the worker replaces them. Never raises: it runs on receipt.
+    """
+    args = args if isinstance(args, list | tuple) else ()
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    shown_args = tuple(
+        _summarise(name, value) for name, value in zip(INTAKE_ARGUMENTS, args, strict=False)
+    )
+    shown_kwargs = {str(name): _summarise(str(name), value) for name, value in kwargs.items()}
+    return saferepr(shown_args), saferepr(shown_kwargs)
+
+
+def _summarise(name: str, value: Any) -> str:
+    if name == "messages":
+        if not isinstance(value, list | tuple):
+            return f"<not a list: {type(value).__name__}>"
+        ids = [m.get("id") for m in value[:SHOWN_IDS] if isinstance(m, dict)]
+        shown = ", ".join(str(i)[:64] for i in ids if isinstance(i, str))
+        more = ", …" if len(value) > SHOWN_IDS else ""
+        return f"<{len(value)} messages: {shown}{more}>"
+    if name in ("campaign", "callback_task") and (value is None or isinstance(value, str)):
+        return value if value is None else value[:200]
+    if name == "callback_url" and isinstance(value, str):
+        return mask_url(value)[:200]
+    return f"<{type(value).__name__}>"  # an argument we do not take: never echoed
+
+
+class IntakeRequest(Request):
+    """The request of `cascade.enqueue`, with its arguments shown only as `intake_summary`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        summary = intake_summary(self._args, self._kwargs)
+        self._argsrepr, self._kwargsrepr = summary
+        # The child reads task.request from this dict (and error reports show it).
+        self._request_dict["argsrepr"], self._request_dict["kwargsrepr"] = summary
+
+
+@app.task(name="cascade.enqueue", ignore_result=False, Request=IntakeRequest)
 def enqueue(
     messages: list[dict[str, Any]],
     campaign: str | None = None,
@@ -67,10 +114,16 @@ def enqueue(
     callback_task: str | None = None,
 ) -> list[dict[str, Any]]:
     """Intake for apps that share only the broker: validate, store, answer per message."""
+    if not isinstance(messages, list):  # a string or an object would be iterated
+        raise ValueError(f"messages: must be an array of message objects, got {_kind(messages)}")
     results = producer.enqueue(
         messages, campaign, callback_url=callback_url, callback_task=callback_task
     )
     return [r.as_dict() for r in results]
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", str: "a string", type(None): "null"}.get(type(value), "a value")
 
 
 @app.task(name="cascade.dispatch")
@@ -142,7 +195,7 @@ def poll_batch(pks: list[int], claimed: str | None = None) -> dict[str, Any]:
         res.pacing,
         res.settings,
         pks,
-        run=res.loop.run_until_complete,
+        res.threads,
         claimed=datetime.fromisoformat(claimed) if claimed else None,
     )
     return asdict(report)

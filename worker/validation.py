@@ -54,6 +54,9 @@ _FOLDED_FIELDS = {name.lower(): name for name in FIELDS}
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Neither UTF-8 nor PostgreSQL can hold these: a lone surrogate cannot be encoded, and a NUL
+# is refused by PostgreSQL text columns. Stored, either would fail the whole batch's insert.
+_SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 _TASK_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]*")
 _QUEUE_RE = re.compile(r"[A-Za-z0-9_.:-]+")
 _E164_RE = re.compile(r"\+[1-9][0-9]{1,14}")
@@ -255,7 +258,7 @@ def callback_url_problem(value: object) -> str | None:
     if not value:
         return "must not be empty"
     shown = _show(mask_url(value))
-    if _CONTROL_RE.search(value) or " " in value:
+    if _CONTROL_RE.search(value) or _SURROGATE_RE.search(value) or " " in value:
         return f"must be a URL without spaces or control characters, got {shown}"
     try:
         parts = urlsplit(value)
@@ -344,6 +347,18 @@ def _content_problem(value: str, max_length: int) -> str | None:
         return "must not be empty or only whitespace"
     if len(value) > max_length:
         return f"must be at most {max_length} characters, got {len(value)}"
+    return _unstorable_problem(value)
+
+
+def _unstorable_problem(value: str) -> str | None:
+    """Characters no database column can keep (see `_SURROGATE_RE`), named by position."""
+    if (nul := value.find("\x00")) >= 0:
+        return f"must not contain NUL characters (U+0000), found at position {nul}"
+    if surrogate := _SURROGATE_RE.search(value):
+        return (
+            "must be valid Unicode: a lone surrogate (U+D800-U+DFFF) found at position "
+            f"{surrogate.start()}"
+        )
     return None
 
 
