@@ -473,3 +473,87 @@ def test_reset_clears_records_but_keeps_config(start: Callable[..., httpx.Client
     assert client.get("/_sim/requests").json() == []
     again = client.post(SEND, json=batch(1), headers={"X-Authorization-Key": "k-1"})
     assert again.status_code == 200
+
+
+def test_latency_spike_holds_the_answer_and_is_counted(start: Callable[..., httpx.Client]) -> None:
+    client = start(spike_rate=1.0, spike_seconds=0.5)
+    began = time.monotonic()
+    answer = client.post(SEND, json=batch(2), headers=KEY)
+    assert answer.status_code == 200 and len(answer.json()) == 2
+    assert time.monotonic() - began >= 0.5
+    client.post("/_sim/config", json={"spike_rate": 0.0})
+    began = time.monotonic()
+    client.post(SEND, json=batch(1, prefix="n"), headers=KEY)
+    assert time.monotonic() - began < 0.4
+    assert stats(client)["latency_spikes"] == 1
+
+
+def test_connection_reset_on_send_is_an_accepted_but_lost_answer(
+    start: Callable[..., httpx.Client],
+) -> None:
+    client = start(reset_rate=1.0)
+    with pytest.raises(httpx.RemoteProtocolError):
+        client.post(SEND, json=batch(3), headers=KEY)
+    client.post("/_sim/config", json={"reset_rate": 0.0})
+    counters = stats(client)
+    assert counters["connection_resets"] == 1
+    assert (counters["messages_accepted"], counters["answers_lost"]) == (3, 3)
+    assert client.get("/_sim/duplicates").json()["answer_lost"] == ["m0", "m1", "m2"]
+
+    again = client.post(SEND, json=batch(3), headers=KEY)  # the client resends the unknowns
+    assert again.status_code == 200
+    assert client.get("/_sim/duplicates").json()["duplicated"] == {"m0": 2, "m1": 2, "m2": 2}
+
+
+def test_reset_status_answer_does_not_count_as_a_seen_final(
+    start: Callable[..., httpx.Client],
+) -> None:
+    client = start(delay_min=0, delay_max=0)
+    path = f"/bat/message/{send_one(client)}"
+    client.post("/_sim/config", json={"reset_rate": 1.0})
+    with pytest.raises(httpx.RemoteProtocolError):
+        client.get(path, headers=KEY)
+    client.post("/_sim/config", json={"reset_rate": 0.0})
+    time.sleep(1.0)
+    assert client.get(path, headers=KEY).json()["deliverystatus"] == "delivered"
+    counters = stats(client)
+    assert (counters["connection_resets"], counters["polls_after_final"]) == (1, 0)
+
+
+def test_malformed_answer_is_a_cut_off_200(start: Callable[..., httpx.Client]) -> None:
+    client = start(malformed_rate=1.0, delay_min=0, delay_max=0)
+    answer = client.post(SEND, json=batch(2), headers=KEY)
+    assert answer.status_code == 200
+    with pytest.raises(ValueError):
+        answer.json()
+    message_id = client.get("/_sim/messages").json()["m0"]["messageIds"][0]
+    status = client.get(f"/bat/message/{message_id}", headers=KEY)
+    assert status.status_code == 200
+    with pytest.raises(ValueError):
+        status.json()
+    client.post("/_sim/config", json={"malformed_rate": 0.0})
+    time.sleep(1.0)
+    assert client.get(f"/bat/message/{message_id}", headers=KEY).json()["deliverystatus"]
+    counters = stats(client)
+    assert counters["malformed_answers"] == 2
+    assert counters["answers_lost"] == 2 and counters["polls_after_final"] == 0
+
+
+def test_poll_anomalies_name_the_tracking_id(start: Callable[..., httpx.Client]) -> None:
+    client = start(delay_min=0, delay_max=0)
+    path = f"/bat/message/{send_one(client)}"
+    client.get(path, headers=KEY)
+    client.get(path, headers=KEY)
+    anomalies = client.get("/_sim/poll_anomalies").json()
+    assert {(a["kind"], a["trackinId"]) for a in anomalies} == {
+        ("after_final", "m0"),
+        ("within_1s", "m0"),
+    }
+    after = next(a for a in anomalies if a["kind"] == "after_final")
+    assert after["final_seen_at"] <= after["at"]
+
+
+@pytest.mark.parametrize("name", ["spike_rate", "reset_rate", "malformed_rate"])
+def test_fault_rates_must_be_shares(name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        SimulatorConfig(**{name: 1.5})

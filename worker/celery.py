@@ -28,6 +28,7 @@ VISIBILITY_TIMEOUT = 3600
 def create_app(settings: Settings) -> Celery:
     app = Celery("cascade", broker=settings.broker_url, include=["worker.tasks"])
     send_limit = settings.send_lease_seconds * 0.9  # a claim must outlive its task
+    poll_limit = settings.poll_lease_seconds * 0.9  # else a second task polls the same rows
     transport = {"visibility_timeout": VISIBILITY_TIMEOUT}
     app.conf.update(
         task_serializer="json",
@@ -50,7 +51,11 @@ def create_app(settings: Settings) -> Celery:
             "cascade.send_batch": {
                 "soft_time_limit": send_limit * 0.9,
                 "time_limit": send_limit,
-            }
+            },
+            "cascade.poll_batch": {
+                "soft_time_limit": poll_limit * 0.9,
+                "time_limit": poll_limit,
+            },
         },
         # Task events are what Flower shows: without them it lists workers but no tasks.
         # They are cheap here because a task carries a whole batch (up to 1000 messages),

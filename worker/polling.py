@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, select
+from sqlalchemy import Engine, Row, select, update
 
 from config import Settings
 from worker.backoff import poll_interval
@@ -47,6 +47,11 @@ class PollReport:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+def lease_end(now: datetime, lease: float) -> datetime:
+    """The `next_poll_at` a claim made at `now` sets: the claim's mark on its rows."""
+    return now + timedelta(seconds=lease)
+
+
 def claim_due(engine: Engine, now: datetime, limit: int, lease: float) -> list[int]:
     """Take up to `limit` messages due for a check, pushing their next check out by a lease."""
     rows = claim_rows(
@@ -55,10 +60,27 @@ def claim_due(engine: Engine, now: datetime, limit: int, lease: float) -> list[i
         where=[messages.c.next_poll_at <= now],
         order_by=[messages.c.next_poll_at],
         limit=limit,
-        values={"next_poll_at": now + timedelta(seconds=lease)},
+        values={"next_poll_at": lease_end(now, lease)},
         returning=[messages.c.pk],
     )
     return [row.pk for row in rows]
+
+
+def take(engine: Engine, pks: Sequence[int], claimed: datetime, lease: float) -> list[int]:
+    """The rows still under the claim marked `claimed`, leased afresh from now.
+
+    A task can wait in the queue past its claim's lease; by then another sweep may have
+    claimed the same rows again. Only one of the two may poll them, and only the one that
+    holds a row may write its next check (else it ends the other's lease early).
+    """
+    stmt = (
+        update(messages)
+        .where(messages.c.pk.in_(pks), messages.c.next_poll_at == claimed)
+        .values(next_poll_at=lease_end(utcnow(), lease))
+        .returning(messages.c.pk)
+    )
+    with engine.begin() as conn:
+        return [row.pk for row in conn.execute(stmt)]
 
 
 def _due(row: Row[Any], now: datetime, min_gap: float) -> bool:
@@ -70,7 +92,10 @@ def _due(row: Row[Any], now: datetime, min_gap: float) -> bool:
 
 
 Answer = StatusReport | ProviderError
-Checked = tuple[datetime, Answer]  # when the request went out, and what came back
+# When the answer came back, and what it was. The answer time, not the send time: the
+# provider saw the request no later than that, so a next poll ≥ 1 s after it keeps the
+# provider's 1 s rule even when the request sat in a slow connect or a busy event loop.
+Checked = tuple[datetime, Answer]
 
 
 def check_all(
@@ -84,11 +109,11 @@ def check_all(
     results: dict[str, Checked] = {}
 
     def one(message_id: str) -> tuple[str, Checked]:
-        at = utcnow()
         try:
-            return message_id, (at, client.status(message_id))
+            answer: Answer = client.status(message_id)
         except ProviderError as exc:
-            return message_id, (at, exc)
+            answer = exc
+        return message_id, (utcnow(), answer)
 
     step = settings.status_requests_per_second or len(message_ids) or 1
     for start in range(0, len(message_ids), step):
@@ -107,9 +132,17 @@ def poll_batch(
     settings: Settings,
     pks: Sequence[int],
     threads: Executor,
+    claimed: datetime | None = None,
 ) -> PollReport:
-    """The body of `cascade.poll_batch`: check the given messages and record what came back."""
+    """The body of `cascade.poll_batch`: check the given messages and record what came back.
+
+    `claimed` is the claim's mark (`lease_end`); rows no longer under it are left alone.
+    """
     report = PollReport()
+    if claimed is not None:
+        held = take(engine, pks, claimed, settings.poll_lease_seconds)
+        report.skipped = len(pks) - len(held)
+        pks = held
     paused = max(pacing.paused_for(THROTTLE), pacing.paused_for(CIRCUIT))
     now = utcnow()
     with engine.begin() as conn:
@@ -124,7 +157,7 @@ def poll_batch(
             )
         )
     due = [r for r in rows if _due(r, now, settings.poll_min_gap_seconds)]
-    report.skipped = len(rows) - len(due)
+    report.skipped += len(rows) - len(due)
     results: dict[str, Checked] = {}
     if due and not paused:
         ids = [r.provider_message_id for r in due]

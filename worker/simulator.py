@@ -21,6 +21,7 @@ import hashlib
 import heapq
 import hmac
 import itertools
+import logging
 import math
 import random
 import time
@@ -67,6 +68,7 @@ PART_CHARS: Final = 160
 MAX_ID_CHARS: Final = 255
 POLL_GAP: Final = 1.0
 REQUEST_LOG_SIZE: Final = 100_000
+ANOMALY_LOG_SIZE: Final = 10_000
 
 # Pushed reports: SMSBAT status webhooks and BulkGate delivery reports (DLRs).
 WEBHOOK: Final = "webhook"
@@ -119,6 +121,10 @@ class SimulatorConfig:
     reject_phones: list[str] = field(default_factory=list)
     shuffle: bool = True
     drop_answers: float = 0.0
+    spike_rate: float = 0.0  # share of requests answered spike_seconds late
+    spike_seconds: float = 2.0
+    reset_rate: float = 0.0  # share of requests whose connection closes without an answer
+    malformed_rate: float = 0.0  # share of 200 answers cut off mid-JSON
     fallbacks: bool = True
     webhook_url: str | None = None
     webhook_token: str | None = None
@@ -164,6 +170,10 @@ def _check_config(config: SimulatorConfig) -> None:
         "latency_ms": (config.latency_ms >= 0, non_negative),
         "error_rate": (0 <= config.error_rate <= 1, unit),
         "drop_answers": (0 <= config.drop_answers <= 1, unit),
+        "spike_rate": (0 <= config.spike_rate <= 1, unit),
+        "spike_seconds": (config.spike_seconds >= 0, non_negative),
+        "reset_rate": (0 <= config.reset_rate <= 1, unit),
+        "malformed_rate": (0 <= config.malformed_rate <= 1, unit),
         "hang_seconds": (config.hang_seconds >= 0, non_negative),
         "fail_next_sends": (config.fail_next_sends >= 0, non_negative),
         "throttle_next": (config.throttle_next >= 0, non_negative),
@@ -261,12 +271,25 @@ def _http_date(value: str) -> datetime:
 
 
 class _Answer(NamedTuple):
-    """A computed HTTP answer; ``hold`` is extra time to sit on it (hang injection)."""
+    """A computed HTTP answer; ``hold`` is extra time to sit on it (hang, spike).
+
+    ``reset``: close the connection after the status line instead of sending the body,
+    which the client sees as a connection dropped mid-answer. ``cut``: the body was
+    truncated on purpose (malformed JSON).
+    """
 
     code: int
     body: bytes
     headers: dict[str, str] | None = None
     hold: float = 0.0
+    reset: bool = False
+    cut: bool = False
+    final: bool = False  # a status answer carrying a final state
+
+    @property
+    def unread(self) -> bool:
+        """The client cannot have read this answer."""
+        return self.reset or self.cut
 
 
 def _error(code: int, error: str, message: str, field_name: str | None = None) -> _Answer:
@@ -299,9 +322,10 @@ _EXTENDED: Final = {(c, s): _extended(c, s) for c in CHANNELS for s in FINAL_STA
 class _Track:
     """Everything sent under one trackinId (the client's own id)."""
 
-    __slots__ = ("message_ids", "polls", "route", "sends")
+    __slots__ = ("message_ids", "polls", "route", "sends", "tracking_id")
 
-    def __init__(self, route: str) -> None:
+    def __init__(self, tracking_id: str, route: str) -> None:
+        self.tracking_id = tracking_id
         self.message_ids: list[str] = []
         self.sends = 0
         self.polls = 0
@@ -316,6 +340,7 @@ class _Message:
         "channel",
         "final",
         "final_seen",
+        "final_seen_at",
         "last_poll",
         "message_id",
         "parts",
@@ -351,6 +376,7 @@ class _Message:
         self.track = track
         self.last_poll: float | None = None
         self.final_seen = False
+        self.final_seen_at: float | None = None
 
 
 class _Report(NamedTuple):
@@ -566,6 +592,12 @@ class _Simulator:
         self.send_retry_at = 0.0
         self.send_throttled_at = 0.0
         self.status_retry_at = 0.0
+        self.latency_spikes = 0
+        self.connection_resets = 0
+        self.malformed_answers = 0
+        self.answers_lost = 0
+        self.lost_answer_ids: set[str] = set()
+        self.poll_anomalies: deque[dict[str, Any]] = deque(maxlen=ANOMALY_LOG_SIZE)
 
     def configure(self, changes: Mapping[str, Any]) -> None:
         """Apply admin changes; a new seed restarts the random stream."""
@@ -586,10 +618,39 @@ class _Simulator:
         batch = _load(body)
         size = len(batch) if isinstance(batch, list) else 0
         self.max_batch = max(self.max_batch, size)
-        answer = self._send_answer(headers, batch, route, now)
+        decided = self._send_answer(headers, batch, route, now)
+        answer = self._transport_faults(decided)
+        if answer.code == 200 and answer.unread:
+            self._answer_lost(decided.body)
         self.send_status[answer.code] = self.send_status.get(answer.code, 0) + 1
         self.requests.append((now, "send", answer.code, size))
         return answer
+
+    def _transport_faults(self, answer: _Answer) -> _Answer:
+        """After the provider decided: a late answer, a dropped connection, a cut-off 200.
+
+        Drawn only when configured, so a seeded run without them keeps its random stream.
+        """
+        config, rng = self.config, self.rng
+        if config.spike_rate and rng.random() < config.spike_rate:
+            self.latency_spikes += 1
+            answer = answer._replace(hold=answer.hold + config.spike_seconds)
+        if config.reset_rate and rng.random() < config.reset_rate:
+            self.connection_resets += 1
+            return answer._replace(reset=True)
+        if answer.code == 200 and config.malformed_rate and rng.random() < config.malformed_rate:
+            self.malformed_answers += 1
+            return answer._replace(body=answer.body[: len(answer.body) // 2], cut=True)
+        return answer
+
+    def _answer_lost(self, body: bytes) -> None:
+        """Sends accepted here whose answer the client never read: unknown outcomes to it.
+
+        ``body`` is the whole answer as decided, so messages dropped from it do not count.
+        """
+        for item in orjson.loads(body):
+            self.answers_lost += 1
+            self.lost_answer_ids.add(item["trackinId"])
 
     def _send_answer(self, headers: Headers, batch: Any, route: str, now: float) -> _Answer:
         """Checks in the provider's order: auth, injected faults, validation, acceptance."""
@@ -692,7 +753,7 @@ class _Simulator:
         """The trackinId's record, counting a second acceptance as a duplicate."""
         track = self.tracks.get(tracking_id)
         if track is None:
-            track = self.tracks[tracking_id] = _Track(route)
+            track = self.tracks[tracking_id] = _Track(tracking_id, route)
         track.sends += 1
         track.route = route
         if track.sends == 2:
@@ -706,7 +767,13 @@ class _Simulator:
         self.status_requests += 1
         if now < self.status_retry_at:
             self.status_early_after_429 += 1
-        answer = self._status_answer(headers, message_id, now)
+        message = self.messages.get(message_id)
+        answer = self._transport_faults(self._status_answer(headers, message_id, now))
+        if message is not None:
+            # What the client was told last: a poll after a final it could read is the
+            # client's fault; one after a 5xx, a reset or a cut-off answer is not.
+            message.final_seen = answer.final and not answer.unread
+            message.final_seen_at = now if message.final_seen else None
         self.status_by_code[answer.code] = self.status_by_code.get(answer.code, 0) + 1
         self.requests.append((now, "status", answer.code, 1))
         return answer
@@ -723,7 +790,8 @@ class _Simulator:
             return fault
         if message is None:
             return _error(404, "NOT_FOUND", f"Message {message_id} not found")
-        return _Answer(200, orjson.dumps(self._status_body(message, now)))
+        body = self._status_body(message, now)
+        return _Answer(200, orjson.dumps(body), final=body["deliverystatus"] in FINAL_STATES)
 
     def _status_authorized(self, headers: Headers) -> bool:
         """Any of: the API key header, Basic user:password, Basic ``@:api_key``."""
@@ -736,12 +804,24 @@ class _Simulator:
     def _note_poll(self, message: _Message, now: float) -> None:
         """Count the polling habits the provider asks clients to avoid."""
         message.track.polls += 1
+        tracking_id = message.track.tracking_id
         if message.final_seen:
             self.polls_after_final += 1
+            self.poll_anomalies.append(
+                {
+                    "kind": "after_final",
+                    "trackinId": tracking_id,
+                    "at": now,
+                    "final_seen_at": message.final_seen_at,
+                }
+            )
         if message.last_poll is not None:
             gap = now - message.last_poll
             if gap < POLL_GAP:
                 self.polls_within_1s += 1
+                self.poll_anomalies.append(
+                    {"kind": "within_1s", "trackinId": tracking_id, "at": now, "gap": gap}
+                )
             if self.min_poll_gap is None or gap < self.min_poll_gap:
                 self.min_poll_gap = gap
         message.last_poll = now
@@ -763,7 +843,6 @@ class _Simulator:
             return {"deliverystatus": "scheduled", "partscount": message.parts}
         if now < message.t_final:
             return {"deliverystatus": "processing", "partscount": message.parts}
-        message.final_seen = True
         return self._final_body(message)
 
     def _final_body(self, message: _Message) -> dict[str, Any]:
@@ -952,6 +1031,17 @@ class _Simulator:
             "pushes_dropped": self.pushes_dropped,
             "pushes_duplicated": self.pushes_duplicated,
             "inbound_sent": self.inbound_sent,
+            "latency_spikes": self.latency_spikes,
+            "connection_resets": self.connection_resets,
+            "malformed_answers": self.malformed_answers,
+            "answers_lost": self.answers_lost,
+        }
+
+    def duplicates(self) -> dict[str, Any]:
+        """trackinIds accepted more than once, and those whose send answer was lost here."""
+        return {
+            "duplicated": {tid: t.sends for tid, t in self.tracks.items() if t.sends > 1},
+            "answer_lost": sorted(self.lost_answer_ids),
         }
 
     def message_report(self, now: float) -> dict[str, Any]:
@@ -1050,7 +1140,38 @@ async def _reply(sim: _Simulator, answer: _Answer) -> Response:
     delay = sim.config.latency_ms / 1000 + answer.hold
     if delay > 0:
         await asyncio.sleep(delay)
+    if answer.reset:
+        return _Reset()
     return Response(answer.body, answer.code, answer.headers, media_type="application/json")
+
+
+class _Reset(Response):
+    """Starts a 200 that promises a body, then ends: uvicorn closes the connection.
+
+    An ASGI app cannot close a socket without answering (uvicorn sends a 500 instead), so
+    this is the nearest: the client has a status line and no body, and fails reading it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200, headers={"Content-Length": "1024"})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+
+
+def _injected_reset(record: logging.LogRecord) -> bool:
+    """Keep uvicorn from logging every injected reset as an application error."""
+    return "without completing response" not in record.getMessage()
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(pusher: _Pusher) -> AsyncIterator[None]:
+    """Runs after uvicorn configured its logging, so the filter stays."""
+    server_log = logging.getLogger("uvicorn.error")
+    if _injected_reset not in server_log.filters:
+        server_log.addFilter(_injected_reset)
+    async with pusher.running():
+        yield
 
 
 def _send_endpoint(sim: _Simulator, route: str) -> Callable[[Request], Any]:
@@ -1107,6 +1228,12 @@ def _admin_routes(sim: _Simulator) -> list[Route]:
     async def requests(_: Request) -> Response:
         return _json(sim.request_log())
 
+    async def duplicates(_: Request) -> Response:
+        return _json(sim.duplicates())
+
+    async def poll_anomalies(_: Request) -> Response:
+        return _json(list(sim.poll_anomalies))
+
     return [
         Route("/_sim/health", health, methods=["GET"]),
         Route("/_sim/config", set_config, methods=["POST"]),
@@ -1114,6 +1241,8 @@ def _admin_routes(sim: _Simulator) -> list[Route]:
         Route("/_sim/stats", stats, methods=["GET"]),
         Route("/_sim/messages", messages, methods=["GET"]),
         Route("/_sim/requests", requests, methods=["GET"]),
+        Route("/_sim/duplicates", duplicates, methods=["GET"]),
+        Route("/_sim/poll_anomalies", poll_anomalies, methods=["GET"]),
     ]
 
 
@@ -1122,7 +1251,7 @@ def create_app(config: SimulatorConfig | None = None) -> Starlette:
     sim = _Simulator(config if config is not None else SimulatorConfig())
     pusher = _Pusher(sim)
     return Starlette(
-        routes=_provider_routes(sim) + _admin_routes(sim), lifespan=lambda _: pusher.running()
+        routes=_provider_routes(sim) + _admin_routes(sim), lifespan=lambda _: _lifespan(pusher)
     )
 
 

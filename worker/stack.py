@@ -6,7 +6,9 @@ processes a deployment runs, over real sockets, so what they show is what users 
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -85,11 +87,19 @@ class Simulator:
         return self.admin("/_sim/stats")  # type: ignore[return-value]
 
 
-def start_simulator(logdir: Path, *options: str, api_key: str = "test-key") -> Simulator:
+def start_simulator(
+    logdir: Path,
+    *options: str,
+    api_key: str = "test-key",
+    host: str = "127.0.0.1",
+    advertise: str = "127.0.0.1",
+) -> Simulator:
+    """`cascade simulator` on a free port; `host` is what it binds, `advertise` its URL's host
+    (a worker in a network namespace reaches it over a veth address, not loopback)."""
     port = free_port()
-    args = [sys.executable, "-m", "worker.cli", "simulator", "--port", str(port)]
+    args = [sys.executable, "-m", "worker.cli", "simulator", "--host", host, "--port", str(port)]
     process = spawn("simulator", [*args, "--api-key", api_key, *options], os.environ, logdir)
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{advertise}:{port}"
     wait_for(lambda: httpx.get(url + "/_sim/health").status_code == 200, 20, "simulator")
     return Simulator(url, process)
 
@@ -107,8 +117,14 @@ class Workers:
         beat: bool = True,
         concurrency: int = 2,
         queues: Sequence[str] = (),
+        wrap: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> Process:
+        """A `celery -A worker worker`: on `queues` only (default all); `wrap` prefixes the
+        command (`ip netns exec NS`) and `env` overrides the group's environment for this
+        process only."""
         args = [
+            *wrap,
             sys.executable,
             "-m",
             "celery",
@@ -130,7 +146,7 @@ class Workers:
             args += ["-B", "--schedule", str(self.logdir / f"{name}-beat-schedule")]
         if queues:
             args += ["-Q", ",".join(queues)]
-        process = spawn(name, args, self.env, self.logdir)
+        process = spawn(name, args, {**self.env, **(env or {})}, self.logdir)
         self.processes.append(process)
         return process
 
@@ -175,3 +191,126 @@ def start_api(logdir: Path, env: Mapping[str, str], name: str = "api") -> Api:
         process.stop()
         raise RuntimeError(f"{name} exited with code {process.popen.returncode}: see {logdir}")
     return Api(url, process)
+
+
+# --- private services for chaos runs -------------------------------------------------------
+#
+# A chaos run restarts Redis and PostgreSQL. The machine's own servers are shared with other
+# test runs, so the run starts its own on free ports and restarts only those.
+
+
+@dataclass
+class PrivateRedis:
+    """A redis-server without persistence on a port of its own; restartable on that port."""
+
+    logdir: Path
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    process: Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", self.host]
+        args += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+        args += ["--protected-mode", "no", "--maxmemory-policy", "noeviction"]
+        self.process = spawn("redis", args, os.environ, self.logdir)
+        wait_for(self._pong, 20, "private redis")
+
+    def _pong(self) -> bool:
+        with socket.create_connection((self.host, self.port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None:
+            self.process.stop(sig)
+            self.process = None
+
+    def restart(self, down_for: float = 0.0) -> None:
+        """Kill it (everything in it is gone: no persistence) and start it on the same port."""
+        self.stop(signal.SIGKILL)
+        time.sleep(down_for)
+        self.start()
+
+
+def _postgres_bin(name: str) -> str:
+    found = shutil.which(name) or next(
+        iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None
+    )
+    if found is None:
+        raise FileNotFoundError(f"PostgreSQL's {name} is not installed")
+    return found
+
+
+def _as_postgres(args: list[str]) -> list[str]:
+    """initdb and postgres refuse to run as root: run them as the `postgres` user then."""
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+
+
+@dataclass
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster (initdb, trust auth) on a port of its own.
+
+    `listen` is what it binds (0.0.0.0 lets network namespaces in); the socket and the
+    server log live in the data directory. `stop()` removes nothing, `destroy()` does.
+    fsync is off (the cluster lives for one run); commits are still synchronous, so an
+    immediate restart — a crash to clients — loses nothing committed.
+    """
+
+    listen: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # what clients connect to
+    port: int = field(default_factory=free_port)
+    datadir: Path | None = None
+
+    def init(self) -> None:
+        self.datadir = Path(tempfile.mkdtemp(prefix="cascade-pg-"))
+        if os.geteuid() == 0:
+            shutil.chown(self.datadir, "postgres", "postgres")
+        args = [_postgres_bin("initdb"), "-D", str(self.datadir), "-U", "postgres"]
+        subprocess.run(
+            _as_postgres([*args, "--auth=trust", "--no-sync", "-E", "UTF8"]),
+            check=True,
+            capture_output=True,
+        )
+        with (self.datadir / "postgresql.conf").open("a") as conf:
+            conf.write(
+                f"listen_addresses = '{self.listen}'\nport = {self.port}\n"
+                f"unix_socket_directories = '{self.datadir}'\nmax_connections = 200\n"
+                "fsync = off\nfull_page_writes = off\n"
+            )
+        with (self.datadir / "pg_hba.conf").open("a") as hba:
+            hba.write("host all all 0.0.0.0/0 trust\n")
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@{self.host}:{self.port}/postgres"
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://postgres@{self.host}:{self.port}/{database}"
+
+    def _ctl(self, *args: str) -> None:
+        log = str(self.datadir / "server.log")  # the postgres user can write there
+        command = [_postgres_bin("pg_ctl"), "-D", str(self.datadir), "-l", log, "-w", *args]
+        subprocess.run(_as_postgres(command), check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        if self.datadir is None:
+            self.init()
+        self._ctl("start")
+
+    def restart(self, mode: str = "immediate") -> None:
+        """`immediate` is a crash as far as clients go: every connection drops at once."""
+        self._ctl("restart", "-m", mode)
+
+    def stop(self) -> None:
+        if self.datadir is not None and (self.datadir / "postmaster.pid").exists():
+            self._ctl("stop", "-m", "immediate")
+
+    def destroy(self) -> None:
+        self.stop()
+        if self.datadir is not None:
+            shutil.rmtree(self.datadir, ignore_errors=True)
+            self.datadir = None

@@ -7,6 +7,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
@@ -172,20 +173,31 @@ def poll_sweep() -> int:
     free = settings.poll_max_queued_tasks - queue_length(POLL_QUEUE)
     handed = 0
     for _ in range(max(free, 0)):
+        now = utcnow()
         pks = polling.claim_due(
-            res.engine, utcnow(), settings.poll_batch_size, settings.poll_lease_seconds
+            res.engine, now, settings.poll_batch_size, settings.poll_lease_seconds
         )
         if not pks:
             break
-        poll_batch.apply_async((pks,))
+        claimed = polling.lease_end(now, settings.poll_lease_seconds)
+        poll_batch.apply_async((pks, claimed.isoformat()))
         handed += len(pks)
     return handed
 
 
 @app.task(name="cascade.poll_batch")
-def poll_batch(pks: list[int]) -> dict[str, Any]:
+def poll_batch(pks: list[int], claimed: str | None = None) -> dict[str, Any]:
+    """Check the claimed messages; `claimed` (the claim's mark) is absent in older tasks."""
     res = resources()
-    report = polling.poll_batch(res.engine, res.checker, res.pacing, res.settings, pks, res.threads)
+    report = polling.poll_batch(
+        res.engine,
+        res.checker,
+        res.pacing,
+        res.settings,
+        pks,
+        res.threads,
+        claimed=datetime.fromisoformat(claimed) if claimed else None,
+    )
     return asdict(report)
 
 
