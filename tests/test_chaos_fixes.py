@@ -46,7 +46,7 @@ def test_a_poll_is_timed_no_earlier_than_the_provider_saw_it(redis_db: str) -> N
         )  # type: ignore[call-arg]
         client = StatusClient(settings, transport=SlowStart())
         with ThreadPoolExecutor(2) as threads:
-            results = check_all(client, Pacing(redis_db), settings, [message_id], threads)
+            results = check_all(client, Pacing(redis_db), settings, [message_id], threads, 30)
         seen_at = next(r["t"] for r in sim.get("/_sim/requests").json() if r["kind"] == "status")
 
     polled_at, answer = results[message_id]
@@ -121,3 +121,29 @@ def test_a_poll_task_is_stopped_before_its_lease_runs_out() -> None:
     settings = Settings(POLL_LEASE_SECONDS=8, DATABASE_URL="sqlite://")  # type: ignore[call-arg]
     limits = create_app(settings).conf.task_annotations["cascade.poll_batch"]
     assert limits["soft_time_limit"] < limits["time_limit"] < settings.poll_lease_seconds
+
+
+def test_a_slow_provider_costs_the_checks_not_started_never_the_answers_in_hand(
+    redis_db: str,
+) -> None:
+    """Found in review: a provider slow enough to run a poll task into its time limit lost
+    every answer already received. Checks now stop at a budget; what came back is kept."""
+    with running_simulator(SimulatorConfig(delay_min=0, delay_max=0, latency_ms=400)) as sim:
+        ids = [a["messageId"] for a in sim.post(SEND, json=batch(8), headers=KEY).json()]
+        settings = Settings(
+            SMSBAT_API_KEY="test-key",
+            SMSBAT_BASE_URL=str(sim.base_url),
+            BROKER_URL=redis_db,
+            DATABASE_URL="sqlite://",
+        )  # type: ignore[call-arg]
+        with ThreadPoolExecutor(2) as threads:
+            started = time.monotonic()
+            results = check_all(
+                StatusClient(settings), Pacing(redis_db), settings, ids, threads, 1.0
+            )
+            took = time.monotonic() - started
+
+    answered = [m for m, (_, a) in results.items() if getattr(a, "deliverystatus", None)]
+    assert 2 <= len(answered) < len(ids)  # two threads, 0.4 s a check, 1 s budget
+    assert len(results) < len(ids)  # the checks never started are not in the results
+    assert took < 2.0

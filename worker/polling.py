@@ -9,8 +9,9 @@ became final or was polled less than the minimum gap ago.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -29,6 +30,7 @@ from worker.smsbat import (
     StatusReport,
     Throttled,
     Unauthorized,
+    Unavailable,
 )
 from worker.states import FINAL, State
 from worker.statuses import Report, apply
@@ -104,8 +106,14 @@ def check_all(
     settings: Settings,
     message_ids: Sequence[str],
     threads: Executor,
+    budget: float,
 ) -> dict[str, Checked]:
-    """Check every id concurrently, within the shared status request rate."""
+    """Check every id concurrently, within the shared status request rate, for `budget` s.
+
+    Checks not started within the budget are left for the next round; answers in hand are
+    never lost to a slow provider running the task into its time limit.
+    """
+    deadline = time.monotonic() + budget
     results: dict[str, Checked] = {}
 
     def one(message_id: str) -> tuple[str, Checked]:
@@ -113,14 +121,23 @@ def check_all(
             answer: Answer = client.status(message_id)
         except ProviderError as exc:
             answer = exc
+        except Exception as exc:  # one odd failure must not cost the batch its answers
+            answer = Unavailable(f"{type(exc).__name__} on status check")
         return message_id, (utcnow(), answer)
 
     step = settings.status_requests_per_second or len(message_ids) or 1
     for start in range(0, len(message_ids), step):
         chunk = message_ids[start : start + step]
         pacing.acquire("poll:requests", settings.status_requests_per_second, len(chunk))
-        results.update(threads.map(one, chunk))
-        if any(isinstance(results[m][1], Throttled | Unauthorized) for m in chunk):
+        futures = {threads.submit(one, m): m for m in chunk}
+        done, late = wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+        results.update(future.result() for future in done)
+        for future in late:
+            if not future.cancel():  # on its way: count it as a poll the provider may see
+                unanswered = Unavailable("no answer within the poll task's budget")
+                results[futures[future]] = (utcnow(), unanswered)
+        stop = any(isinstance(results[m][1], Throttled | Unauthorized) for m in results)
+        if late or stop:
             break
     return results
 
@@ -161,7 +178,8 @@ def poll_batch(
     results: dict[str, Checked] = {}
     if due and not paused:
         ids = [r.provider_message_id for r in due]
-        results = check_all(client, pacing, settings, ids, threads)
+        budget = settings.poll_lease_seconds / 2  # well inside the lease and time limits
+        results = check_all(client, pacing, settings, ids, threads, budget)
         report.checked = len(results)
     for _, error in results.values():
         if isinstance(error, Throttled):

@@ -230,7 +230,9 @@ def wake(task: Any, broker_url: str) -> None:
 
     No connection retries: with Redis down, kombu's default retrying holds the caller ~6 s.
     """
-    delay = wake_delay((broker_url, task.name), time.monotonic())
+    key = (broker_url, task.name)
+    before = _last_run.get(key)
+    delay = wake_delay(key, time.monotonic())
     if delay is None:
         return
     options = {**task.app.conf.broker_transport_options, "max_retries": 0}
@@ -238,6 +240,10 @@ def wake(task: Any, broker_url: str) -> None:
         with task.app.connection_for_write(broker_url, transport_options=options) as conn:
             task.apply_async(retry=False, connection=conn, countdown=delay or None)
     except Exception as exc:  # beat runs every such task on its own schedule anyway
+        if before is None:  # no run happened: the next wake must not wait for one
+            _last_run.pop(key, None)
+        else:
+            _last_run[key] = before
         log.warning("could not wake %s (%s); the next beat tick will", task.name, exc)
 
 
