@@ -53,6 +53,7 @@ from worker.stack import (  # noqa: E402
     start_simulator,
     workers,
 )
+from worker.states import FINAL  # noqa: E402
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/15"
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -182,10 +183,12 @@ def run_ours(
         enqueue(bench_messages(n, campaign), campaign, settings=settings, kick=False)
         enqueued = time.time()
         spies = [_spy(p, logdir) for p in group.processes] if profile else []
-        app.control.add_consumer(SEND_QUEUE, destination=nodes, reply=True)
+        replies = app.control.add_consumer(SEND_QUEUE, destination=nodes, reply=True, timeout=5)
+        if {name for reply in replies for name in reply} != set(nodes):
+            raise RuntimeError(f"not every worker took the send queue on: {replies}")
         wake_dispatcher(broker)
-        while _finals(engine) < n:
-            time.sleep(0.5)
+        while _finals(engine, campaign) < n:
+            time.sleep(1)
         for spy in spies:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
@@ -209,10 +212,15 @@ def run_ours(
     return result
 
 
-def _finals(engine: Engine) -> int:
+def _finals(engine: Engine, campaign: str) -> int:
+    """Final messages of the campaign, counted on its (campaign, state) index."""
     with engine.connect() as conn:
         return int(
-            conn.execute(select(func.count()).where(messages.c.final_at.is_not(None))).scalar_one()
+            conn.execute(
+                select(func.count()).where(
+                    messages.c.campaign == campaign, messages.c.state.in_(list(FINAL))
+                )
+            ).scalar_one()
         )
 
 
@@ -245,6 +253,8 @@ def profile_summary(logdir: Path, top: int = 15) -> list[str]:
     for path in logdir.glob("*.pyspy.txt"):
         for line in path.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
+            if not count.isdigit():  # a line cut short when py-spy was stopped
+                continue
             total += int(count)
             ours = {re.sub(r":\d+\)$", ")", f) for f in stack.split(";") if " (worker/" in f}
             for frame in ours:
@@ -274,6 +284,16 @@ def run_naive(
         "NAIVE_API_KEY": API_KEY,
         "PYTHONPATH": str(ROOT),
     }
+    result = Result("naive", n)
+    from scripts.naive_baseline import app, send
+
+    # As for ours, the queue is filled before anything sends: the send figures are sending's.
+    app.conf.broker_url = broker
+    started = time.time()
+    with app.connection_for_write() as conn:
+        for message in batch:
+            send.apply_async((message,), connection=conn)
+    enqueued = time.time()
     procs = [
         spawn(
             f"naive{i}",
@@ -300,17 +320,7 @@ def run_naive(
         )
         for i in range(n_workers)
     ]
-    result = Result("naive", n)
     try:
-        time.sleep(3)
-        from scripts.naive_baseline import app, send
-
-        app.conf.broker_url = broker
-        started = time.time()
-        with app.connection_for_write() as conn:
-            for message in batch:
-                send.apply_async((message,), connection=conn)
-        enqueued = time.time()
         deadline = started + timeout
         while time.time() < deadline:
             with engine.connect() as conn:

@@ -152,13 +152,18 @@ def _ready_filter(route: str, now: datetime) -> list[Any]:
     ]
 
 
-def ready_summary(engine: Engine, route: str, now: datetime, cap: int) -> tuple[int, float]:
-    """How many messages are ready (counted up to `cap`) and how long the oldest has waited."""
+def ready_summary(
+    engine: Engine, route: str, now: datetime, cap: int, batch_min: int
+) -> tuple[int, float]:
+    """How many messages are ready (counted up to `cap`) and how long the oldest has waited.
+
+    The wait only decides a batch smaller than `batch_min`, so a full one skips that query.
+    """
     ready = select(messages.c.pk).where(*_ready_filter(route, now)).limit(cap).subquery()
     with engine.begin() as conn:
         count = conn.execute(select(func.count()).select_from(ready)).scalar_one()
-        if not count:
-            return 0, 0.0
+        if not count or count >= batch_min:
+            return count, 0.0
         oldest = conn.execute(
             select(func.min(messages.c.available_at)).where(*_ready_filter(route, now))
         ).scalar_one()
@@ -468,7 +473,9 @@ def send_batch(
         return report
     now = utcnow()
     limit = batch_limit(settings)
-    ready, oldest_wait = ready_summary(engine, route, now, settings.send_batch_min)
+    ready, oldest_wait = ready_summary(
+        engine, route, now, settings.send_batch_min, settings.send_batch_min
+    )
     if not should_flush(
         ready, oldest_wait, batch_min=settings.send_batch_min, linger=settings.send_linger_seconds
     ):

@@ -138,7 +138,7 @@ def dispatch() -> dict[str, int]:
         if free <= 0:
             break
         ready, oldest_wait = dispatcher.ready_summary(
-            res.engine, route, utcnow(), settings.send_parallelism * limit
+            res.engine, route, utcnow(), settings.send_parallelism * limit, settings.send_batch_min
         )
         if not dispatcher.should_flush(
             ready,
