@@ -54,7 +54,7 @@ def assert_invariants(figures: dict[str, Any], n: int) -> None:
 
 
 def test_a_short_chaos_campaign_on_postgresql_loses_nothing() -> None:
-    figures = run_chaos("--n", "2000", "--duration", "15", "--kill-every", "5", "--seed", "1")
+    figures = run_chaos("--n", "2000", "--duration", "10", "--kill-every", "4", "--seed", "1")
 
     assert_invariants(figures, 2000)
     assert {"redis restart", "redis flushall", "postgres restart"} <= set(
@@ -65,7 +65,7 @@ def test_a_short_chaos_campaign_on_postgresql_loses_nothing() -> None:
 @pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 is not installed")
 def test_a_worker_host_cut_off_mid_run_is_taken_over() -> None:
     figures = run_chaos(
-        "--mode", "netns", "--n", "1000", "--duration", "12", "--kill-every", "6", "--seed", "2"
+        "--mode", "netns", "--n", "1000", "--duration", "9", "--kill-every", "5", "--seed", "2"
     )
 
     assert_invariants(figures, 1000)
