@@ -68,7 +68,16 @@ def claim_due(engine: Engine, now: datetime, limit: int, lease: float) -> list[i
     return [row.pk for row in rows]
 
 
-def take(engine: Engine, pks: Sequence[int], claimed: datetime, lease: float) -> list[int]:
+# What deciding whether a message is due for a check needs.
+_CHECK_COLUMNS = (
+    messages.c.pk,
+    messages.c.state,
+    messages.c.provider_message_id,
+    messages.c.last_polled_at,
+)
+
+
+def take(engine: Engine, pks: Sequence[int], claimed: datetime, lease: float) -> list[Row[Any]]:
     """The rows still under the claim marked `claimed`, leased afresh from now.
 
     A task can wait in the queue past its claim's lease; by then another sweep may have
@@ -79,10 +88,10 @@ def take(engine: Engine, pks: Sequence[int], claimed: datetime, lease: float) ->
         update(messages)
         .where(messages.c.pk.in_(pks), messages.c.next_poll_at == claimed)
         .values(next_poll_at=lease_end(utcnow(), lease))
-        .returning(messages.c.pk)
+        .returning(*_CHECK_COLUMNS)
     )
     with engine.begin() as conn:
-        return [row.pk for row in conn.execute(stmt)]
+        return list(conn.execute(stmt))
 
 
 def _due(row: Row[Any], now: datetime, min_gap: float) -> bool:
@@ -156,23 +165,14 @@ def poll_batch(
     `claimed` is the claim's mark (`lease_end`); rows no longer under it are left alone.
     """
     report = PollReport()
-    if claimed is not None:
-        held = take(engine, pks, claimed, settings.poll_lease_seconds)
-        report.skipped = len(pks) - len(held)
-        pks = held
+    if claimed is not None:  # the rows come back with the claim: no second read
+        rows = take(engine, pks, claimed, settings.poll_lease_seconds)
+        report.skipped = len(pks) - len(rows)
+    else:
+        with engine.begin() as conn:
+            rows = list(conn.execute(select(*_CHECK_COLUMNS).where(messages.c.pk.in_(pks))))
     paused = max(pacing.paused_for(THROTTLE), pacing.paused_for(CIRCUIT))
     now = utcnow()
-    with engine.begin() as conn:
-        rows = list(
-            conn.execute(
-                select(
-                    messages.c.pk,
-                    messages.c.state,
-                    messages.c.provider_message_id,
-                    messages.c.last_polled_at,
-                ).where(messages.c.pk.in_(pks))
-            )
-        )
     due = [r for r in rows if _due(r, now, settings.poll_min_gap_seconds)]
     report.skipped += len(rows) - len(due)
     results: dict[str, Checked] = {}
