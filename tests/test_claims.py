@@ -101,3 +101,45 @@ def test_concurrent_poll_claims_take_each_message_once(
 
     assert len(taken) == len(set(taken)) == 2000
     assert polling.claim_due(engine, utcnow(), 100, 60) == []  # leased, not due again yet
+
+
+def test_a_poll_task_rereads_its_rows_only_when_its_claim_could_run_out() -> None:
+    now = utcnow()
+    assert not polling.needs_fresh_lease(polling.lease_end(now, 120), now, 120)
+    assert not polling.needs_fresh_lease(now + timedelta(seconds=108), now, 120)
+    assert polling.needs_fresh_lease(now + timedelta(seconds=107), now, 120)
+    assert polling.needs_fresh_lease(now - timedelta(seconds=5), now, 120)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_fresh_poll_task_reads_its_rows_and_a_late_one_leases_them_again(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    url = database_factory(backend)
+    _fill(url, 20, "take")
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            messages.update().values(state="submitted", next_poll_at=utcnow() - timedelta(hours=1))
+        )
+
+    def marks() -> set[object]:
+        with engine.connect() as conn:
+            return set(conn.execute(select(messages.c.next_poll_at)).scalars())
+
+    fresh_at = utcnow()
+    fresh = polling.claim_due(engine, fresh_at, 10, 60)
+    taken = polling.take(engine, fresh, polling.lease_end(fresh_at, 60), 60)
+    assert sorted(r.pk for r in taken) == sorted(fresh)
+    assert polling.lease_end(fresh_at, 60) in marks()  # read, not written
+
+    late_at = utcnow() - timedelta(seconds=30)  # sat in the queue for half its lease
+    late = polling.claim_due(engine, late_at, 10, 60)
+    before = utcnow()
+    retaken = polling.take(engine, late, polling.lease_end(late_at, 60), 60)
+    assert sorted(r.pk for r in retaken) == sorted(late)
+    with engine.connect() as conn:
+        leased = conn.execute(
+            select(messages.c.next_poll_at).where(messages.c.pk.in_(late))
+        ).scalars()
+        assert all(mark >= polling.lease_end(before, 60) for mark in leased)  # afresh from now

@@ -97,6 +97,41 @@ def test_bulk_update_writes_each_shape_and_mixed_numbers(engine: Engine) -> None
     ]
 
 
+def test_bulk_update_sends_shared_values_once_and_keeps_each_rows_own(engine: Engine) -> None:
+    with engine.begin() as conn:
+        insert_new(conn, messages, _rows(3, "shared"), key="id")
+    pks = [pk for (pk,) in _stored(engine, "pk")]
+    later = NOW + timedelta(seconds=5)
+    shared = {"state": "submitted", "next_poll_at": later, "claim_token": None}
+    changes = {
+        pk: shared | {"provider_message_id": f"pm-{i}", "fallbacks": [{"type": "sms"}]}
+        for i, pk in enumerate(pks)
+    }
+    changes[pks[2]]["fallbacks"] = None
+    with engine.begin() as conn:
+        bulk_update(conn, messages, changes)
+
+    assert _stored(engine, "state", "next_poll_at", "provider_message_id", "fallbacks") == [
+        ("submitted", later, "pm-0", [{"type": "sms"}]),
+        ("submitted", later, "pm-1", [{"type": "sms"}]),
+        ("submitted", later, "pm-2", None),
+    ]
+
+
+def test_bulk_update_refuses_over_long_values_shared_or_not(pg_engine: Engine) -> None:
+    with pg_engine.begin() as conn:
+        insert_new(conn, messages, _rows(2, "long"), key="id")
+    pks = [pk for (pk,) in _stored(pg_engine, "pk")]
+
+    for codes in (["E" * 70, "E" * 70], ["E" * 70, "short"]):
+        with pytest.raises(DBAPIError, match="too long"), pg_engine.begin() as conn:
+            bulk_update(
+                conn, messages, {pk: {"error_code": c} for pk, c in zip(pks, codes, strict=True)}
+            )
+
+    assert _stored(pg_engine, "error_code") == [(None,), (None,)]
+
+
 def test_bulk_writers_refuse_naive_datetimes(engine: Engine) -> None:
     with engine.begin() as conn:
         insert_new(conn, messages, _rows(1, "naive"), key="id")

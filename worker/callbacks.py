@@ -30,7 +30,7 @@ from sqlalchemy import Connection, Engine, Row, bindparam, insert, select, updat
 
 from config import Settings
 from worker.backoff import parse_retry_after, send_retry_delay
-from worker.db import claim_rows, utcnow
+from worker.db import among, claim_rows, utcnow
 from worker.models import callbacks, messages
 from worker.redact import mask_url
 from worker.signing import sign
@@ -194,7 +194,7 @@ class Result:
 def jobs_for(engine: Engine, claimed: Sequence[Row[Any]]) -> list[Job]:
     with engine.connect() as conn:
         found = conn.execute(
-            select(messages).where(messages.c.pk.in_({c.message_pk for c in claimed}))
+            select(messages).where(among(conn, messages.c.pk, {c.message_pk for c in claimed}))
         )
         by_pk = {row.pk: row for row in found}
     jobs = []

@@ -23,7 +23,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from config import Settings
-from worker.db import is_sqlite, utcnow
+from worker.db import among, is_sqlite, utcnow
 from worker.models import campaigns, events, messages
 from worker.states import FINAL, State
 from worker.validation import FIELDS, NO_CALLBACKS, Callbacks, campaign_callbacks
@@ -120,7 +120,7 @@ def cancel_campaign(engine: Engine, name: str) -> dict[str, int] | None:
                 break
             conn.execute(
                 update(messages)
-                .where(messages.c.pk.in_(pks), messages.c.state == State.QUEUED)
+                .where(among(conn, messages.c.pk, pks), messages.c.state == State.QUEUED)
                 .values(
                     state=State.CANCELLED,
                     final_at=now,

@@ -15,6 +15,7 @@ from celery import Celery
 from kombu import Queue
 
 from config import Settings, get_settings
+from worker import polling
 
 INTAKE_QUEUE = "cascade-intake"
 SEND_QUEUE = "cascade-send"
@@ -28,7 +29,8 @@ VISIBILITY_TIMEOUT = 3600
 def create_app(settings: Settings) -> Celery:
     app = Celery("cascade", broker=settings.broker_url, include=["worker.tasks"])
     send_limit = settings.send_lease_seconds * 0.9  # a claim must outlive its task
-    poll_limit = settings.poll_lease_seconds * 0.9  # else a second task polls the same rows
+    # Else a second task polls the same rows.
+    poll_limit = settings.poll_lease_seconds * polling.TIME_LIMIT_SHARE
     transport = {"visibility_timeout": VISIBILITY_TIMEOUT}
     app.conf.update(
         task_serializer="json",

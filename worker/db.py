@@ -8,7 +8,7 @@ drops `FOR UPDATE SKIP LOCKED` on SQLite, and this is what makes claims safe the
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -25,12 +25,14 @@ from sqlalchemy import (
     Row,
     String,
     Table,
+    any_,
     bindparam,
     create_engine,
     event,
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
@@ -86,6 +88,14 @@ def get_engine(url: str | None = None) -> Engine:
     return _engine_for(url, os.getpid())
 
 
+def among(conn: Connection | Engine, column: Any, values: Collection[Any]) -> ColumnElement[bool]:
+    """`column IN (values)`, sent to PostgreSQL as one array: rendering and parsing an IN list
+    of 1,000 keys took more client CPU (≈20 ms) than the statement took to run."""
+    if conn.dialect.name == "postgresql":
+        return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+    return column.in_(values)
+
+
 def claim_rows(
     engine: Engine,
     table: Table,
@@ -117,7 +127,7 @@ def claim_rows(
     )
     stmt = update(table).where(table.c.pk == chosen.c.pk).values(values).returning(*returning)
     with engine.begin() as conn:
-        return list(conn.execute(stmt))
+        return list(conn.execute(stmt).all())
 
 
 def insert_new(
@@ -196,27 +206,36 @@ def _unnest_update(
     names: tuple[str, ...],
     rows: list[tuple[Any, Mapping[str, Any]]],
 ) -> tuple[str, dict[str, list[Any]]]:
-    params: dict[str, list[Any]] = {"k": [key for key, _ in rows]}
+    """A column holding one value across the rows goes as one parameter, not an array: a
+    batch's outcomes share most of theirs (state, times), and arrays cost client CPU."""
+    params: dict[str, Any] = {"k": [key for key, _ in rows]}
     arrays = [f"CAST(%(k)s AS {table.c.pk.type.compile(dialect=conn.dialect)}[])"]
+    varying = ["pk"]
     sets = []
     for i, name in enumerate(names):
         column = table.c[name]
         convert = _converter(column)
-        params[f"c{i}"] = [convert(change[name]) for _, change in rows]
+        values = [convert(change[name]) for _, change in rows]
         kind = column.type.compile(dialect=conn.dialect)
         # Text goes in unbounded and is assigned: an explicit cast to VARCHAR(n) cuts an
         # over-long value silently, where the assignment refuses it as an INSERT would.
-        if isinstance(column.type, JSON):
-            arrays.append(f"CAST(%(c{i})s AS TEXT[])")
-            sets.append(f"{name} = CAST(v.{name} AS {kind})")
+        sent = "TEXT" if isinstance(column.type, JSON | String) else kind
+        value = f"CAST(%(c{i})s AS {sent})"
+        if all(v == values[0] for v in values):
+            params[f"c{i}"] = values[0]
         else:
-            arrays.append(
-                f"CAST(%(c{i})s AS {'TEXT' if isinstance(column.type, String) else kind}[])"
-            )
-            sets.append(f"{name} = v.{name}")
+            params[f"c{i}"] = values
+            arrays.append(f"CAST(%(c{i})s AS {sent}[])")
+            varying.append(name)
+            value = f"v.{name}"
+        sets.append(
+            f"{name} = CAST({value} AS {kind})"
+            if isinstance(column.type, JSON)
+            else f"{name} = {value}"
+        )
     sql = (
         f"UPDATE {table.name} SET {', '.join(sets)} "
-        f"FROM unnest({', '.join(arrays)}) AS v(pk, {', '.join(names)}) "
+        f"FROM unnest({', '.join(arrays)}) AS v({', '.join(varying)}) "
         f"WHERE {table.name}.pk = v.pk"
     )
     return sql, params

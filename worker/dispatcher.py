@@ -21,7 +21,7 @@ from sqlalchemy import Engine, Row, func, select
 from config import Settings
 from worker.backoff import poll_deadline, send_retry_delay
 from worker.campaigns import cancelled_campaigns
-from worker.db import bulk_update, claim_rows, insert_rows, utcnow
+from worker.db import among, bulk_update, claim_rows, insert_rows, utcnow
 from worker.models import events, messages
 from worker.pacing import Pacing
 from worker.smsbat import (
@@ -224,7 +224,7 @@ def record(
                     messages.c.unknown_outcomes,
                 )
                 .where(
-                    messages.c.pk.in_([o.pk for o in outcomes]),
+                    among(conn, messages.c.pk, [o.pk for o in outcomes]),
                     messages.c.claim_token == token,
                     messages.c.state == State.SENDING,
                 )

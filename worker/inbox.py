@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Row, Select, func, insert, select, update
 
 from config import Settings
-from worker.db import bulk_update, insert_rows, utcnow
+from worker.db import among, bulk_update, insert_rows, utcnow
 from worker.dlr import Inbound
 from worker.models import events, inbound_messages, messages, provider_reports
 from worker.states import State
@@ -213,7 +213,7 @@ def _lock_messages(conn: Connection, reports: Sequence[Report]) -> dict[str, dic
             messages.c.provider_message_id,
             *(messages.c[k] for k in columns),
         )
-        .where(messages.c.provider_message_id.in_({r.message_id for r in reports}))
+        .where(among(conn, messages.c.provider_message_id, {r.message_id for r in reports}))
         .order_by(messages.c.pk)
         .with_for_update()
     )

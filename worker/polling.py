@@ -20,7 +20,7 @@ from sqlalchemy import Engine, Row, select, update
 
 from config import Settings
 from worker.backoff import poll_interval
-from worker.db import bulk_update, claim_rows, insert_rows, utcnow
+from worker.db import among, bulk_update, claim_rows, insert_rows, utcnow
 from worker.models import events, messages
 from worker.pacing import Pacing
 from worker.smsbat import (
@@ -47,6 +47,10 @@ class PollReport:
     checked: int = 0
     skipped: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+
+
+# A poll task's hard time limit as a share of its claim's lease (set in worker/celery.py).
+TIME_LIMIT_SHARE = 0.9
 
 
 def lease_end(now: datetime, lease: float) -> datetime:
@@ -77,21 +81,35 @@ _CHECK_COLUMNS = (
 )
 
 
+def needs_fresh_lease(claimed: datetime, now: datetime, lease: float) -> bool:
+    """Whether a task starting at `now` could outlive its claim's lease (it sat in the queue).
+
+    With more of the lease left than the task may run, no sweep can claim its rows before
+    it ends, so reading them is enough: an UPDATE per poll was a third of polling's writes.
+    """
+    return (claimed - now).total_seconds() < lease * TIME_LIMIT_SHARE
+
+
 def take(engine: Engine, pks: Sequence[int], claimed: datetime, lease: float) -> list[Row[Any]]:
-    """The rows still under the claim marked `claimed`, leased afresh from now.
+    """The rows still under the claim marked `claimed`, leased afresh if the claim is old.
 
     A task can wait in the queue past its claim's lease; by then another sweep may have
     claimed the same rows again. Only one of the two may poll them, and only the one that
     holds a row may write its next check (else it ends the other's lease early).
     """
+    now = utcnow()
+    held = [among(engine, messages.c.pk, pks), messages.c.next_poll_at == claimed]
+    if not needs_fresh_lease(claimed, now, lease):
+        with engine.connect() as conn:
+            return list(conn.execute(select(*_CHECK_COLUMNS).where(*held)).all())
     stmt = (
         update(messages)
-        .where(messages.c.pk.in_(pks), messages.c.next_poll_at == claimed)
-        .values(next_poll_at=lease_end(utcnow(), lease))
+        .where(*held)
+        .values(next_poll_at=lease_end(now, lease))
         .returning(*_CHECK_COLUMNS)
     )
     with engine.begin() as conn:
-        return list(conn.execute(stmt))
+        return list(conn.execute(stmt).all())
 
 
 def _due(row: Row[Any], now: datetime, min_gap: float) -> bool:
@@ -170,7 +188,9 @@ def poll_batch(
         report.skipped = len(pks) - len(rows)
     else:
         with engine.begin() as conn:
-            rows = list(conn.execute(select(*_CHECK_COLUMNS).where(messages.c.pk.in_(pks))))
+            rows = list(
+                conn.execute(select(*_CHECK_COLUMNS).where(among(conn, messages.c.pk, pks)))
+            )
     paused = max(pacing.paused_for(THROTTLE), pacing.paused_for(CIRCUIT))
     now = utcnow()
     due = [r for r in rows if _due(r, now, settings.poll_min_gap_seconds)]
@@ -216,7 +236,7 @@ def record_polls(
                 messages.c.poll_deadline,
                 messages.c.next_poll_at,
             )
-            .where(messages.c.pk.in_(pks))
+            .where(among(conn, messages.c.pk, pks))
             .order_by(messages.c.pk)  # one lock order everywhere: no deadlocks with webhooks
             .with_for_update()
         )

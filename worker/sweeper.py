@@ -17,7 +17,7 @@ from sqlalchemy import Engine, insert, select, update
 from config import Settings
 from worker.backoff import send_retry_delay
 from worker.campaigns import cancelled_campaigns
-from worker.db import utcnow
+from worker.db import among, utcnow
 from worker.dispatcher import after_failed_attempt
 from worker.models import events, messages
 from worker.states import State
@@ -110,7 +110,7 @@ def _close(engine: Engine, where: list[Any], target: State, code: str, detail: s
             return 0
         conn.execute(
             update(messages)
-            .where(messages.c.pk.in_([r.pk for r in rows]))
+            .where(among(conn, messages.c.pk, [r.pk for r in rows]))
             .values(
                 state=target,
                 next_poll_at=None,
