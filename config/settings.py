@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     poll_lease_seconds: float = Field(120.0, gt=0, alias="POLL_LEASE_SECONDS")
     poll_sweep_interval_seconds: float = Field(2.0, gt=0, alias="POLL_SWEEP_INTERVAL_SECONDS")
     poll_max_queued_tasks: int = Field(20, ge=1, alias="POLL_MAX_QUEUED_TASKS")
+    # Sends come first: while a full batch waits to be sent, polling gets this many tasks.
+    poll_tasks_while_sending: int = Field(2, ge=1, alias="POLL_TASKS_WHILE_SENDING")
     status_requests_per_second: int = Field(0, ge=0, alias="STATUS_REQUESTS_PER_SECOND")
 
     # --- HTTP API and pushed reports --------------------------------------------------------

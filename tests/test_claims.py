@@ -6,6 +6,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -143,3 +144,26 @@ def test_a_fresh_poll_task_reads_its_rows_and_a_late_one_leases_them_again(
             select(messages.c.next_poll_at).where(messages.c.pk.in_(late))
         ).scalars()
         assert all(mark >= polling.lease_end(before, 60) for mark in leased)  # afresh from now
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_sends_wait_while_a_full_batch_is_ready(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    from types import SimpleNamespace
+
+    from config import Settings
+    from worker.tasks import sends_waiting
+
+    url = database_factory(backend)
+    engine = get_engine(url)
+    res: Any = SimpleNamespace(
+        engine=engine,
+        settings=Settings(DATABASE_URL=url, SEND_BATCH_MAX=100),  # type: ignore[call-arg]
+    )
+    _fill(url, 99, "almost")
+    assert not sends_waiting(res)
+    _fill(url, 1, "full")
+    assert sends_waiting(res)
+    claim(engine, "standard", utcnow(), 50, 60, uuid.uuid4().hex)
+    assert not sends_waiting(res)

@@ -10,7 +10,7 @@ import pytest
 
 from config import Settings
 from worker.dispatcher import after_failed_attempt, batch_limit, provider_payload, should_flush
-from worker.polling import _next
+from worker.polling import _next, poll_task_room
 from worker.smsbat import NotFound, StatusReport, Throttled, Unavailable
 from worker.states import PROVIDER_STATES, State
 
@@ -349,3 +349,22 @@ def test_many_polls_keep_a_schedule() -> None:
     row = poll_row(polls=1100, poll_deadline=NOW + timedelta(hours=20))
     change = _next(row, (NOW, report("processing")), s, NOW)
     assert NOW + timedelta(seconds=47) <= change["next_poll_at"] <= NOW + timedelta(seconds=60)
+
+
+# --- poll_task_room ------------------------------------------------------------------
+
+
+def test_polling_fills_its_queue_when_nothing_waits_to_be_sent() -> None:
+    s = settings(POLL_MAX_QUEUED_TASKS=20, POLL_TASKS_WHILE_SENDING=2)
+    assert poll_task_room(0, False, s) == 20
+    assert poll_task_room(15, False, s) == 5
+    assert poll_task_room(25, False, s) == 0
+
+
+def test_polling_keeps_a_few_tasks_while_a_full_batch_waits_to_be_sent() -> None:
+    s = settings(POLL_MAX_QUEUED_TASKS=20, POLL_TASKS_WHILE_SENDING=2)
+    assert poll_task_room(0, True, s) == 2
+    assert poll_task_room(1, True, s) == 1
+    assert poll_task_room(5, True, s) == 0
+    # Never more than the queue's own cap.
+    assert poll_task_room(0, True, settings(POLL_MAX_QUEUED_TASKS=1)) == 1

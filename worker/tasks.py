@@ -165,14 +165,24 @@ def send_batch(route: str) -> dict[str, Any]:
     return asdict(report)
 
 
+def sends_waiting(res: Resources) -> bool:
+    """Whether a full batch is ready to be sent on some route."""
+    limit = dispatcher.batch_limit(res.settings)
+    now = utcnow()
+    return any(
+        dispatcher.ready_summary(res.engine, route, now, limit, limit)[0] >= limit
+        for route in ROUTES
+    )
+
+
 @app.task(name="cascade.poll_sweep")
 def poll_sweep() -> int:
     """Hand due status checks to poll tasks, keeping the poll queue short."""
     res = resources()
     settings = res.settings
-    free = settings.poll_max_queued_tasks - queue_length(POLL_QUEUE)
+    free = polling.poll_task_room(queue_length(POLL_QUEUE), sends_waiting(res), settings)
     handed = 0
-    for _ in range(max(free, 0)):
+    for _ in range(free):
         now = utcnow()
         pks = polling.claim_due(
             res.engine, now, settings.poll_batch_size, settings.poll_lease_seconds
