@@ -167,3 +167,52 @@ def test_sends_wait_while_a_full_batch_is_ready(
     assert sends_waiting(res)
     claim(engine, "standard", utcnow(), 50, 60, uuid.uuid4().hex)
     assert not sends_waiting(res)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_outcomes_are_written_only_to_rows_that_still_carry_the_claim(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    from config import Settings
+    from worker.dispatcher import Retry, Submitted, record
+    from worker.models import events
+
+    url = database_factory(backend)
+    engine = get_engine(url)
+    settings = Settings(DATABASE_URL=url)  # type: ignore[call-arg]
+    _fill(url, 6, "held")
+    token = uuid.uuid4().hex
+    rows = claim(engine, "standard", utcnow(), 10, 60, token)
+    pks = sorted(r.pk for r in rows)
+    with engine.begin() as conn:  # the sweeper took two over after a lease ran out
+        conn.execute(
+            messages.update()
+            .where(messages.c.pk.in_([pks[0], pks[3]]))
+            .values(claim_token=uuid.uuid4().hex)
+        )
+    outcomes = [Submitted(pk, f"pm-{pk}") for pk in pks[:3]]
+    outcomes += [Retry(pk, "HTTP 500", True) for pk in pks[3:]]
+
+    counts = record(engine, token, outcomes, {r.pk: r for r in rows}, settings)
+
+    assert counts == {"submitted": 2, "queued": 2, "lost_claim": 2}
+    with engine.connect() as conn:
+        stored = {
+            r.pk: (r.state, r.provider_message_id, r.attempts)
+            for r in conn.execute(select(messages).order_by(messages.c.pk))
+        }
+        journal = sorted(conn.execute(select(events.c.message_pk, events.c.to_state)))
+    assert stored == {
+        pks[0]: ("sending", None, 0),
+        pks[1]: ("submitted", f"pm-{pks[1]}", 0),
+        pks[2]: ("submitted", f"pm-{pks[2]}", 0),
+        pks[3]: ("sending", None, 0),
+        pks[4]: ("queued", None, 1),
+        pks[5]: ("queued", None, 1),
+    }
+    assert journal == [
+        (pks[1], "submitted"),
+        (pks[2], "submitted"),
+        (pks[4], "queued"),
+        (pks[5], "queued"),
+    ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, func, select
+from sqlalchemy import Connection, Engine, Row, func, select
 
 from config import Settings
 from worker.backoff import poll_deadline, send_retry_delay
@@ -210,36 +210,36 @@ def record(
     claimed: dict[int, Row[Any]],
     settings: Settings,
 ) -> dict[str, int]:
-    """Write every outcome of one claim, and its event, in one transaction."""
+    """Write every outcome of one claim, and its event, in one transaction.
+
+    A submitted message's new values depend on nothing in its row, so they are written
+    straight to the rows that still carry the claim token. Other outcomes read the row
+    (attempts, campaign) under a lock first.
+    """
     now = utcnow()
     counts: dict[str, int] = {}
+    held = {"claim_token": token, "state": State.SENDING}
+    submitted = {o.pk: o for o in outcomes if isinstance(o, Submitted)}
+    others = [o for o in outcomes if not isinstance(o, Submitted)]
     with engine.begin() as conn:
-        ours = {
-            row.pk: row
-            for row in conn.execute(
-                select(
-                    messages.c.pk,
-                    messages.c.campaign,
-                    messages.c.attempts,
-                    messages.c.unknown_outcomes,
-                )
-                .where(
-                    among(conn, messages.c.pk, [o.pk for o in outcomes]),
-                    messages.c.claim_token == token,
-                    messages.c.state == State.SENDING,
-                )
-                .order_by(messages.c.pk)
-                .with_for_update()
-            )
+        sent = {
+            pk: _submitted(outcome, claimed[pk], settings, now) for pk, outcome in submitted.items()
         }
-        requeued = {ours[o.pk].campaign for o in outcomes if _requeues(o) and o.pk in ours}
+        written = bulk_update(conn, messages, sent, only_if=held)
+        journal = [
+            _event(pk, now, State.SUBMITTED, f"messageId {submitted[pk].message_id}")
+            for pk in sorted(written)
+        ]
+        counts = {State.SUBMITTED: len(written)} if written else {}
+        lost = len(submitted) - len(written)
+        ours = _locked_claim(conn, token, [o.pk for o in others]) if others else {}
+        requeued = {ours[o.pk].campaign for o in others if _requeues(o) and o.pk in ours}
         stopped = cancelled_campaigns(conn, requeued - {None})
         changes: dict[int, dict[str, Any]] = {}
-        journal: list[dict[str, Any]] = []
-        for outcome in outcomes:
+        for outcome in others:
             current = ours.get(outcome.pk)
             if current is None:
-                counts["lost_claim"] = counts.get("lost_claim", 0) + 1
+                lost += 1
                 continue
             halted = current.campaign in stopped
             if halted and isinstance(outcome, Retry):
@@ -247,59 +247,87 @@ def record(
             # The provider may have an unknown outcome: never resend it for a cancelled campaign.
             resend_unknown = settings.send_unknown_outcome == "resend" and not halted
             changes[outcome.pk], to_state, detail = _decide(
-                outcome, current, claimed, settings, now, resend_unknown=resend_unknown
+                outcome, current, settings, now, resend_unknown=resend_unknown
             )
-            journal.append(
-                {
-                    "message_pk": outcome.pk,
-                    "at": now,
-                    "source": "send",
-                    "from_state": State.SENDING,
-                    "to_state": to_state,
-                    "detail": detail,
-                }
-            )
+            journal.append(_event(outcome.pk, now, to_state, detail))
             counts[to_state] = counts.get(to_state, 0) + 1
         bulk_update(conn, messages, changes)
         insert_rows(conn, events, journal)
+    if lost:
+        counts["lost_claim"] = lost
     return counts
+
+
+def _locked_claim(conn: Connection, token: str, pks: list[int]) -> dict[int, Row[Any]]:
+    """The rows still under this claim, locked in key order (as every writer locks them)."""
+    rows = conn.execute(
+        select(
+            messages.c.pk,
+            messages.c.campaign,
+            messages.c.attempts,
+            messages.c.unknown_outcomes,
+        )
+        .where(
+            among(conn, messages.c.pk, pks),
+            messages.c.claim_token == token,
+            messages.c.state == State.SENDING,
+        )
+        .order_by(messages.c.pk)
+        .with_for_update()
+    )
+    return {row.pk: row for row in rows}
+
+
+def _event(pk: int, now: datetime, to_state: str, detail: str | None) -> dict[str, Any]:
+    return {
+        "message_pk": pk,
+        "at": now,
+        "source": "send",
+        "from_state": State.SENDING,
+        "to_state": to_state,
+        "detail": detail,
+    }
 
 
 def _requeues(outcome: Outcome) -> bool:
     return isinstance(outcome, Retry | Unknown)
 
 
+_RELEASE = {"claim_token": None, "lease_until": None}
+
+
+def _submitted(
+    outcome: Submitted, row: Row[Any], settings: Settings, now: datetime
+) -> dict[str, Any]:
+    """Column values of a message the provider accepted (pure)."""
+    start = max(now, row.scheduled_sent) if row.scheduled_sent else now
+    return {
+        **_RELEASE,
+        "state": State.SUBMITTED,
+        "provider_message_id": outcome.message_id,
+        "submitted_at": now,
+        "next_poll_at": start + timedelta(seconds=first_poll_delay(settings)),
+        "poll_deadline": poll_deadline(
+            start,
+            row.ttl,
+            grace=settings.poll_grace_seconds,
+            max_age=settings.poll_max_age_seconds,
+        ),
+    }
+
+
 def _decide(
     outcome: Outcome,
     current: Row[Any],
-    claimed: dict[int, Row[Any]],
     settings: Settings,
     now: datetime,
     *,
     resend_unknown: bool,
 ) -> tuple[dict[str, Any], str, str | None]:
-    """(column values, new state, event detail) for one outcome."""
-    release = {"claim_token": None, "lease_until": None}
-    if isinstance(outcome, Submitted):
-        row = claimed[outcome.pk]
-        start = max(now, row.scheduled_sent) if row.scheduled_sent else now
-        values = {
-            **release,
-            "state": State.SUBMITTED,
-            "provider_message_id": outcome.message_id,
-            "submitted_at": now,
-            "next_poll_at": start + timedelta(seconds=first_poll_delay(settings)),
-            "poll_deadline": poll_deadline(
-                start,
-                row.ttl,
-                grace=settings.poll_grace_seconds,
-                max_age=settings.poll_max_age_seconds,
-            ),
-        }
-        return values, State.SUBMITTED, f"messageId {outcome.message_id}"
+    """(column values, new state, event detail) for an outcome other than submitted."""
     if isinstance(outcome, Rejected):
         values = {
-            **release,
+            **_RELEASE,
             "state": State.REJECTED,
             "error_code": outcome.code,
             "error_message": outcome.message,
@@ -309,7 +337,7 @@ def _decide(
         return values, State.REJECTED, f"{outcome.code}: {outcome.message}"
     if isinstance(outcome, Expired):
         values = {
-            **release,
+            **_RELEASE,
             "state": State.EXPIRED,
             "error_code": "TTL_EXPIRED",
             "error_message": "TTL ran out before the message could be sent",
@@ -319,7 +347,7 @@ def _decide(
         return values, State.EXPIRED, "TTL ran out before sending"
     if isinstance(outcome, Cancelled):
         values = {
-            **release,
+            **_RELEASE,
             "state": State.CANCELLED,
             "error_code": "CANCELLED",
             "error_message": "campaign cancelled before the message was sent",
@@ -330,7 +358,7 @@ def _decide(
     unknown = isinstance(outcome, Unknown)
     if unknown and not resend_unknown:
         values = {
-            **release,
+            **_RELEASE,
             "state": State.FAILED,
             "unknown_outcomes": current.unknown_outcomes + 1,
             "error_code": "UNKNOWN_OUTCOME",
@@ -352,7 +380,7 @@ def _decide(
         )
     )
     values = {
-        **release,
+        **_RELEASE,
         "state": target,
         "attempts": attempts,
         "unknown_outcomes": current.unknown_outcomes + (1 if unknown else 0),
