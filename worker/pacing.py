@@ -16,21 +16,28 @@ from limits.storage import storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
 
 PREFIX = "cascade:pause:"
+# Set the key for ARGV[1] ms unless it already has longer to live.
+_EXTEND = """
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+    redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+end
+"""
 
 
 class Pacing:
     def __init__(self, redis_url: str) -> None:
         self._redis = redis.Redis.from_url(redis_url, socket_timeout=5)
+        self._extend = self._redis.register_script(_EXTEND)
         self._limiter = SlidingWindowCounterRateLimiter(
             storage_from_string(redis_url, key_prefix="cascade:rate")
         )
 
     def pause(self, name: str, seconds: float) -> None:
-        """Pause `name` for everyone for at least `seconds` (an existing longer pause stays)."""
-        ms = max(1, int(seconds * 1000))
-        key = PREFIX + name
-        if self._redis.pttl(key) < ms:
-            self._redis.set(key, b"1", px=ms)
+        """Pause `name` for everyone for at least `seconds` (an existing longer pause stays).
+
+        One script, so two workers pausing at once cannot let the shorter pause win.
+        """
+        self._extend(keys=[PREFIX + name], args=[max(1, int(seconds * 1000))])
 
     def paused_for(self, name: str) -> float:
         """Seconds left of a pause of `name`, 0 when there is none."""
