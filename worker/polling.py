@@ -53,14 +53,15 @@ class PollReport:
 TIME_LIMIT_SHARE = 0.9
 
 
-def poll_task_room(queued: int, sends_waiting: bool, settings: Settings) -> int:
+def poll_task_room(queued: int, sending_behind: bool, settings: Settings) -> int:
     """How many poll tasks a sweep may add to the `queued` ones.
 
     A status check only learns what already happened; a send that waits delays a message.
-    So while a full batch is waiting to be sent, polling keeps a few tasks, not a full queue:
-    on a 2-core machine checks took three quarters of the workers' CPU mid-campaign.
+    So while sending is behind (a full batch waits for a worker), polling keeps a few tasks,
+    not a full queue: on a 2-core machine checks took three quarters of the workers' CPU
+    mid-campaign.
     """
-    cap = settings.poll_tasks_while_sending if sends_waiting else settings.poll_max_queued_tasks
+    cap = settings.poll_tasks_while_sending if sending_behind else settings.poll_max_queued_tasks
     return max(0, min(cap, settings.poll_max_queued_tasks) - queued)
 
 

@@ -165,9 +165,18 @@ def send_batch(route: str) -> dict[str, Any]:
     return asdict(report)
 
 
-def sends_waiting(res: Resources) -> bool:
-    """Whether a full batch is ready to be sent on some route."""
-    limit = dispatcher.batch_limit(res.settings)
+def sending_behind(res: Resources) -> bool:
+    """Whether messages wait for the workers themselves: a full batch is ready on some route.
+
+    Not while sending is paused (a 429, an open circuit) or held to a configured rate: then
+    a status check takes nothing from the sends.
+    """
+    settings = res.settings
+    if settings.send_messages_per_second or settings.send_requests_per_second:
+        return False
+    if max(res.pacing.paused_for(dispatcher.THROTTLE), res.pacing.paused_for(dispatcher.CIRCUIT)):
+        return False
+    limit = dispatcher.batch_limit(settings)
     now = utcnow()
     return any(
         dispatcher.ready_summary(res.engine, route, now, limit, limit)[0] >= limit
@@ -180,7 +189,7 @@ def poll_sweep() -> int:
     """Hand due status checks to poll tasks, keeping the poll queue short."""
     res = resources()
     settings = res.settings
-    free = polling.poll_task_room(queue_length(POLL_QUEUE), sends_waiting(res), settings)
+    free = polling.poll_task_room(queue_length(POLL_QUEUE), sending_behind(res), settings)
     handed = 0
     for _ in range(free):
         now = utcnow()
