@@ -484,3 +484,67 @@ def test_a_repeated_inbound_sms_is_stored_once(
 
     with engine.connect() as conn:
         assert len(conn.execute(select(inbound_messages)).all()) == 4
+
+
+def test_the_same_inbound_sms_pushed_at_once_is_stored_once(
+    database_factory: Callable[[str], str],
+) -> None:
+    """Found in review: two pushes of one SMS both saw it missing and both stored it."""
+    engine = get_engine(database_factory("postgresql"))
+    at = datetime(2025, 10, 26, 0, 30, tzinfo=UTC)
+    stored: list[int] = []
+    for round_ in range(10):
+        sms = Inbound(PHONE, f"STOP {round_}", at, {"status": "10"})
+        start = threading.Barrier(6)
+
+        def push(sms: Inbound = sms, start: threading.Barrier = start) -> None:
+            start.wait()
+            stored.append(store_inbound(engine, [sms]))
+
+        threads = [threading.Thread(target=push) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    assert sum(stored) == 10
+    with engine.connect() as conn:
+        assert len(conn.execute(select(inbound_messages)).all()) == 10
+
+
+@BACKENDS
+def test_the_migration_keys_stored_inbound_sms_and_keeps_earlier_repeats(
+    backend: str, tmp_path: Any
+) -> None:
+    from tests.conftest import create_postgres_database, drop_postgres_database
+    from worker.cli import upgrade_database
+
+    name = create_postgres_database() if backend == "postgresql" else None
+    url = (
+        f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        if name
+        else f"sqlite:///{tmp_path / 'old.db'}"
+    )
+    try:
+        upgrade_database(url, "0004")
+        engine = get_engine(url)
+        at = datetime(2025, 10, 26, 0, 30, tzinfo=UTC)
+        old = {"received_at": at, "sender": PHONE, "source": "bulkgate", "raw": {}}
+        with engine.begin() as conn:  # two pushes of one SMS that raced, one without a time
+            conn.execute(
+                inbound_messages.insert(),
+                [old | {"text": "STOP", "sent_at": t} for t in (at, at, None)],
+            )
+        engine.dispose()
+        upgrade_database(url)
+        with engine.connect() as conn:
+            keys = conn.execute(
+                select(inbound_messages.c.dedup_key).order_by(inbound_messages.c.pk)
+            ).scalars()
+            assert list(keys) == [inbox.inbound_key(PHONE, "STOP", at), None, None]
+        # And the key holds from now on: the same SMS again is not stored.
+        assert store_inbound(engine, [Inbound(PHONE, "STOP", at, {})]) == 0
+    finally:
+        get_engine(url).dispose()
+        if name:
+            drop_postgres_database(name)

@@ -33,6 +33,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
@@ -128,6 +129,11 @@ def claim_rows(
     stmt = update(table).where(table.c.pk == chosen.c.pk).values(values).returning(*returning)
     with engine.begin() as conn:
         return list(conn.execute(stmt).all())
+
+
+def insert_or_skip(conn: Connection, table: Table) -> Any:
+    """An INSERT of this dialect, which both give `on_conflict_do_nothing`."""
+    return (postgresql_insert if conn.dialect.name == "postgresql" else sqlite_insert)(table)
 
 
 def insert_new(

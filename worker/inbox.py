@@ -9,15 +9,16 @@ retried on every run, until REPORT_PARK_MAX_SECONDS make it an orphan.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Row, Select, func, insert, select, update
 
 from config import Settings
-from worker.db import among, bulk_update, insert_rows, utcnow
+from worker.db import among, bulk_update, insert_or_skip, insert_rows, utcnow
 from worker.dlr import Inbound
 from worker.models import events, inbound_messages, messages, provider_reports
 from worker.states import State
@@ -55,13 +56,24 @@ def store_reports(engine: Engine, reports: Sequence[Report], received_at: dateti
     return len(rows)
 
 
+def inbound_key(sender: str, text: str | None, sent_at: datetime | None) -> str | None:
+    """What tells a provider's retry of an inbound SMS from a new one: sender, text, send time.
+
+    Without a send time nothing does, so such an SMS is always stored (no key).
+    """
+    if sent_at is None:
+        return None
+    parts = (sender, sent_at.astimezone(UTC).isoformat(), "" if text is None else "=" + text)
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
 def store_inbound(
     engine: Engine, items: Sequence[Inbound], received_at: datetime | None = None
 ) -> int:
     """Insert inbound SMS linked to the last message we sent that number; skip exact repeats.
 
-    A provider retry sends the same SMS again: one with the same sender, text and send
-    time as a stored one is not stored twice. Answers how many rows were inserted.
+    A provider retry sends the same SMS again: its key (`inbound_key`) is unique, so two
+    pushes of it arriving at once store it once. Answers how many rows were inserted.
     """
     if not items:
         return 0
@@ -70,12 +82,11 @@ def store_inbound(
     with engine.begin() as conn:
         links: dict[str, int | None] = {}
         for item in items:
-            if item.sent_at is not None and _already_stored(conn, item):
-                continue
             if item.sender not in links:
                 links[item.sender] = _last_sent_to(conn, item.sender)
-            conn.execute(
-                insert(inbound_messages).values(
+            stmt = (
+                insert_or_skip(conn, inbound_messages)
+                .values(
                     received_at=received_at,
                     sender=item.sender,
                     text=item.text,
@@ -83,9 +94,12 @@ def store_inbound(
                     message_pk=links[item.sender],
                     source="bulkgate",
                     raw=item.raw,
+                    dedup_key=inbound_key(item.sender, item.text, item.sent_at),
                 )
+                .on_conflict_do_nothing(index_elements=["dedup_key"])
+                .returning(inbound_messages.c.pk)
             )
-            inserted += 1
+            inserted += len(conn.execute(stmt).all())
     return inserted
 
 
@@ -96,24 +110,6 @@ def _last_sent_to(conn: Connection, phone: str) -> int | None:
         .order_by(messages.c.pk.desc())
         .limit(1)
     ).scalar()
-
-
-def _already_stored(conn: Connection, item: Inbound) -> bool:
-    same_text = (
-        inbound_messages.c.text.is_(None)
-        if item.text is None
-        else inbound_messages.c.text == item.text
-    )
-    found = conn.execute(
-        select(inbound_messages.c.pk)
-        .where(
-            inbound_messages.c.sender == item.sender,
-            inbound_messages.c.sent_at == item.sent_at,
-            same_text,
-        )
-        .limit(1)
-    ).first()
-    return found is not None
 
 
 # --- applying -------------------------------------------------------------------------------

@@ -235,6 +235,8 @@ class InboundMessage(Base):
     )
     source: Mapped[str] = mapped_column(String(16))
     raw: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # inbox.inbound_key: one row per SMS however many times the provider pushes it.
+    dedup_key: Mapped[str | None] = mapped_column(String(64), unique=True)
 
 
 class Callback(Base):
