@@ -153,3 +153,28 @@ def test_copy_errors_carry_no_row_values(pg_engine: Engine) -> None:
 
     assert "too long" in str(raised.value)
     assert "380671234567" not in str(raised.value)
+
+
+def test_a_provider_message_id_belongs_to_one_message(engine: Engine) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    with engine.begin() as conn:
+        insert_new(conn, messages, _rows(3, "pmid"), key="id")
+    pks = [pk for (pk,) in _stored(engine, "pk")]
+    with engine.begin() as conn:
+        bulk_update(conn, messages, {pks[0]: {"provider_message_id": "pm-1"}})
+
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        bulk_update(conn, messages, {pks[1]: {"provider_message_id": "pm-1"}})
+    assert _stored(engine, "provider_message_id") == [("pm-1",), (None,), (None,)]
+
+
+def test_messages_not_sent_yet_are_not_in_the_provider_message_id_index(
+    pg_engine: Engine,
+) -> None:
+    with pg_engine.connect() as conn:
+        definition = conn.execute(
+            text("SELECT indexdef FROM pg_indexes WHERE indexname = :n"),
+            {"n": "ix_messages_provider_message_id"},
+        ).scalar_one()
+    assert "UNIQUE" in definition and "WHERE (provider_message_id IS NOT NULL)" in definition

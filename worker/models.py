@@ -96,7 +96,7 @@ class Message(Base):
     lease_until: Mapped[datetime | None]
 
     # Provider tracking.
-    provider_message_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    provider_message_id: Mapped[str | None] = mapped_column(String(64))
     submitted_at: Mapped[datetime | None]
     next_poll_at: Mapped[datetime | None]
     poll_deadline: Mapped[datetime | None]
@@ -169,6 +169,14 @@ class Message(Base):
             sqlite_where=sql_text("callback_late_at IS NOT NULL"),
         ),
         Index("ix_messages_to_phone", "to_phone", "pk"),
+        # Unique where set: NULLs in the index cost every claim an entry (migration 0006).
+        # SQLite databases keep the table-level UNIQUE of migration 0001; same lookups.
+        Index(
+            "ix_messages_provider_message_id",
+            "provider_message_id",
+            unique=True,
+            postgresql_where=sql_text("provider_message_id IS NOT NULL"),
+        ),
     )
 
 
