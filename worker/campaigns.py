@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from config import Settings
-from worker.db import among, is_sqlite, utcnow
+from worker.db import among, insert_or_skip, utcnow
 from worker.models import campaigns, events, messages
 from worker.states import FINAL, State
 from worker.validation import FIELDS, NO_CALLBACKS, Callbacks, campaign_callbacks
@@ -52,10 +50,9 @@ def ensure_campaign(engine: Engine, name: str, callbacks: Callbacks = NO_CALLBAC
     Callbacks given (either one) replace the campaign's pair, so a relaunch can fix a URL;
     none given keeps them. Answers the campaign's callbacks, which its messages inherit.
     """
-    insert_ = sqlite_insert if is_sqlite(engine) else pg_insert
     with engine.begin() as conn:
         conn.execute(
-            insert_(campaigns)
+            insert_or_skip(conn, campaigns)
             .values(name=name, created_at=utcnow())
             .on_conflict_do_nothing(index_elements=["name"])
         )

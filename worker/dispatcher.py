@@ -119,6 +119,11 @@ def first_poll_delay(settings: Settings) -> float:
     return settings.poll_first_delay_seconds
 
 
+def send_paused(pacing: Pacing) -> float:
+    """Seconds left of a pause of all sending: a 429's Retry-After or an open circuit."""
+    return max(pacing.paused_for(THROTTLE), pacing.paused_for(CIRCUIT))
+
+
 def batch_limit(settings: Settings) -> int:
     rate = settings.send_messages_per_second
     return min(settings.send_batch_max, rate) if rate else settings.send_batch_max
@@ -217,7 +222,6 @@ def record(
     (attempts, campaign) under a lock first.
     """
     now = utcnow()
-    counts: dict[str, int] = {}
     held = {"claim_token": token, "state": State.SENDING}
     submitted = {o.pk: o for o in outcomes if isinstance(o, Submitted)}
     others = [o for o in outcomes if not isinstance(o, Submitted)]
@@ -432,7 +436,7 @@ def deliver(
             pending.append(chunk)  # held with the rest if we stop before sending it
             pacing.acquire("send:requests", settings.send_requests_per_second)
             pacing.acquire("send:messages", settings.send_messages_per_second, len(chunk))
-            paused = max(pacing.paused_for(THROTTLE), pacing.paused_for(CIRCUIT))
+            paused = send_paused(pacing)
             if paused:  # another worker was told to back off while we were claiming
                 hold("paused", paused)
                 break
@@ -496,7 +500,7 @@ def send_batch(
 ) -> BatchReport:
     """One provider request's worth of work: the body of the `cascade.send_batch` task."""
     report = BatchReport(route)
-    report.paused = max(pacing.paused_for(THROTTLE), pacing.paused_for(CIRCUIT))
+    report.paused = send_paused(pacing)
     if report.paused:
         return report
     now = utcnow()

@@ -174,7 +174,7 @@ def sending_behind(res: Resources) -> bool:
     settings = res.settings
     if settings.send_messages_per_second or settings.send_requests_per_second:
         return False
-    if max(res.pacing.paused_for(dispatcher.THROTTLE), res.pacing.paused_for(dispatcher.CIRCUIT)):
+    if dispatcher.send_paused(res.pacing):
         return False
     limit = dispatcher.batch_limit(settings)
     now = utcnow()
