@@ -36,7 +36,8 @@ class SlowStart(httpx.HTTPTransport):
 def test_a_poll_is_timed_no_earlier_than_the_provider_saw_it(redis_db: str) -> None:
     """Found at a 0.92 s gap: the next poll was scheduled from when the request was *started*;
     a request that sat 80 ms before it reached the provider let the next one in under 1 s."""
-    with running_simulator(SimulatorConfig(delay_min=0, delay_max=0)) as sim:
+    config = SimulatorConfig(delay_min=0, delay_max=0, mix={"delivered": 1.0})
+    with running_simulator(config) as sim:
         message_id = sim.post(SEND, json=batch(1), headers=KEY).json()[0]["messageId"]
         settings = Settings(
             SMSBAT_API_KEY="test-key",
