@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import httpx
@@ -553,6 +555,57 @@ def test_status_uses_the_status_base_url_when_set() -> None:
     _, seen = status_call(_delivered, SMSBAT_STATUS_BASE_URL="http://status.example/")
     assert seen[0].url.host == "status.example"
     assert seen[0].url.path == "/bat/message/uuid-1"
+
+
+def test_status_keeps_the_base_url_path_and_quotes_the_id() -> None:
+    _, seen = status_call(_delivered, "a/b?c", SMSBAT_STATUS_BASE_URL="http://status.example/v2")
+    assert seen[0].url.raw_path == b"/v2/bat/message/a%2Fb%3Fc"
+
+
+def test_status_check_carries_the_configured_timeouts() -> None:
+    _, seen = status_call(_delivered, HTTP_READ_TIMEOUT_SECONDS=7, HTTP_CONNECT_TIMEOUT_SECONDS=2)
+    assert seen[0].extensions["timeout"] == {"connect": 2, "read": 7, "write": 10, "pool": 2}
+
+
+class _Proxy(BaseHTTPRequestHandler):
+    """A forward proxy that answers every request itself, recording its target."""
+
+    targets: list[str] = []
+
+    def do_GET(self) -> None:
+        self.targets.append(self.path)
+        body = b'{"deliverystatus": "delivered"}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_status_checks_take_the_proxy_the_environment_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sends take HTTP(S)_PROXY through httpx.Client; checks, which skip the client, too.
+
+    One real server is both the proxy (absolute-form targets) and, under NO_PROXY, the
+    provider itself (origin-form targets)."""
+    server = HTTPServer(("127.0.0.1", 0), _Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    here = f"127.0.0.1:{server.server_port}"
+    monkeypatch.setenv("HTTP_PROXY", f"http://{here}")
+    reports = []
+    try:
+        for base_url, no_proxy in (("http://status.example", ""), (f"http://{here}", "127.0.0.1")):
+            monkeypatch.setenv("NO_PROXY", no_proxy)
+            client = StatusClient(settings(SMSBAT_STATUS_BASE_URL=base_url))
+            reports.append(client.status("uuid-1"))
+            client.close()
+    finally:
+        server.shutdown()
+    assert all(isinstance(report, StatusReport) for report in reports)
+    assert _Proxy.targets == ["http://status.example/bat/message/uuid-1", "/bat/message/uuid-1"]
 
 
 def test_status_404_is_not_found() -> None:

