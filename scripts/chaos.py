@@ -71,7 +71,7 @@ from worker.stack import (  # noqa: E402
     start_simulator,
     workers,
 )
-from worker.states import FINAL  # noqa: E402
+from worker.states import FINAL, journal_allows  # noqa: E402
 
 API_KEY = "chaos-key"
 # Short timings so leases run out and polls come due within a short run.
@@ -408,6 +408,12 @@ def check(run: Run, launched: dict[str, Any]) -> dict[str, Any]:
         takeovers = conn.execute(
             select(func.count()).where(events.c.detail == "claim lease expired; outcome unknown")
         ).scalar_one()
+        moves = conn.execute(
+            select(events.c.source, events.c.from_state, events.c.to_state, func.count()).group_by(
+                events.c.source, events.c.from_state, events.c.to_state
+            )
+        ).all()
+    forbidden = {f"{s}: {a} -> {b}": n for s, a, b, n in moves if not journal_allows(s, a, b)}
     states: dict[str, int] = {}
     for row in rows.values():
         states[str(row.state)] = states.get(str(row.state), 0) + 1
@@ -454,6 +460,7 @@ def check(run: Run, launched: dict[str, Any]) -> dict[str, Any]:
         "polls_within_1s": stats["polls_within_1s"],
         "polls_within_1s_sample": [a for a in anomalies if a["kind"] == "within_1s"][:10],
         "sweeper_takeovers": takeovers,
+        "journal_moves_not_allowed": forbidden,
         "time_to_all_final_s": round(end - launched["started"], 1) if end else None,
         "faults": {
             "kills": len(run.faults.kills),
@@ -493,6 +500,8 @@ def check(run: Run, launched: dict[str, Any]) -> dict[str, Any]:
         failures.append("poll anomaly log overflowed: polls after final not all attributed")
     if stats["polls_within_1s"]:
         failures.append(f"{stats['polls_within_1s']} polls within 1 s")
+    if forbidden:
+        failures.append(f"moves the state machine forbids in the journal: {forbidden}")
     if run.faults.errors:
         failures.append(f"{len(run.faults.errors)} faults could not be applied")
     expected = {"hung send", "429 storm", "redis flushall"}
@@ -526,6 +535,7 @@ def print_figures(figures: dict[str, Any]) -> None:
         f"  polls within 1 s (must be 0)   {figures['polls_within_1s']}"
         + (f" e.g. {figures['polls_within_1s_sample'][:3]}" if figures["polls_within_1s"] else ""),
         f"  sweeper takeovers              {figures['sweeper_takeovers']:,}",
+        f"  journal moves not allowed      {figures['journal_moves_not_allowed'] or 0} (must be 0)",
         f"  time to all-final              {figures['time_to_all_final_s']} s",
         f"  faults                         {figures['faults']}",
         f"  simulator                      {figures['simulator']}",

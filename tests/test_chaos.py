@@ -45,6 +45,7 @@ def assert_invariants(figures: dict[str, Any], n: int) -> None:
     assert figures["answers_lost_not_recorded_unknown"] == 0
     assert figures["polls_after_final_unexplained"] == 0
     assert figures["polls_within_1s"] == 0
+    assert figures["journal_moves_not_allowed"] == {}
     # The faults reached the pipeline: a hung send was resent, workers died, the provider
     # failed requests; the figures above held anyway.
     assert figures["duplicate_tracking_ids"] > 0

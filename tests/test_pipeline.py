@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from tests.conftest import Stack, make_messages
-from worker.models import messages
-from worker.states import FINAL
+from worker.models import events, messages
+from worker.states import FINAL, journal_allows
 
 
 def _rows(stack: Stack, campaign: str) -> list:
@@ -51,6 +51,17 @@ def test_five_thousand_messages_reach_a_final_state(stack: Stack, sim, campaign:
     delivered = next(r for r in rows if r.state == "delivered")
     assert delivered.partscount == 1 and delivered.cost > 0
     assert delivered.extended_statuses and delivered.bill_currency
+
+    # The journal holds one submit per message and only moves the state machine allows.
+    with stack.engine.connect() as conn:
+        moves = conn.execute(
+            select(events.c.source, events.c.from_state, events.c.to_state, func.count())
+            .join(messages, messages.c.pk == events.c.message_pk)
+            .where(messages.c.campaign == campaign)
+            .group_by(events.c.source, events.c.from_state, events.c.to_state)
+        ).all()
+    assert [m for m in moves if not journal_allows(*m[:3])] == []
+    assert sum(n for source, _, to, n in moves if (source, to) == ("send", "submitted")) == 5000
 
 
 def test_re_enqueue_is_a_no_op_that_reports_the_message(stack: Stack, sim, campaign: str) -> None:

@@ -8,7 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.states import FINAL, PROVIDER_STATES, State, advance, can_move, is_final, rank
+from worker.states import (
+    FINAL,
+    PROVIDER_STATES,
+    State,
+    advance,
+    can_move,
+    is_final,
+    journal_allows,
+    rank,
+)
 
 PRE_SUBMIT = (State.QUEUED, State.SENDING)
 LIVE = (State.SUBMITTED, State.SCHEDULED, State.PROCESSING)
@@ -168,6 +177,31 @@ def test_can_move_never_leaves_a_final_state(current: State, target: State) -> N
 def test_can_move_rejects_unknown_states() -> None:
     with pytest.raises(ValueError):
         can_move("queued", "bogus")
+
+
+# --- journal_allows --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "from_state", "to_state", "allowed"),
+    [
+        ("send", "sending", "submitted", True),
+        ("system", "sending", "queued", True),  # a lease expired: sent again
+        ("system", "processing", "timeout", True),
+        ("send", "sending", "delivered", False),  # only a report says delivered
+        ("system", "delivered", "queued", False),  # a final message never comes back
+        ("poll", "submitted", "processing", True),
+        ("webhook", "processing", "delivered", True),
+        ("dlr", "delivered", "undeliverable", False),  # the first final answer stands
+        ("poll", "processing", "scheduled", False),  # never backwards
+        ("webhook", "sending", "delivered", False),  # not with the provider yet
+        ("poll", None, "delivered", False),
+    ],
+)
+def test_journal_allows_worker_moves_and_forward_reports_only(
+    source: str, from_state: str | None, to_state: str, allowed: bool
+) -> None:
+    assert journal_allows(source, from_state, to_state) is allowed
 
 
 # --- properties ----------------------------------------------------------------------

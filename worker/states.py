@@ -100,3 +100,21 @@ def advance(current: str, reported: str) -> bool:
 def can_move(current: str, target: str) -> bool:
     """Whether the worker may move a message from `current` to `target` on its own."""
     return State(target) in _SYSTEM_MOVES.get(State(current), frozenset())
+
+
+# Journal sources of the worker's own moves; every other source is a provider report.
+WORKER_SOURCES = frozenset({"send", "system"})
+
+
+def journal_allows(source: str, from_state: str | None, to_state: str) -> bool:
+    """Whether a message_events row records a move this machine allows: the audit of a run.
+
+    The worker's moves follow `can_move`, provider reports `advance`; a bug that writes
+    around the SQL guards (a lost claim recorded anyway, a report moving a final message)
+    shows up here as a row that fails.
+    """
+    if from_state is None:
+        return False
+    if source in WORKER_SOURCES:
+        return can_move(from_state, to_state)
+    return advance(from_state, to_state)
