@@ -302,6 +302,41 @@ def test_parked_reports_become_orphans_after_the_limit(
 
 
 @BACKENDS
+def test_parked_reports_are_tried_again_later_the_longer_they_wait(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    """A run joins only the parked reports that are due, so a pile of another sender's
+    reports on the account does not cost every run a join over all of them."""
+    url = database_factory(backend)
+    _fill(url, 3, "late")
+    engine = get_engine(url)
+    now = utcnow()
+    ages = {"pm-late-0": 10, "pm-late-1": 600, "pm-late-2": 7200}  # seconds parked
+    for message_id, age in ages.items():
+        store_reports(engine, [_report(message_id, State.DELIVERED)], now - timedelta(seconds=age))
+
+    assert apply_pending(engine, _settings(url))["parked"] == 3
+    with engine.connect() as conn:
+        retry = dict(
+            conn.execute(
+                select(provider_reports.c.provider_message_id, provider_reports.c.retry_at)
+            ).all()
+        )
+    assert retry["pm-late-0"] <= utcnow()  # young: every run
+    assert now + timedelta(seconds=29) < retry["pm-late-1"] <= utcnow() + timedelta(seconds=30)
+    assert now + timedelta(seconds=299) < retry["pm-late-2"] <= utcnow() + timedelta(seconds=300)
+
+    _submit(engine, {f"late-{i}": f"pm-late-{i}" for i in range(3)})
+    counts = apply_pending(engine, _settings(url))  # the older two are not tried: not due
+    assert counts == {"applied": 1, "ignored": 0, "orphan": 0, "parked": 0}
+    assert _message(engine, "late-1").state == "submitted"
+    with engine.begin() as conn:  # their time comes
+        conn.execute(update(provider_reports).values(retry_at=utcnow() - timedelta(seconds=1)))
+    assert apply_pending(engine, _settings(url))["applied"] == 2
+    assert {_message(engine, f"late-{i}").state for i in range(3)} == {"delivered"}
+
+
+@BACKENDS
 def test_batches_are_bounded_and_the_rest_waits_for_the_next_run(
     backend: str, database_factory: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -211,8 +211,16 @@ class ProviderReport(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     processed_at: Mapped[datetime | None]
     outcome: Mapped[str | None] = mapped_column(String(16))
+    # When a parked report is tried again: later and later as it ages (migration 0007).
+    retry_at: Mapped[datetime | None]
 
     __table_args__ = (
+        Index(
+            "ix_provider_reports_due",
+            "retry_at",
+            postgresql_where=sql_text("processed_at IS NULL"),
+            sqlite_where=sql_text("processed_at IS NULL"),
+        ),
         Index(
             "ix_provider_reports_parked",
             "provider_message_id",
