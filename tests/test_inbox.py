@@ -311,7 +311,7 @@ def test_parked_reports_are_tried_again_later_the_longer_they_wait(
     _fill(url, 3, "late")
     engine = get_engine(url)
     now = utcnow()
-    ages = {"pm-late-0": 10, "pm-late-1": 600, "pm-late-2": 7200}  # seconds parked
+    ages = {"pm-late-0": 10, "pm-late-1": 300, "pm-late-2": 7200}  # seconds parked
     for message_id, age in ages.items():
         store_reports(engine, [_report(message_id, State.DELIVERED)], now - timedelta(seconds=age))
 
@@ -324,7 +324,7 @@ def test_parked_reports_are_tried_again_later_the_longer_they_wait(
         )
     assert retry["pm-late-0"] <= utcnow()  # young: every run
     assert now + timedelta(seconds=29) < retry["pm-late-1"] <= utcnow() + timedelta(seconds=30)
-    assert now + timedelta(seconds=299) < retry["pm-late-2"] <= utcnow() + timedelta(seconds=300)
+    assert now + timedelta(seconds=599) < retry["pm-late-2"] <= utcnow() + timedelta(seconds=600)
 
     _submit(engine, {f"late-{i}": f"pm-late-{i}" for i in range(3)})
     counts = apply_pending(engine, _settings(url))  # the older two are not tried: not due
@@ -349,6 +349,22 @@ def test_batches_are_bounded_and_the_rest_waits_for_the_next_run(
     assert apply_pending(engine, _settings(url))["applied"] == 6
     assert apply_pending(engine, _settings(url))["applied"] == 4
     assert apply_pending(engine, _settings(url))["applied"] == 0
+
+
+@BACKENDS
+def test_a_run_with_more_due_than_it_takes_still_turns_old_ones_into_orphans(
+    backend: str, database_factory: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = database_factory(backend)
+    engine = _submitted(url, 5, "busy")
+    store_reports(engine, [_report("pm-nobody", State.DELIVERED)], utcnow() - timedelta(hours=1))
+    store_reports(engine, [_report(f"pm-busy-{i}", State.DELIVERED) for i in range(5)], utcnow())
+    monkeypatch.setattr(inbox, "BATCH_SIZE", 2)
+    monkeypatch.setattr(inbox, "MAX_BATCHES", 1)
+
+    counts = apply_pending(engine, _settings(url, REPORT_PARK_MAX_SECONDS=60))
+
+    assert counts == {"applied": 2, "ignored": 0, "orphan": 1, "parked": 0}
 
 
 # --- ordering and concurrency ------------------------------------------------------------------

@@ -140,11 +140,11 @@ def apply_pending(engine: Engine, settings: Settings) -> dict[str, int]:
     """
     counts = {"applied": 0, "ignored": 0, "orphan": 0, "parked": 0}
     started = utcnow()
+    finished = False
     for _ in range(MAX_BATCHES):
-        if _apply_batch(engine, utcnow(), counts) < BATCH_SIZE:
+        finished = _apply_batch(engine, utcnow(), counts) < BATCH_SIZE
+        if finished:
             break
-    else:
-        return counts  # more are due: the next run goes on
     cutoff = started - timedelta(seconds=settings.report_park_max_seconds)
     with engine.begin() as conn:
         counts["orphan"] = conn.execute(
@@ -153,7 +153,8 @@ def apply_pending(engine: Engine, settings: Settings) -> dict[str, int]:
             .where(provider_reports.c.received_at < cutoff)
             .values(processed_at=started, outcome="orphan")
         ).rowcount
-        counts["parked"] = _park(conn, started)
+        if finished:  # else due reports with a message may be left: the next run goes on
+            counts["parked"] = _park(conn, started)
     return counts
 
 
