@@ -27,6 +27,7 @@ from worker.smsbat import (
     Throttled,
     Unauthorized,
     Unavailable,
+    environment_proxy,
     parse_error,
     parse_send_answer,
     parse_status,
@@ -523,6 +524,7 @@ def test_status_key_mode_sends_the_key_header() -> None:
     assert seen[0].url.path == "/bat/message/uuid-1"
     assert seen[0].headers["X-Authorization-Key"] == API_KEY
     assert "Authorization" not in seen[0].headers
+    assert seen[0].headers["User-Agent"].startswith("python-httpx/")  # as sends have it
 
 
 def _basic(request: httpx.Request) -> tuple[str, str]:
@@ -606,6 +608,32 @@ def test_status_checks_take_the_proxy_the_environment_names(
         server.shutdown()
     assert all(isinstance(report, StatusReport) for report in reports)
     assert _Proxy.targets == ["http://status.example/bat/message/uuid-1", "/bat/message/uuid-1"]
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "expected"),
+    [
+        ({"HTTPS_PROXY": "http://p:1"}, "https://status.example", "http://p:1"),
+        ({"HTTP_PROXY": "p:3128"}, "http://status.example", "http://p:3128"),  # no scheme
+        ({"ALL_PROXY": "http://all:1"}, "https://status.example", "http://all:1"),
+        ({"HTTP_PROXY": "http://p:1", "NO_PROXY": ".example"}, "http://status.example", None),
+        (
+            {"HTTP_PROXY": "http://p:1", "NO_PROXY": "status.example:8443"},
+            "http://status.example:8443",
+            None,
+        ),
+        ({"HTTPS_PROXY": "http://p:1"}, "http://status.example", None),  # other scheme
+    ],
+)
+def test_environment_proxy_reads_the_environment_as_httpx_does(
+    env: dict[str, str], url: str, expected: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert environment_proxy(httpx.URL(url)) == expected
 
 
 def test_status_404_is_not_found() -> None:

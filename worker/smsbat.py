@@ -32,6 +32,8 @@ from config import Settings
 from worker.backoff import parse_retry_after
 from worker.states import PROVIDER_STATES, State
 
+# What httpx.Client sends, which the send client does: the provider sees one agent.
+USER_AGENT = f"python-httpx/{httpx.__version__}"
 ROUTE_PATHS = {
     "standard": "/api/CascadeMessage/send_message/async",
     "tg-viber": "/api/CascadeMessage/send_message/tg-viber/async",
@@ -268,10 +270,17 @@ def status_headers(settings: Settings) -> dict[str, str]:
     return {"Authorization": f"Basic {pair}"}
 
 
-def _environment_proxy(url: httpx.URL) -> str | None:
-    """The proxy HTTP(S)_PROXY names for `url` unless NO_PROXY exempts it, as httpx.Client
-    would take it."""
-    return None if proxy_bypass(url.host) else getproxies().get(url.scheme)
+def environment_proxy(url: httpx.URL) -> str | None:
+    """The proxy the environment names for `url`, read as httpx.Client reads it: the
+    scheme's own (HTTP_PROXY, HTTPS_PROXY) or ALL_PROXY, unless NO_PROXY exempts the host;
+    `http://` assumed where the value names none."""
+    if proxy_bypass(f"{url.host}:{url.port}" if url.port else url.host):
+        return None
+    proxies = getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and "://" not in proxy:
+        proxy = f"http://{proxy}"
+    return proxy
 
 
 def _timeout(settings: Settings) -> httpx.Timeout:
@@ -335,12 +344,14 @@ class StatusClient:
     def __init__(self, settings: Settings, transport: httpx.BaseTransport | None = None) -> None:
         base = httpx.URL(settings.status_base_url)
         self._prefix = str(base).rstrip("/") + "/bat/message/"
-        self._headers = httpx.Headers({"Accept": "application/json", **status_headers(settings)})
+        self._headers = httpx.Headers(
+            {"Accept": "application/json", "User-Agent": USER_AGENT, **status_headers(settings)}
+        )
         self._extensions = {"timeout": _timeout(settings).as_dict()}
         self._retry_after = _retry_after_policy(settings)
         self._transport = transport or httpx.HTTPTransport(
             limits=httpx.Limits(max_connections=settings.poll_concurrency),
-            proxy=_environment_proxy(base),
+            proxy=environment_proxy(base),
         )
 
     def status(self, message_id: str) -> StatusReport:
