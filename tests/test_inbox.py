@@ -352,6 +352,41 @@ def test_batches_are_bounded_and_the_rest_waits_for_the_next_run(
 
 
 @BACKENDS
+def test_a_report_past_the_limit_whose_message_came_is_applied_not_orphaned(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    """Its message was submitted while it waited out a backoff past the orphan cutoff."""
+    url = database_factory(backend)
+    _fill(url, 1, "slow")
+    engine = get_engine(url)
+    store_reports(engine, [_report("pm-slow-0", State.DELIVERED)], utcnow() - timedelta(hours=2))
+    settings = _settings(url, REPORT_PARK_MAX_SECONDS=3600)
+    assert apply_pending(engine, _settings(url))["parked"] == 1  # put off 10 minutes
+    _submit(engine, {"slow-0": "pm-slow-0"})
+
+    counts = apply_pending(engine, settings)  # past the limit, not due, but its message is in
+    assert counts == {"applied": 0, "ignored": 0, "orphan": 0, "parked": 0}
+    with engine.begin() as conn:
+        conn.execute(update(provider_reports).values(retry_at=utcnow() - timedelta(seconds=1)))
+    assert apply_pending(engine, settings)["applied"] == 1
+    assert _message(engine, "slow-0").state == "delivered"
+
+
+@BACKENDS
+def test_a_report_stored_without_a_retry_time_is_due(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    """What a webhook process still on the code before migration 0007 stores."""
+    url = database_factory(backend)
+    engine = _submitted(url, 1, "old-writer")
+    store_reports(engine, [_report("pm-old-writer-0", State.DELIVERED)], utcnow())
+    with engine.begin() as conn:
+        conn.execute(update(provider_reports).values(retry_at=None))
+
+    assert apply_pending(engine, _settings(url))["applied"] == 1
+
+
+@BACKENDS
 def test_a_run_with_more_due_than_it_takes_still_turns_old_ones_into_orphans(
     backend: str, database_factory: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

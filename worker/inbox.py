@@ -16,7 +16,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, Select, func, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Row,
+    Select,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 
 from config import Settings
 from worker.db import among, bulk_update, insert_or_skip, insert_rows, utcnow
@@ -151,6 +162,7 @@ def apply_pending(engine: Engine, settings: Settings) -> dict[str, int]:
             update(provider_reports)
             .where(provider_reports.c.processed_at.is_(None))
             .where(provider_reports.c.received_at < cutoff)
+            .where(~_matched().exists())  # one that has its message is applied when due
             .values(processed_at=started, outcome="orphan")
         ).rowcount
         if finished:  # else due reports with a message may be left: the next run goes on
@@ -175,7 +187,7 @@ def _apply_batch(engine: Engine, now: datetime, counts: dict[str, int]) -> int:
 def _park(conn: Connection, due: datetime) -> int:
     """Put off the reports still due after every batch ran (none had a message to match)
     by their age; answer how many were still due."""
-    waiting = [provider_reports.c.processed_at.is_(None), provider_reports.c.retry_at <= due]
+    waiting = [provider_reports.c.processed_at.is_(None), _due(due)]
     older_bounds = [least for least, _ in PARK_BACKOFF[1:]] + [None]
     parked = 0
     for (least, delay), older in zip(PARK_BACKOFF, older_bounds, strict=True):
@@ -189,6 +201,19 @@ def _park(conn: Connection, due: datetime) -> int:
     return parked + conn.execute(young).scalar_one()
 
 
+def _due(now: datetime) -> ColumnElement[bool]:
+    """Due for a try; a report stored by a writer older than migration 0007 has no time."""
+    return or_(provider_reports.c.retry_at <= now, provider_reports.c.retry_at.is_(None))
+
+
+def _matched() -> Select[Any]:
+    """The message a report belongs to, once it is with the provider."""
+    return select(messages.c.pk).where(
+        messages.c.provider_message_id == provider_reports.c.provider_message_id,
+        messages.c.state.not_in(_NOT_YET_SUBMITTED),
+    )
+
+
 def _claim_stmt(now: datetime) -> Select[Any]:
     """Due reports whose message has been submitted, oldest first, skipping locked."""
     return (
@@ -198,7 +223,7 @@ def _claim_stmt(now: datetime) -> Select[Any]:
             messages.c.provider_message_id == provider_reports.c.provider_message_id,
         )
         .where(provider_reports.c.processed_at.is_(None))
-        .where(provider_reports.c.retry_at <= now)
+        .where(_due(now))
         .where(messages.c.state.not_in(_NOT_YET_SUBMITTED))
         .order_by(provider_reports.c.pk)
         .limit(BATCH_SIZE)
