@@ -68,6 +68,7 @@ class Result:
     name: str
     n: int
     figures: dict[str, float | None] = field(default_factory=dict)
+    rss: list[float] = field(default_factory=list)  # peak MB of each worker process
 
 
 def bench_messages(n: int, prefix: str) -> Iterator[dict[str, Any]]:
@@ -209,6 +210,7 @@ def run_ours(
         "peak worker RSS (MB, max)": max(rss) if rss else None,
         "database bytes / message": database_bytes(url) / n,
     }
+    result.rss = rss
     return result
 
 
@@ -349,6 +351,7 @@ def run_naive(
         "peak worker RSS (MB, max)": max(rss) if rss else None,
         "database bytes / message": None,
     }
+    result.rss = rss
     return result
 
 
@@ -420,6 +423,10 @@ def print_table(results: list[Result], meta: str) -> None:
             )
             cells.append(f"{shown:>28}")
         print(f"{name:32}" + "".join(cells))
+    for r in results:
+        if r.rss:
+            shown = ", ".join(f"{mb:.0f}" for mb in sorted(r.rss, reverse=True))
+            print(f"peak RSS of each worker process, {r.name} (MB): {shown}")
     by = {r.name: r.figures.get("send throughput (msg/s)") for r in results}
     if by.get("ours") and by.get("naive"):
         print(f"send throughput ours / naive: {by['ours'] / by['naive']:.1f}x")

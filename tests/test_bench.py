@@ -27,3 +27,5 @@ def test_bench_prints_the_three_columns(redis_db: str) -> None:
     assert "ours (n=300)" in table and "naive (n=20)" in table and "floor (n=300)" in table
     assert "ours + webhooks (n=300)" in table
     assert "send throughput ours / naive:" in table and "send throughput ours / floor:" in table
+    each = next(line for line in table.splitlines() if line.startswith("peak RSS of each"))
+    assert len(each.split(":")[1].split(",")) >= 2  # every worker process, not just the largest
