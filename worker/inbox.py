@@ -188,14 +188,12 @@ def _park(conn: Connection, due: datetime) -> int:
     """Put off the reports still due after every batch ran (none had a message to match)
     by their age; answer how many were still due."""
     waiting = [provider_reports.c.processed_at.is_(None), _due(due)]
-    older_bounds = [least for least, _ in PARK_BACKOFF[1:]] + [None]
     parked = 0
-    for (least, delay), older in zip(PARK_BACKOFF, older_bounds, strict=True):
-        band = [*waiting, provider_reports.c.received_at <= due - timedelta(seconds=least)]
-        if older is not None:
-            band.append(provider_reports.c.received_at > due - timedelta(seconds=older))
+    for least, delay in reversed(PARK_BACKOFF):  # oldest first: those put off are not due
         parked += conn.execute(
-            update(provider_reports).where(*band).values(retry_at=due + timedelta(seconds=delay))
+            update(provider_reports)
+            .where(*waiting, provider_reports.c.received_at <= due - timedelta(seconds=least))
+            .values(retry_at=due + timedelta(seconds=delay))
         ).rowcount
     young = select(func.count()).select_from(provider_reports).where(*waiting)
     return parked + conn.execute(young).scalar_one()
@@ -218,16 +216,12 @@ def _claim_stmt(now: datetime) -> Select[Any]:
     """Due reports whose message has been submitted, oldest first, skipping locked."""
     return (
         select(provider_reports)
-        .join(
-            messages,
-            messages.c.provider_message_id == provider_reports.c.provider_message_id,
-        )
         .where(provider_reports.c.processed_at.is_(None))
         .where(_due(now))
-        .where(messages.c.state.not_in(_NOT_YET_SUBMITTED))
+        .where(_matched().exists())
         .order_by(provider_reports.c.pk)
         .limit(BATCH_SIZE)
-        .with_for_update(skip_locked=True, of=provider_reports)
+        .with_for_update(skip_locked=True)
     )
 
 
