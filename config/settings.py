@@ -155,6 +155,13 @@ class Settings(BaseSettings):
             value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
         if not value.startswith(("sqlite:", "postgresql+psycopg:")):
             raise ValueError(f"must be a sqlite:// or postgresql:// URL, got {_scheme(value)}")
+        if value.startswith("postgresql"):
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                raise ValueError(
+                    "a postgresql:// URL needs psycopg: pip install 'cascade-worker[postgres]'"
+                ) from None
         return value
 
     @field_validator("broker_url")

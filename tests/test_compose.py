@@ -169,16 +169,19 @@ def test_flower_refuses_to_start_without_basic_auth(config: dict[str, Any]) -> N
     assert "FLOWER_BASIC_AUTH" in result.stderr
 
 
-def test_image_carries_what_db_upgrade_reads() -> None:
-    """`cascade db upgrade` finds alembic.ini and alembic/ above the `worker` package."""
+def test_image_installs_the_lock_then_the_package_as_a_library() -> None:
+    """Pinned dependencies, then a plain (not editable) install: migrations ship inside."""
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
-    for needed in ("alembic.ini", "alembic", "config", "worker"):
-        assert any(line.split()[:2] == ["COPY", needed] for line in dockerfile.splitlines()), needed
-    assert "pip install --no-deps -e ." in dockerfile  # in place, so ROOT is /app
+    lines = dockerfile.splitlines()
+    assert "pip install -r /tmp/requirements.lock" in dockerfile
+    assert "pip install --no-deps /tmp/src" in dockerfile and " -e " not in dockerfile
+    for needed in ("requirements.lock", "config", "worker"):
+        assert any(line.split()[:2] == ["COPY", needed] for line in lines), needed
     users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
-    lines = (ROOT / ".dockerignore").read_text().splitlines()
-    patterns = [line for line in lines if line and not line.startswith("#")]
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line for line in ignored if line and not line.startswith("#")]
     assert patterns[0] == "*"  # an allow-list: `.env` and local databases stay out
+    assert "!requirements.lock" in patterns
     assert not any(p.startswith(("!.env", "!*")) for p in patterns)

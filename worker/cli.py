@@ -15,7 +15,6 @@ from rich.table import Table
 from config import Settings
 
 console = Console(soft_wrap=True)  # paths and ids must stay whole when piped
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _settings() -> Settings:
@@ -64,13 +63,17 @@ def db_upgrade(revision: str) -> None:
 
 
 def upgrade_database(url: str, revision: str = "head") -> None:
+    """The migrations ship inside the package, so any install (wheel, image) can migrate."""
+    from importlib.resources import as_file, files
+
     from alembic import command
     from alembic.config import Config
 
-    config = Config(str(ROOT / "alembic.ini"))
+    config = Config()
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    config.attributes["configure_logger"] = False
-    command.upgrade(config, revision)
+    with as_file(files("worker") / "migrations") as location:
+        config.set_main_option("script_location", str(location).replace("%", "%%"))
+        command.upgrade(config, revision)
 
 
 # --- message -------------------------------------------------------------------------

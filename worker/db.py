@@ -15,7 +15,6 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
-import psycopg
 from sqlalchemy import (
     JSON,
     Connection,
@@ -317,6 +316,8 @@ def _aware(value: Any) -> Any:
 def _raw_cursor(conn: Connection, statement: str) -> Iterator[Any]:
     """A psycopg cursor whose errors carry no row values (COPY's context quotes the row),
     as `hide_parameters` keeps them out of SQLAlchemy's."""
+    import psycopg  # here: only PostgreSQL gets here, and SQLite installs go without it
+
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
         with cursor:
