@@ -6,8 +6,10 @@ A bad value stops start-up with pydantic's message, which names the setting.
 
 from __future__ import annotations
 
+import os
 import re
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -217,7 +219,19 @@ class Settings(BaseSettings):
         return self.smsbat_status_base_url or self.smsbat_base_url
 
 
+ENV_FILE_VARIABLE = "CASCADE_ENV_FILE"
+
+
+class EnvFileMissing(ValueError):
+    """CASCADE_ENV_FILE names a file that is not there: silently reading none would run
+    on defaults (a new SQLite file in the working directory)."""
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once: workers fork after this."""
-    return Settings()
+    """The process-wide settings, read once: workers fork after this. The env file is
+    CASCADE_ENV_FILE when set, else `.env` in the working directory if there is one."""
+    named = os.environ.get(ENV_FILE_VARIABLE)
+    if named and not Path(named).is_file():
+        raise EnvFileMissing(f"{ENV_FILE_VARIABLE}={named}: no such file")
+    return Settings(_env_file=named or ".env")  # type: ignore[call-arg]

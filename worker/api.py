@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from config import Settings, get_settings
 from worker import webhooks
 from worker.campaigns import CampaignCancelled
-from worker.db import get_engine
+from worker.db import NoSchema, get_engine, require_schema
 from worker.producer import MAX_CAMPAIGN_LENGTH, check_campaign, enqueue
 from worker.reports import campaign_report, message_detail
 from worker.states import State
@@ -739,6 +739,10 @@ def serve(settings: Settings, host: str, port: int) -> None:
             "refusing to start the API: API_TOKEN is not set "
             "(producers send it as Authorization: Bearer <API_TOKEN>)"
         )
+    try:
+        require_schema(settings.database_url)
+    except NoSchema as exc:
+        raise SystemExit(f"refusing to start the API: {exc}") from None
     if not _secret(settings.webhook_token):
         log.warning("WEBHOOK_TOKEN is not set: provider webhooks cannot be authenticated")
     # No access log: BulkGate can only send its token in the URL (?token=…).

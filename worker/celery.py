@@ -12,10 +12,12 @@ import os
 from datetime import timedelta
 
 from celery import Celery
+from celery.signals import worker_init
 from kombu import Queue
 
 from config import Settings, get_settings
 from worker import polling
+from worker.db import NoSchema, require_schema
 
 INTAKE_QUEUE = "cascade-intake"
 SEND_QUEUE = "cascade-send"
@@ -95,6 +97,16 @@ def create_app(settings: Settings) -> Celery:
 def _tick(task: str, every: float) -> dict[str, object]:
     # A tick nobody ran in time is dropped: the next one does the same work.
     return {"task": task, "schedule": every, "options": {"expires": max(every * 2, 2.0)}}
+
+
+@worker_init.connect
+def _require_schema(**_: object) -> None:
+    """Without our tables every task would fail, each with a traceback: stop with one line."""
+    try:
+        require_schema(get_settings().database_url)
+    except NoSchema as exc:
+        logging.getLogger(__name__).critical("refusing to start the worker: %s", exc)
+        raise SystemExit(1) from None
 
 
 def flower_environment(settings: Settings) -> dict[str, str]:

@@ -21,6 +21,7 @@ def _settings() -> Settings:
     from pydantic import ValidationError
 
     from config import get_settings
+    from config.settings import EnvFileMissing
 
     try:
         return get_settings()
@@ -29,12 +30,20 @@ def _settings() -> Settings:
             f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
         ]
         raise click.ClickException("invalid settings:\n" + "\n".join(lines)) from None
+    except EnvFileMissing as exc:
+        raise click.ClickException(str(exc)) from None
 
 
-def _engine() -> Any:
-    from worker.db import get_engine
+def _engine(settings: Settings | None = None) -> Any:
+    """The engine of a database that has our schema, or one line saying it has not."""
+    from worker.db import NoSchema, get_engine, require_schema
 
-    return get_engine(_settings().database_url)
+    url = (settings or _settings()).database_url
+    try:
+        require_schema(url)
+    except NoSchema as exc:
+        raise click.ClickException(str(exc)) from None
+    return get_engine(url)
 
 
 def _print_json(data: Any) -> None:
@@ -145,6 +154,7 @@ def campaign_launch(
     from worker.campaigns import Defaults, launch
 
     settings = _settings()
+    _engine(settings)  # the schema is there, before a row is read
     defaults = Defaults(from_name, message_type, ttl, route, text, callback_url, callback_task)
     columns = (
         SpinnerColumn(),

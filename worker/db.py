@@ -88,6 +88,26 @@ def get_engine(url: str | None = None) -> Engine:
     return _engine_for(url, os.getpid())
 
 
+class NoSchema(RuntimeError):
+    """The database lacks our tables: `cascade db upgrade` never ran against it."""
+
+
+def require_schema(url: str) -> None:
+    """Raise NoSchema, naming the database (password masked), before anything needs a table.
+    A SQLite file that is not there is reported, not created."""
+    from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
+
+    from worker.redact import mask_url
+
+    problem = NoSchema(f"{mask_url(url)} has no cascade schema; run `cascade db upgrade`")
+    file = make_url(url).database if url.startswith("sqlite") else None
+    if file not in (None, "", ":memory:") and not os.path.exists(file):
+        raise problem
+    if not {"alembic_version", "messages"} <= set(inspect(get_engine(url)).get_table_names()):
+        raise problem
+
+
 def among(conn: Connection | Engine, column: Any, values: Collection[Any]) -> ColumnElement[bool]:
     """`column IN (values)`, sent to PostgreSQL as one array: rendering and parsing an IN list
     of 1,000 keys took more client CPU (≈20 ms) than the statement took to run."""
