@@ -68,6 +68,23 @@ def test_the_wheel_runs_from_its_venv_not_the_checkout(installed: Path, tmp_path
     assert not Path(where.strip()).is_relative_to(ROOT)
 
 
+DATA_FILES = [  # loaded by path, not imported: easy to leave out of a wheel
+    "migrations/script.py.mako",
+    "migrations/versions/0001_messages_and_events.py",
+    "static/swagger-ui/swagger-ui-bundle.js",
+    "static/redoc/redoc.standalone.js",
+    "static/redoc/LICENSE",
+]
+
+
+def test_the_wheel_carries_its_data_files(installed: Path, tmp_path: Path) -> None:
+    script = (
+        "from importlib.resources import files; "
+        f"print([p for p in {DATA_FILES!r} if not files('worker').joinpath(p).is_file()])"
+    )
+    assert run(installed / "python", "-c", script, cwd=tmp_path).strip() == "[]"
+
+
 def migrate_and_list_tables(installed: Path, cwd: Path, url: str) -> set[str]:
     out = run(installed / "cascade", "db", "upgrade", cwd=cwd, env=clean_env(DATABASE_URL=url))
     assert "database at revision head" in out

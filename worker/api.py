@@ -21,8 +21,10 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, WithJsonSchema
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
@@ -720,6 +722,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Cascade delivery worker",
         version=version("cascade-worker"),
         description=DESCRIPTION,
+        docs_url=None,  # served by _documentation, from the package
+        redoc_url=None,
     )
     app.state.settings = settings or get_settings()
     app.add_exception_handler(OperationalError, _database_unavailable)
@@ -727,7 +731,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(producers)
     app.include_router(probes)
     app.include_router(webhooks.router)
+    _documentation(app)
     return app
+
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def _documentation(app: FastAPI) -> None:
+    """Swagger UI (/docs) and ReDoc (/redoc) from files in the package (worker/static):
+    no CDN, so they work offline and tell no third party who reads them."""
+    app.mount(DOCS_ASSETS, StaticFiles(packages=[("worker", "static")]), name="docs-assets")
+    favicon = f"{DOCS_ASSETS}/swagger-ui/favicon-32x32.png"
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title}: API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui/swagger-ui.css",
+            swagger_favicon_url=favicon,
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title}: API",
+            redoc_js_url=f"{DOCS_ASSETS}/redoc/redoc.standalone.js",
+            redoc_favicon_url=favicon,
+            with_google_fonts=False,
+        )
 
 
 def serve(settings: Settings, host: str, port: int) -> None:
