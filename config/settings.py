@@ -6,6 +6,7 @@ A bad value stops start-up with pydantic's message, which names the setting.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from functools import lru_cache
@@ -137,6 +138,8 @@ class Settings(BaseSettings):
     # `worker/celery.py` hands these to `celery -A worker flower` as its FLOWER_* options.
     flower_basic_auth: SecretStr | None = Field(None, alias="FLOWER_BASIC_AUTH")
     flower_max_tasks: int = Field(10_000, ge=1, alias="FLOWER_MAX_TASKS")
+    # Flower's own default ('') binds every interface while its banner says 127.0.0.1.
+    flower_address: str = Field("127.0.0.1", alias="FLOWER_ADDRESS")
 
     @field_validator("*")
     @classmethod
@@ -203,6 +206,16 @@ class Settings(BaseSettings):
             if not (user and colon and password):
                 raise ValueError(f"pair {number} must be user:password (several comma-separated)")
         return value
+
+    @field_validator("flower_address")
+    @classmethod
+    def _ip_address(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError(
+                "must be an IP address to bind: 127.0.0.1, or 0.0.0.0 for all"
+            ) from None
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
