@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,37 @@ def test_flower_refuses_to_start_without_basic_auth(config: dict[str, Any]) -> N
     result = subprocess.run([shell, flag, script], env=env, capture_output=True, text=True)
     assert result.returncode == 1
     assert "FLOWER_BASIC_AUTH" in result.stderr
+
+
+@pytest.mark.parametrize("service", ["api", "flower"])
+def test_services_that_need_a_token_are_retried_a_few_times_not_forever(
+    config: dict[str, Any], service: str
+) -> None:
+    """They refuse without it; `unless-stopped` would turn that into a restart loop."""
+    assert config["services"][service]["restart"] == "on-failure:3"
+
+
+def test_api_refuses_to_start_without_a_token_in_one_line(
+    config: dict[str, Any], tmp_path: Path
+) -> None:
+    """The service's own command, run here as its container would run it without API_TOKEN."""
+    command = config["services"]["api"]["command"]
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    env["DATABASE_URL"] = f"sqlite:///{tmp_path / 'unused.db'}"
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "refusing to start the API: API_TOKEN is not set "
+        "(producers send it as Authorization: Bearer <API_TOKEN>)"
+    ]
+
+
+def test_readme_and_compose_agree_on_the_demo_command() -> None:
+    command = "--profile demo run --rm demo"
+    for document in ("README.md", "docker-compose.yml", "docs/reference.md"):
+        text = (ROOT / document).read_text()
+        assert command in text, document
+        assert "--profile demo up" not in text, document
 
 
 def test_image_installs_the_lock_then_the_package_as_a_library() -> None:
