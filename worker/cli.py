@@ -150,11 +150,11 @@ def campaign_launch(
 ) -> None:
     """Enqueue a campaign from a CSV file whose headers are the cascade API's field names."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from sqlalchemy.exc import DBAPIError
 
     from worker.campaigns import Defaults, launch
 
     settings = _settings()
-    _engine(settings)  # the schema is there, before a row is read
     defaults = Defaults(from_name, message_type, ttl, route, text, callback_url, callback_task)
     columns = (
         SpinnerColumn(),
@@ -179,6 +179,9 @@ def campaign_launch(
             stats = launch(file, name, defaults, settings, dry_run=dry_run, progress=show)
     except ValueError as exc:  # CampaignError, CampaignCancelled, a bad --name
         raise click.ClickException(str(exc)) from None
+    except DBAPIError:  # the file's own problems come first, then a missing schema
+        _engine(settings)  # one line if the schema is missing; else the error stands
+        raise
     if stats.ignored_columns:
         console.print(f"ignored columns (not API fields): {', '.join(stats.ignored_columns)}")
     verb = "would enqueue" if dry_run else "enqueued"
