@@ -70,7 +70,13 @@ class Settings(BaseSettings):
     send_linger_seconds: float = Field(1.0, ge=0, alias="SEND_LINGER_SECONDS")
     send_parallelism: int = Field(4, ge=1, le=256, alias="SEND_PARALLELISM")
     send_lease_seconds: float = Field(300.0, gt=0, alias="SEND_LEASE_SECONDS")
-    send_max_attempts: int = Field(5, ge=1, alias="SEND_MAX_ATTEMPTS")
+    # A message's retries are bounded by time, not by a count a short outage would spend.
+    send_retry_for_seconds: float = Field(21600.0, gt=0, alias="SEND_RETRY_FOR_SECONDS")
+    # A send whose answer was lost is resent blind at most this many times.
+    send_max_unknown_outcomes: int = Field(3, ge=1, alias="SEND_MAX_UNKNOWN_OUTCOMES")
+    # Consecutive provider failures (5xx, connection errors, timeouts) that open the circuit.
+    send_circuit_failures: int = Field(3, ge=1, alias="SEND_CIRCUIT_FAILURES")
+    send_probe_size: int = Field(10, ge=1, le=1000, alias="SEND_PROBE_SIZE")
     send_backoff_base_seconds: float = Field(1.0, gt=0, alias="SEND_BACKOFF_BASE_SECONDS")
     send_backoff_max_seconds: float = Field(300.0, gt=0, alias="SEND_BACKOFF_MAX_SECONDS")
     send_unknown_outcome: Literal["resend", "fail"] = Field("resend", alias="SEND_UNKNOWN_OUTCOME")
@@ -101,6 +107,9 @@ class Settings(BaseSettings):
     # Sends come first: while a full batch waits to be sent, polling gets this many tasks.
     poll_tasks_while_sending: int = Field(2, ge=1, alias="POLL_TASKS_WHILE_SENDING")
     status_requests_per_second: int = Field(0, ge=0, alias="STATUS_REQUESTS_PER_SECOND")
+    # Past its deadline a message times out only on an answer; with the status endpoint down
+    # it is checked on for this long before it times out unanswered.
+    poll_outage_grace_seconds: float = Field(21600.0, ge=0, alias="POLL_OUTAGE_GRACE_SECONDS")
 
     # --- HTTP API and pushed reports --------------------------------------------------------
     api_token: SecretStr | None = Field(None, alias="API_TOKEN")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from config import Settings
-from worker.dispatcher import after_failed_attempt, batch_limit, provider_payload, should_flush
+from worker.dispatcher import batch_limit, provider_payload, should_flush
 from worker.polling import _next, poll_task_room
 from worker.smsbat import NotFound, StatusReport, Throttled, Unavailable
 from worker.states import PROVIDER_STATES, State
@@ -51,21 +51,6 @@ def test_never_flush_nothing() -> None:
 
 def test_zero_linger_flushes_any_ready_message() -> None:
     assert should_flush(1, 0.0, batch_min=100, linger=0.0)
-
-
-# --- after_failed_attempt ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("attempts", "state"),
-    [(1, State.QUEUED), (4, State.QUEUED), (5, State.FAILED), (6, State.FAILED)],
-)
-def test_after_failed_attempt(attempts: int, state: State) -> None:
-    assert after_failed_attempt(attempts, 5) is state
-
-
-def test_single_attempt_policy_fails_at_once() -> None:
-    assert after_failed_attempt(1, 1) is State.FAILED
 
 
 # --- batch_limit ---------------------------------------------------------------------

@@ -94,6 +94,11 @@ class Message(Base):
     unknown_outcomes: Mapped[int] = mapped_column(SmallInteger, default=0)
     claim_token: Mapped[str | None] = mapped_column(String(32))
     lease_until: Mapped[datetime | None]
+    # When a message not yet with the provider stops being retried and is `failed`.
+    send_deadline: Mapped[datetime | None]
+    # Rows of a refused batch being isolated share a key: they are claimed together and
+    # never with other rows, so the halving's progress lives here, not in a worker.
+    isolation: Mapped[str | None] = mapped_column(String(32))
 
     # Provider tracking.
     provider_message_id: Mapped[str | None] = mapped_column(String(64))
@@ -140,6 +145,18 @@ class Message(Base):
         Index(
             "ix_messages_queued_available",
             "available_at",
+            postgresql_where=sql_text("state = 'queued'"),
+            sqlite_where=sql_text("state = 'queued'"),
+        ),
+        Index(
+            "ix_messages_isolation",
+            "isolation",
+            postgresql_where=sql_text("state = 'queued' AND isolation IS NOT NULL"),
+            sqlite_where=sql_text("state = 'queued' AND isolation IS NOT NULL"),
+        ),
+        Index(
+            "ix_messages_send_deadline",
+            "send_deadline",
             postgresql_where=sql_text("state = 'queued'"),
             sqlite_where=sql_text("state = 'queued'"),
         ),

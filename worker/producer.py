@@ -22,6 +22,7 @@ from config import Settings, get_settings
 from worker.campaigns import CampaignCancelled, ensure_campaign
 from worker.db import get_engine, insert_new, utcnow
 from worker.models import campaigns, messages
+from worker.sendpolicy import send_deadline
 from worker.states import State
 from worker.validation import (
     FieldError,
@@ -62,7 +63,9 @@ def rules_from(settings: Settings) -> ValidationRules:
     )
 
 
-def row_for(message: OutgoingMessage, campaign: str | None, now: datetime) -> dict[str, Any]:
+def row_for(
+    message: OutgoingMessage, campaign: str | None, now: datetime, settings: Settings
+) -> dict[str, Any]:
     start = max(now, message.scheduled_sent) if message.scheduled_sent else now
     called_back = bool(message.callback_url or message.callback_task)
     late = message.callback_late_after if called_back else None
@@ -82,6 +85,7 @@ def row_for(message: OutgoingMessage, campaign: str | None, now: datetime) -> di
         "created_at": now,
         "available_at": now,
         "expires_at": start + timedelta(seconds=message.ttl) if message.ttl else None,
+        "send_deadline": send_deadline(start, settings),
         "attempts": 0,
         "unknown_outcomes": 0,
         "polls": 0,
@@ -183,7 +187,7 @@ def enqueue(
                 chunk_results.append(EnqueueResult(checked.id, "duplicate", State.QUEUED))
             else:
                 seen.add(checked.id)
-                rows.append(row_for(checked, campaign, now))
+                rows.append(row_for(checked, campaign, now, settings))
                 chunk_results.append(None)
         inserted = store(engine, rows, campaign)
         accepted_any = accepted_any or bool(inserted)

@@ -140,14 +140,16 @@ def dispatch() -> dict[str, int]:
         ready, oldest_wait = dispatcher.ready_summary(
             res.engine, route, utcnow(), settings.send_parallelism * limit, settings.send_batch_min
         )
-        if not dispatcher.should_flush(
+        flush = dispatcher.should_flush(
             ready,
             oldest_wait,
             batch_min=settings.send_batch_min,
             linger=settings.send_linger_seconds,
-        ):
+        )
+        parts = dispatcher.parts_ready(res.engine, route, utcnow())
+        if not (flush or parts):
             continue
-        count = min(free, math.ceil(ready / limit))
+        count = min(free, max(math.ceil(ready / limit) if flush else 0, 1 if parts else 0))
         for _ in range(count):
             send_batch.apply_async((route,))
         started[route] = count
@@ -157,10 +159,12 @@ def dispatch() -> dict[str, int]:
 
 @app.task(name="cascade.send_batch")
 def send_batch(route: str) -> dict[str, Any]:
-    """Claim and send one batch; a full batch means more are waiting, so chain the next."""
+    """Claim and send one batch; a full batch or an isolation under way means more are
+    waiting, so chain the next."""
     res = resources()
     report = dispatcher.send_batch(res.engine, res.sender, res.pacing, res.settings, route)
-    if report.claimed >= dispatcher.batch_limit(res.settings):
+    full = report.claimed >= dispatcher.batch_limit(res.settings)
+    if (full or report.isolating) and not report.paused:
         send_batch.apply_async((route,))
     return asdict(report)
 
