@@ -39,6 +39,7 @@ class JsonFormatter(logging.Formatter):
             "process": record.process,
             "message": scrub(record.getMessage()),
         }
+        entry |= _task_fields()
         for name in FIELDS:
             value = getattr(record, name, None)
             if value is not None and value != "???":  # Celery's placeholder outside a task
@@ -46,6 +47,18 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["error"] = scrub(self.formatException(record.exc_info))
         return orjson.dumps(entry, default=str).decode()
+
+
+def _task_fields() -> dict[str, str]:
+    """The running Celery task's id and name, so any module's line inside a task has them."""
+    try:
+        from celery import current_task
+
+        if current_task and current_task.request.id:
+            return {"task_id": current_task.request.id, "task_name": current_task.name}
+    except Exception:  # outside Celery, or a half-initialised app: no task fields
+        pass
+    return {}
 
 
 def use_json(logger: logging.Logger | None = None) -> None:
