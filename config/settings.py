@@ -145,6 +145,16 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr | None = Field(None, alias="FLOWER_BASIC_AUTH")
     flower_max_tasks: int = Field(10_000, ge=1, alias="FLOWER_MAX_TASKS")
 
+    # --- metrics, health and logs (Prometheus, /healthz) ---------------------------------------
+    # Bearer token for /metrics; API_TOKEN when unset.
+    metrics_token: SecretStr | None = Field(None, alias="METRICS_TOKEN")
+    # Counting every message by state and campaign reads the whole table: at most this often.
+    metrics_totals_seconds: float = Field(60.0, ge=0, alias="METRICS_TOTALS_SECONDS")
+    metrics_top_campaigns: int = Field(20, ge=1, le=500, alias="METRICS_TOP_CAMPAIGNS")
+    health_beat_max_age_seconds: float = Field(120.0, gt=0, alias="HEALTH_BEAT_MAX_AGE_SECONDS")
+    health_queue_max_age_seconds: float = Field(1800.0, gt=0, alias="HEALTH_QUEUE_MAX_AGE_SECONDS")
+    log_format: Literal["text", "json"] = Field("text", alias="LOG_FORMAT")
+
     @field_validator("*")
     @classmethod
     def _bounded_duration(cls, value: object, info: ValidationInfo) -> object:
@@ -181,7 +191,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must start with http:// or https://, got {_scheme(value)}")
         return value.rstrip("/") if value else value
 
-    @field_validator("api_token", "webhook_token")
+    @field_validator("api_token", "webhook_token", "metrics_token")
     @classmethod
     def _header_safe_token(cls, value: SecretStr | None) -> SecretStr | None:
         """Bearer tokens travel in headers (Latin-1) and URLs: anything but RFC 6750's

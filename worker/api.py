@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from importlib.metadata import version
 from typing import Annotated, Any, Literal
 
@@ -29,9 +30,11 @@ from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from config import Settings, get_settings
-from worker import webhooks
+from worker import exporter, logs, webhooks
 from worker.campaigns import CampaignCancelled
 from worker.db import get_engine
+from worker.gauges import metrics_engine, read_backlog
+from worker.health import beat_health
 from worker.producer import MAX_CAMPAIGN_LENGTH, check_campaign, enqueue
 from worker.reports import campaign_report, message_detail
 from worker.states import State
@@ -377,6 +380,19 @@ class CampaignReport(BaseModel):
 class Health(BaseModel):
     database: Literal["ok", "unavailable"]
     broker: Literal["ok", "unavailable"]
+    beat: Literal["ok", "stale", "unknown"] = Field(
+        "unknown",
+        description="stale: no periodic task sent for HEALTH_BEAT_MAX_AGE_SECONDS; "
+        "unknown: beat never ticked (or its record expired after a day).",
+    )
+    beat_last_tick: Timestamp | None = None
+    queue: Literal["ok", "stuck", "unknown"] = Field(
+        "unknown",
+        description="stuck: a message ready to send has waited HEALTH_QUEUE_MAX_AGE_SECONDS.",
+    )
+    oldest_queued_seconds: float | None = Field(
+        None, description="How long the oldest message ready to send has waited."
+    )
 
 
 # --- dependencies ------------------------------------------------------------------------
@@ -559,17 +575,23 @@ probes = APIRouter(tags=["health"])
 
 @probes.get(
     "/healthz",
-    summary="Database and broker reachable",
+    summary="Database and broker reachable, beat ticking, the queue moving",
     response_model=Health,
-    responses={503: {"model": Health, "description": "The one marked unavailable is down."}},
+    responses={503: {"model": Health, "description": "Something is unavailable, stale or stuck."}},
 )
 def healthz(settings: SettingsDep, response: Response) -> Health:
-    """A `SELECT 1` and a Redis PING; no token, so load balancers can probe it."""
+    """A `SELECT 1` and a Redis PING, beat's last tick and the oldest ready message's age;
+    no token, so load balancers and orchestrators can probe it."""
     health = Health(
         database=_probe("database", _ping_database, settings.database_url),
         broker=_probe("broker", _ping_broker, settings.broker_url),
     )
-    if "unavailable" in (health.database, health.broker):
+    if health.broker == "ok":
+        _beat_health(health, settings)
+    if health.database == "ok":
+        _queue_health(health, settings)
+    down = "unavailable" in (health.database, health.broker)
+    if down or health.beat == "stale" or health.queue == "stuck":
         response.status_code = 503
     return health
 
@@ -682,6 +704,29 @@ def _probe(name: str, check: Callable[[str], None], url: str) -> Literal["ok", "
     return "ok"
 
 
+def _beat_health(health: Health, settings: Settings) -> None:
+    try:
+        beat = beat_health(settings.broker_url, settings.health_beat_max_age_seconds)
+    except Exception as exc:
+        log.warning("healthz: beat's tick unreadable: %s", type(exc).__name__)
+        return
+    health.beat = beat.status  # type: ignore[assignment]
+    if beat.last_tick is not None:
+        stamp = datetime.fromtimestamp(beat.last_tick, UTC)
+        health.beat_last_tick = stamp.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _queue_health(health: Health, settings: Settings) -> None:
+    try:
+        backlog = read_backlog(metrics_engine(settings.database_url))
+    except Exception as exc:
+        log.warning("healthz: backlog unreadable: %s", type(exc).__name__)
+        return
+    health.oldest_queued_seconds = round(backlog.oldest_queued_seconds, 3)
+    stuck = backlog.oldest_queued_seconds >= settings.health_queue_max_age_seconds
+    health.queue = "stuck" if stuck else "ok"
+
+
 def _ping_database(url: str) -> None:
     with get_engine(url).connect() as conn:
         conn.execute(text("SELECT 1"))
@@ -727,13 +772,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(producers)
     app.include_router(probes)
     app.include_router(webhooks.router)
+    app.include_router(exporter.router)
     return app
 
 
 def serve(settings: Settings, host: str, port: int) -> None:
     """Run the API under uvicorn. Without API_TOKEN no producer could ever be let in,
     so refuse to start rather than serve an API that answers 401 to everyone."""
-    logging.basicConfig(level=logging.INFO)
+    logs.configure(settings.log_format)
     if not _secret(settings.api_token):
         raise SystemExit(
             "refusing to start the API: API_TOKEN is not set "
@@ -742,4 +788,11 @@ def serve(settings: Settings, host: str, port: int) -> None:
     if not _secret(settings.webhook_token):
         log.warning("WEBHOOK_TOKEN is not set: provider webhooks cannot be authenticated")
     # No access log: BulkGate can only send its token in the URL (?token=…).
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        log_config=logs.uvicorn_log_config(settings.log_format) or uvicorn.config.LOGGING_CONFIG,
+    )

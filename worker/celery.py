@@ -116,3 +116,9 @@ app = create_app(get_settings())
 logging.getLogger("httpx").setLevel(logging.WARNING)
 for _name, _value in flower_environment(get_settings()).items():
     os.environ.setdefault(_name, _value)
+
+# Observability: JSON logs when LOG_FORMAT=json, and beat's tick for /healthz (worker.health).
+from worker import health as _health  # noqa: E402, F401
+from worker import logs as _logs  # noqa: E402
+
+_logs.connect_celery()

@@ -450,6 +450,44 @@ def api(host: str | None, port: int | None) -> None:
     serve(settings, host or settings.api_host, port or settings.api_port)
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=9464, show_default=True, type=int)
+@click.option(
+    "--db/--no-db",
+    "database",
+    default=True,
+    show_default=True,
+    help="Serve the database gauges (--no-db: this host's worker counters and pauses only, "
+    "when another exporter serves the gauges).",
+)
+def metrics(host: str, port: int, database: bool) -> None:
+    """Serve /metrics (Prometheus) without the API: workers' counters and database gauges."""
+    from worker.exporter import serve
+
+    serve(_settings(), host, port, database=database)
+
+
+@main.group()
+def health() -> None:
+    """Liveness checks for orchestrators (docker-compose healthchecks)."""
+
+
+@health.command("beat")
+@click.option("--max-age", type=float, default=None, help="Default: HEALTH_BEAT_MAX_AGE_SECONDS.")
+def health_beat(max_age: float | None) -> None:
+    """Exit 0 when beat sent a periodic task within --max-age seconds, else 1."""
+    from worker.health import beat_health
+
+    settings = _settings()
+    limit = max_age if max_age is not None else settings.health_beat_max_age_seconds
+    beat = beat_health(settings.broker_url, limit)
+    age = "never" if beat.age_seconds is None else f"{beat.age_seconds:.1f} s ago"
+    click.echo(f"beat {beat.status}: last tick {age} (limit {limit:g} s)")
+    if beat.status != "ok":
+        sys.exit(1)
+
+
 # --- simulator and demo --------------------------------------------------------------
 
 

@@ -455,6 +455,7 @@ def send_batch(
         answer_label(answer) if live else "none",
         f" ({_why(answer)})" if live and not isinstance(answer, Mapping) else "",
         report.counts,
+        extra={"route": route, "claim_token": token, "campaign": rows[0].campaign},
     )
     return report
 

@@ -169,6 +169,7 @@ class Message(Base):
         Index(
             "ix_messages_next_poll",
             "next_poll_at",
+            "state",  # /metrics counts the messages awaiting a check by state from it (0008)
             postgresql_where=sql_text("next_poll_at IS NOT NULL"),
             sqlite_where=sql_text("next_poll_at IS NOT NULL"),
         ),
@@ -250,6 +251,13 @@ class ProviderReport(Base):
             postgresql_where=sql_text("processed_at IS NULL"),
             sqlite_where=sql_text("processed_at IS NULL"),
         ),
+        # What /metrics counts (migration 0008): only reports given up on enter it.
+        Index(
+            "ix_provider_reports_orphaned",
+            "pk",
+            postgresql_where=sql_text("outcome = 'orphan'"),
+            sqlite_where=sql_text("outcome = 'orphan'"),
+        ),
     )
 
 
@@ -298,6 +306,13 @@ class Callback(Base):
             "next_attempt_at",
             postgresql_where=sql_text("state = 'pending'"),
             sqlite_where=sql_text("state = 'pending'"),
+        ),
+        # What /metrics counts (migration 0008): only callbacks that gave up enter it.
+        Index(
+            "ix_callbacks_dead",
+            "pk",
+            postgresql_where=sql_text("state = 'dead'"),
+            sqlite_where=sql_text("state = 'dead'"),
         ),
     )
 

@@ -21,6 +21,7 @@ from sqlalchemy import Engine, Row, select, update
 from config import Settings
 from worker.backoff import poll_interval
 from worker.db import among, bulk_update, claim_rows, insert_rows, utcnow
+from worker.metrics import count_checks
 from worker.models import events, messages
 from worker.pacing import Pacing
 from worker.smsbat import (
@@ -213,6 +214,7 @@ def poll_batch(
         budget = settings.poll_lease_seconds / 2  # well inside the lease and time limits
         results = check_all(client, pacing, settings, ids, threads, budget)
         report.checked = len(results)
+        count_checks(results.values())
     for _, error in results.values():
         if isinstance(error, Throttled):
             pacing.pause(THROTTLE, error.retry_after)
