@@ -220,9 +220,9 @@ def test_row_already_final_only_clears_next_poll(state: str) -> None:
     assert change == {"next_poll_at": None}
 
 
-def test_past_deadline_times_out() -> None:
+def test_past_deadline_an_answer_times_out() -> None:
     row = poll_row(state="processing", poll_deadline=NOW - timedelta(seconds=1))
-    change = _next(row, None, settings(), NOW)
+    change = _next(row, (NOW, report("processing")), settings(), NOW)
     assert change["state"] == State.TIMEOUT
     assert change["next_poll_at"] is None
     assert change["final_at"] == NOW
@@ -231,7 +231,22 @@ def test_past_deadline_times_out() -> None:
 
 
 def test_deadline_reached_exactly_times_out() -> None:
-    change = _next(poll_row(poll_deadline=NOW), None, settings(), NOW)
+    change = _next(poll_row(poll_deadline=NOW), (NOW, report("processing")), settings(), NOW)
+    assert change["state"] == State.TIMEOUT
+
+
+@pytest.mark.parametrize("checked", [None, (NOW, Unavailable("HTTP 503")), (NOW, Throttled(5.0))])
+def test_a_status_outage_past_the_deadline_delays_the_timeout(checked: Any) -> None:
+    """No answer is no evidence: checks go on, at their usual pace, not in a tight loop."""
+    row = poll_row(state="processing", poll_deadline=NOW - timedelta(hours=1), polls=3)
+    change = _next(row, checked, settings(), NOW)
+    assert "state" not in change
+    assert change["next_poll_at"] >= NOW + timedelta(seconds=1)
+
+
+def test_a_status_outage_longer_than_its_grace_times_out() -> None:
+    row = poll_row(state="processing", poll_deadline=NOW - timedelta(hours=7))
+    change = _next(row, (NOW, Unavailable("HTTP 503")), settings(), NOW)
     assert change["state"] == State.TIMEOUT
 
 

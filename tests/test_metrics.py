@@ -215,8 +215,9 @@ def test_json_logs_carry_fields_and_no_phone_or_secret(
     for line in logs.splitlines():
         if line.startswith("{"):
             entries.append(json.loads(line))
-    batches = [e for e in entries if e.get("batch") and e.get("route") == "standard"]
-    assert batches, "no send batch logged with its batch and route"
+    batches = [e for e in entries if e.get("claim_token") and e.get("route") == "standard"]
+    assert batches, "no send batch logged with its claim token and route"
+    assert {e.get("campaign") for e in batches} >= {campaign}
     assert all({"time", "level", "logger", "message"} <= e.keys() for e in entries)
     assert any(e.get("task_name") == "cascade.send_batch" for e in batches)
     assert any(e["logger"].startswith("uvicorn") or e["logger"] == "worker.api" for e in entries)

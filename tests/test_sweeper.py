@@ -91,7 +91,7 @@ def test_expiry_and_timeout(backend: str, database_factory: Callable[[str], str]
             .values(state="processing", poll_deadline=past, next_poll_at=past)
         )
 
-    assert sweeper.sweep(engine, _settings(url)) == {
+    assert sweeper.sweep(engine, _settings(url, POLL_OUTAGE_GRACE_SECONDS="0")) == {
         "stale_claims": 0,
         "expired": 2,
         "gave_up": 0,

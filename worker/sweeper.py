@@ -151,7 +151,9 @@ def expire_queued(engine: Engine) -> int:
 
 def time_out(engine: Engine, settings: Settings) -> int:
     """Close overdue messages the poller has not reached (it closes the rest itself)."""
-    late = utcnow() - timedelta(seconds=settings.poll_lease_seconds)
+    late = utcnow() - timedelta(
+        seconds=settings.poll_lease_seconds + settings.poll_outage_grace_seconds
+    )
     return _close(
         engine,
         [
