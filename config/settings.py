@@ -6,8 +6,11 @@ A bad value stops start-up with pydantic's message, which names the setting.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -144,6 +147,8 @@ class Settings(BaseSettings):
     # `worker/celery.py` hands these to `celery -A worker flower` as its FLOWER_* options.
     flower_basic_auth: SecretStr | None = Field(None, alias="FLOWER_BASIC_AUTH")
     flower_max_tasks: int = Field(10_000, ge=1, alias="FLOWER_MAX_TASKS")
+    # Flower's own default ('') binds every interface while its banner says 127.0.0.1.
+    flower_address: str = Field("127.0.0.1", alias="FLOWER_ADDRESS")
 
     # --- metrics, health and logs (Prometheus, /healthz) ---------------------------------------
     # Bearer token for /metrics; API_TOKEN when unset.
@@ -174,6 +179,13 @@ class Settings(BaseSettings):
             value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
         if not value.startswith(("sqlite:", "postgresql+psycopg:")):
             raise ValueError(f"must be a sqlite:// or postgresql:// URL, got {_scheme(value)}")
+        if value.startswith("postgresql"):
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                raise ValueError(
+                    "a postgresql:// URL needs psycopg: pip install 'cascade-worker[postgres]'"
+                ) from None
         return value
 
     @field_validator("broker_url")
@@ -214,6 +226,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"pair {number} must be user:password (several comma-separated)")
         return value
 
+    @field_validator("flower_address")
+    @classmethod
+    def _ip_address(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError(
+                "must be an IP address to bind: 127.0.0.1, or 0.0.0.0 for all"
+            ) from None
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.send_batch_min > self.send_batch_max:
@@ -229,7 +251,19 @@ class Settings(BaseSettings):
         return self.smsbat_status_base_url or self.smsbat_base_url
 
 
+ENV_FILE_VARIABLE = "CASCADE_ENV_FILE"
+
+
+class EnvFileMissing(ValueError):
+    """CASCADE_ENV_FILE names a file that is not there: silently reading none would run
+    on defaults (a new SQLite file in the working directory)."""
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once: workers fork after this."""
-    return Settings()
+    """The process-wide settings, read once: workers fork after this. The env file is
+    CASCADE_ENV_FILE when set, else `.env` in the working directory if there is one."""
+    named = os.environ.get(ENV_FILE_VARIABLE)
+    if named and not Path(named).is_file():
+        raise EnvFileMissing(f"{ENV_FILE_VARIABLE}={named}: no such file")
+    return Settings(_env_file=named or ".env")  # type: ignore[call-arg]

@@ -39,6 +39,7 @@ import ipaddress
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -652,6 +653,9 @@ def main(argv: list[str] | None = None) -> int:
             figures = check(run, launched)
     finally:
         cleanup()
+    if figures["ok"]:  # a failed run keeps its logs to be read; a passing one leaves nothing
+        shutil.rmtree(workdir)
+        figures["logs"] = "removed (the run passed)"
     if args.json:
         print(json.dumps(figures, default=str), flush=True)
     else:

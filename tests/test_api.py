@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -249,3 +250,27 @@ def test_the_api_refuses_to_start_without_api_token(tmp_path: Path) -> None:
 def test_the_api_warns_when_webhook_token_is_unset(stack: Stack, api: Api) -> None:
     log = (stack.workers.logdir / f"api-{stack.backend}.log").read_text()
     assert "WEBHOOK_TOKEN is not set" in log
+
+
+@pytest.mark.parametrize(
+    ("page", "script", "defines"),
+    [
+        ("/docs", "swagger-ui-bundle.js", "SwaggerUIBundle"),
+        ("/redoc", "redoc.standalone.js", "Redoc"),
+    ],
+)
+def test_documentation_pages_load_everything_from_the_app(
+    api: Api, page: str, script: str, defines: str
+) -> None:
+    """Offline-proof: every script, stylesheet and icon the page names is served by us."""
+    html = httpx.get(api.url + page, timeout=30)
+    assert html.status_code == 200 and "/openapi.json" in html.text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+    assert assets and any(a.endswith(script) for a in assets)
+    assert "://" not in html.text.replace("http://www.w3.org", "")  # no CDN, no web fonts
+    for asset in assets:
+        served = httpx.get(api.url + asset, timeout=30)
+        assert served.status_code == 200, asset
+        if asset.endswith(".js"):
+            assert "javascript" in served.headers["content-type"]
+            assert defines in served.text

@@ -22,8 +22,10 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, WithJsonSchema
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
@@ -32,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from config import Settings, get_settings
 from worker import exporter, logs, webhooks
 from worker.campaigns import CampaignCancelled
-from worker.db import get_engine
+from worker.db import NoSchema, get_engine, require_schema
 from worker.gauges import metrics_engine, read_backlog
 from worker.health import beat_health
 from worker.producer import MAX_CAMPAIGN_LENGTH, check_campaign, enqueue
@@ -765,6 +767,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Cascade delivery worker",
         version=version("cascade-worker"),
         description=DESCRIPTION,
+        docs_url=None,  # served by _documentation, from the package
+        redoc_url=None,
     )
     app.state.settings = settings or get_settings()
     app.add_exception_handler(OperationalError, _database_unavailable)
@@ -773,7 +777,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(probes)
     app.include_router(webhooks.router)
     app.include_router(exporter.router)
+    _documentation(app)
     return app
+
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def _documentation(app: FastAPI) -> None:
+    """Swagger UI (/docs) and ReDoc (/redoc) from files in the package (worker/static):
+    no CDN, so they work offline and tell no third party who reads them."""
+    app.mount(DOCS_ASSETS, StaticFiles(packages=[("worker", "static")]), name="docs-assets")
+    favicon = f"{DOCS_ASSETS}/swagger-ui/favicon-32x32.png"
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title}: API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui/swagger-ui.css",
+            swagger_favicon_url=favicon,
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title}: API",
+            redoc_js_url=f"{DOCS_ASSETS}/redoc/redoc.standalone.js",
+            redoc_favicon_url=favicon,
+            with_google_fonts=False,
+        )
 
 
 def serve(settings: Settings, host: str, port: int) -> None:
@@ -785,6 +820,10 @@ def serve(settings: Settings, host: str, port: int) -> None:
             "refusing to start the API: API_TOKEN is not set "
             "(producers send it as Authorization: Bearer <API_TOKEN>)"
         )
+    try:
+        require_schema(settings.database_url)
+    except NoSchema as exc:
+        raise SystemExit(f"refusing to start the API: {exc}") from None
     if not _secret(settings.webhook_token):
         log.warning("WEBHOOK_TOKEN is not set: provider webhooks cannot be authenticated")
     # No access log: BulkGate can only send its token in the URL (?token=…).

@@ -15,13 +15,13 @@ from rich.table import Table
 from config import Settings
 
 console = Console(soft_wrap=True)  # paths and ids must stay whole when piped
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _settings() -> Settings:
     from pydantic import ValidationError
 
     from config import get_settings
+    from config.settings import EnvFileMissing
 
     try:
         return get_settings()
@@ -30,12 +30,20 @@ def _settings() -> Settings:
             f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
         ]
         raise click.ClickException("invalid settings:\n" + "\n".join(lines)) from None
+    except EnvFileMissing as exc:
+        raise click.ClickException(str(exc)) from None
 
 
-def _engine() -> Any:
-    from worker.db import get_engine
+def _engine(settings: Settings | None = None) -> Any:
+    """The engine of a database that has our schema, or one line saying it has not."""
+    from worker.db import NoSchema, get_engine, require_schema
 
-    return get_engine(_settings().database_url)
+    url = (settings or _settings()).database_url
+    try:
+        require_schema(url)
+    except NoSchema as exc:
+        raise click.ClickException(str(exc)) from None
+    return get_engine(url)
 
 
 def _print_json(data: Any) -> None:
@@ -64,13 +72,17 @@ def db_upgrade(revision: str) -> None:
 
 
 def upgrade_database(url: str, revision: str = "head") -> None:
+    """The migrations ship inside the package, so any install (wheel, image) can migrate."""
+    from importlib.resources import as_file, files
+
     from alembic import command
     from alembic.config import Config
 
-    config = Config(str(ROOT / "alembic.ini"))
+    config = Config()
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    config.attributes["configure_logger"] = False
-    command.upgrade(config, revision)
+    with as_file(files("worker") / "migrations") as location:
+        config.set_main_option("script_location", str(location).replace("%", "%%"))
+        command.upgrade(config, revision)
 
 
 # --- message -------------------------------------------------------------------------
@@ -142,6 +154,7 @@ def campaign_launch(
     from worker.campaigns import Defaults, launch
 
     settings = _settings()
+    _engine(settings)  # the schema is there, before a row is read
     defaults = Defaults(from_name, message_type, ttl, route, text, callback_url, callback_task)
     columns = (
         SpinnerColumn(),
