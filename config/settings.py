@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     # --- validation at the door ------------------------------------------------------------
     schedule_past_skew_seconds: float = Field(60.0, ge=0, alias="SCHEDULE_PAST_SKEW_SECONDS")
     schedule_max_ahead_days: float = Field(30.0, gt=0, le=30, alias="SCHEDULE_MAX_AHEAD_DAYS")
+    # National and '+'-less numbers are read as this country's: "UA" turns 067 123 4567 and
+    # 380671234567 into +380671234567. Unset: only E.164 is accepted.
+    default_phone_region: str | None = Field(None, alias="DEFAULT_PHONE_REGION")
 
     # --- poll policy -----------------------------------------------------------------------
     poll_first_delay_seconds: float = Field(5.0, gt=0, alias="POLL_FIRST_DELAY_SECONDS")
@@ -144,6 +147,17 @@ class Settings(BaseSettings):
         if name.endswith("_seconds") and isinstance(value, float) and value > MAX_SECONDS:
             raise ValueError(f"must be at most {MAX_SECONDS:.0f} seconds (366 days)")
         return value
+
+    @field_validator("default_phone_region")
+    @classmethod
+    def _phone_region(cls, value: str | None) -> str | None:
+        import phonenumbers
+
+        if value is None:
+            return None
+        if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError("must be a two-letter country code such as UA or PL")
+        return value.upper()
 
     @field_validator("database_url")
     @classmethod

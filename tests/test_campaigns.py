@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,84 @@ def test_a_badly_encoded_line_costs_one_row(tmp_path: Path) -> None:
     assert rows[0].problem is None and rows[2].values["text"] == "fine"
 
 
+# --- contact lists as operators have them ---------------------------------------------
+
+OPERATOR_LIST = (
+    "phone;name\r\n"
+    "+380671234567;Olena\r\n"
+    "067 123 4568;Taras\r\n"
+    "380671234569;Ivan\r\n"
+    "067 12;Short\r\n"
+    "3.80671E+11;Excel\r\n"
+)
+MAPPED = Defaults(
+    from_name="Shop",
+    message_type="promo",
+    text="Hi {name}",
+    region="UA",
+    columns=(("phone", "toPhone"),),
+)
+
+
+def test_columns_are_mapped_to_fields_and_bad_mappings_named(tmp_path: Path) -> None:
+    from worker.campaigns import column_mapping
+
+    assert column_mapping(["Phone = toPhone", "msg=TEXT"]) == (
+        ("phone", "toPhone"),
+        ("msg", "text"),
+    )
+    with pytest.raises(CampaignError, match="maps to an unknown field 'mobile'"):
+        column_mapping(["phone=mobile"])
+    with pytest.raises(CampaignError, match="must be HEADER=FIELD"):
+        column_mapping(["phone"])
+    path = write(tmp_path / "x.csv", "\ufeffPhone\tName\n+380671234567\tOlena\n")
+    layout, rows = read_rows(path, MAPPED)
+    assert layout.columns == ["toPhone", "Name"] and layout.delimiter == "\t"
+    row = next(rows)
+    assert row.values["toPhone"] == row.values["Phone"] == "+380671234567"
+    with pytest.raises(CampaignError, match="--column mobile=toPhone: the file has no column"):
+        read_rows(path, Defaults(columns=(("mobile", "toPhone"),)))
+    with pytest.raises(CampaignError, match="map yours with --column, like --column phone="):
+        read_rows(path, Defaults())
+
+
+def test_excel_sep_line_is_honoured(tmp_path: Path) -> None:
+    path = write(tmp_path / "x.csv", "sep=;\r\ntoPhone;text\r\n+380671234567;a, b\r\n")
+    layout, rows = read_rows(path, Defaults())
+    assert layout.delimiter == ";"
+    assert [(r.line, r.values["text"]) for r in rows] == [(3, "a, b")]
+
+
+def test_xlsx_workbooks_are_read_streamed_with_sheet_row_numbers(tmp_path: Path) -> None:
+    from openpyxl import Workbook
+
+    book = Workbook(write_only=True)
+    sheet = book.create_sheet("contacts")
+    sheet.append(["Phone", "Name", None])
+    sheet.append([380671234567, "Olena"])  # a phone typed as a number
+    sheet.append([None, None])  # an empty row is skipped, the numbering goes on
+    sheet.append(["067 123 4568", "Taras", "extra"])
+    sheet.append(["+380671234569", 7.5])
+    book.save(tmp_path / "list.xlsx")
+
+    layout, rows = read_rows(tmp_path / "list.xlsx", MAPPED)
+    got = list(rows)
+
+    assert layout.columns == ["toPhone", "Name"] and layout.delimiter == "xlsx"
+    assert [(r.line, r.problem) for r in got] == [
+        (2, None),
+        (4, "has cells beyond the header's 2 columns"),
+        (5, None),
+    ]
+    assert got[0].values["toPhone"] == "380671234567" and got[2].values["Name"] == "7.5"
+    old = write(tmp_path / "old.xls", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 64)
+    with pytest.raises(CampaignError, match=r"old Excel \.xls workbook; save it as \.xlsx"):
+        read_rows(old, Defaults())
+    broken = write(tmp_path / "broken.xlsx", b"PK\x03\x04 not really a zip")
+    with pytest.raises(CampaignError, match=r"not a readable \.xlsx workbook"):
+        read_rows(broken, Defaults())
+
+
 # --- launches on real databases ------------------------------------------------------
 
 
@@ -197,6 +276,43 @@ def test_dry_run_validates_without_enqueueing(tmp_path: Path, settings: Settings
 
     assert (stats.accepted, stats.rejected) == (180, 20)
     assert count(settings.database_url, "dry") == 0
+
+
+def test_an_operator_list_with_a_default_region(tmp_path: Path, settings: Settings) -> None:
+    path = write(tmp_path / "people.csv", ("\ufeff" + OPERATOR_LIST).encode())
+
+    stats = launch(path, "ua-list", MAPPED, settings)
+
+    assert (stats.rows, stats.accepted, stats.rejected, stats.renumbered) == (5, 3, 2, 2)
+    with get_engine(settings.database_url).connect() as conn:
+        phones = conn.execute(
+            select(messages.c.to_phone, messages.c.text)
+            .where(messages.c.campaign == "ua-list")
+            .order_by(messages.c.to_phone)
+        ).all()
+    assert [tuple(p) for p in phones] == [
+        ("+380671234567", "Hi Olena"),
+        ("+380671234568", "Hi Taras"),
+        ("+380671234569", "Hi Ivan"),
+    ]
+    with open(tmp_path / "people.rejected.csv", newline="", encoding="utf-8") as handle:
+        rejected = list(csv.DictReader(handle))
+    assert [(r["line"], r["field"], r["toPhone"], r["changed"]) for r in rejected] == [
+        ("5", "toPhone", "067 12", ""),
+        ("6", "toPhone", "3.80671E+11", ""),
+    ]
+    assert "national number" in rejected[0]["reason"]
+    assert "scientific notation" in rejected[1]["reason"]
+
+
+def test_the_rejects_file_says_what_the_region_changed(tmp_path: Path, settings: Settings) -> None:
+    path = write(tmp_path / "c.csv", "phone,name\n067 123 4567,Olena\n")
+    stats = launch(path, "changed", replace(MAPPED, message_type="nope"), settings)
+    assert stats.rejected == 1
+    with open(tmp_path / "c.rejected.csv", newline="", encoding="utf-8") as handle:
+        (row,) = csv.DictReader(handle)
+    assert row["field"] == "messageType"
+    assert row["changed"] == "toPhone '067 123 4567' read as +380671234567 (region UA)"
 
 
 def test_a_cancelled_campaign_never_retries_nor_resends(settings: Settings) -> None:

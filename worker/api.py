@@ -78,7 +78,8 @@ JSON_KINDS: dict[type, str] = {
 }
 
 ID_PATTERN = r"^[A-Za-z0-9._-]+$"
-E164_PATTERN = r"^\+[1-9][0-9]{1,14}$"
+PHONE_PATTERN = r"^[+0-9][0-9 ()./-]{1,39}$"  # E.164, or national with phoneRegion
+REGION_PATTERN = r"^[A-Za-z]{2}$"
 NOT_BLANK_PATTERN = r"\S"  # unanchored: at least one character that is not whitespace
 PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
 # Necessary, not sufficient: the worker also parses the URL (host, port).
@@ -159,9 +160,21 @@ class CascadeMessage(BaseModel):
         description="Sender name shown on the handset; no control characters.",
     )
     toPhone: str = Field(
-        pattern=E164_PATTERN,
-        description="Recipient in canonical E.164, valid for its country.",
+        pattern=PHONE_PATTERN,
+        description=(
+            "Recipient in canonical E.164, valid for its country; with phoneRegion (or the "
+            "DEFAULT_PHONE_REGION setting) also national ('067 123 4567') or without '+'."
+        ),
         examples=["+380671234567"],
+    )
+    phoneRegion: str | None = Field(
+        None,
+        pattern=REGION_PATTERN,
+        description=(
+            "Two-letter country (ISO 3166) to read a national toPhone in; the number is "
+            "sent in E.164. Default: the DEFAULT_PHONE_REGION setting."
+        ),
+        examples=["UA"],
     )
     messageType: MessageType = Field(description="Decides which other fields are required.")
     text: str | None = Field(

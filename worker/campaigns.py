@@ -207,6 +207,27 @@ class Defaults:
     text: str | None = None  # a template: "Hi {name}, your code {code}"
     callback_url: str | None = None  # for the whole campaign (issue: outcome callbacks)
     callback_task: str | None = None
+    region: str | None = None  # `--default-region UA`: national numbers read as Ukrainian
+    columns: tuple[tuple[str, str], ...] = ()  # `--column phone=toPhone`: header -> field
+
+
+def column_mapping(specs: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """`--column HEADER=FIELD` options, checked: the field must be one of the API's."""
+    mapping: dict[str, str] = {}
+    for spec in specs:
+        header, equals, target = (part.strip() for part in spec.partition("="))
+        if not (equals and header and target):
+            raise CampaignError(f"--column {spec!r} must be HEADER=FIELD, like phone=toPhone")
+        field_name = _CANONICAL.get(target.lower())
+        if field_name is None:
+            raise CampaignError(
+                f"--column {spec!r} maps to an unknown field {target!r}; "
+                f"the fields are: {', '.join(API_COLUMNS)}"
+            )
+        if header.lower() in mapping:
+            raise CampaignError(f"--column maps the column {header!r} twice")
+        mapping[header.lower()] = field_name
+    return tuple(mapping.items())
 
 
 @dataclass(frozen=True)
@@ -220,7 +241,8 @@ class Row:
 class CsvLayout:
     columns: list[str]  # canonical API names where they match, else as written
     ignored: list[str]
-    delimiter: str
+    delimiter: str  # "xlsx" for a workbook
+    renamed: dict[str, str] = field(default_factory=dict)  # field -> the header it came from
 
 
 def _decode_lines(raw: IO[bytes], bad: set[int]) -> Iterator[str]:
@@ -242,19 +264,31 @@ def _binary(head: bytes) -> bool:
     return b"\x00" in first_line or head.count(b"\x00") * 10 > len(head)
 
 
-def _sniff(path: Path) -> str:
+_SEP_LINE = re.compile(r"sep=(.)\s*")  # Excel writes and reads a first line "sep=;"
+XLSX_MAGIC = b"PK\x03\x04"
+XLS_MAGIC = b"\xd0\xcf\x11\xe0"
+
+
+def _sniff(path: Path) -> tuple[str, bool]:
+    """The file's delimiter, and whether its first line is Excel's `sep=` line."""
     with path.open("rb") as raw:
         head = raw.read(SNIFF_BYTES)
     if not head.strip():
         raise CampaignError(f"{path} is empty")
+    if head.startswith(XLS_MAGIC):
+        raise CampaignError(
+            f"{path} is an old Excel .xls workbook; save it as .xlsx or CSV UTF-8 and launch that"
+        )
     if _binary(head):
         raise CampaignError(f"{path} is not a CSV text file (it contains binary data)")
     sample = head.decode("utf-8", errors="replace").lstrip("\ufeff")
     first = sample.splitlines()[0] if sample.splitlines() else sample
+    if sep := _SEP_LINE.fullmatch(first):
+        return sep[1], True
     try:
-        return csv.Sniffer().sniff(first, delimiters=",;\t|").delimiter
+        return csv.Sniffer().sniff(first, delimiters=",;\t|").delimiter, False
     except csv.Error:
-        return ","
+        return ",", False
 
 
 def template_fields(template: str) -> list[str]:
@@ -265,7 +299,17 @@ def template_fields(template: str) -> list[str]:
 
 
 def read_layout(header: list[str], defaults: Defaults, delimiter: str) -> CsvLayout:
-    columns = [_CANONICAL.get(h.strip().lower(), h.strip()) for h in header]
+    written = [h.strip().lstrip("\ufeff").strip() for h in header]
+    mapping = dict(defaults.columns)
+    found = {h.lower() for h in written}
+    for source, target in mapping.items():
+        if source not in found:
+            raise CampaignError(
+                f"--column {source}={target}: the file has no column {source!r} "
+                f"(found: {', '.join(h for h in written if h)})"
+            )
+    columns = [mapping.get(h.lower()) or _CANONICAL.get(h.lower(), h) for h in written]
+    renamed = {mapping[h.lower()]: h for h in written if h.lower() in mapping}
     if not any(columns):
         raise CampaignError("the header row is empty")
     duplicates = sorted({c for c in columns if columns.count(c) > 1 and c})
@@ -274,25 +318,33 @@ def read_layout(header: list[str], defaults: Defaults, delimiter: str) -> CsvLay
     if "toPhone" not in columns:
         raise CampaignError(
             f"the header has no toPhone column (found: {', '.join(columns)}); "
-            f"the columns are the cascade API's field names: {', '.join(API_COLUMNS)}"
+            f"the columns are the cascade API's field names: {', '.join(API_COLUMNS)}, "
+            "or map yours with --column, like --column phone=toPhone"
         )
     used = set(template_fields(defaults.text)) if defaults.text else set()
-    missing = sorted(used - set(columns))
+    known = {c.lower() for c in [*columns, *renamed.values()]}
+    missing = sorted(u for u in used if u.lower() not in known)
     if missing:
         raise CampaignError(f"--text uses columns the file does not have: {', '.join(missing)}")
     ignored = [c for c in columns if c and c not in API_COLUMNS and c not in used]
-    return CsvLayout(columns, ignored, delimiter)
+    return CsvLayout(columns, ignored, delimiter, renamed)
 
 
 def read_rows(path: Path, defaults: Defaults) -> tuple[CsvLayout, Iterator[Row]]:
-    """The file's layout (checked now) and its rows (read lazily)."""
+    """The file's layout (checked now) and its rows (read lazily): CSV in any of the forms
+    Excel and other tools write, or an .xlsx workbook's first sheet."""
     if not path.is_file():
         raise CampaignError(f"{path}: no such file")
-    delimiter = _sniff(path)
+    with path.open("rb") as probe:
+        if probe.read(4) == XLSX_MAGIC:
+            return read_xlsx(path, defaults)
+    delimiter, sep_line = _sniff(path)
     raw = path.open("rb")
     bad: set[int] = set()
     reader = csv.reader(_decode_lines(raw, bad), delimiter=delimiter)
     try:
+        if sep_line:
+            next(reader)
         header = next(reader)
     except StopIteration:
         raw.close()
@@ -327,12 +379,92 @@ def _rows(reader: Any, raw: IO[bytes], layout: CsvLayout, bad: set[int]) -> Iter
                 yield Row(line, {}, f"has {len(cells)} cells, the header {len(layout.columns)}")
                 continue
             cells += [""] * (len(layout.columns) - len(cells))  # Excel drops trailing cells
-            yield Row(line, dict(zip(layout.columns, cells, strict=True)))
+            yield Row(line, _values(layout, cells))
     finally:
         raw.close()
 
 
+def _values(layout: CsvLayout, cells: list[str]) -> dict[str, str]:
+    """A row's cells by field; a mapped column is also there under its own header, so a
+    --text template may use either name."""
+    values = dict(zip(layout.columns, cells, strict=True))
+    for target, header in layout.renamed.items():
+        values.setdefault(header, values[target])
+    return values
+
+
+# --- reading an .xlsx workbook -------------------------------------------------------
+
+
+def read_xlsx(path: Path, defaults: Defaults) -> tuple[CsvLayout, Iterator[Row]]:
+    """The first sheet, streamed (openpyxl read-only: one row in memory at a time); lines
+    are the sheet's row numbers, as Excel shows them."""
+    import zipfile
+
+    from openpyxl import load_workbook
+
+    try:
+        book = load_workbook(path, read_only=True, data_only=True)
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError) as exc:
+        raise CampaignError(f"{path} is not a readable .xlsx workbook: {exc}") from None
+    sheet = book.worksheets[0] if book.worksheets else None
+    if sheet is None:
+        book.close()
+        raise CampaignError(f"{path} has no worksheet")
+    cells = sheet.iter_rows(values_only=True)
+    try:
+        header = next(cells)
+    except StopIteration:
+        book.close()
+        raise CampaignError(f"{path}: the first sheet is empty") from None
+    width = len(header)
+    while width and header[width - 1] is None:  # trailing empty header cells
+        width -= 1
+    layout = read_layout([_cell_text(c) for c in header[:width]], defaults, "xlsx")
+    return layout, _xlsx_rows(book, cells, layout)
+
+
+def _xlsx_rows(book: Any, cells: Iterator[tuple[Any, ...]], layout: CsvLayout) -> Iterator[Row]:
+    width = len(layout.columns)
+    try:
+        for line, values in enumerate(cells, start=2):
+            text = [_cell_text(v) for v in values]
+            if not any(t.strip() for t in text):
+                continue
+            if any(t.strip() for t in text[width:]):
+                yield Row(line, {}, f"has cells beyond the header's {width} columns")
+                continue
+            text = (text + [""] * width)[:width]
+            yield Row(line, _values(layout, text))
+    finally:
+        book.close()
+
+
+def _cell_text(value: Any) -> str:
+    """A cell as the text a CSV export would hold; a phone typed as a number keeps its digits
+    (380671234567, not 380671234567.0)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
 # --- rows to messages (pure) ---------------------------------------------------------
+
+
+class _Folded(dict[str, str]):
+    """Template lookups ignore case: {name} fills from a column headed Name."""
+
+    def __missing__(self, key: str) -> str:
+        for name, value in self.items():
+            if name.lower() == key.lower():
+                return value
+        raise KeyError(key)
 
 
 _ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -354,11 +486,12 @@ def to_message(row: Row, defaults: Defaults, campaign: str) -> dict[str, Any]:
         ("messageType", defaults.message_type),
         ("ttl", defaults.ttl),
         ("route", defaults.route),
+        ("phoneRegion", defaults.region),
     ):
         if key not in message and default is not None:
             message[key] = default
     if "text" not in message and defaults.text:
-        message["text"] = defaults.text.format_map(row.values)
+        message["text"] = defaults.text.format_map(_Folded(row.values))
     for number in ("ttl", "callbackLateAfter"):  # CSV cells are text; validation wants ints
         if isinstance(message.get(number), str) and message[number].isdecimal():
             message[number] = int(message[number])
@@ -378,11 +511,26 @@ class LaunchStats:
     accepted: int = 0
     duplicate: int = 0
     rejected: int = 0
+    renumbered: int = 0  # phones read as E.164 with the default region
     ignored_columns: list[str] = field(default_factory=list)
     rejected_file: str | None = None
 
 
-REJECT_COLUMNS = ("line", "field", "reason", "id", "toPhone")
+REJECT_COLUMNS = ("line", "field", "reason", "id", "toPhone", "changed")
+
+
+def phone_change(message: dict[str, Any], region: str | None) -> str:
+    """What the default region made of the row's phone, for the rejects file ('' if nothing)."""
+    from worker.validation import region_problem, with_region
+
+    phone = message.get("toPhone")
+    region = message.get("phoneRegion") or region
+    if not isinstance(phone, str) or not isinstance(region, str) or region_problem(region):
+        return ""
+    read = with_region(phone, region)
+    if read == phone:
+        return ""
+    return f"toPhone {phone!r} read as {read} (region {region.upper()})"
 
 
 def rejected_path(path: Path) -> Path:
@@ -416,7 +564,14 @@ def launch(
                 chunk, defaults, name, settings, stats, dry_run
             ):
                 rejects.writerow(
-                    (line, field_name, reason, message.get("id", ""), message.get("toPhone", ""))
+                    (
+                        line,
+                        field_name,
+                        reason,
+                        message.get("id", ""),
+                        message.get("toPhone", ""),
+                        phone_change(message, settings.default_phone_region),
+                    )
                 )
             if progress:
                 progress(stats)
@@ -461,6 +616,7 @@ def _settle(
         errors = [list(r.errors) if r.status == "rejected" else None for r in answered]
         stats.accepted += sum(r.status == "accepted" for r in answered)
         stats.duplicate += sum(r.status == "duplicate" for r in answered)
+    stats.renumbered += sum(bool(phone_change(m, settings.default_phone_region)) for m in messages_)
     found = dict(zip((r.line for r in readable), zip(messages_, errors, strict=True), strict=True))
     for row in chunk:
         if row.problem is not None:

@@ -108,6 +108,16 @@ def message_show(message_id: str, as_json: bool) -> None:
 # --- campaign ------------------------------------------------------------------------
 
 
+def _region_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from worker.validation import region_problem
+
+    if value is None:
+        return None
+    if problem := region_problem(value):
+        raise click.BadParameter(problem)
+    return value.upper()
+
+
 @main.group()
 def campaign() -> None:
     """Campaigns: messages enqueued under one name."""
@@ -123,6 +133,19 @@ def campaign() -> None:
 @click.option("--text", help="Text template for rows without text: 'Hi {name}, code {code}'.")
 @click.option("--callback-url", help="POST a signed outcome event here on every final state.")
 @click.option("--callback-task", help="Send this Celery task by name with every outcome.")
+@click.option(
+    "--default-region",
+    callback=_region_option,
+    help="Read national and '+'-less numbers as this country's (UA: 067… → +38067…). "
+    "Default: DEFAULT_PHONE_REGION.",
+)
+@click.option(
+    "--column",
+    "columns",
+    multiple=True,
+    metavar="HEADER=FIELD",
+    help="Use the file's column HEADER as FIELD, e.g. --column phone=toPhone (repeatable).",
+)
 @click.option("--dry-run", is_flag=True, help="Validate every row, enqueue nothing.")
 def campaign_launch(
     file: Path,
@@ -134,15 +157,32 @@ def campaign_launch(
     text: str | None,
     callback_url: str | None,
     callback_task: str | None,
+    default_region: str | None,
+    columns: tuple[str, ...],
     dry_run: bool,
 ) -> None:
-    """Enqueue a campaign from a CSV file whose headers are the cascade API's field names."""
+    """Enqueue a campaign from a CSV or .xlsx file (headers: the cascade API's field names,
+    or mapped with --column)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from worker.campaigns import Defaults, launch
+    from worker.campaigns import CampaignError, Defaults, column_mapping, launch
 
     settings = _settings()
-    defaults = Defaults(from_name, message_type, ttl, route, text, callback_url, callback_task)
+    try:
+        mapping = column_mapping(columns)
+    except CampaignError as exc:
+        raise click.BadParameter(str(exc), param_hint="--column") from None
+    defaults = Defaults(
+        from_name,
+        message_type,
+        ttl,
+        route,
+        text,
+        callback_url,
+        callback_task,
+        region=default_region or settings.default_phone_region,
+        columns=mapping,
+    )
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -168,6 +208,11 @@ def campaign_launch(
         raise click.ClickException(str(exc)) from None
     if stats.ignored_columns:
         console.print(f"ignored columns (not API fields): {', '.join(stats.ignored_columns)}")
+    if stats.renumbered:
+        console.print(
+            f"{stats.renumbered:,} phone numbers read as {defaults.region} numbers "
+            "(national or without '+') and sent in E.164"
+        )
     verb = "would enqueue" if dry_run else "enqueued"
     console.print(
         f"{name}: {stats.rows:,} rows, {verb} {stats.accepted:,}, "

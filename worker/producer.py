@@ -59,6 +59,7 @@ def rules_from(settings: Settings) -> ValidationRules:
     return ValidationRules(
         max_schedule_ahead=timedelta(days=settings.schedule_max_ahead_days),
         past_skew=timedelta(seconds=settings.schedule_past_skew_seconds),
+        default_region=settings.default_phone_region,
     )
 
 
