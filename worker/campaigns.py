@@ -1,4 +1,4 @@
-"""Campaigns: launching one from a CSV file, cancelling it, listing them.
+"""Campaigns: launching one from a CSV file, holding, pausing, cancelling it, listing them.
 
 A launch streams the file in chunks, so a million rows use the memory of one chunk.
 Ids are either the file's own or derived from the campaign name, the line and the phone,
@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, or_, select, update
 
 from config import Settings
 from worker.db import among, insert_or_skip, utcnow
@@ -39,6 +39,10 @@ class CampaignError(ValueError):
 class CampaignCancelled(ValueError):
     def __init__(self, name: str) -> None:
         super().__init__(f"campaign {name!r} was cancelled; use a new name")
+
+
+class CampaignStateError(ValueError):
+    """The campaign is not in a state the command applies to (approve one not held…)."""
 
 
 # --- the campaign row ----------------------------------------------------------------
@@ -103,44 +107,18 @@ def cancel_campaign(engine: Engine, name: str) -> dict[str, int] | None:
     if found is None:
         return None
     cancelled = 0
-    while True:
-        with engine.begin() as conn:
-            pks = list(
-                conn.execute(
-                    select(messages.c.pk)
-                    .where(messages.c.campaign == name, messages.c.state == State.QUEUED)
-                    .limit(10_000)
-                    .with_for_update(skip_locked=True)
-                ).scalars()
-            )
-            if not pks:
-                break
-            conn.execute(
-                update(messages)
-                .where(among(conn, messages.c.pk, pks), messages.c.state == State.QUEUED)
-                .values(
-                    state=State.CANCELLED,
-                    final_at=now,
-                    final_source="system",
-                    error_code="CANCELLED",
-                    error_message="campaign cancelled before the message was sent",
-                )
-            )
-            conn.execute(
-                insert(events),
-                [
-                    {
-                        "message_pk": pk,
-                        "at": now,
-                        "source": "system",
-                        "from_state": State.QUEUED,
-                        "to_state": State.CANCELLED,
-                        "detail": "campaign cancelled",
-                    }
-                    for pk in pks
-                ],
-            )
-            cancelled += len(pks)
+    for source in (State.QUEUED, State.HELD):
+        cancelled += move_messages(
+            engine,
+            name,
+            source,
+            State.CANCELLED,
+            "campaign cancelled",
+            final_at=now,
+            final_source="system",
+            error_code="CANCELLED",
+            error_message="campaign cancelled before the message was sent",
+        )
     with engine.connect() as conn:
         states = dict(
             conn.execute(
@@ -150,7 +128,9 @@ def cancel_campaign(engine: Engine, name: str) -> dict[str, int] | None:
             ).all()
         )
     with_provider = sum(
-        n for s, n in states.items() if s not in FINAL and s not in (State.QUEUED, State.SENDING)
+        n
+        for s, n in states.items()
+        if s not in FINAL and s not in (State.QUEUED, State.HELD, State.SENDING)
     )
     return {
         "cancelled_now": cancelled,
@@ -160,6 +140,228 @@ def cancel_campaign(engine: Engine, name: str) -> dict[str, int] | None:
         "final_before": sum(n for s, n in states.items() if s in FINAL and s != State.CANCELLED),
         "queued": states.get(State.QUEUED, 0),
     }
+
+
+MOVE_CHUNK = 10_000
+
+
+def move_messages(
+    engine: Engine, name: str, source: State, target: State, detail: str, **values: Any
+) -> int:
+    """Move every message of a campaign in `source` to `target`, journalled (source
+    "system"), a chunk per transaction; answer how many moved.
+
+    Rows another transaction holds (a claim turning them into `sending`) are skipped: the
+    loop ends when a pass finds no unlocked row. For holds, `enforce_holds` (beat) takes any
+    row that was locked for another reason and is still queued. `values` are set too (a
+    deadline pushed, an error for a cancel).
+    """
+    moved = 0
+    while True:
+        with engine.begin() as conn:
+            pks = list(
+                conn.execute(
+                    select(messages.c.pk)
+                    .where(messages.c.campaign == name, messages.c.state == source)
+                    .limit(MOVE_CHUNK)
+                    .with_for_update(skip_locked=True)
+                ).scalars()
+            )
+            if not pks:
+                return moved
+            now = utcnow()
+            conn.execute(
+                update(messages)
+                .where(among(conn, messages.c.pk, pks), messages.c.state == source)
+                .values(state=target, **values)
+            )
+            conn.execute(
+                insert(events),
+                [
+                    {
+                        "message_pk": pk,
+                        "at": now,
+                        "source": "system",
+                        "from_state": source,
+                        "to_state": target,
+                        "detail": detail,
+                    }
+                    for pk in pks
+                ],
+            )
+            moved += len(pks)
+
+
+# --- hold and approve, pause and resume ------------------------------------------------
+
+# The send deadline (migration 0008, another branch): a campaign held or paused for an hour
+# gets an hour more when it goes again. Enabled by the column's presence in the model.
+DEADLINE_COLUMN = "send_deadline"
+
+
+def later_by(conn: Connection | Engine, column: Any, seconds: float) -> Any:
+    """`column` plus `seconds`, in SQL on either backend (SQLite keeps SQLAlchemy's text
+    form, microseconds included, so stored times still compare as text)."""
+    if conn.dialect.name == "sqlite":
+        return func.strftime("%Y-%m-%d %H:%M:%f000", column, f"{seconds:+.3f} seconds")
+    return column + func.make_interval(0, 0, 0, 0, 0, 0, seconds)
+
+
+def _campaign(conn: Connection, name: str) -> Any:
+    return conn.execute(
+        select(
+            campaigns.c.cancelled_at,
+            campaigns.c.held_at,
+            campaigns.c.paused_at,
+            campaigns.c.pause_reason,
+        )
+        .where(campaigns.c.name == name)
+        .with_for_update()
+    ).first()
+
+
+def hold_campaign(engine: Engine, name: str, *, create: bool = False) -> dict[str, Any] | None:
+    """Hold a campaign for approval: nothing of it is sent until `approve_campaign`.
+
+    `create` makes the campaign if it is new (a launch with --hold); an existing campaign
+    that already sent messages can be held too, only what is unsent stops.
+    """
+    if create:
+        ensure_campaign(engine, name)
+    return _block(engine, name, "held_at", None)
+
+
+def pause_campaign(
+    engine: Engine, name: str, reason: str = "paused by the operator"
+) -> dict[str, Any] | None:
+    """Stop sending a campaign's unsent messages; those with the provider are still followed."""
+    return _block(engine, name, "paused_at", reason)
+
+
+def approve_campaign(
+    engine: Engine, name: str, broker_url: str | None = None
+) -> dict[str, Any] | None:
+    """Send a campaign held for approval (unless it is also paused)."""
+    return _unblock(engine, name, "held_at", "approved", "it is not held for approval", broker_url)
+
+
+def resume_campaign(
+    engine: Engine, name: str, broker_url: str | None = None
+) -> dict[str, Any] | None:
+    """Send a paused campaign's messages again (unless it is also held for approval)."""
+    return _unblock(engine, name, "paused_at", "resumed", "it is not paused", broker_url)
+
+
+def _block(engine: Engine, name: str, column: str, reason: str | None) -> dict[str, Any] | None:
+    now = utcnow()
+    with engine.begin() as conn:
+        row = _campaign(conn, name)
+        if row is None:
+            return None
+        if row.cancelled_at is not None:
+            raise CampaignCancelled(name)
+        values: dict[str, Any] = {column: func.coalesce(campaigns.c[column], now)}
+        if reason is not None:
+            values["pause_reason"] = reason
+        conn.execute(update(campaigns).where(campaigns.c.name == name).values(values))
+    detail = "campaign held for approval" if column == "held_at" else f"campaign {reason}"
+    held = move_messages(engine, name, State.QUEUED, State.HELD, detail)
+    return {"held_now": held, **campaign_control(engine, name)}
+
+
+def _unblock(
+    engine: Engine, name: str, column: str, verb: str, not_so: str, broker_url: str | None
+) -> dict[str, Any] | None:
+    now = utcnow()
+    with engine.begin() as conn:
+        row = _campaign(conn, name)
+        if row is None:
+            return None
+        if row.cancelled_at is not None:
+            raise CampaignCancelled(name)
+        since = getattr(row, column)
+        if since is None:
+            raise CampaignStateError(f"campaign {name!r} cannot be {verb}: {not_so}")
+        values: dict[str, Any] = {column: None}
+        if column == "paused_at":
+            values["pause_reason"] = None
+        conn.execute(update(campaigns).where(campaigns.c.name == name).values(values))
+        other = row.paused_at if column == "held_at" else row.held_at
+        blocked_since = min(t for t in (row.held_at, row.paused_at) if t is not None)
+    released = 0
+    if other is None:  # neither held nor paused any more: the messages go again
+        seconds = (now - blocked_since).total_seconds()
+        deadline = messages.c.get(DEADLINE_COLUMN)
+        extra: dict[str, Any] = {}
+        if deadline is not None and seconds > 0:
+            extra[DEADLINE_COLUMN] = later_by(engine, deadline, seconds)
+        released = move_messages(
+            engine, name, State.HELD, State.QUEUED, f"campaign {verb}", **extra
+        )
+        if released and broker_url:
+            from worker.producer import wake_dispatcher
+
+            wake_dispatcher(broker_url)
+    return {"released_now": released, **campaign_control(engine, name)}
+
+
+def campaign_control(engine: Engine, name: str) -> dict[str, Any]:
+    """Whether a campaign is held or paused, since when and why; its held messages."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(
+                campaigns.c.cancelled_at,
+                campaigns.c.held_at,
+                campaigns.c.paused_at,
+                campaigns.c.pause_reason,
+            ).where(campaigns.c.name == name)
+        ).first()
+        held = conn.execute(
+            select(func.count()).where(messages.c.campaign == name, messages.c.state == State.HELD)
+        ).scalar_one()
+    if row is None:  # messages stored under a name without a campaign row (older data)
+        return {
+            "status": "running",
+            "held_since": None,
+            "paused_since": None,
+            "pause_reason": None,
+            "held_messages": held,
+        }
+    status = (
+        "cancelled"
+        if row.cancelled_at
+        else "held"
+        if row.held_at
+        else "paused"
+        if row.paused_at
+        else "running"
+    )
+    return {
+        "status": status,
+        "held_since": _iso(row.held_at),
+        "paused_since": _iso(row.paused_at),
+        "pause_reason": row.pause_reason,
+        "held_messages": held,
+    }
+
+
+def enforce_holds(engine: Engine) -> int:
+    """Hold the queued messages of held and paused campaigns: a send that was in flight when
+    the campaign was paused and failed comes back `queued`; this puts it with the others.
+    Run by beat; answers how many it moved."""
+    with engine.connect() as conn:
+        blocked = list(
+            conn.execute(
+                select(campaigns.c.name).where(
+                    campaigns.c.cancelled_at.is_(None),
+                    or_(campaigns.c.held_at.is_not(None), campaigns.c.paused_at.is_not(None)),
+                )
+            ).scalars()
+        )
+    return sum(
+        move_messages(engine, name, State.QUEUED, State.HELD, "campaign held or paused")
+        for name in blocked
+    )
 
 
 def list_campaigns(engine: Engine) -> list[dict[str, Any]]:
@@ -544,14 +746,22 @@ def launch(
     settings: Settings,
     *,
     dry_run: bool = False,
+    hold: bool = False,
     progress: Callable[[LaunchStats], None] | None = None,
 ) -> LaunchStats:
-    """Validate and enqueue every row; write refused rows beside the file; never stop early."""
+    """Validate and enqueue every row; write refused rows beside the file; never stop early.
+
+    `hold`: the campaign is held for approval before the first row is stored, so nothing
+    is sent until `approve_campaign`.
+    """
+    from worker.db import get_engine
     from worker.producer import check_campaign, chunked, wake_dispatcher
 
     check_campaign(name)
     campaign_callbacks(defaults.callback_url, defaults.callback_task)  # refuse bad flags first
     layout, rows = read_rows(path, defaults)
+    if hold and not dry_run:
+        hold_campaign(get_engine(settings.database_url), name, create=True)
     stats = LaunchStats(ignored_columns=layout.ignored)
     woken = False
     out_path = rejected_path(path)

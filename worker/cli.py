@@ -147,6 +147,9 @@ def campaign() -> None:
     help="Use the file's column HEADER as FIELD, e.g. --column phone=toPhone (repeatable).",
 )
 @click.option("--dry-run", is_flag=True, help="Validate every row, enqueue nothing.")
+@click.option(
+    "--hold", is_flag=True, help="Store and validate everything, send nothing until approved."
+)
 def campaign_launch(
     file: Path,
     name: str,
@@ -160,6 +163,7 @@ def campaign_launch(
     default_region: str | None,
     columns: tuple[str, ...],
     dry_run: bool,
+    hold: bool,
 ) -> None:
     """Enqueue a campaign from a CSV or .xlsx file (headers: the cascade API's field names,
     or mapped with --column)."""
@@ -203,7 +207,9 @@ def campaign_launch(
                     f"{rate:,.0f} rows/s",
                 )
 
-            stats = launch(file, name, defaults, settings, dry_run=dry_run, progress=show)
+            stats = launch(
+                file, name, defaults, settings, dry_run=dry_run, hold=hold, progress=show
+            )
     except ValueError as exc:  # CampaignError, CampaignCancelled, a bad --name
         raise click.ClickException(str(exc)) from None
     if stats.ignored_columns:
@@ -220,6 +226,8 @@ def campaign_launch(
     )
     if stats.rejected_file:
         console.print(f"rejected rows: {stats.rejected_file}")
+    if hold and not dry_run:
+        console.print(f"{name} is held: nothing is sent until `cascade campaign approve {name}`")
 
 
 @campaign.command("status")
@@ -259,6 +267,36 @@ def campaign_status(name: str, watch: bool, as_json: bool, interval: float) -> N
     console.print(f"{name}: every message is final")
 
 
+def _control_rows(table: Table, report: dict[str, Any]) -> None:
+    control = report.get("control") or {}
+    status = control.get("status", "running")
+    if status == "held":
+        table.add_row(
+            "status",
+            f"[yellow]held for approval[/] since {control['held_since']}: "
+            f"`cascade campaign approve {report['campaign']}` sends it",
+        )
+    elif status == "paused":
+        table.add_row(
+            "status",
+            f"[yellow]paused[/] since {control['paused_since']} ({control['pause_reason']}): "
+            f"`cascade campaign resume {report['campaign']}` sends it again",
+        )
+    else:
+        table.add_row("status", status)
+
+
+def _state_rows(table: Table, report: dict[str, Any], indent: str = "") -> None:
+    """Counts per state; `queued` split into ready and scheduled ones waiting for their time."""
+    waiting = report.get("waiting_for_time", 0)
+    for state, count in report["states"].items():
+        if state == "queued" and waiting:
+            table.add_row(f"{indent}queued", f"{count - waiting:,}")
+            table.add_row(f"{indent}waiting for its time", f"{waiting:,}")
+        else:
+            table.add_row(f"{indent}{state}", f"{count:,}")
+
+
 def status_view(report: dict[str, Any], samples: list[tuple[float, int]] | None) -> Table:
     """One frame of `campaign status`: figures, states and a bar to all-final."""
     total, final = report["total"], report["final"]
@@ -271,9 +309,9 @@ def status_view(report: dict[str, Any], samples: list[tuple[float, int]] | None)
         if rate:
             eta = (total - final) / rate
     table = Table(title=f"campaign {report['campaign']}", show_header=False)
+    _control_rows(table, report)
     table.add_row("final", f"[green]{'█' * filled}[/]{'░' * (width - filled)} {final:,}/{total:,}")
-    for state, count in report["states"].items():
-        table.add_row(f"  {state}", f"{count:,}")
+    _state_rows(table, report, "  ")
     table.add_row("delivery rate", f"{report['delivery_rate']:.1%} of total")
     table.add_row("cost so far", f"{report['cost']:.2f}")
     table.add_row("throughput", f"{rate:,.1f} final/s" if rate is not None else "-")
@@ -301,6 +339,68 @@ def campaign_cancel(name: str, as_json: bool) -> None:
         f"{result['in_flight']:,} in flight (cancelled if their send fails); "
         f"{result['final_before']:,} were already final"
     )
+
+
+def _control(action: str, name: str, as_json: bool) -> None:
+    from worker import campaigns
+
+    settings = _settings()
+    engine = _engine()
+    run = {
+        "pause": lambda: campaigns.pause_campaign(engine, name),
+        "hold": lambda: campaigns.hold_campaign(engine, name),
+        "resume": lambda: campaigns.resume_campaign(engine, name, settings.broker_url),
+        "approve": lambda: campaigns.approve_campaign(engine, name, settings.broker_url),
+    }[action]
+    try:
+        result = run()
+    except ValueError as exc:  # CampaignCancelled, CampaignStateError
+        raise click.ClickException(str(exc)) from None
+    if result is None:
+        raise click.ClickException(f"no campaign named {name!r}")
+    if as_json:
+        _print_json({"campaign": name, **result})
+        return
+    if "held_now" in result:
+        done = f"{result['held_now']:,} unsent messages held now"
+    else:
+        done = f"{result['released_now']:,} messages back in the queue"
+    console.print(
+        f"{name}: {result['status']}; {done}; {result['held_messages']:,} held in all"
+        + (f" ({result['pause_reason']})" if result["pause_reason"] else "")
+    )
+
+
+@campaign.command("pause")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def campaign_pause(name: str, as_json: bool) -> None:
+    """Stop sending: unsent messages are held; those with the provider are still followed."""
+    _control("pause", name, as_json)
+
+
+@campaign.command("resume")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def campaign_resume(name: str, as_json: bool) -> None:
+    """Send a paused campaign's held messages again."""
+    _control("resume", name, as_json)
+
+
+@campaign.command("hold")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def campaign_hold(name: str, as_json: bool) -> None:
+    """Hold a campaign for approval (as `launch --hold` does): nothing unsent goes out."""
+    _control("hold", name, as_json)
+
+
+@campaign.command("approve")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def campaign_approve(name: str, as_json: bool) -> None:
+    """Send a campaign that was launched with --hold."""
+    _control("approve", name, as_json)
 
 
 @campaign.command("list")
@@ -380,6 +480,7 @@ def _write_outcomes(engine: Any, name: str, target: str) -> None:
 
 def print_report(report: dict[str, Any]) -> None:
     table = Table(title=f"campaign {report['campaign']}", show_header=False)
+    _control_rows(table, report)
     for key in ("total", "sent", "delivered", "final"):
         table.add_row(key, f"{report[key]:,}")
     table.add_row("delivery rate", f"{report['delivery_rate']:.1%} of total")
@@ -397,8 +498,7 @@ def print_report(report: dict[str, Any]) -> None:
         )
     console.print(table)
     states = Table("state", "messages", title="states")
-    for state, count in report["states"].items():
-        states.add_row(state, f"{count:,}")
+    _state_rows(states, report)
     console.print(states)
     if report.get("channels"):
         channels = Table("channel", "messages", title="delivered by")

@@ -25,6 +25,7 @@ STATE_COLOURS: dict[str, str] = {
     "cancelled": "#b0bec5",
     "timeout": "#6d4c41",
     "queued": "#bbdefb",
+    "held": "#fff59d",
     "sending": "#90caf9",
     "submitted": "#64b5f6",
     "scheduled": "#42a5f5",

@@ -16,12 +16,12 @@ from datetime import datetime, timedelta
 from itertools import islice
 from typing import Any, Literal
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, insert, select, update
 
 from config import Settings, get_settings
 from worker.campaigns import CampaignCancelled, ensure_campaign
-from worker.db import get_engine, insert_new, utcnow
-from worker.models import campaigns, messages
+from worker.db import among, get_engine, insert_new, utcnow
+from worker.models import campaigns, events, messages
 from worker.states import State
 from worker.validation import (
     FieldError,
@@ -120,15 +120,49 @@ def store(engine: Engine, rows: list[dict[str, Any]], campaign: str | None = Non
     if not rows:
         return set()
     with engine.begin() as conn:
+        blocked = False
         if campaign is not None:
-            cancelled = conn.execute(
-                select(campaigns.c.cancelled_at)
+            state = conn.execute(
+                select(campaigns.c.cancelled_at, campaigns.c.held_at, campaigns.c.paused_at)
                 .where(campaigns.c.name == campaign)
                 .with_for_update(read=True)
-            ).scalar_one_or_none()
-            if cancelled is not None:
+            ).first()
+            if state is not None and state.cancelled_at is not None:
                 raise CampaignCancelled(campaign)
-        return insert_new(conn, messages, rows, key="id")
+            blocked = state is not None and (state.held_at or state.paused_at) is not None
+        inserted = insert_new(conn, messages, rows, key="id")
+        if blocked and inserted:
+            _hold_new(conn, inserted)
+        return inserted
+
+
+def _hold_new(conn: Connection, ids: set[str]) -> None:
+    """A held or paused campaign's new messages are held as they are stored (journalled as
+    queued → held, in the insert's transaction: no claim ever sees them queued)."""
+    now = utcnow()
+    pks = list(
+        conn.execute(
+            update(messages)
+            .where(among(conn, messages.c.id, ids), messages.c.state == State.QUEUED)
+            .values(state=State.HELD)
+            .returning(messages.c.pk)
+        ).scalars()
+    )
+    if pks:
+        conn.execute(
+            insert(events),
+            [
+                {
+                    "message_pk": pk,
+                    "at": now,
+                    "source": "system",
+                    "from_state": State.QUEUED,
+                    "to_state": State.HELD,
+                    "detail": "campaign held or paused",
+                }
+                for pk in pks
+            ],
+        )
 
 
 def existing_states(engine: Engine, ids: Iterable[str]) -> dict[str, str]:

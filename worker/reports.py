@@ -34,6 +34,8 @@ from sqlalchemy import (
     select,
 )
 
+from worker.campaigns import campaign_control
+from worker.db import utcnow
 from worker.models import UTCDateTime, events, messages
 from worker.redact import mask_phone
 from worker.states import FINAL, State
@@ -143,6 +145,14 @@ def campaign_summary(engine: Engine, campaign: str) -> dict[str, Any] | None:
             .where(messages.c.campaign == campaign)
             .group_by(messages.c.state, messages.c.final_source)
         ).all()
+        waiting = conn.execute(
+            select(func.count()).where(
+                messages.c.campaign == campaign,
+                messages.c.state == State.QUEUED,
+                messages.c.scheduled_sent.is_not(None),
+                messages.c.available_at > utcnow(),
+            )
+        ).scalar_one()
     if not by_state:
         return None
     states: dict[str, int] = {}
@@ -168,6 +178,9 @@ def campaign_summary(engine: Engine, campaign: str) -> dict[str, Any] | None:
         "cost": round(sum(row[2] for row in by_state), 4),
         "unknown_outcomes": int(sum(row[3] for row in by_state)),
         "polls": int(sum(row[4] for row in by_state)),
+        # Of `queued`: scheduled messages we keep until shortly before their time.
+        "waiting_for_time": waiting,
+        "control": campaign_control(engine, campaign),
         "finals_by_source": dict(sorted(sources.items())),
         "first_enqueued_at": _iso(min(row[6] for row in by_state)),
         "last_final_at": _iso(max((row[7] for row in by_state if row[7]), default=None)),
