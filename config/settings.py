@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     # National and '+'-less numbers are read as this country's: "UA" turns 067 123 4567 and
     # 380671234567 into +380671234567. Unset: only E.164 is accepted.
     default_phone_region: str | None = Field(None, alias="DEFAULT_PHONE_REGION")
+    # A message scheduled further ahead than this stays in our queue (cancel and pause work
+    # on it) until SCHEDULE_SEND_LEAD_SECONDS before its time; scheduledSent still goes to
+    # the provider. 0: every scheduled message goes to the provider at once.
+    schedule_hold_ahead_seconds: float = Field(600.0, ge=0, alias="SCHEDULE_HOLD_AHEAD_SECONDS")
+    schedule_send_lead_seconds: float = Field(120.0, ge=0, alias="SCHEDULE_SEND_LEAD_SECONDS")
 
     # --- poll policy -----------------------------------------------------------------------
     poll_first_delay_seconds: float = Field(5.0, gt=0, alias="POLL_FIRST_DELAY_SECONDS")
@@ -213,6 +218,10 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.send_batch_min > self.send_batch_max:
             raise ValueError("SEND_BATCH_MIN must not exceed SEND_BATCH_MAX")
+        if self.schedule_send_lead_seconds > self.schedule_hold_ahead_seconds > 0:
+            raise ValueError(
+                "SCHEDULE_SEND_LEAD_SECONDS must not exceed SCHEDULE_HOLD_AHEAD_SECONDS"
+            )
         if self.smsbat_status_auth == "basic" and not (
             self.smsbat_username and self.smsbat_password
         ):

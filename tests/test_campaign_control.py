@@ -228,3 +228,63 @@ def wait_until(check: Callable[[], bool], timeout: float = 20) -> None:
     while not check():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.1)
+
+
+# --- scheduled sends we can still stop ------------------------------------------------------
+
+
+def test_available_at_keeps_far_scheduled_messages_until_shortly_before() -> None:
+    from worker.producer import available_at
+
+    now = utcnow()
+    hour = now + timedelta(hours=1)
+    assert available_at(None, now, 600, 120) == now
+    assert available_at(now + timedelta(seconds=600), now, 600, 120) == now  # near: provider's
+    assert available_at(hour, now, 600, 120) == hour - timedelta(seconds=120)
+    assert available_at(hour, now, 0, 120) == now  # 0 turns it off
+    with pytest.raises(ValueError, match="SCHEDULE_SEND_LEAD_SECONDS must not exceed"):
+        Settings(SCHEDULE_HOLD_AHEAD_SECONDS="60", SCHEDULE_SEND_LEAD_SECONDS="120")  # type: ignore[call-arg]
+
+
+def test_a_message_scheduled_an_hour_ahead_stays_ours_to_pause_and_cancel(
+    settings: Settings,
+) -> None:
+    engine = get_engine(settings.database_url)
+    ahead = (utcnow() + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    soon = (utcnow() + timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    enqueue(make_messages(3, "s", scheduledSent=ahead), "s", settings=settings, kick=False)
+    enqueue(make_messages(1, "s", start=3, scheduledSent=soon), "s", settings=settings, kick=False)
+
+    summary = campaign_summary(engine, "s")
+    assert summary is not None
+    assert summary["states"] == {"queued": 4} and summary["waiting_for_time"] == 3
+    assert claimable(settings) == 1  # five minutes ahead: the provider's own scheduling
+    pause_campaign(engine, "s")
+    assert states(settings, "s") == {"held": 4}
+    resume_campaign(engine, "s")
+    summary = campaign_summary(engine, "s")
+    assert summary is not None and summary["waiting_for_time"] == 3  # its time is kept
+    assert claimable(settings) == 1
+
+    result = cancel_campaign(engine, "s")
+
+    assert result is not None and result["cancelled_now"] == 4
+
+
+def test_cancel_stops_scheduled_messages_on_a_running_worker(
+    stack: Stack, sim, campaign: str
+) -> None:
+    ahead = (utcnow() + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stack.enqueue(make_messages(50, campaign, scheduledSent=ahead), campaign)
+    stack.enqueue(make_messages(20, campaign, start=50), campaign)
+    stack.wait_final(campaign, 20)
+    time.sleep(1)  # more dispatch ticks: the scheduled ones are not claimed
+    assert sim.stats()["unique_tracking_ids"] == 20
+    status = _cli("campaign", "status", campaign, stack=stack)
+    assert "waiting for its time" in status.stdout
+
+    cancelled = json.loads(_cli("campaign", "cancel", campaign, "--json", stack=stack).stdout)
+
+    assert cancelled["cancelled_now"] == 50 and cancelled["with_provider"] == 0
+    report = stack.wait_final(campaign, 70, timeout=5)
+    assert report["states"]["cancelled"] == 50 and sim.stats()["unique_tracking_ids"] == 20

@@ -63,7 +63,13 @@ def rules_from(settings: Settings) -> ValidationRules:
     )
 
 
-def row_for(message: OutgoingMessage, campaign: str | None, now: datetime) -> dict[str, Any]:
+def row_for(
+    message: OutgoingMessage,
+    campaign: str | None,
+    now: datetime,
+    keep: tuple[float, float] = (0.0, 0.0),
+) -> dict[str, Any]:
+    """The messages row; `keep` is (SCHEDULE_HOLD_AHEAD_SECONDS, SCHEDULE_SEND_LEAD_SECONDS)."""
     start = max(now, message.scheduled_sent) if message.scheduled_sent else now
     called_back = bool(message.callback_url or message.callback_task)
     late = message.callback_late_after if called_back else None
@@ -81,7 +87,7 @@ def row_for(message: OutgoingMessage, campaign: str | None, now: datetime) -> di
         "priority": message.priority,
         "state": State.QUEUED,
         "created_at": now,
-        "available_at": now,
+        "available_at": available_at(message.scheduled_sent, now, *keep),
         "expires_at": start + timedelta(seconds=message.ttl) if message.ttl else None,
         "attempts": 0,
         "unknown_outcomes": 0,
@@ -92,6 +98,19 @@ def row_for(message: OutgoingMessage, campaign: str | None, now: datetime) -> di
         # Late counts from when the message may go out: a scheduled one is not late before.
         "callback_late_at": start + timedelta(seconds=late) if late else None,
     }
+
+
+def available_at(
+    scheduled: datetime | None, now: datetime, hold_ahead: float, lead: float
+) -> datetime:
+    """When a message may be claimed: now, or for one scheduled further ahead than
+    `hold_ahead` seconds, `lead` seconds before its time, so that until then it is still
+    ours to cancel or pause (the provider cannot recall a message it has)."""
+    if scheduled is None or hold_ahead <= 0:
+        return now
+    if (scheduled - now).total_seconds() <= hold_ahead:
+        return now
+    return scheduled - timedelta(seconds=lead)
 
 
 def check_campaign(campaign: str | None) -> None:
@@ -199,6 +218,7 @@ def enqueue(
     if campaign is not None:
         inherited = ensure_campaign(engine, campaign, inherited)
     rules = rules_from(settings)
+    keep = (settings.schedule_hold_ahead_seconds, settings.schedule_send_lead_seconds)
     results: list[EnqueueResult] = []
     seen: set[str] = set()
     accepted_any = False
@@ -218,7 +238,7 @@ def enqueue(
                 chunk_results.append(EnqueueResult(checked.id, "duplicate", State.QUEUED))
             else:
                 seen.add(checked.id)
-                rows.append(row_for(checked, campaign, now))
+                rows.append(row_for(checked, campaign, now, keep))
                 chunk_results.append(None)
         inserted = store(engine, rows, campaign)
         accepted_any = accepted_any or bool(inserted)
