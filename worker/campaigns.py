@@ -736,7 +736,11 @@ def phone_change(message: dict[str, Any], region: str | None) -> str:
 
 
 def rejected_path(path: Path) -> Path:
-    return path.with_name(f"{path.stem}.rejected.csv")
+    """`contacts.csv` → `contacts.rejected.csv`; `contacts.xlsx` → `contacts.xlsx.rejected.csv`
+    (so a workbook and its CSV export never overwrite each other's rejects)."""
+    if path.suffix.lower() == ".csv":
+        return path.with_name(f"{path.stem}.rejected.csv")
+    return path.with_name(f"{path.name}.rejected.csv")
 
 
 def launch(

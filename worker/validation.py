@@ -192,7 +192,10 @@ def validate_message(
         ("id", _id_problem(get("id"))),
         ("fromName", _from_name_problem(get("fromName"))),
         ("phoneRegion", region_error),
-        ("toPhone", _phone_problem(phone)),
+        (
+            "toPhone",
+            _phone_problem(phone, None if region_error else region or rules.default_region),
+        ),
         ("messageType", _choice_problem(message_type, MESSAGE_TYPES, required=True)),
         ("text", _text_problem(get("text"), message_type)),
         ("ttl", _ttl_problem(get("ttl"))),
@@ -428,11 +431,17 @@ def with_region(value: object, region: str | None) -> object:
     return value
 
 
-def _phone_problem(value: object) -> str | None:
-    """The provider takes strict E.164 only; a cheap shape check runs before phonenumbers."""
+def _phone_problem(value: object, region: str | None = None) -> str | None:
+    """The provider takes strict E.164 only; a cheap shape check runs before phonenumbers.
+    With a region, a number still not in E.164 is one the region could not read."""
     if not isinstance(value, str):
         return _not_a_string(value)
     if not _E164_RE.fullmatch(value):
+        if region and value.strip() and not _SCIENTIFIC_RE.fullmatch(value.strip()):
+            return (
+                f"is not a valid {region.upper()} number (national, or with its country code) "
+                f"nor E.164 like {_E164_EXAMPLE}, got {_show(value)}"
+            )
         return f"{_phone_shape_problem(value)}, got {_show(value)}"
     problem = _phone_number_problem(value)
     return f"{problem}, got {_show(value)}" if problem else None
