@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     poll_first_delay_with_webhooks_seconds: float = Field(
         600.0, gt=0, alias="POLL_FIRST_DELAY_WITH_WEBHOOKS_SECONDS"
     )
+    # The unit of a BulkGate DLR's `price` (it names none): "EUR", "CREDITS"… Unset, those
+    # amounts are reported apart as currency "unknown", never added to others.
+    bulkgate_price_currency: str | None = Field(
+        None, min_length=1, max_length=8, pattern=r"^[A-Za-z]+$", alias="BULKGATE_PRICE_CURRENCY"
+    )
     report_park_max_seconds: float = Field(259200.0, gt=0, alias="REPORT_PARK_MAX_SECONDS")
     reports_interval_seconds: float = Field(2.0, gt=0, alias="REPORTS_INTERVAL_SECONDS")
 

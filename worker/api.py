@@ -344,6 +344,7 @@ class Money(BaseModel):
     cost: float
     bill: float
     messages: int
+    note: str | None = Field(None, description="Why the currency is unknown (currency 'unknown').")
 
 
 class Percentiles(BaseModel):
@@ -393,7 +394,11 @@ class CampaignReport(BaseModel):
     delivered: int
     delivery_rate: float = Field(ge=0, le=1, description="delivered / total")
     delivery_rate_of_sent: float = Field(ge=0, le=1, description="delivered / sent")
-    cost: float
+    cost: float | None = Field(
+        description="Total cost when every amount is in one currency; null when there are "
+        "several (they are never added: see `money`)."
+    )
+    cost_currency: str | None = Field(None, description="The currency of `cost`, if known.")
     unknown_outcomes: int
     polls: int
     finals_by_source: dict[str, int]

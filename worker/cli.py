@@ -267,6 +267,16 @@ def campaign_status(name: str, watch: bool, as_json: bool, interval: float) -> N
     console.print(f"{name}: every message is final")
 
 
+def _cost(report: dict[str, Any]) -> str:
+    """One total in its currency; amounts in several currencies are never added."""
+    if report["cost"] is None:
+        return "in several currencies, never added: " + ", ".join(
+            f"{money['cost']:.2f} {currency}" for currency, money in report["money"].items()
+        )
+    currency = report.get("cost_currency")
+    return f"{report['cost']:.2f}" + (f" {currency}" if currency else "")
+
+
 def _control_rows(table: Table, report: dict[str, Any]) -> None:
     control = report.get("control") or {}
     status = control.get("status", "running")
@@ -313,7 +323,7 @@ def status_view(report: dict[str, Any], samples: list[tuple[float, int]] | None)
     table.add_row("final", f"[green]{'█' * filled}[/]{'░' * (width - filled)} {final:,}/{total:,}")
     _state_rows(table, report, "  ")
     table.add_row("delivery rate", f"{report['delivery_rate']:.1%} of total")
-    table.add_row("cost so far", f"{report['cost']:.2f}")
+    table.add_row("cost so far", _cost(report))
     table.add_row("throughput", f"{rate:,.1f} final/s" if rate is not None else "-")
     table.add_row("ETA", f"{eta:,.0f} s" if eta is not None else "-")
     return table
@@ -485,9 +495,14 @@ def print_report(report: dict[str, Any]) -> None:
         table.add_row(key, f"{report[key]:,}")
     table.add_row("delivery rate", f"{report['delivery_rate']:.1%} of total")
     table.add_row("", f"{report['delivery_rate_of_sent']:.1%} of sent")
-    table.add_row("cost", f"{report['cost']:.2f}")
+    table.add_row("cost", _cost(report))
     for currency, money in report.get("money", {}).items():
-        table.add_row(f"  {currency}", f"cost {money['cost']:.2f}, bill {money['bill']:.2f}")
+        note = f" ({money['note']})" if money.get("note") else ""
+        table.add_row(
+            f"  {currency}",
+            f"cost {money['cost']:.2f}, bill {money['bill']:.2f} "
+            f"for {money['messages']:,} messages{note}",
+        )
     table.add_row("unknown send outcomes", f"{report['unknown_outcomes']:,}")
     table.add_row("status polls", f"{report['polls']:,}")
     latency = report.get("latency_seconds", {}).get("submit_to_final") or {}
