@@ -454,3 +454,33 @@ def test_launch_refuses_bad_files_without_a_traceback(tmp_path: Path) -> None:
         done = _cli("campaign", "launch", str(tmp_path / name), "--name", "x", env=env)
         assert done.returncode != 0
         assert "Traceback" not in done.stderr and "Error:" in done.stderr
+
+
+def test_an_interrupted_launch_says_what_was_stored_and_how_to_finish(
+    tmp_path: Path, database_factory: Callable[[str], str]
+) -> None:
+    import signal
+    import time
+
+    url = database_factory("postgresql")
+    path = big_file(tmp_path / "many.csv", 30_000, bad_every=10**9)
+    env = {**os.environ, "DATABASE_URL": url, "BROKER_URL": "redis://127.0.0.1:6379/15"}
+    args = [sys.executable, "-m", "worker.cli", "campaign", "launch", str(path), "--name", "cut"]
+    args += ["--from-name", "Shop", "--type", "promo", "--text", "Hi {name}"]
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while count(url, "cut") == 0:
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+
+    stored = count(url, "cut")
+    assert process.returncode == 130, err.decode()
+    assert 0 < stored < 30_000
+    text = " ".join(out.decode().split())  # rich wraps long lines
+    assert "launch interrupted after" in text and f"{stored:,} messages of campaign cut" in text
+    assert "launch the same file under the same name again" in text
+    finished = launch(path, "cut", DEFAULTS, Settings(DATABASE_URL=url))  # type: ignore[call-arg]
+    assert finished.duplicate == stored and count(url, "cut") == 30_000

@@ -767,6 +767,8 @@ def launch(
     if hold and not dry_run:
         hold_campaign(get_engine(settings.database_url), name, create=True)
     stats = LaunchStats(ignored_columns=layout.ignored)
+    if progress:
+        progress(stats)  # the caller holds the figures even if the first chunk is cut short
     woken = False
     out_path = rejected_path(path)
     with out_path.open("w", newline="", encoding="utf-8") as out:

@@ -194,11 +194,13 @@ def campaign_launch(
         TimeElapsedColumn(),
     )
     started = time.monotonic()
+    seen: list[Any] = []
     try:
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task("dry run" if dry_run else "launching", figures="")
 
             def show(stats: Any) -> None:
+                seen[:] = [stats]
                 rate = stats.rows / max(time.monotonic() - started, 1e-6)
                 progress.update(
                     task,
@@ -212,6 +214,10 @@ def campaign_launch(
             )
     except ValueError as exc:  # CampaignError, CampaignCancelled, a bad --name
         raise click.ClickException(str(exc)) from None
+    except (KeyboardInterrupt, Exception) as exc:  # Ctrl-C, the database gone away…
+        if dry_run:
+            raise
+        _interrupted(name, file, seen[0] if seen else None, exc)
     if stats.ignored_columns:
         console.print(f"ignored columns (not API fields): {', '.join(stats.ignored_columns)}")
     if stats.renumbered:
@@ -228,6 +234,31 @@ def campaign_launch(
         console.print(f"rejected rows: {stats.rejected_file}")
     if hold and not dry_run:
         console.print(f"{name} is held: nothing is sent until `cascade campaign approve {name}`")
+
+
+def _interrupted(name: str, file: Path, stats: Any, exc: BaseException) -> None:
+    """Say what a launch stored before it stopped, and how to finish it; exit non-zero."""
+    from sqlalchemy import func, select
+
+    from worker.models import messages
+
+    why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped: {exc!r}"[:300]
+    try:
+        with _engine().connect() as conn:
+            stored = conn.execute(
+                select(func.count()).where(messages.c.campaign == name)
+            ).scalar_one()
+        counted = f"{stored:,} messages of campaign {name} are stored"
+    except Exception as error:
+        counted = f"could not count what was stored ({type(error).__name__})"
+    read = f" after {stats.rows:,} rows read" if stats else ""
+    console.print(
+        f"[red]launch {why}[/]{read}: {counted} and will be sent.\n"
+        f"To finish, launch the same file under the same name again "
+        f"(`cascade campaign launch {file} --name {name} …` with the same options): "
+        "rows already stored are skipped, not sent twice."
+    )
+    raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 1)
 
 
 @campaign.command("status")
