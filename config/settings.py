@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     # A message scheduled further ahead than this stays in our queue (cancel and pause work
     # on it) until SCHEDULE_SEND_LEAD_SECONDS before its time; scheduledSent still goes to
     # the provider. 0: every scheduled message goes to the provider at once.
+    # Prices for estimates (`campaign launch --dry-run`): "380:sms=0.95,viber=0.45;*:sms=1.5"
+    # (see config/rates.py), in RATE_CARD_CURRENCY.
+    rate_card: str | None = Field(None, alias="RATE_CARD")
+    rate_card_currency: str | None = Field(
+        None, min_length=1, max_length=8, pattern=r"^[A-Za-z]+$", alias="RATE_CARD_CURRENCY"
+    )
     schedule_hold_ahead_seconds: float = Field(600.0, ge=0, alias="SCHEDULE_HOLD_AHEAD_SECONDS")
     schedule_send_lead_seconds: float = Field(120.0, ge=0, alias="SCHEDULE_SEND_LEAD_SECONDS")
 
@@ -169,6 +175,21 @@ class Settings(BaseSettings):
             raise ValueError("must be a two-letter country code such as UA or PL")
         return value.upper()
 
+    @field_validator("rate_card")
+    @classmethod
+    def _rate_card(cls, value: str | None) -> str | None:
+        from config.rates import parse_rate_card
+
+        if value is not None:
+            parse_rate_card(value)  # ValueError names the entry
+        return value
+
+    @property
+    def rates(self) -> dict[str, dict[str, float]] | None:
+        from config.rates import parse_rate_card
+
+        return parse_rate_card(self.rate_card) if self.rate_card else None
+
     @field_validator("database_url")
     @classmethod
     def _database_driver(cls, value: str) -> str:
@@ -223,6 +244,8 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.send_batch_min > self.send_batch_max:
             raise ValueError("SEND_BATCH_MIN must not exceed SEND_BATCH_MAX")
+        if self.rate_card and not self.rate_card_currency:
+            raise ValueError("RATE_CARD needs RATE_CARD_CURRENCY (the currency of its prices)")
         if self.schedule_send_lead_seconds > self.schedule_hold_ahead_seconds > 0:
             raise ValueError(
                 "SCHEDULE_SEND_LEAD_SECONDS must not exceed SCHEDULE_HOLD_AHEAD_SECONDS"

@@ -714,6 +714,7 @@ class LaunchStats:
     duplicate: int = 0
     rejected: int = 0
     renumbered: int = 0  # phones read as E.164 with the default region
+    estimate: Any = None  # worker.estimate.Estimate over the accepted messages
     ignored_columns: list[str] = field(default_factory=list)
     rejected_file: str | None = None
 
@@ -766,7 +767,9 @@ def launch(
     layout, rows = read_rows(path, defaults)
     if hold and not dry_run:
         hold_campaign(get_engine(settings.database_url), name, create=True)
-    stats = LaunchStats(ignored_columns=layout.ignored)
+    from worker.estimate import Estimate
+
+    stats = LaunchStats(ignored_columns=layout.ignored, estimate=Estimate())
     if progress:
         progress(stats)  # the caller holds the figures even if the first chunk is cut short
     woken = False
@@ -815,11 +818,14 @@ def _settle(
 
     readable = [r for r in chunk if r.problem is None]
     messages_ = [to_message(r, defaults, name) for r in readable]
+    now, rules, card = utcnow(), rules_from(settings), settings.rates
     if dry_run:
-        now, rules = utcnow(), rules_from(settings)
         checked = [validate_message(m, now=now, rules=rules) for m in messages_]
         errors = [c if isinstance(c, list) else None for c in checked]
         stats.accepted += sum(e is None for e in errors)
+        for valid in checked:
+            if not isinstance(valid, list):
+                stats.estimate.add(valid, card)
     else:
         answered = enqueue(
             messages_,
@@ -831,6 +837,11 @@ def _settle(
         )
         errors = [list(r.errors) if r.status == "rejected" else None for r in answered]
         stats.accepted += sum(r.status == "accepted" for r in answered)
+        for message, result in zip(messages_, answered, strict=True):
+            if result.status == "accepted":  # validated again: the estimate needs its fields
+                valid = validate_message(message, now=now, rules=rules)
+                if not isinstance(valid, list):
+                    stats.estimate.add(valid, card)
         stats.duplicate += sum(r.status == "duplicate" for r in answered)
     stats.renumbered += sum(bool(phone_change(m, settings.default_phone_region)) for m in messages_)
     found = dict(zip((r.line for r in readable), zip(messages_, errors, strict=True), strict=True))

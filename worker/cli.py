@@ -232,8 +232,32 @@ def campaign_launch(
     )
     if stats.rejected_file:
         console.print(f"rejected rows: {stats.rejected_file}")
+    if stats.estimate is not None and stats.estimate.messages:
+        console.print(estimate_line(stats.estimate.as_dict(settings.rate_card_currency)))
     if hold and not dry_run:
         console.print(f"{name} is held: nothing is sent until `cascade campaign approve {name}`")
+
+
+def estimate_line(estimate: dict[str, Any]) -> str:
+    """`estimate: 3 messages, 4 SMS parts (GSM-7 2, UCS-2 1; …), cost 3.80 UAH`."""
+    encodings = ", ".join(f"{k} {v:,}" for k, v in estimate["encodings"].items())
+    parts = ", ".join(
+        f"{n:,} of {k} part{'s' if k != '1' else ''}"
+        for k, n in estimate["parts_per_message"].items()
+    )
+    line = (
+        f"estimate: {estimate['messages']:,} messages, {estimate['sms_parts']:,} SMS parts"
+        f" ({encodings}; {parts})"
+    )
+    if estimate["cost"] is not None:
+        line += f", cost {estimate['cost']:,.2f} {estimate['currency']}"
+        line += " if every message ends on SMS (viber for tg-viber)"
+    else:
+        line += "; no cost: set RATE_CARD and RATE_CARD_CURRENCY for one"
+    if estimate["without_rate"]:
+        missing = ", ".join(f"{k} ×{v:,}" for k, v in estimate["without_rate"].items())
+        line += f"; without a rate (not in the cost): {missing}"
+    return line
 
 
 def _interrupted(name: str, file: Path, stats: Any, exc: BaseException) -> None:
