@@ -288,3 +288,55 @@ def test_cancel_stops_scheduled_messages_on_a_running_worker(
     assert cancelled["cancelled_now"] == 50 and cancelled["with_provider"] == 0
     report = stack.wait_final(campaign, 70, timeout=5)
     assert report["states"]["cancelled"] == 50 and sim.stats()["unique_tracking_ids"] == 20
+
+
+# --- retry what did not arrive ---------------------------------------------------------------
+
+
+def test_retry_states_are_checked() -> None:
+    from worker.campaigns import CampaignError, retry_states
+
+    assert retry_states("Undeliverable, failed,failed") == ("undeliverable", "failed")
+    for given, problem in (
+        ("delivered", "a delivered message is never sent again"),
+        ("processing", "'processing' is not final"),
+        ("lost", "unknown state 'lost'"),
+        (",", "name at least one"),
+    ):
+        with pytest.raises(CampaignError, match=problem):
+            retry_states(given)
+
+
+def test_retry_sends_what_did_not_arrive_as_a_linked_campaign(settings: Settings) -> None:
+    from worker.campaigns import CampaignError, list_campaigns, retry_campaign
+
+    engine = get_engine(settings.database_url)
+    enqueue(make_messages(6, "orig"), "orig", settings=settings, kick=False)
+    finals = ["delivered", "undeliverable", "failed", "expired", "cancelled", "queued"]
+    with engine.begin() as conn:
+        for n, state in enumerate(finals):
+            conn.execute(messages.update().where(messages.c.id == f"orig-{n}").values(state=state))
+
+    result = retry_campaign(
+        "orig", ("undeliverable", "failed", "expired"), settings, route="tg-viber"
+    )  # type: ignore[arg-type]
+
+    assert result is not None
+    assert (result["campaign"], result["selected"], result["accepted"]) == ("orig-retry", 3, 3)
+    with engine.connect() as conn:
+        retried = conn.execute(
+            select(messages.c.id, messages.c.to_phone, messages.c.route, messages.c.state)
+            .where(messages.c.campaign == "orig-retry")
+            .order_by(messages.c.to_phone)
+        ).all()
+    assert [r.to_phone for r in retried] == ["+380670000001", "+380670000002", "+380670000003"]
+    assert {r.route for r in retried} == {"tg-viber"} and {r.state for r in retried} == {"queued"}
+    assert all(r.id.startswith("orig-") and "-r" in r.id for r in retried)
+    again = retry_campaign("orig", ("undeliverable", "failed", "expired"), settings)  # type: ignore[arg-type]
+    assert again is not None and (again["accepted"], again["duplicate"]) == (0, 3)
+    listing = {c["campaign"]: c for c in list_campaigns(engine)}
+    assert listing["orig-retry"]["retry_of"] == "orig"
+    enqueue(make_messages(1, "other"), "other", settings=settings, kick=False)
+    with pytest.raises(CampaignError, match="'other' exists and is not a retry of 'orig'"):
+        retry_campaign("orig", ("failed",), settings, new_name="other")  # type: ignore[arg-type]
+    assert retry_campaign("nope", ("failed",), settings) is None  # type: ignore[arg-type]

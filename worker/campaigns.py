@@ -383,6 +383,7 @@ def list_campaigns(engine: Engine) -> list[dict[str, Any]]:
                 "campaign": row.name,
                 "created_at": _iso(row.created_at),
                 "cancelled_at": _iso(row.cancelled_at),
+                "retry_of": row.retry_of,
                 "total": total,
                 "final": sum(n for s, n in states.items() if s in FINAL),
                 "delivered": states.get(State.DELIVERED, 0),
@@ -855,3 +856,137 @@ def _settle(
             stats.rejected += 1
             for error in problems:
                 yield row.line, error.field, error.problem, message
+
+
+# --- retry what did not arrive ---------------------------------------------------------
+
+# Final states a message may be sent again from: it never arrived. `delivered` never is.
+RETRYABLE: tuple[State, ...] = (
+    State.UNDELIVERABLE,
+    State.PERMANENTERROR,
+    State.REJECTED,
+    State.FAILED,
+    State.EXPIRED,
+    State.TIMEOUT,
+    State.CANCELLED,
+)
+
+
+def retry_states(text: str) -> tuple[State, ...]:
+    """`--states undeliverable,failed,expired`, checked: final states that are not delivered."""
+    chosen: list[State] = []
+    for name in (n.strip().lower() for n in text.split(",")):
+        if not name:
+            continue
+        if name == State.DELIVERED:
+            raise CampaignError("--states: a delivered message is never sent again")
+        if name not in {s.value for s in State}:
+            raise CampaignError(
+                f"--states: unknown state {name!r}; retryable: {', '.join(RETRYABLE)}"
+            )
+        if State(name) not in RETRYABLE:
+            raise CampaignError(
+                f"--states: {name!r} is not final; a message still under way is never resent"
+            )
+        chosen.append(State(name))
+    if not chosen:
+        raise CampaignError(f"--states: name at least one of {', '.join(RETRYABLE)}")
+    return tuple(dict.fromkeys(chosen))
+
+
+def retry_id(new_campaign: str, old_id: str) -> str:
+    """The same old message retried under the same new name always gets the same new id,
+    so a retry run twice enqueues nothing twice."""
+    digest = hashlib.sha1(f"{new_campaign}\x00{old_id}".encode()).hexdigest()[:10]
+    return f"{old_id[:230]}-r{digest}"
+
+
+def retry_campaign(
+    name: str,
+    states: tuple[State, ...],
+    settings: Settings,
+    *,
+    new_name: str | None = None,
+    route: str | None = None,
+    hold: bool = False,
+) -> dict[str, Any] | None:
+    """Send the messages of `name` that ended in `states` again, as a new campaign linked to
+    it (`retry_of`), with new tracking ids; answer the counts, or None without `name`."""
+    from worker.db import get_engine
+    from worker.producer import check_campaign, enqueue
+
+    engine = get_engine(settings.database_url)
+    new_name = new_name or f"{name}-retry"
+    check_campaign(new_name)
+    if new_name == name:
+        raise CampaignError("--name: the retry needs a name of its own")
+    with engine.connect() as conn:
+        found = conn.execute(select(campaigns.c.name).where(campaigns.c.name == name)).first()
+        linked = conn.execute(
+            select(campaigns.c.retry_of).where(campaigns.c.name == new_name)
+        ).first()
+    if found is None:
+        return None
+    if linked is not None and linked.retry_of != name:
+        raise CampaignError(
+            f"--name: campaign {new_name!r} exists and is not a retry of {name!r}; "
+            "give another --name"
+        )
+    ensure_campaign(engine, new_name)
+    with engine.begin() as conn:
+        conn.execute(update(campaigns).where(campaigns.c.name == new_name).values(retry_of=name))
+    if hold:
+        hold_campaign(engine, new_name)
+    counts = {"selected": 0, "accepted": 0, "duplicate": 0, "rejected": 0}
+    columns = [
+        messages.c.pk,
+        messages.c.id,
+        messages.c.from_name,
+        messages.c.to_phone,
+        messages.c.message_type,
+        messages.c.text,
+        messages.c.ttl,
+        messages.c.survey_options,
+        messages.c.route,
+        messages.c.callback_url,
+        messages.c.callback_task,
+    ]
+    after = 0
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(*columns)
+                .where(
+                    messages.c.campaign == name,
+                    messages.c.state.in_(states),
+                    messages.c.pk > after,
+                )
+                .order_by(messages.c.pk)
+                .limit(CHUNK)
+            ).all()
+        if not rows:
+            break
+        after = rows[-1].pk
+        batch = []
+        for row in rows:
+            message: dict[str, Any] = {
+                "id": retry_id(new_name, row.id),
+                "fromName": row.from_name,
+                "toPhone": row.to_phone,
+                "messageType": row.message_type,
+                "route": route or row.route,
+            }
+            for key, value in (
+                ("text", row.text),
+                ("ttl", row.ttl),
+                ("surveyOptions", row.survey_options),
+                ("callbackUrl", row.callback_url),
+                ("callbackTask", row.callback_task),
+            ):
+                if value is not None:
+                    message[key] = value
+            batch.append(message)
+        counts["selected"] += len(batch)
+        for result in enqueue(batch, new_name, settings=settings):
+            counts[result.status] += 1
+    return {"campaign": new_name, "retry_of": name, "states": list(states), **counts}

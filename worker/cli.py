@@ -468,6 +468,43 @@ def campaign_approve(name: str, as_json: bool) -> None:
     _control("approve", name, as_json)
 
 
+@campaign.command("retry")
+@click.argument("name")
+@click.option(
+    "--states",
+    default="undeliverable,failed,expired",
+    show_default=True,
+    help="Final states to send again (never delivered), comma-separated.",
+)
+@click.option("--route", type=click.Choice(["standard", "tg-viber"]), help="Route for the retry.")
+@click.option("--name", "new_name", help="The new campaign's name (default: NAME-retry).")
+@click.option("--hold", is_flag=True, help="Hold the retry for approval.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def campaign_retry(
+    name: str, states: str, route: str | None, new_name: str | None, hold: bool, as_json: bool
+) -> None:
+    """Send again, as a linked campaign with new tracking ids, what did not arrive."""
+    from worker.campaigns import retry_campaign, retry_states
+
+    settings = _settings()
+    try:
+        chosen = retry_states(states)
+        result = retry_campaign(name, chosen, settings, new_name=new_name, route=route, hold=hold)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if result is None:
+        raise click.ClickException(f"no campaign named {name!r}")
+    if as_json:
+        _print_json(result)
+        return
+    console.print(
+        f"{result['campaign']} (retry of {name}): {result['selected']:,} messages in "
+        f"{', '.join(result['states'])}; enqueued {result['accepted']:,}, "
+        f"{result['duplicate']:,} already retried, {result['rejected']:,} rejected"
+        + (f"; held until `cascade campaign approve {result['campaign']}`" if hold else "")
+    )
+
+
 @campaign.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def campaign_list(as_json: bool) -> None:

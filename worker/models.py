@@ -72,6 +72,7 @@ class Campaign(Base):
     held_at: Mapped[datetime | None]  # waiting for `campaign approve` since
     paused_at: Mapped[datetime | None]  # paused since (`campaign pause`, or a cap)
     pause_reason: Mapped[str | None] = mapped_column(Text)
+    retry_of: Mapped[str | None] = mapped_column(String(200))  # `campaign retry`'s source
 
 
 class Message(Base):
