@@ -484,3 +484,26 @@ def test_an_interrupted_launch_says_what_was_stored_and_how_to_finish(
     assert "launch the same file under the same name again" in text
     finished = launch(path, "cut", DEFAULTS, Settings(DATABASE_URL=url))  # type: ignore[call-arg]
     assert finished.duplicate == stored and count(url, "cut") == 30_000
+
+
+def test_dedupe_skips_a_phone_already_in_the_campaign_or_the_file(
+    tmp_path: Path, settings: Settings
+) -> None:
+    first = write(tmp_path / "a.csv", "phone,name\n+380671234567,a\n067 123 4568,b\n")
+    defaults = replace(MAPPED, dedupe=True)
+    assert launch(first, "dd", defaults, settings).accepted == 2
+    second = write(
+        tmp_path / "b.csv",
+        "phone,name\n"
+        "380671234567,same as a.csv line 2\n"
+        "+380671234569,new\n"
+        "0671234569,new again in this file\n"
+        "067 12,bad\n",
+    )
+
+    stats = launch(second, "dd", defaults, settings)
+
+    assert (stats.accepted, stats.deduped, stats.rejected) == (1, 2, 1)
+    assert count(settings.database_url, "dd") == 3
+    again = launch(first, "dd", defaults, settings)  # a relaunch: already known, not deduped
+    assert (again.accepted, again.duplicate, again.deduped) == (0, 2, 0)

@@ -412,6 +412,7 @@ class Defaults:
     callback_task: str | None = None
     region: str | None = None  # `--default-region UA`: national numbers read as Ukrainian
     columns: tuple[tuple[str, str], ...] = ()  # `--column phone=toPhone`: header -> field
+    dedupe: bool = False  # `--dedupe`: skip a phone already in the campaign (or the file)
 
 
 def column_mapping(specs: Iterable[str]) -> tuple[tuple[str, str], ...]:
@@ -715,6 +716,7 @@ class LaunchStats:
     duplicate: int = 0
     rejected: int = 0
     renumbered: int = 0  # phones read as E.164 with the default region
+    deduped: int = 0  # --dedupe: rows skipped, their phone already in the campaign
     estimate: Any = None  # worker.estimate.Estimate over the accepted messages
     ignored_columns: list[str] = field(default_factory=list)
     rejected_file: str | None = None
@@ -805,6 +807,52 @@ def launch(
     return stats
 
 
+def _dedupe(
+    readable: list[Row],
+    messages_: list[dict[str, Any]],
+    name: str,
+    settings: Settings,
+    now: datetime,
+    rules: Any,
+    stats: LaunchStats,
+) -> set[int]:
+    """The lines to keep under --dedupe: a row whose phone (as it would be sent, in E.164)
+    is already in the campaign, or earlier in the file, is skipped. A row whose own id is
+    stored goes on (a relaunch: it counts as already known). Invalid rows go on, to be
+    rejected with their reasons."""
+    from worker.db import get_engine
+    from worker.validation import validate_message
+
+    phones: dict[int, tuple[str, str]] = {}
+    for row, message in zip(readable, messages_, strict=True):
+        valid = validate_message(message, now=now, rules=rules)
+        if not isinstance(valid, list):
+            phones[row.line] = (valid.to_phone, valid.id)
+    wanted = sorted({phone for phone, _ in phones.values()})
+    owners: dict[str, set[str]] = {}
+    if wanted:
+        with get_engine(settings.database_url).connect() as conn:
+            for phone, message_id in conn.execute(
+                select(messages.c.to_phone, messages.c.id).where(
+                    among(conn, messages.c.to_phone, wanted), messages.c.campaign == name
+                )
+            ):
+                owners.setdefault(phone, set()).add(message_id)
+    keep: set[int] = set()
+    for row in readable:
+        if row.line not in phones:
+            keep.add(row.line)
+            continue
+        phone, message_id = phones[row.line]
+        taken = owners.setdefault(phone, set())
+        if taken and message_id not in taken:
+            stats.deduped += 1
+            continue
+        taken.add(message_id)
+        keep.add(row.line)
+    return keep
+
+
 def _settle(
     chunk: list[Row],
     defaults: Defaults,
@@ -820,6 +868,11 @@ def _settle(
     readable = [r for r in chunk if r.problem is None]
     messages_ = [to_message(r, defaults, name) for r in readable]
     now, rules, card = utcnow(), rules_from(settings), settings.rates
+    if defaults.dedupe:
+        kept = _dedupe(readable, messages_, name, settings, now, rules, stats)
+        chunk = [r for r in chunk if r.problem is not None or r.line in kept]
+        pairs = [(r, m) for r, m in zip(readable, messages_, strict=True) if r.line in kept]
+        readable, messages_ = [r for r, _ in pairs], [m for _, m in pairs]
     if dry_run:
         checked = [validate_message(m, now=now, rules=rules) for m in messages_]
         errors = [c if isinstance(c, list) else None for c in checked]

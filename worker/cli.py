@@ -150,6 +150,7 @@ def campaign() -> None:
 @click.option(
     "--hold", is_flag=True, help="Store and validate everything, send nothing until approved."
 )
+@click.option("--dedupe", is_flag=True, help="Skip a phone already in the campaign or the file.")
 def campaign_launch(
     file: Path,
     name: str,
@@ -164,6 +165,7 @@ def campaign_launch(
     columns: tuple[str, ...],
     dry_run: bool,
     hold: bool,
+    dedupe: bool,
 ) -> None:
     """Enqueue a campaign from a CSV or .xlsx file (headers: the cascade API's field names,
     or mapped with --column)."""
@@ -186,6 +188,7 @@ def campaign_launch(
         callback_task,
         region=default_region or settings.default_phone_region,
         columns=mapping,
+        dedupe=dedupe,
     )
     columns = (
         SpinnerColumn(),
@@ -232,6 +235,8 @@ def campaign_launch(
     )
     if stats.rejected_file:
         console.print(f"rejected rows: {stats.rejected_file}")
+    if stats.deduped:
+        console.print(f"{stats.deduped:,} rows skipped: their phone is already in {name}")
     if stats.estimate is not None and stats.estimate.messages:
         console.print(estimate_line(stats.estimate.as_dict(settings.rate_card_currency)))
     if hold and not dry_run:
