@@ -274,3 +274,44 @@ def test_documentation_pages_load_everything_from_the_app(
         if asset.endswith(".js"):
             assert "javascript" in served.headers["content-type"]
             assert defines in served.text
+
+
+def test_hold_approve_pause_resume_and_a_phone_region_over_http(
+    stack: Stack, sim: Simulator, client: httpx.Client, campaign: str
+) -> None:
+    batch = make_messages(3, campaign)
+    batch[0] |= {"toPhone": "067 123 4567", "phoneRegion": "UA"}
+    batch[1] |= {"toPhone": "0671234568", "phoneRegion": "Ukraine"}
+
+    answer = client.post("/v1/messages", params={"campaign": campaign, "hold": "true"}, json=batch)
+
+    assert answer.status_code == 200, answer.text
+    results = answer.json()
+    assert [r["status"] for r in results] == ["accepted", "rejected", "accepted"]
+    assert results[1]["errors"][0]["field"] == "phoneRegion"
+    report = client.get(f"/v1/campaigns/{campaign}").json()
+    assert report["states"] == {"held": 2} and report["control"]["status"] == "held"
+    assert client.post(f"/v1/campaigns/{campaign}/resume").status_code == 409
+    assert client.post("/v1/campaigns/no-such-campaign/pause").status_code == 404
+    assert client.post(f"/v1/campaigns/{campaign}/explode").status_code == 422
+    refused = client.post("/v1/messages", params={"hold": "true"}, json=batch[2:])
+    assert refused.status_code == 422 and "hold needs a campaign" in refused.text
+
+    approved = client.post(f"/v1/campaigns/{campaign}/approve")
+
+    assert approved.status_code == 200, approved.text
+    assert approved.json()["released_now"] == 2 and approved.json()["status"] == "running"
+    stack.wait_final(campaign, 2)
+    with stack.engine.connect() as conn:
+        from sqlalchemy import select
+
+        from worker.models import messages
+
+        phones = set(
+            conn.execute(
+                select(messages.c.to_phone).where(messages.c.campaign == campaign)
+            ).scalars()
+        )
+    assert "+380671234567" in phones
+    assert client.post(f"/v1/campaigns/{campaign}/pause").json()["held_now"] == 0
+    assert client.post(f"/v1/campaigns/{campaign}/resume").json()["status"] == "running"

@@ -19,6 +19,7 @@ from worker.models import messages
 from worker.producer import row_for, store
 from worker.reports import (
     OUTCOME_COLUMNS,
+    UNKNOWN_CURRENCY_NOTE,
     campaign_report,
     deliveries_over_time,
     message_outcomes,
@@ -145,7 +146,7 @@ def test_existing_figures_are_unchanged(engine: Engine) -> None:
         "delivered": 7,
         "delivery_rate": 0.4118,
         "delivery_rate_of_sent": 0.5833,
-        "cost": 4.75,
+        "cost": None,  # UAH, USD and unknown amounts: never added (issue 13)
         "unknown_outcomes": 1,
         "polls": 20,
     }
@@ -158,8 +159,9 @@ def test_money_per_currency_bill_first_then_rate(engine: Engine) -> None:
     assert report["money"] == {
         "UAH": {"cost": 3.5, "bill": 4.2, "messages": 7},
         "USD": {"cost": 1.0, "bill": 1.1, "messages": 1},
-        "unknown": {"cost": 0.25, "bill": 0.0, "messages": 1},
+        "unknown": {"cost": 0.25, "bill": 0.0, "messages": 1, "note": UNKNOWN_CURRENCY_NOTE},
     }
+    assert report["cost"] is None and report["cost_currency"] is None
 
 
 def test_channels_count_the_delivering_channel_and_none(engine: Engine) -> None:
@@ -171,7 +173,8 @@ def test_channels_count_the_delivering_channel_and_none(engine: Engine) -> None:
         ("viber", 3),
         ("rcs", 1),
         ("sms", 1),
-        ("none", 3),
+        ("none", 2),  # the provider listed channels, none delivered
+        ("not reported", 1),  # no extendedStatuses at all (a BulkGate DLR)
     ]
 
 
@@ -207,10 +210,12 @@ def test_top_errors_and_campaign_span(engine: Engine) -> None:
     assert report is not None
     assert report["top_errors"] == [
         {"code": "INVALID_PHONE", "count": 2},
+        {"code": "undeliverable (no error code reported)", "count": 2},
         {"code": "SEND_RETRY", "count": 1},
         {"code": "TIMEOUT", "count": 1},
         {"code": "TTL_EXPIRED", "count": 1},
         {"code": "UNKNOWN_OUTCOME", "count": 1},
+        {"code": "permanenterror (no error code reported)", "count": 1},
     ]
     assert report["first_enqueued_at"] == "2025-01-01T10:00:00Z"
     assert report["last_final_at"] == "2025-01-01T10:01:00Z"

@@ -83,7 +83,8 @@ JSON_KINDS: dict[type, str] = {
 }
 
 ID_PATTERN = r"^[A-Za-z0-9._-]+$"
-E164_PATTERN = r"^\+[1-9][0-9]{1,14}$"
+PHONE_PATTERN = r"^[+0-9][0-9 ()./-]{1,39}$"  # E.164, or national with phoneRegion
+REGION_PATTERN = r"^[A-Za-z]{2}$"
 NOT_BLANK_PATTERN = r"\S"  # unanchored: at least one character that is not whitespace
 PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
 # Necessary, not sufficient: the worker also parses the URL (host, port).
@@ -164,9 +165,21 @@ class CascadeMessage(BaseModel):
         description="Sender name shown on the handset; no control characters.",
     )
     toPhone: str = Field(
-        pattern=E164_PATTERN,
-        description="Recipient in canonical E.164, valid for its country.",
+        pattern=PHONE_PATTERN,
+        description=(
+            "Recipient in canonical E.164, valid for its country; with phoneRegion (or the "
+            "DEFAULT_PHONE_REGION setting) also national ('067 123 4567') or without '+'."
+        ),
         examples=["+380671234567"],
+    )
+    phoneRegion: str | None = Field(
+        None,
+        pattern=REGION_PATTERN,
+        description=(
+            "Two-letter country (ISO 3166) to read a national toPhone in; the number is "
+            "sent in E.164. Default: the DEFAULT_PHONE_REGION setting."
+        ),
+        examples=["UA"],
     )
     messageType: MessageType = Field(description="Decides which other fields are required.")
     text: str | None = Field(
@@ -336,6 +349,7 @@ class Money(BaseModel):
     cost: float
     bill: float
     messages: int
+    note: str | None = Field(None, description="Why the currency is unknown (currency 'unknown').")
 
 
 class Percentiles(BaseModel):
@@ -355,6 +369,24 @@ class TopError(BaseModel):
     count: int
 
 
+class CampaignControl(BaseModel):
+    """Whether a campaign is sending: held for approval, paused (and why), or running."""
+
+    status: Literal["running", "held", "paused", "cancelled"]
+    held_since: Timestamp | None
+    paused_since: Timestamp | None
+    pause_reason: str | None
+    held_messages: int = Field(description="Unsent messages waiting for approve or resume.")
+
+
+class CampaignAction(CampaignControl):
+    campaign: str
+    held_now: int | None = Field(None, description="Messages held by this pause or hold.")
+    released_now: int | None = Field(
+        None, description="Messages back in the queue by this resume or approve."
+    )
+
+
 class CampaignReport(BaseModel):
     """A campaign in figures: what `cascade campaign report NAME --json` prints."""
 
@@ -367,7 +399,11 @@ class CampaignReport(BaseModel):
     delivered: int
     delivery_rate: float = Field(ge=0, le=1, description="delivered / total")
     delivery_rate_of_sent: float = Field(ge=0, le=1, description="delivered / sent")
-    cost: float
+    cost: float | None = Field(
+        description="Total cost when every amount is in one currency; null when there are "
+        "several (they are never added: see `money`)."
+    )
+    cost_currency: str | None = Field(None, description="The currency of `cost`, if known.")
     unknown_outcomes: int
     polls: int
     finals_by_source: dict[str, int]
@@ -377,6 +413,10 @@ class CampaignReport(BaseModel):
     channels: dict[str, int] = Field(description="Messages per delivering channel.")
     latency_seconds: Latency
     top_errors: list[TopError]
+    waiting_for_time: int = Field(
+        0, description="Of queued: scheduled messages kept here until shortly before their time."
+    )
+    control: CampaignControl | None = None
 
 
 class Health(BaseModel):
@@ -506,13 +546,20 @@ async def post_messages(
             "messages without their own.",
         ),
     ] = None,
+    hold: Annotated[
+        bool,
+        Query(
+            description="Hold the campaign for approval before storing: nothing of it is "
+            "sent until POST /v1/campaigns/{campaign}/approve. Needs `campaign`."
+        ),
+    ] = False,
 ) -> Any:
     """Answer one result per message, in order: accepted, duplicate (the id is known, and
     `state` says where that message is) or rejected with every problem found. One bad
     message never fails the request."""
     body = await read_body(request)
     callbacks = (callback_url, callback_task)
-    return await run_in_threadpool(intake, body, campaign, callbacks, settings)
+    return await run_in_threadpool(intake, body, campaign, callbacks, settings, hold)
 
 
 @producers.get(
@@ -572,6 +619,57 @@ def get_campaign(
     return report
 
 
+@producers.post(
+    "/campaigns/{campaign:path}/{action}",
+    tags=["campaigns"],
+    summary="Pause, resume, hold or approve a campaign",
+    response_model=CampaignAction,
+    response_model_exclude_none=False,
+    responses={
+        401: UNAUTHORIZED,
+        404: _error("No campaign has this name."),
+        409: _error("The campaign was cancelled, or is not paused (resume) or held (approve)."),
+        422: _error("The name cannot be a campaign name.", ValidationErrorBody),
+        503: UNAVAILABLE,
+    },
+)
+def control_campaign(
+    campaign: Annotated[
+        str,
+        Path(
+            min_length=1,
+            max_length=MAX_CAMPAIGN_LENGTH,
+            pattern=PRINTABLE_PATTERN,
+            examples=["orders"],
+        ),
+    ],
+    action: Annotated[
+        Literal["pause", "resume", "hold", "approve"],
+        Path(description="pause/resume; hold/approve (hold for approval, then send)."),
+    ],
+    settings: SettingsDep,
+) -> Any:
+    """`pause` and `hold` stop the unsent messages (those with the provider are still
+    followed); `resume` and `approve` send them again. What `cascade campaign ACTION NAME
+    --json` prints."""
+    from worker import campaigns as control
+
+    engine = get_engine(settings.database_url)
+    run = {
+        "pause": lambda: control.pause_campaign(engine, campaign),
+        "hold": lambda: control.hold_campaign(engine, campaign),
+        "resume": lambda: control.resume_campaign(engine, campaign, settings.broker_url),
+        "approve": lambda: control.approve_campaign(engine, campaign, settings.broker_url),
+    }[action]
+    try:
+        result = run()
+    except ValueError as exc:  # cancelled, or not paused / not held
+        raise HTTPException(409, str(exc)) from None
+    if result is None:
+        raise HTTPException(404, f"no campaign named {campaign!r}")
+    return {"campaign": campaign, **result}
+
+
 probes = APIRouter(tags=["health"])
 
 
@@ -628,6 +726,7 @@ def intake(
     campaign: str | None,
     callbacks: tuple[str | None, str | None],
     settings: Settings,
+    hold: bool = False,
 ) -> list[dict[str, Any]]:
     """Parse and enqueue, off the event loop: both are CPU or database work."""
     messages = parse_messages(body)
@@ -635,6 +734,8 @@ def intake(
         check_campaign(campaign)
     except ValueError as exc:
         raise _invalid(["query", "campaign"], str(exc), "value_error") from None
+    if hold and campaign is None:
+        raise _invalid(["query", "hold"], "hold needs a campaign to approve", "value_error")
     url, task = callbacks
     for name, value in (("callbackUrl", (url, None)), ("callbackTask", (None, task))):
         try:
@@ -642,6 +743,10 @@ def intake(
         except ValueError as exc:
             raise _invalid(["query", name], str(exc), "value_error") from None
     try:
+        if hold and campaign is not None:
+            from worker.campaigns import hold_campaign
+
+            hold_campaign(get_engine(settings.database_url), campaign, create=True)
         results = enqueue(
             messages, campaign, settings=settings, callback_url=url, callback_task=task
         )

@@ -56,7 +56,11 @@ class Base(DeclarativeBase):
 
 
 class Campaign(Base):
-    """A name messages were enqueued under; cancelling it stops its unsent messages."""
+    """A name messages were enqueued under; cancelling it stops its unsent messages.
+
+    Held (launched with --hold, waiting for approval) or paused, its unsent messages are in
+    the state `held`, which no claim takes (migration 0009).
+    """
 
     __tablename__ = "campaigns"
 
@@ -65,6 +69,10 @@ class Campaign(Base):
     cancelled_at: Mapped[datetime | None]
     callback_url: Mapped[str | None] = mapped_column(Text)
     callback_task: Mapped[str | None] = mapped_column(String(200))
+    held_at: Mapped[datetime | None]  # waiting for `campaign approve` since
+    paused_at: Mapped[datetime | None]  # paused since (`campaign pause`, or a cap)
+    pause_reason: Mapped[str | None] = mapped_column(Text)
+    retry_of: Mapped[str | None] = mapped_column(String(200))  # `campaign retry`'s source
 
 
 class Message(Base):

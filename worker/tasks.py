@@ -241,6 +241,15 @@ def sweep() -> dict[str, int]:
     return sweeper.sweep(res.engine, res.settings)
 
 
+@app.task(name="cascade.enforce_holds")
+def enforce_holds() -> int:
+    """Hold what came back to the queue of a held or paused campaign (a failed send that was
+    in flight when it was paused)."""
+    from worker.campaigns import enforce_holds as hold
+
+    return hold(resources().engine)
+
+
 @app.task(name="cascade.apply_reports")
 def apply_reports() -> dict[str, int]:
     """Apply stored webhook and DLR reports; match parked ones whose message appeared."""

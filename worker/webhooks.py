@@ -18,6 +18,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Annotated, Any
 
 import orjson
@@ -240,7 +241,7 @@ def _accept(
     tasks: BackgroundTasks,
 ) -> dict[str, Any]:
     """Store what parsed, wake the applier after answering, report per element."""
-    reports = [r for r in results if isinstance(r, Report)]
+    reports = [_priced(r, settings) for r in results if isinstance(r, Report)]
     inbound = [r for r in results if isinstance(r, Inbound)]
     rejected = [r.as_dict() for r in results if isinstance(r, ParseError)]
     engine = get_engine(settings.database_url)
@@ -251,6 +252,14 @@ def _accept(
         tasks.add_task(wake, settings.broker_url)
     _log(reports, inbound, rejected)
     return {"accepted": len(reports) + len(inbound), "rejected": rejected}
+
+
+def _priced(report: Report, settings: Settings) -> Report:
+    """A BulkGate price in the unit BULKGATE_PRICE_CURRENCY names (the DLR names none)."""
+    currency = settings.bulkgate_price_currency
+    if report.source != "dlr" or currency is None or "cost" not in report.fields:
+        return report
+    return replace(report, fields={**report.fields, "rate_currency": currency.upper()})
 
 
 def _log(reports: Sequence[Report], inbound: Sequence[Inbound], rejected: Sequence[Any]) -> None:

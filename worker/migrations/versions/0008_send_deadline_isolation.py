@@ -34,7 +34,7 @@ def upgrade() -> None:
     else:  # stored naive UTC, in the format SQLAlchemy reads back
         op.execute(
             "UPDATE messages SET send_deadline = "
-            f"strftime('%Y-%m-%d %H:%M:%f', created_at, '+6 hours') WHERE {WAITING}"
+            f"strftime('%Y-%m-%d %H:%M:%f000', created_at, '+6 hours') WHERE {WAITING}"
         )
     op.create_index(
         "ix_messages_isolation",
