@@ -19,7 +19,8 @@ COPY config /tmp/src/config
 COPY worker /tmp/src/worker
 RUN pip install --no-deps /tmp/src \
     && rm -rf /tmp/src \
-    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin cascade
+    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin cascade \
+    && install -d -o cascade /var/lib/cascade-metrics  # PROMETHEUS_MULTIPROC_DIR (compose)
 
 # The code is owned by root and read-only for the app; it writes only to /tmp and $HOME.
 USER cascade

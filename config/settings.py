@@ -73,7 +73,13 @@ class Settings(BaseSettings):
     send_linger_seconds: float = Field(1.0, ge=0, alias="SEND_LINGER_SECONDS")
     send_parallelism: int = Field(4, ge=1, le=256, alias="SEND_PARALLELISM")
     send_lease_seconds: float = Field(300.0, gt=0, alias="SEND_LEASE_SECONDS")
-    send_max_attempts: int = Field(5, ge=1, alias="SEND_MAX_ATTEMPTS")
+    # A message's retries are bounded by time, not by a count a short outage would spend.
+    send_retry_for_seconds: float = Field(21600.0, gt=0, alias="SEND_RETRY_FOR_SECONDS")
+    # A send whose answer was lost is resent blind at most this many times.
+    send_max_unknown_outcomes: int = Field(3, ge=1, alias="SEND_MAX_UNKNOWN_OUTCOMES")
+    # Consecutive provider failures (5xx, connection errors, timeouts) that open the circuit.
+    send_circuit_failures: int = Field(3, ge=1, alias="SEND_CIRCUIT_FAILURES")
+    send_probe_size: int = Field(10, ge=1, le=1000, alias="SEND_PROBE_SIZE")
     send_backoff_base_seconds: float = Field(1.0, gt=0, alias="SEND_BACKOFF_BASE_SECONDS")
     send_backoff_max_seconds: float = Field(300.0, gt=0, alias="SEND_BACKOFF_MAX_SECONDS")
     send_unknown_outcome: Literal["resend", "fail"] = Field("resend", alias="SEND_UNKNOWN_OUTCOME")
@@ -87,6 +93,20 @@ class Settings(BaseSettings):
     # --- validation at the door ------------------------------------------------------------
     schedule_past_skew_seconds: float = Field(60.0, ge=0, alias="SCHEDULE_PAST_SKEW_SECONDS")
     schedule_max_ahead_days: float = Field(30.0, gt=0, le=30, alias="SCHEDULE_MAX_AHEAD_DAYS")
+    # National and '+'-less numbers are read as this country's: "UA" turns 067 123 4567 and
+    # 380671234567 into +380671234567. Unset: only E.164 is accepted.
+    default_phone_region: str | None = Field(None, alias="DEFAULT_PHONE_REGION")
+    # A message scheduled further ahead than this stays in our queue (cancel and pause work
+    # on it) until SCHEDULE_SEND_LEAD_SECONDS before its time; scheduledSent still goes to
+    # the provider. 0: every scheduled message goes to the provider at once.
+    # Prices for estimates (`campaign launch --dry-run`): "380:sms=0.95,viber=0.45;*:sms=1.5"
+    # (see config/rates.py), in RATE_CARD_CURRENCY.
+    rate_card: str | None = Field(None, alias="RATE_CARD")
+    rate_card_currency: str | None = Field(
+        None, min_length=1, max_length=8, pattern=r"^[A-Za-z]+$", alias="RATE_CARD_CURRENCY"
+    )
+    schedule_hold_ahead_seconds: float = Field(600.0, ge=0, alias="SCHEDULE_HOLD_AHEAD_SECONDS")
+    schedule_send_lead_seconds: float = Field(120.0, ge=0, alias="SCHEDULE_SEND_LEAD_SECONDS")
 
     # --- poll policy -----------------------------------------------------------------------
     poll_first_delay_seconds: float = Field(5.0, gt=0, alias="POLL_FIRST_DELAY_SECONDS")
@@ -104,6 +124,9 @@ class Settings(BaseSettings):
     # Sends come first: while a full batch waits to be sent, polling gets this many tasks.
     poll_tasks_while_sending: int = Field(2, ge=1, alias="POLL_TASKS_WHILE_SENDING")
     status_requests_per_second: int = Field(0, ge=0, alias="STATUS_REQUESTS_PER_SECOND")
+    # Past its deadline a message times out only on an answer; with the status endpoint down
+    # it is checked on for this long before it times out unanswered.
+    poll_outage_grace_seconds: float = Field(21600.0, ge=0, alias="POLL_OUTAGE_GRACE_SECONDS")
 
     # --- HTTP API and pushed reports --------------------------------------------------------
     api_token: SecretStr | None = Field(None, alias="API_TOKEN")
@@ -117,6 +140,11 @@ class Settings(BaseSettings):
     webhooks_enabled: bool = Field(False, alias="WEBHOOKS_ENABLED")
     poll_first_delay_with_webhooks_seconds: float = Field(
         600.0, gt=0, alias="POLL_FIRST_DELAY_WITH_WEBHOOKS_SECONDS"
+    )
+    # The unit of a BulkGate DLR's `price` (it names none): "EUR", "CREDITS"… Unset, those
+    # amounts are reported apart as currency "unknown", never added to others.
+    bulkgate_price_currency: str | None = Field(
+        None, min_length=1, max_length=8, pattern=r"^[A-Za-z]+$", alias="BULKGATE_PRICE_CURRENCY"
     )
     report_park_max_seconds: float = Field(259200.0, gt=0, alias="REPORT_PARK_MAX_SECONDS")
     reports_interval_seconds: float = Field(2.0, gt=0, alias="REPORTS_INTERVAL_SECONDS")
@@ -141,6 +169,16 @@ class Settings(BaseSettings):
     # Flower's own default ('') binds every interface while its banner says 127.0.0.1.
     flower_address: str = Field("127.0.0.1", alias="FLOWER_ADDRESS")
 
+    # --- metrics, health and logs (Prometheus, /healthz) ---------------------------------------
+    # Bearer token for /metrics; API_TOKEN when unset.
+    metrics_token: SecretStr | None = Field(None, alias="METRICS_TOKEN")
+    # Counting every message by state and campaign reads the whole table: at most this often.
+    metrics_totals_seconds: float = Field(60.0, ge=0, alias="METRICS_TOTALS_SECONDS")
+    metrics_top_campaigns: int = Field(20, ge=1, le=500, alias="METRICS_TOP_CAMPAIGNS")
+    health_beat_max_age_seconds: float = Field(120.0, gt=0, alias="HEALTH_BEAT_MAX_AGE_SECONDS")
+    health_queue_max_age_seconds: float = Field(1800.0, gt=0, alias="HEALTH_QUEUE_MAX_AGE_SECONDS")
+    log_format: Literal["text", "json"] = Field("text", alias="LOG_FORMAT")
+
     @field_validator("*")
     @classmethod
     def _bounded_duration(cls, value: object, info: ValidationInfo) -> object:
@@ -149,6 +187,32 @@ class Settings(BaseSettings):
         if name.endswith("_seconds") and isinstance(value, float) and value > MAX_SECONDS:
             raise ValueError(f"must be at most {MAX_SECONDS:.0f} seconds (366 days)")
         return value
+
+    @field_validator("default_phone_region")
+    @classmethod
+    def _phone_region(cls, value: str | None) -> str | None:
+        import phonenumbers
+
+        if value is None:
+            return None
+        if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError("must be a two-letter country code such as UA or PL")
+        return value.upper()
+
+    @field_validator("rate_card")
+    @classmethod
+    def _rate_card(cls, value: str | None) -> str | None:
+        from config.rates import parse_rate_card
+
+        if value is not None:
+            parse_rate_card(value)  # ValueError names the entry
+        return value
+
+    @property
+    def rates(self) -> dict[str, dict[str, float]] | None:
+        from config.rates import parse_rate_card
+
+        return parse_rate_card(self.rate_card) if self.rate_card else None
 
     @field_validator("database_url")
     @classmethod
@@ -184,7 +248,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must start with http:// or https://, got {_scheme(value)}")
         return value.rstrip("/") if value else value
 
-    @field_validator("api_token", "webhook_token")
+    @field_validator("api_token", "webhook_token", "metrics_token")
     @classmethod
     def _header_safe_token(cls, value: SecretStr | None) -> SecretStr | None:
         """Bearer tokens travel in headers (Latin-1) and URLs: anything but RFC 6750's
@@ -221,6 +285,12 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.send_batch_min > self.send_batch_max:
             raise ValueError("SEND_BATCH_MIN must not exceed SEND_BATCH_MAX")
+        if self.rate_card and not self.rate_card_currency:
+            raise ValueError("RATE_CARD needs RATE_CARD_CURRENCY (the currency of its prices)")
+        if self.schedule_send_lead_seconds > self.schedule_hold_ahead_seconds > 0:
+            raise ValueError(
+                "SCHEDULE_SEND_LEAD_SECONDS must not exceed SCHEDULE_HOLD_AHEAD_SECONDS"
+            )
         if self.smsbat_status_auth == "basic" and not (
             self.smsbat_username and self.smsbat_password
         ):

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,84 @@ def test_a_badly_encoded_line_costs_one_row(tmp_path: Path) -> None:
     assert rows[0].problem is None and rows[2].values["text"] == "fine"
 
 
+# --- contact lists as operators have them ---------------------------------------------
+
+OPERATOR_LIST = (
+    "phone;name\r\n"
+    "+380671234567;Olena\r\n"
+    "067 123 4568;Taras\r\n"
+    "380671234569;Ivan\r\n"
+    "067 12;Short\r\n"
+    "3.80671E+11;Excel\r\n"
+)
+MAPPED = Defaults(
+    from_name="Shop",
+    message_type="promo",
+    text="Hi {name}",
+    region="UA",
+    columns=(("phone", "toPhone"),),
+)
+
+
+def test_columns_are_mapped_to_fields_and_bad_mappings_named(tmp_path: Path) -> None:
+    from worker.campaigns import column_mapping
+
+    assert column_mapping(["Phone = toPhone", "msg=TEXT"]) == (
+        ("phone", "toPhone"),
+        ("msg", "text"),
+    )
+    with pytest.raises(CampaignError, match="maps to an unknown field 'mobile'"):
+        column_mapping(["phone=mobile"])
+    with pytest.raises(CampaignError, match="must be HEADER=FIELD"):
+        column_mapping(["phone"])
+    path = write(tmp_path / "x.csv", "\ufeffPhone\tName\n+380671234567\tOlena\n")
+    layout, rows = read_rows(path, MAPPED)
+    assert layout.columns == ["toPhone", "Name"] and layout.delimiter == "\t"
+    row = next(rows)
+    assert row.values["toPhone"] == row.values["Phone"] == "+380671234567"
+    with pytest.raises(CampaignError, match="--column mobile=toPhone: the file has no column"):
+        read_rows(path, Defaults(columns=(("mobile", "toPhone"),)))
+    with pytest.raises(CampaignError, match="map yours with --column, like --column phone="):
+        read_rows(path, Defaults())
+
+
+def test_excel_sep_line_is_honoured(tmp_path: Path) -> None:
+    path = write(tmp_path / "x.csv", "sep=;\r\ntoPhone;text\r\n+380671234567;a, b\r\n")
+    layout, rows = read_rows(path, Defaults())
+    assert layout.delimiter == ";"
+    assert [(r.line, r.values["text"]) for r in rows] == [(3, "a, b")]
+
+
+def test_xlsx_workbooks_are_read_streamed_with_sheet_row_numbers(tmp_path: Path) -> None:
+    from openpyxl import Workbook
+
+    book = Workbook(write_only=True)
+    sheet = book.create_sheet("contacts")
+    sheet.append(["Phone", "Name", None])
+    sheet.append([380671234567, "Olena"])  # a phone typed as a number
+    sheet.append([None, None])  # an empty row is skipped, the numbering goes on
+    sheet.append(["067 123 4568", "Taras", "extra"])
+    sheet.append(["+380671234569", 7.5])
+    book.save(tmp_path / "list.xlsx")
+
+    layout, rows = read_rows(tmp_path / "list.xlsx", MAPPED)
+    got = list(rows)
+
+    assert layout.columns == ["toPhone", "Name"] and layout.delimiter == "xlsx"
+    assert [(r.line, r.problem) for r in got] == [
+        (2, None),
+        (4, "has cells beyond the header's 2 columns"),
+        (5, None),
+    ]
+    assert got[0].values["toPhone"] == "380671234567" and got[2].values["Name"] == "7.5"
+    old = write(tmp_path / "old.xls", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 64)
+    with pytest.raises(CampaignError, match=r"old Excel \.xls workbook; save it as \.xlsx"):
+        read_rows(old, Defaults())
+    broken = write(tmp_path / "broken.xlsx", b"PK\x03\x04 not really a zip")
+    with pytest.raises(CampaignError, match=r"not a readable \.xlsx workbook"):
+        read_rows(broken, Defaults())
+
+
 # --- launches on real databases ------------------------------------------------------
 
 
@@ -199,6 +278,43 @@ def test_dry_run_validates_without_enqueueing(tmp_path: Path, settings: Settings
     assert count(settings.database_url, "dry") == 0
 
 
+def test_an_operator_list_with_a_default_region(tmp_path: Path, settings: Settings) -> None:
+    path = write(tmp_path / "people.csv", ("\ufeff" + OPERATOR_LIST).encode())
+
+    stats = launch(path, "ua-list", MAPPED, settings)
+
+    assert (stats.rows, stats.accepted, stats.rejected, stats.renumbered) == (5, 3, 2, 2)
+    with get_engine(settings.database_url).connect() as conn:
+        phones = conn.execute(
+            select(messages.c.to_phone, messages.c.text)
+            .where(messages.c.campaign == "ua-list")
+            .order_by(messages.c.to_phone)
+        ).all()
+    assert [tuple(p) for p in phones] == [
+        ("+380671234567", "Hi Olena"),
+        ("+380671234568", "Hi Taras"),
+        ("+380671234569", "Hi Ivan"),
+    ]
+    with open(tmp_path / "people.rejected.csv", newline="", encoding="utf-8") as handle:
+        rejected = list(csv.DictReader(handle))
+    assert [(r["line"], r["field"], r["toPhone"], r["changed"]) for r in rejected] == [
+        ("5", "toPhone", "067 12", ""),
+        ("6", "toPhone", "3.80671E+11", ""),
+    ]
+    assert rejected[0]["reason"].startswith("is not a valid UA number (national, or with its")
+    assert "scientific notation" in rejected[1]["reason"]
+
+
+def test_the_rejects_file_says_what_the_region_changed(tmp_path: Path, settings: Settings) -> None:
+    path = write(tmp_path / "c.csv", "phone,name\n067 123 4567,Olena\n")
+    stats = launch(path, "changed", replace(MAPPED, message_type="nope"), settings)
+    assert stats.rejected == 1
+    with open(tmp_path / "c.rejected.csv", newline="", encoding="utf-8") as handle:
+        (row,) = csv.DictReader(handle)
+    assert row["field"] == "messageType"
+    assert row["changed"] == "toPhone '067 123 4567' read as +380671234567 (region UA)"
+
+
 def test_a_cancelled_campaign_never_retries_nor_resends(settings: Settings) -> None:
     from worker.dispatcher import Retry, Unknown, claim, record
     from worker.producer import enqueue
@@ -238,7 +354,7 @@ def test_a_cancel_between_the_campaign_check_and_the_insert_still_wins(
     assert not isinstance(late, list)
 
     with pytest.raises(CampaignCancelled):  # as if ensure_campaign had run just before
-        store(engine, [row_for(late, "race", utcnow())], "race")
+        store(engine, [row_for(late, "race", utcnow(), settings)], "race")
     assert count(settings.database_url, "race") == 1
 
 
@@ -338,3 +454,56 @@ def test_launch_refuses_bad_files_without_a_traceback(tmp_path: Path) -> None:
         done = _cli("campaign", "launch", str(tmp_path / name), "--name", "x", env=env)
         assert done.returncode != 0
         assert "Traceback" not in done.stderr and "Error:" in done.stderr
+
+
+def test_an_interrupted_launch_says_what_was_stored_and_how_to_finish(
+    tmp_path: Path, database_factory: Callable[[str], str]
+) -> None:
+    import signal
+    import time
+
+    url = database_factory("postgresql")
+    path = big_file(tmp_path / "many.csv", 30_000, bad_every=10**9)
+    env = {**os.environ, "DATABASE_URL": url, "BROKER_URL": "redis://127.0.0.1:6379/15"}
+    args = [sys.executable, "-m", "worker.cli", "campaign", "launch", str(path), "--name", "cut"]
+    args += ["--from-name", "Shop", "--type", "promo", "--text", "Hi {name}"]
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while count(url, "cut") == 0:
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+
+    stored = count(url, "cut")
+    assert process.returncode == 130, err.decode()
+    assert 0 < stored < 30_000
+    text = " ".join(out.decode().split())  # rich wraps long lines
+    assert "launch interrupted after" in text and f"{stored:,} messages of campaign cut" in text
+    assert "launch the same file under the same name again" in text
+    finished = launch(path, "cut", DEFAULTS, Settings(DATABASE_URL=url))  # type: ignore[call-arg]
+    assert finished.duplicate == stored and count(url, "cut") == 30_000
+
+
+def test_dedupe_skips_a_phone_already_in_the_campaign_or_the_file(
+    tmp_path: Path, settings: Settings
+) -> None:
+    first = write(tmp_path / "a.csv", "phone,name\n+380671234567,a\n067 123 4568,b\n")
+    defaults = replace(MAPPED, dedupe=True)
+    assert launch(first, "dd", defaults, settings).accepted == 2
+    second = write(
+        tmp_path / "b.csv",
+        "phone,name\n"
+        "380671234567,same as a.csv line 2\n"
+        "+380671234569,new\n"
+        "0671234569,new again in this file\n"
+        "067 12,bad\n",
+    )
+
+    stats = launch(second, "dd", defaults, settings)
+
+    assert (stats.accepted, stats.deduped, stats.rejected) == (1, 2, 1)
+    assert count(settings.database_url, "dd") == 3
+    again = launch(first, "dd", defaults, settings)  # a relaunch: already known, not deduped
+    assert (again.accepted, again.duplicate, again.deduped) == (0, 2, 0)

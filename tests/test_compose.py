@@ -19,7 +19,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_SERVICES = {"migrate", "worker", "beat", "api", "flower", "simulator", "demo"}
-SERVICES = APP_SERVICES | {"redis", "postgres", "demo-db"}
+MONITORING = {"prometheus", "grafana"}
+SERVICES = APP_SERVICES | MONITORING | {"redis", "postgres", "demo-db"}
 FLOWER_AUTH = "ops:secret"
 
 
@@ -58,12 +59,16 @@ def example_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def config(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The resolved configuration, demo profile included, with Flower's password set."""
     project = make_project(tmp_path_factory.mktemp("compose"), FLOWER_AUTH)
-    result = compose(project, "--profile", "demo", "config")
+    result = compose(project, "--profile", "demo", "--profile", "monitoring", "config")
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("profile", [[], ["--profile", "demo"]], ids=["default", "demo"])
+@pytest.mark.parametrize(
+    "profile",
+    [[], ["--profile", "demo"], ["--profile", "monitoring"]],
+    ids=["default", "demo", "monitoring"],
+)
 def test_the_file_validates_with_the_example_env(example_project: Path, profile: list[str]) -> None:
     result = compose(example_project, *profile, "config", "-q")
     assert result.returncode == 0, result.stderr
@@ -72,14 +77,14 @@ def test_the_file_validates_with_the_example_env(example_project: Path, profile:
 def test_the_demo_profile_is_declared(example_project: Path) -> None:
     result = compose(example_project, "config", "--profiles")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["demo"]
+    assert sorted(result.stdout.split()) == ["demo", "monitoring"]
 
 
 def test_services_and_profiles(config: dict[str, Any]) -> None:
     services = config["services"]
     assert set(services) == SERVICES
     profiled = {name for name, service in services.items() if service.get("profiles")}
-    assert profiled == {"demo", "demo-db"}
+    assert profiled == {"demo", "demo-db"} | MONITORING
     assert services["demo"]["profiles"] == ["demo"]
 
 
@@ -138,6 +143,7 @@ def test_start_order(config: dict[str, Any]) -> None:
         ("redis", "redis-cli"),
         ("postgres", "pg_isready"),
         ("worker", "inspect ping -d celery@$"),
+        ("beat", "cascade health beat"),
         ("flower", "http://127.0.0.1:5555/healthcheck"),
         ("simulator", "http://127.0.0.1:8090/_sim/health"),
     ],
@@ -218,3 +224,27 @@ def test_image_installs_the_lock_then_the_package_as_a_library() -> None:
     assert patterns[0] == "*"  # an allow-list: `.env` and local databases stay out
     assert "!requirements.lock" in patterns
     assert not any(p.startswith(("!.env", "!*")) for p in patterns)
+
+
+def test_monitoring_is_provisioned_from_the_repository(config: dict[str, Any]) -> None:
+    """Prometheus loads our rules and scrapes the api; Grafana gets the dashboard; workers
+    and the api share the multiprocess directory the api sums on /metrics."""
+    services = config["services"]
+    mounted = {
+        name: {str(v["source"] if isinstance(v, dict) else v.split(":")[0]) for v in s["volumes"]}
+        for name, s in services.items()
+        if name in MONITORING
+    }
+    for path in ("deploy/prometheus/alerts.yml", "deploy/prometheus/prometheus.yml"):
+        # Relative to the project directory: the repository in a real deployment.
+        assert any(source.endswith("/" + path) for source in mounted["prometheus"]), path
+        assert (ROOT / path).is_file()
+    for path in ("deploy/grafana/cascade.json", "deploy/grafana/provisioning"):
+        assert any(source.endswith("/" + path) for source in mounted["grafana"]), path
+        assert (ROOT / path).exists()
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["api:8000"]
+    for name in ("worker", "api"):
+        directory = services[name]["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+        volumes = services[name]["volumes"]
+        assert any(directory in str(v) for v in volumes), name

@@ -154,7 +154,11 @@ def test_every_bulkgate_status_maps_to_its_state(status: Any, state: State, mean
 
     assert isinstance(report, Report)
     assert (report.message_id, report.state, report.source) == ("abc", state, "dlr")
-    assert report.fields == {"deliverystatus": state.value}
+    reason = {}  # a failure carries its status as the reason (issue 13: top errors)
+    if state == State.UNDELIVERABLE:
+        code = str(status).strip()
+        reason = {"error_code": f"BULKGATE_{code}", "error_message": BULKGATE_STATES[code][1]}
+    assert report.fields == {"deliverystatus": state.value, **reason}
     assert meaning in report.detail
 
 
@@ -443,3 +447,13 @@ def test_repeating_every_report_changes_nothing(reports: list[Report]) -> None:
         return state
 
     assert fold(reports) == fold([r for r in reports for _ in range(2)])
+
+
+@pytest.mark.parametrize(("status", "reason"), [("3", "unknown or unreachable"), ("8", "expired")])
+def test_a_bulkgate_failure_carries_its_status_as_the_reason(status: str, reason: str) -> None:
+    report = _one(parse_bulkgate([{"status": status, "smsID": "f1"}]))
+
+    assert isinstance(report, Report) and report.fields["error_code"] == f"BULKGATE_{status}"
+    assert reason in report.fields["error_message"]
+    delivered = _one(parse_bulkgate([{"status": "1", "smsID": "d1"}]))
+    assert isinstance(delivered, Report) and "error_code" not in delivered.fields

@@ -29,6 +29,7 @@ def pushed(database_factory: Callable[[str], str]) -> Iterator[tuple[Stack, Api]
         "WEBHOOKS_ENABLED": "true",
         "POLL_FIRST_DELAY_WITH_WEBHOOKS_SECONDS": "6",  # slack for a loaded machine
         "REPORTS_INTERVAL_SECONDS": "0.5",
+        "BULKGATE_PRICE_CURRENCY": "UAH",
     }
     with make_stack(database_factory("postgresql"), "postgresql", env) as stack:
         api = start_api(stack.workers.logdir, stack.workers.env)
@@ -131,3 +132,44 @@ def test_a_refused_push_changes_nothing(pushed, campaign: str) -> None:
             .where(provider_reports.c.provider_message_id == "x")
         ).scalar_one()
     assert stored == 0
+
+
+def test_a_report_from_bulkgate_pushes_stays_true(pushed, campaign: str) -> None:
+    """Issue 13: with BulkGate DLRs, no amounts added across currencies, no channel called
+    "none" that the source never reported, and a reason beside every failure."""
+    from worker.html_report import render_html
+    from worker.reports import campaign_report, deliveries_over_time
+
+    stack, api = pushed
+    sim = stack.simulator
+    sim.admin("/_sim/reset", {})
+    sim.configure(
+        delay_min=0.3,
+        delay_max=1.0,
+        webhook_url=None,
+        dlr_url=f"{api.url}/webhooks/bulkgate?token={TOKEN}",
+        dlr_form="json",
+        push_duplicates=0.0,
+        push_reorder=False,
+        push_early=False,
+        push_drop=0.0,
+        inbound_rate=0.0,
+        mix={"delivered": 1, "undeliverable": 1},
+        seed=13,
+    )
+
+    stack.enqueue(make_messages(100, campaign), campaign)
+    stack.wait_final(campaign, 100, timeout=60)
+
+    report = campaign_report(stack.engine, campaign)
+    assert report is not None and report["finals_by_source"] == {"dlr": 100}
+    failed = report["states"].get("undeliverable", 0)
+    assert 0 < failed < 100
+    assert list(report["money"]) == ["UAH"] and report["cost_currency"] == "UAH"
+    assert report["cost"] == report["money"]["UAH"]["cost"]
+    assert report["channels"] == {"not reported": 100}
+    assert report["top_errors"] == [{"code": "BULKGATE_3", "count": failed}]
+    page = render_html(report, deliveries_over_time(stack.engine, campaign))
+    assert "No error codes recorded" not in page and ">none<" not in page
+    assert "Cost UAH" in page and "Cost unknown" not in page
+    sim.configure(mix={"delivered": 0.9, "undeliverable": 0.07, "permanenterror": 0.03})

@@ -580,6 +580,7 @@ FIELDS = (
     "scheduledSent",
     "surveyOptions",
     "route",
+    "phoneRegion",
 )
 VISIBLE_TEXT = st.text(
     st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=85
@@ -637,3 +638,43 @@ def test_never_raises_and_always_answers(raw: object) -> None:
             assert isinstance(error, FieldError)
             assert error.field
             assert error.problem
+
+
+# --- phone numbers as operators have them (a default region) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "written",
+    ["067 123 4567", "0671234567", "(067) 123-45-67", "380671234567", "00380671234567", PHONE],
+)
+def test_a_default_region_reads_national_and_plus_less_numbers(written: str) -> None:
+    rules = ValidationRules(default_region="UA")
+    assert accepted(message(toPhone=written), rules=rules).to_phone == "+380671234567"
+    assert accepted(message(toPhone=written, phoneRegion="ua")).to_phone == "+380671234567"
+
+
+def test_without_a_region_only_e164_passes_and_the_error_says_how_to_fix_it() -> None:
+    errors = validate_message(message(toPhone="067 123 4567"), now=NOW)
+    assert isinstance(errors, list) and [e.field for e in errors] == ["toPhone"]
+    assert "give its country (phoneRegion, --default-region)" in errors[0].problem
+
+
+def test_a_region_never_turns_a_wrong_number_into_a_right_one() -> None:
+    for written in ("067 123", "0000000000", "+380 67 123 4567 8", "3.80671E+11"):
+        errors = validate_message(message(toPhone=written, phoneRegion="UA"), now=NOW)
+        assert isinstance(errors, list) and errors[0].field == "toPhone", written
+    excel = validate_message(message(toPhone="3.80671E+11", phoneRegion="UA"), now=NOW)
+    assert isinstance(excel, list) and "scientific notation" in excel[0].problem
+    # E.164 of another country stays as it is: the region only reads national numbers.
+    other = accepted(message(toPhone="+447911123456", phoneRegion="UA"))
+    assert other.to_phone == "+447911123456"
+
+
+def test_a_region_that_does_not_exist_is_named() -> None:
+    errors = validate_message(message(toPhone="0671234567", phoneRegion="XX"), now=NOW)
+    assert isinstance(errors, list)
+    assert errors[0] == FieldError(
+        "phoneRegion", "must be a two-letter country code such as 'UA' or 'PL', got 'XX'"
+    )
+    with pytest.raises(ValueError, match="default_region must be a two-letter"):
+        ValidationRules(default_region="Ukraine")

@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from importlib.metadata import version
 from typing import Annotated, Any, Literal
 
@@ -31,9 +32,11 @@ from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from config import Settings, get_settings
-from worker import webhooks
+from worker import exporter, logs, webhooks
 from worker.campaigns import CampaignCancelled
 from worker.db import NoSchema, get_engine, require_schema
+from worker.gauges import metrics_engine, read_backlog
+from worker.health import beat_health
 from worker.producer import MAX_CAMPAIGN_LENGTH, check_campaign, enqueue
 from worker.reports import campaign_report, message_detail
 from worker.states import State
@@ -80,7 +83,8 @@ JSON_KINDS: dict[type, str] = {
 }
 
 ID_PATTERN = r"^[A-Za-z0-9._-]+$"
-E164_PATTERN = r"^\+[1-9][0-9]{1,14}$"
+PHONE_PATTERN = r"^[+0-9][0-9 ()./-]{1,39}$"  # E.164, or national with phoneRegion
+REGION_PATTERN = r"^[A-Za-z]{2}$"
 NOT_BLANK_PATTERN = r"\S"  # unanchored: at least one character that is not whitespace
 PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
 # Necessary, not sufficient: the worker also parses the URL (host, port).
@@ -161,9 +165,21 @@ class CascadeMessage(BaseModel):
         description="Sender name shown on the handset; no control characters.",
     )
     toPhone: str = Field(
-        pattern=E164_PATTERN,
-        description="Recipient in canonical E.164, valid for its country.",
+        pattern=PHONE_PATTERN,
+        description=(
+            "Recipient in canonical E.164, valid for its country; with phoneRegion (or the "
+            "DEFAULT_PHONE_REGION setting) also national ('067 123 4567') or without '+'."
+        ),
         examples=["+380671234567"],
+    )
+    phoneRegion: str | None = Field(
+        None,
+        pattern=REGION_PATTERN,
+        description=(
+            "Two-letter country (ISO 3166) to read a national toPhone in; the number is "
+            "sent in E.164. Default: the DEFAULT_PHONE_REGION setting."
+        ),
+        examples=["UA"],
     )
     messageType: MessageType = Field(description="Decides which other fields are required.")
     text: str | None = Field(
@@ -333,6 +349,7 @@ class Money(BaseModel):
     cost: float
     bill: float
     messages: int
+    note: str | None = Field(None, description="Why the currency is unknown (currency 'unknown').")
 
 
 class Percentiles(BaseModel):
@@ -352,6 +369,24 @@ class TopError(BaseModel):
     count: int
 
 
+class CampaignControl(BaseModel):
+    """Whether a campaign is sending: held for approval, paused (and why), or running."""
+
+    status: Literal["running", "held", "paused", "cancelled"]
+    held_since: Timestamp | None
+    paused_since: Timestamp | None
+    pause_reason: str | None
+    held_messages: int = Field(description="Unsent messages waiting for approve or resume.")
+
+
+class CampaignAction(CampaignControl):
+    campaign: str
+    held_now: int | None = Field(None, description="Messages held by this pause or hold.")
+    released_now: int | None = Field(
+        None, description="Messages back in the queue by this resume or approve."
+    )
+
+
 class CampaignReport(BaseModel):
     """A campaign in figures: what `cascade campaign report NAME --json` prints."""
 
@@ -364,7 +399,11 @@ class CampaignReport(BaseModel):
     delivered: int
     delivery_rate: float = Field(ge=0, le=1, description="delivered / total")
     delivery_rate_of_sent: float = Field(ge=0, le=1, description="delivered / sent")
-    cost: float
+    cost: float | None = Field(
+        description="Total cost when every amount is in one currency; null when there are "
+        "several (they are never added: see `money`)."
+    )
+    cost_currency: str | None = Field(None, description="The currency of `cost`, if known.")
     unknown_outcomes: int
     polls: int
     finals_by_source: dict[str, int]
@@ -374,11 +413,28 @@ class CampaignReport(BaseModel):
     channels: dict[str, int] = Field(description="Messages per delivering channel.")
     latency_seconds: Latency
     top_errors: list[TopError]
+    waiting_for_time: int = Field(
+        0, description="Of queued: scheduled messages kept here until shortly before their time."
+    )
+    control: CampaignControl | None = None
 
 
 class Health(BaseModel):
     database: Literal["ok", "unavailable"]
     broker: Literal["ok", "unavailable"]
+    beat: Literal["ok", "stale", "unknown"] = Field(
+        "unknown",
+        description="stale: no periodic task sent for HEALTH_BEAT_MAX_AGE_SECONDS; "
+        "unknown: beat never ticked (or its record expired after a day).",
+    )
+    beat_last_tick: Timestamp | None = None
+    queue: Literal["ok", "stuck", "unknown"] = Field(
+        "unknown",
+        description="stuck: a message ready to send has waited HEALTH_QUEUE_MAX_AGE_SECONDS.",
+    )
+    oldest_queued_seconds: float | None = Field(
+        None, description="How long the oldest message ready to send has waited."
+    )
 
 
 # --- dependencies ------------------------------------------------------------------------
@@ -490,13 +546,20 @@ async def post_messages(
             "messages without their own.",
         ),
     ] = None,
+    hold: Annotated[
+        bool,
+        Query(
+            description="Hold the campaign for approval before storing: nothing of it is "
+            "sent until POST /v1/campaigns/{campaign}/approve. Needs `campaign`."
+        ),
+    ] = False,
 ) -> Any:
     """Answer one result per message, in order: accepted, duplicate (the id is known, and
     `state` says where that message is) or rejected with every problem found. One bad
     message never fails the request."""
     body = await read_body(request)
     callbacks = (callback_url, callback_task)
-    return await run_in_threadpool(intake, body, campaign, callbacks, settings)
+    return await run_in_threadpool(intake, body, campaign, callbacks, settings, hold)
 
 
 @producers.get(
@@ -556,22 +619,79 @@ def get_campaign(
     return report
 
 
+@producers.post(
+    "/campaigns/{campaign:path}/{action}",
+    tags=["campaigns"],
+    summary="Pause, resume, hold or approve a campaign",
+    response_model=CampaignAction,
+    response_model_exclude_none=False,
+    responses={
+        401: UNAUTHORIZED,
+        404: _error("No campaign has this name."),
+        409: _error("The campaign was cancelled, or is not paused (resume) or held (approve)."),
+        422: _error("The name cannot be a campaign name.", ValidationErrorBody),
+        503: UNAVAILABLE,
+    },
+)
+def control_campaign(
+    campaign: Annotated[
+        str,
+        Path(
+            min_length=1,
+            max_length=MAX_CAMPAIGN_LENGTH,
+            pattern=PRINTABLE_PATTERN,
+            examples=["orders"],
+        ),
+    ],
+    action: Annotated[
+        Literal["pause", "resume", "hold", "approve"],
+        Path(description="pause/resume; hold/approve (hold for approval, then send)."),
+    ],
+    settings: SettingsDep,
+) -> Any:
+    """`pause` and `hold` stop the unsent messages (those with the provider are still
+    followed); `resume` and `approve` send them again. What `cascade campaign ACTION NAME
+    --json` prints."""
+    from worker import campaigns as control
+
+    engine = get_engine(settings.database_url)
+    run = {
+        "pause": lambda: control.pause_campaign(engine, campaign),
+        "hold": lambda: control.hold_campaign(engine, campaign),
+        "resume": lambda: control.resume_campaign(engine, campaign, settings.broker_url),
+        "approve": lambda: control.approve_campaign(engine, campaign, settings.broker_url),
+    }[action]
+    try:
+        result = run()
+    except ValueError as exc:  # cancelled, or not paused / not held
+        raise HTTPException(409, str(exc)) from None
+    if result is None:
+        raise HTTPException(404, f"no campaign named {campaign!r}")
+    return {"campaign": campaign, **result}
+
+
 probes = APIRouter(tags=["health"])
 
 
 @probes.get(
     "/healthz",
-    summary="Database and broker reachable",
+    summary="Database and broker reachable, beat ticking, the queue moving",
     response_model=Health,
-    responses={503: {"model": Health, "description": "The one marked unavailable is down."}},
+    responses={503: {"model": Health, "description": "Something is unavailable, stale or stuck."}},
 )
 def healthz(settings: SettingsDep, response: Response) -> Health:
-    """A `SELECT 1` and a Redis PING; no token, so load balancers can probe it."""
+    """A `SELECT 1` and a Redis PING, beat's last tick and the oldest ready message's age;
+    no token, so load balancers and orchestrators can probe it."""
     health = Health(
         database=_probe("database", _ping_database, settings.database_url),
         broker=_probe("broker", _ping_broker, settings.broker_url),
     )
-    if "unavailable" in (health.database, health.broker):
+    if health.broker == "ok":
+        _beat_health(health, settings)
+    if health.database == "ok":
+        _queue_health(health, settings)
+    down = "unavailable" in (health.database, health.broker)
+    if down or health.beat == "stale" or health.queue == "stuck":
         response.status_code = 503
     return health
 
@@ -606,6 +726,7 @@ def intake(
     campaign: str | None,
     callbacks: tuple[str | None, str | None],
     settings: Settings,
+    hold: bool = False,
 ) -> list[dict[str, Any]]:
     """Parse and enqueue, off the event loop: both are CPU or database work."""
     messages = parse_messages(body)
@@ -613,6 +734,8 @@ def intake(
         check_campaign(campaign)
     except ValueError as exc:
         raise _invalid(["query", "campaign"], str(exc), "value_error") from None
+    if hold and campaign is None:
+        raise _invalid(["query", "hold"], "hold needs a campaign to approve", "value_error")
     url, task = callbacks
     for name, value in (("callbackUrl", (url, None)), ("callbackTask", (None, task))):
         try:
@@ -620,6 +743,10 @@ def intake(
         except ValueError as exc:
             raise _invalid(["query", name], str(exc), "value_error") from None
     try:
+        if hold and campaign is not None:
+            from worker.campaigns import hold_campaign
+
+            hold_campaign(get_engine(settings.database_url), campaign, create=True)
         results = enqueue(
             messages, campaign, settings=settings, callback_url=url, callback_task=task
         )
@@ -684,6 +811,29 @@ def _probe(name: str, check: Callable[[str], None], url: str) -> Literal["ok", "
     return "ok"
 
 
+def _beat_health(health: Health, settings: Settings) -> None:
+    try:
+        beat = beat_health(settings.broker_url, settings.health_beat_max_age_seconds)
+    except Exception as exc:
+        log.warning("healthz: beat's tick unreadable: %s", type(exc).__name__)
+        return
+    health.beat = beat.status  # type: ignore[assignment]
+    if beat.last_tick is not None:
+        stamp = datetime.fromtimestamp(beat.last_tick, UTC)
+        health.beat_last_tick = stamp.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _queue_health(health: Health, settings: Settings) -> None:
+    try:
+        backlog = read_backlog(metrics_engine(settings.database_url))
+    except Exception as exc:
+        log.warning("healthz: backlog unreadable: %s", type(exc).__name__)
+        return
+    health.oldest_queued_seconds = round(backlog.oldest_queued_seconds, 3)
+    stuck = backlog.oldest_queued_seconds >= settings.health_queue_max_age_seconds
+    health.queue = "stuck" if stuck else "ok"
+
+
 def _ping_database(url: str) -> None:
     with get_engine(url).connect() as conn:
         conn.execute(text("SELECT 1"))
@@ -731,6 +881,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(producers)
     app.include_router(probes)
     app.include_router(webhooks.router)
+    app.include_router(exporter.router)
     _documentation(app)
     return app
 
@@ -768,7 +919,7 @@ def _documentation(app: FastAPI) -> None:
 def serve(settings: Settings, host: str, port: int) -> None:
     """Run the API under uvicorn. Without API_TOKEN no producer could ever be let in,
     so refuse to start rather than serve an API that answers 401 to everyone."""
-    logging.basicConfig(level=logging.INFO)
+    logs.configure(settings.log_format)
     if not _secret(settings.api_token):
         raise SystemExit(
             "refusing to start the API: API_TOKEN is not set "
@@ -783,4 +934,11 @@ def serve(settings: Settings, host: str, port: int) -> None:
     if not _secret(settings.webhook_token):
         log.warning("WEBHOOK_TOKEN is not set: provider webhooks cannot be authenticated")
     # No access log: BulkGate can only send its token in the URL (?token=…).
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        log_config=logs.uvicorn_log_config(settings.log_format) or uvicorn.config.LOGGING_CONFIG,
+    )

@@ -1,4 +1,4 @@
-"""Campaigns: launching one from a CSV file, cancelling it, listing them.
+"""Campaigns: launching one from a CSV file, holding, pausing, cancelling it, listing them.
 
 A launch streams the file in chunks, so a million rows use the memory of one chunk.
 Ids are either the file's own or derived from the campaign name, the line and the phone,
@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, or_, select, update
 
 from config import Settings
 from worker.db import among, insert_or_skip, utcnow
@@ -39,6 +39,10 @@ class CampaignError(ValueError):
 class CampaignCancelled(ValueError):
     def __init__(self, name: str) -> None:
         super().__init__(f"campaign {name!r} was cancelled; use a new name")
+
+
+class CampaignStateError(ValueError):
+    """The campaign is not in a state the command applies to (approve one not held…)."""
 
 
 # --- the campaign row ----------------------------------------------------------------
@@ -103,44 +107,18 @@ def cancel_campaign(engine: Engine, name: str) -> dict[str, int] | None:
     if found is None:
         return None
     cancelled = 0
-    while True:
-        with engine.begin() as conn:
-            pks = list(
-                conn.execute(
-                    select(messages.c.pk)
-                    .where(messages.c.campaign == name, messages.c.state == State.QUEUED)
-                    .limit(10_000)
-                    .with_for_update(skip_locked=True)
-                ).scalars()
-            )
-            if not pks:
-                break
-            conn.execute(
-                update(messages)
-                .where(among(conn, messages.c.pk, pks), messages.c.state == State.QUEUED)
-                .values(
-                    state=State.CANCELLED,
-                    final_at=now,
-                    final_source="system",
-                    error_code="CANCELLED",
-                    error_message="campaign cancelled before the message was sent",
-                )
-            )
-            conn.execute(
-                insert(events),
-                [
-                    {
-                        "message_pk": pk,
-                        "at": now,
-                        "source": "system",
-                        "from_state": State.QUEUED,
-                        "to_state": State.CANCELLED,
-                        "detail": "campaign cancelled",
-                    }
-                    for pk in pks
-                ],
-            )
-            cancelled += len(pks)
+    for source in (State.QUEUED, State.HELD):
+        cancelled += move_messages(
+            engine,
+            name,
+            source,
+            State.CANCELLED,
+            "campaign cancelled",
+            final_at=now,
+            final_source="system",
+            error_code="CANCELLED",
+            error_message="campaign cancelled before the message was sent",
+        )
     with engine.connect() as conn:
         states = dict(
             conn.execute(
@@ -150,7 +128,9 @@ def cancel_campaign(engine: Engine, name: str) -> dict[str, int] | None:
             ).all()
         )
     with_provider = sum(
-        n for s, n in states.items() if s not in FINAL and s not in (State.QUEUED, State.SENDING)
+        n
+        for s, n in states.items()
+        if s not in FINAL and s not in (State.QUEUED, State.HELD, State.SENDING)
     )
     return {
         "cancelled_now": cancelled,
@@ -160,6 +140,226 @@ def cancel_campaign(engine: Engine, name: str) -> dict[str, int] | None:
         "final_before": sum(n for s, n in states.items() if s in FINAL and s != State.CANCELLED),
         "queued": states.get(State.QUEUED, 0),
     }
+
+
+MOVE_CHUNK = 10_000
+
+
+def move_messages(
+    engine: Engine, name: str, source: State, target: State, detail: str, **values: Any
+) -> int:
+    """Move every message of a campaign in `source` to `target`, journalled (source
+    "system"), a chunk per transaction; answer how many moved.
+
+    Rows another transaction holds (a claim turning them into `sending`) are skipped: the
+    loop ends when a pass finds no unlocked row. For holds, `enforce_holds` (beat) takes any
+    row that was locked for another reason and is still queued. `values` are set too (a
+    deadline pushed, an error for a cancel).
+    """
+    moved = 0
+    while True:
+        with engine.begin() as conn:
+            pks = list(
+                conn.execute(
+                    select(messages.c.pk)
+                    .where(messages.c.campaign == name, messages.c.state == source)
+                    .limit(MOVE_CHUNK)
+                    .with_for_update(skip_locked=True)
+                ).scalars()
+            )
+            if not pks:
+                return moved
+            now = utcnow()
+            conn.execute(
+                update(messages)
+                .where(among(conn, messages.c.pk, pks), messages.c.state == source)
+                .values(state=target, **values)
+            )
+            conn.execute(
+                insert(events),
+                [
+                    {
+                        "message_pk": pk,
+                        "at": now,
+                        "source": "system",
+                        "from_state": source,
+                        "to_state": target,
+                        "detail": detail,
+                    }
+                    for pk in pks
+                ],
+            )
+            moved += len(pks)
+
+
+# --- hold and approve, pause and resume ------------------------------------------------
+
+# The send deadline counts no time an operator held a campaign: an hour held, an hour more.
+DEADLINE_COLUMN = "send_deadline"
+
+
+def later_by(conn: Connection | Engine, column: Any, seconds: float) -> Any:
+    """`column` plus `seconds`, in SQL on either backend (SQLite keeps SQLAlchemy's text
+    form, microseconds included, so stored times still compare as text)."""
+    if conn.dialect.name == "sqlite":
+        return func.strftime("%Y-%m-%d %H:%M:%f000", column, f"{seconds:+.3f} seconds")
+    return column + func.make_interval(0, 0, 0, 0, 0, 0, seconds)
+
+
+def _campaign(conn: Connection, name: str) -> Any:
+    return conn.execute(
+        select(
+            campaigns.c.cancelled_at,
+            campaigns.c.held_at,
+            campaigns.c.paused_at,
+            campaigns.c.pause_reason,
+        )
+        .where(campaigns.c.name == name)
+        .with_for_update()
+    ).first()
+
+
+def hold_campaign(engine: Engine, name: str, *, create: bool = False) -> dict[str, Any] | None:
+    """Hold a campaign for approval: nothing of it is sent until `approve_campaign`.
+
+    `create` makes the campaign if it is new (a launch with --hold); an existing campaign
+    that already sent messages can be held too, only what is unsent stops.
+    """
+    if create:
+        ensure_campaign(engine, name)
+    return _block(engine, name, "held_at", None)
+
+
+def pause_campaign(
+    engine: Engine, name: str, reason: str = "paused by the operator"
+) -> dict[str, Any] | None:
+    """Stop sending a campaign's unsent messages; those with the provider are still followed."""
+    return _block(engine, name, "paused_at", reason)
+
+
+def approve_campaign(
+    engine: Engine, name: str, broker_url: str | None = None
+) -> dict[str, Any] | None:
+    """Send a campaign held for approval (unless it is also paused)."""
+    return _unblock(engine, name, "held_at", "approved", "it is not held for approval", broker_url)
+
+
+def resume_campaign(
+    engine: Engine, name: str, broker_url: str | None = None
+) -> dict[str, Any] | None:
+    """Send a paused campaign's messages again (unless it is also held for approval)."""
+    return _unblock(engine, name, "paused_at", "resumed", "it is not paused", broker_url)
+
+
+def _block(engine: Engine, name: str, column: str, reason: str | None) -> dict[str, Any] | None:
+    now = utcnow()
+    with engine.begin() as conn:
+        row = _campaign(conn, name)
+        if row is None:
+            return None
+        if row.cancelled_at is not None:
+            raise CampaignCancelled(name)
+        values: dict[str, Any] = {column: func.coalesce(campaigns.c[column], now)}
+        if reason is not None:
+            values["pause_reason"] = reason
+        conn.execute(update(campaigns).where(campaigns.c.name == name).values(values))
+    detail = "campaign held for approval" if column == "held_at" else f"campaign {reason}"
+    held = move_messages(engine, name, State.QUEUED, State.HELD, detail)
+    return {"held_now": held, **campaign_control(engine, name)}
+
+
+def _unblock(
+    engine: Engine, name: str, column: str, verb: str, not_so: str, broker_url: str | None
+) -> dict[str, Any] | None:
+    now = utcnow()
+    with engine.begin() as conn:
+        row = _campaign(conn, name)
+        if row is None:
+            return None
+        if row.cancelled_at is not None:
+            raise CampaignCancelled(name)
+        since = getattr(row, column)
+        if since is None:
+            raise CampaignStateError(f"campaign {name!r} cannot be {verb}: {not_so}")
+        values: dict[str, Any] = {column: None}
+        if column == "paused_at":
+            values["pause_reason"] = None
+        conn.execute(update(campaigns).where(campaigns.c.name == name).values(values))
+        other = row.paused_at if column == "held_at" else row.held_at
+        blocked_since = min(t for t in (row.held_at, row.paused_at) if t is not None)
+    released = 0
+    if other is None:  # neither held nor paused any more: the messages go again
+        seconds = (now - blocked_since).total_seconds()
+        extra: dict[str, Any] = {}
+        if seconds > 0:
+            extra[DEADLINE_COLUMN] = later_by(engine, messages.c.send_deadline, seconds)
+        released = move_messages(
+            engine, name, State.HELD, State.QUEUED, f"campaign {verb}", **extra
+        )
+        if released and broker_url:
+            from worker.producer import wake_dispatcher
+
+            wake_dispatcher(broker_url)
+    return {"released_now": released, **campaign_control(engine, name)}
+
+
+def campaign_control(engine: Engine, name: str) -> dict[str, Any]:
+    """Whether a campaign is held or paused, since when and why; its held messages."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(
+                campaigns.c.cancelled_at,
+                campaigns.c.held_at,
+                campaigns.c.paused_at,
+                campaigns.c.pause_reason,
+            ).where(campaigns.c.name == name)
+        ).first()
+        held = conn.execute(
+            select(func.count()).where(messages.c.campaign == name, messages.c.state == State.HELD)
+        ).scalar_one()
+    if row is None:  # messages stored under a name without a campaign row (older data)
+        return {
+            "status": "running",
+            "held_since": None,
+            "paused_since": None,
+            "pause_reason": None,
+            "held_messages": held,
+        }
+    status = (
+        "cancelled"
+        if row.cancelled_at
+        else "held"
+        if row.held_at
+        else "paused"
+        if row.paused_at
+        else "running"
+    )
+    return {
+        "status": status,
+        "held_since": _iso(row.held_at),
+        "paused_since": _iso(row.paused_at),
+        "pause_reason": row.pause_reason,
+        "held_messages": held,
+    }
+
+
+def enforce_holds(engine: Engine) -> int:
+    """Hold the queued messages of held and paused campaigns: a send that was in flight when
+    the campaign was paused and failed comes back `queued`; this puts it with the others.
+    Run by beat; answers how many it moved."""
+    with engine.connect() as conn:
+        blocked = list(
+            conn.execute(
+                select(campaigns.c.name).where(
+                    campaigns.c.cancelled_at.is_(None),
+                    or_(campaigns.c.held_at.is_not(None), campaigns.c.paused_at.is_not(None)),
+                )
+            ).scalars()
+        )
+    return sum(
+        move_messages(engine, name, State.QUEUED, State.HELD, "campaign held or paused")
+        for name in blocked
+    )
 
 
 def list_campaigns(engine: Engine) -> list[dict[str, Any]]:
@@ -181,6 +381,7 @@ def list_campaigns(engine: Engine) -> list[dict[str, Any]]:
                 "campaign": row.name,
                 "created_at": _iso(row.created_at),
                 "cancelled_at": _iso(row.cancelled_at),
+                "retry_of": row.retry_of,
                 "total": total,
                 "final": sum(n for s, n in states.items() if s in FINAL),
                 "delivered": states.get(State.DELIVERED, 0),
@@ -207,6 +408,28 @@ class Defaults:
     text: str | None = None  # a template: "Hi {name}, your code {code}"
     callback_url: str | None = None  # for the whole campaign (issue: outcome callbacks)
     callback_task: str | None = None
+    region: str | None = None  # `--default-region UA`: national numbers read as Ukrainian
+    columns: tuple[tuple[str, str], ...] = ()  # `--column phone=toPhone`: header -> field
+    dedupe: bool = False  # `--dedupe`: skip a phone already in the campaign (or the file)
+
+
+def column_mapping(specs: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """`--column HEADER=FIELD` options, checked: the field must be one of the API's."""
+    mapping: dict[str, str] = {}
+    for spec in specs:
+        header, equals, target = (part.strip() for part in spec.partition("="))
+        if not (equals and header and target):
+            raise CampaignError(f"--column {spec!r} must be HEADER=FIELD, like phone=toPhone")
+        field_name = _CANONICAL.get(target.lower())
+        if field_name is None:
+            raise CampaignError(
+                f"--column {spec!r} maps to an unknown field {target!r}; "
+                f"the fields are: {', '.join(API_COLUMNS)}"
+            )
+        if header.lower() in mapping:
+            raise CampaignError(f"--column maps the column {header!r} twice")
+        mapping[header.lower()] = field_name
+    return tuple(mapping.items())
 
 
 @dataclass(frozen=True)
@@ -220,7 +443,8 @@ class Row:
 class CsvLayout:
     columns: list[str]  # canonical API names where they match, else as written
     ignored: list[str]
-    delimiter: str
+    delimiter: str  # "xlsx" for a workbook
+    renamed: dict[str, str] = field(default_factory=dict)  # field -> the header it came from
 
 
 def _decode_lines(raw: IO[bytes], bad: set[int]) -> Iterator[str]:
@@ -242,19 +466,31 @@ def _binary(head: bytes) -> bool:
     return b"\x00" in first_line or head.count(b"\x00") * 10 > len(head)
 
 
-def _sniff(path: Path) -> str:
+_SEP_LINE = re.compile(r"sep=(.)\s*")  # Excel writes and reads a first line "sep=;"
+XLSX_MAGIC = b"PK\x03\x04"
+XLS_MAGIC = b"\xd0\xcf\x11\xe0"
+
+
+def _sniff(path: Path) -> tuple[str, bool]:
+    """The file's delimiter, and whether its first line is Excel's `sep=` line."""
     with path.open("rb") as raw:
         head = raw.read(SNIFF_BYTES)
     if not head.strip():
         raise CampaignError(f"{path} is empty")
+    if head.startswith(XLS_MAGIC):
+        raise CampaignError(
+            f"{path} is an old Excel .xls workbook; save it as .xlsx or CSV UTF-8 and launch that"
+        )
     if _binary(head):
         raise CampaignError(f"{path} is not a CSV text file (it contains binary data)")
     sample = head.decode("utf-8", errors="replace").lstrip("\ufeff")
     first = sample.splitlines()[0] if sample.splitlines() else sample
+    if sep := _SEP_LINE.fullmatch(first):
+        return sep[1], True
     try:
-        return csv.Sniffer().sniff(first, delimiters=",;\t|").delimiter
+        return csv.Sniffer().sniff(first, delimiters=",;\t|").delimiter, False
     except csv.Error:
-        return ","
+        return ",", False
 
 
 def template_fields(template: str) -> list[str]:
@@ -265,7 +501,17 @@ def template_fields(template: str) -> list[str]:
 
 
 def read_layout(header: list[str], defaults: Defaults, delimiter: str) -> CsvLayout:
-    columns = [_CANONICAL.get(h.strip().lower(), h.strip()) for h in header]
+    written = [h.strip().lstrip("\ufeff").strip() for h in header]
+    mapping = dict(defaults.columns)
+    found = {h.lower() for h in written}
+    for source, target in mapping.items():
+        if source not in found:
+            raise CampaignError(
+                f"--column {source}={target}: the file has no column {source!r} "
+                f"(found: {', '.join(h for h in written if h)})"
+            )
+    columns = [mapping.get(h.lower()) or _CANONICAL.get(h.lower(), h) for h in written]
+    renamed = {mapping[h.lower()]: h for h in written if h.lower() in mapping}
     if not any(columns):
         raise CampaignError("the header row is empty")
     duplicates = sorted({c for c in columns if columns.count(c) > 1 and c})
@@ -274,25 +520,33 @@ def read_layout(header: list[str], defaults: Defaults, delimiter: str) -> CsvLay
     if "toPhone" not in columns:
         raise CampaignError(
             f"the header has no toPhone column (found: {', '.join(columns)}); "
-            f"the columns are the cascade API's field names: {', '.join(API_COLUMNS)}"
+            f"the columns are the cascade API's field names: {', '.join(API_COLUMNS)}, "
+            "or map yours with --column, like --column phone=toPhone"
         )
     used = set(template_fields(defaults.text)) if defaults.text else set()
-    missing = sorted(used - set(columns))
+    known = {c.lower() for c in [*columns, *renamed.values()]}
+    missing = sorted(u for u in used if u.lower() not in known)
     if missing:
         raise CampaignError(f"--text uses columns the file does not have: {', '.join(missing)}")
     ignored = [c for c in columns if c and c not in API_COLUMNS and c not in used]
-    return CsvLayout(columns, ignored, delimiter)
+    return CsvLayout(columns, ignored, delimiter, renamed)
 
 
 def read_rows(path: Path, defaults: Defaults) -> tuple[CsvLayout, Iterator[Row]]:
-    """The file's layout (checked now) and its rows (read lazily)."""
+    """The file's layout (checked now) and its rows (read lazily): CSV in any of the forms
+    Excel and other tools write, or an .xlsx workbook's first sheet."""
     if not path.is_file():
         raise CampaignError(f"{path}: no such file")
-    delimiter = _sniff(path)
+    with path.open("rb") as probe:
+        if probe.read(4) == XLSX_MAGIC:
+            return read_xlsx(path, defaults)
+    delimiter, sep_line = _sniff(path)
     raw = path.open("rb")
     bad: set[int] = set()
     reader = csv.reader(_decode_lines(raw, bad), delimiter=delimiter)
     try:
+        if sep_line:
+            next(reader)
         header = next(reader)
     except StopIteration:
         raw.close()
@@ -327,12 +581,92 @@ def _rows(reader: Any, raw: IO[bytes], layout: CsvLayout, bad: set[int]) -> Iter
                 yield Row(line, {}, f"has {len(cells)} cells, the header {len(layout.columns)}")
                 continue
             cells += [""] * (len(layout.columns) - len(cells))  # Excel drops trailing cells
-            yield Row(line, dict(zip(layout.columns, cells, strict=True)))
+            yield Row(line, _values(layout, cells))
     finally:
         raw.close()
 
 
+def _values(layout: CsvLayout, cells: list[str]) -> dict[str, str]:
+    """A row's cells by field; a mapped column is also there under its own header, so a
+    --text template may use either name."""
+    values = dict(zip(layout.columns, cells, strict=True))
+    for target, header in layout.renamed.items():
+        values.setdefault(header, values[target])
+    return values
+
+
+# --- reading an .xlsx workbook -------------------------------------------------------
+
+
+def read_xlsx(path: Path, defaults: Defaults) -> tuple[CsvLayout, Iterator[Row]]:
+    """The first sheet, streamed (openpyxl read-only: one row in memory at a time); lines
+    are the sheet's row numbers, as Excel shows them."""
+    import zipfile
+
+    from openpyxl import load_workbook
+
+    try:
+        book = load_workbook(path, read_only=True, data_only=True)
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError) as exc:
+        raise CampaignError(f"{path} is not a readable .xlsx workbook: {exc}") from None
+    sheet = book.worksheets[0] if book.worksheets else None
+    if sheet is None:
+        book.close()
+        raise CampaignError(f"{path} has no worksheet")
+    cells = sheet.iter_rows(values_only=True)
+    try:
+        header = next(cells)
+    except StopIteration:
+        book.close()
+        raise CampaignError(f"{path}: the first sheet is empty") from None
+    width = len(header)
+    while width and header[width - 1] is None:  # trailing empty header cells
+        width -= 1
+    layout = read_layout([_cell_text(c) for c in header[:width]], defaults, "xlsx")
+    return layout, _xlsx_rows(book, cells, layout)
+
+
+def _xlsx_rows(book: Any, cells: Iterator[tuple[Any, ...]], layout: CsvLayout) -> Iterator[Row]:
+    width = len(layout.columns)
+    try:
+        for line, values in enumerate(cells, start=2):
+            text = [_cell_text(v) for v in values]
+            if not any(t.strip() for t in text):
+                continue
+            if any(t.strip() for t in text[width:]):
+                yield Row(line, {}, f"has cells beyond the header's {width} columns")
+                continue
+            text = (text + [""] * width)[:width]
+            yield Row(line, _values(layout, text))
+    finally:
+        book.close()
+
+
+def _cell_text(value: Any) -> str:
+    """A cell as the text a CSV export would hold; a phone typed as a number keeps its digits
+    (380671234567, not 380671234567.0)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
 # --- rows to messages (pure) ---------------------------------------------------------
+
+
+class _Folded(dict[str, str]):
+    """Template lookups ignore case: {name} fills from a column headed Name."""
+
+    def __missing__(self, key: str) -> str:
+        for name, value in self.items():
+            if name.lower() == key.lower():
+                return value
+        raise KeyError(key)
 
 
 _ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -354,11 +688,12 @@ def to_message(row: Row, defaults: Defaults, campaign: str) -> dict[str, Any]:
         ("messageType", defaults.message_type),
         ("ttl", defaults.ttl),
         ("route", defaults.route),
+        ("phoneRegion", defaults.region),
     ):
         if key not in message and default is not None:
             message[key] = default
     if "text" not in message and defaults.text:
-        message["text"] = defaults.text.format_map(row.values)
+        message["text"] = defaults.text.format_map(_Folded(row.values))
     for number in ("ttl", "callbackLateAfter"):  # CSV cells are text; validation wants ints
         if isinstance(message.get(number), str) and message[number].isdecimal():
             message[number] = int(message[number])
@@ -378,15 +713,36 @@ class LaunchStats:
     accepted: int = 0
     duplicate: int = 0
     rejected: int = 0
+    renumbered: int = 0  # phones read as E.164 with the default region
+    deduped: int = 0  # --dedupe: rows skipped, their phone already in the campaign
+    estimate: Any = None  # worker.estimate.Estimate over the accepted messages
     ignored_columns: list[str] = field(default_factory=list)
     rejected_file: str | None = None
 
 
-REJECT_COLUMNS = ("line", "field", "reason", "id", "toPhone")
+REJECT_COLUMNS = ("line", "field", "reason", "id", "toPhone", "changed")
+
+
+def phone_change(message: dict[str, Any], region: str | None) -> str:
+    """What the default region made of the row's phone, for the rejects file ('' if nothing)."""
+    from worker.validation import region_problem, with_region
+
+    phone = message.get("toPhone")
+    region = message.get("phoneRegion") or region
+    if not isinstance(phone, str) or not isinstance(region, str) or region_problem(region):
+        return ""
+    read = with_region(phone, region)
+    if read == phone:
+        return ""
+    return f"toPhone {phone!r} read as {read} (region {region.upper()})"
 
 
 def rejected_path(path: Path) -> Path:
-    return path.with_name(f"{path.stem}.rejected.csv")
+    """`contacts.csv` → `contacts.rejected.csv`; `contacts.xlsx` → `contacts.xlsx.rejected.csv`
+    (so a workbook and its CSV export never overwrite each other's rejects)."""
+    if path.suffix.lower() == ".csv":
+        return path.with_name(f"{path.stem}.rejected.csv")
+    return path.with_name(f"{path.name}.rejected.csv")
 
 
 def launch(
@@ -396,15 +752,27 @@ def launch(
     settings: Settings,
     *,
     dry_run: bool = False,
+    hold: bool = False,
     progress: Callable[[LaunchStats], None] | None = None,
 ) -> LaunchStats:
-    """Validate and enqueue every row; write refused rows beside the file; never stop early."""
+    """Validate and enqueue every row; write refused rows beside the file; never stop early.
+
+    `hold`: the campaign is held for approval before the first row is stored, so nothing
+    is sent until `approve_campaign`.
+    """
+    from worker.db import get_engine
     from worker.producer import check_campaign, chunked, wake_dispatcher
 
     check_campaign(name)
     campaign_callbacks(defaults.callback_url, defaults.callback_task)  # refuse bad flags first
     layout, rows = read_rows(path, defaults)
-    stats = LaunchStats(ignored_columns=layout.ignored)
+    if hold and not dry_run:
+        hold_campaign(get_engine(settings.database_url), name, create=True)
+    from worker.estimate import Estimate
+
+    stats = LaunchStats(ignored_columns=layout.ignored, estimate=Estimate())
+    if progress:
+        progress(stats)  # the caller holds the figures even if the first chunk is cut short
     woken = False
     out_path = rejected_path(path)
     with out_path.open("w", newline="", encoding="utf-8") as out:
@@ -416,7 +784,14 @@ def launch(
                 chunk, defaults, name, settings, stats, dry_run
             ):
                 rejects.writerow(
-                    (line, field_name, reason, message.get("id", ""), message.get("toPhone", ""))
+                    (
+                        line,
+                        field_name,
+                        reason,
+                        message.get("id", ""),
+                        message.get("toPhone", ""),
+                        phone_change(message, settings.default_phone_region),
+                    )
                 )
             if progress:
                 progress(stats)
@@ -428,6 +803,52 @@ def launch(
     else:
         out_path.unlink()
     return stats
+
+
+def _dedupe(
+    readable: list[Row],
+    messages_: list[dict[str, Any]],
+    name: str,
+    settings: Settings,
+    now: datetime,
+    rules: Any,
+    stats: LaunchStats,
+) -> set[int]:
+    """The lines to keep under --dedupe: a row whose phone (as it would be sent, in E.164)
+    is already in the campaign, or earlier in the file, is skipped. A row whose own id is
+    stored goes on (a relaunch: it counts as already known). Invalid rows go on, to be
+    rejected with their reasons."""
+    from worker.db import get_engine
+    from worker.validation import validate_message
+
+    phones: dict[int, tuple[str, str]] = {}
+    for row, message in zip(readable, messages_, strict=True):
+        valid = validate_message(message, now=now, rules=rules)
+        if not isinstance(valid, list):
+            phones[row.line] = (valid.to_phone, valid.id)
+    wanted = sorted({phone for phone, _ in phones.values()})
+    owners: dict[str, set[str]] = {}
+    if wanted:
+        with get_engine(settings.database_url).connect() as conn:
+            for phone, message_id in conn.execute(
+                select(messages.c.to_phone, messages.c.id).where(
+                    among(conn, messages.c.to_phone, wanted), messages.c.campaign == name
+                )
+            ):
+                owners.setdefault(phone, set()).add(message_id)
+    keep: set[int] = set()
+    for row in readable:
+        if row.line not in phones:
+            keep.add(row.line)
+            continue
+        phone, message_id = phones[row.line]
+        taken = owners.setdefault(phone, set())
+        if taken and message_id not in taken:
+            stats.deduped += 1
+            continue
+        taken.add(message_id)
+        keep.add(row.line)
+    return keep
 
 
 def _settle(
@@ -444,11 +865,19 @@ def _settle(
 
     readable = [r for r in chunk if r.problem is None]
     messages_ = [to_message(r, defaults, name) for r in readable]
+    now, rules, card = utcnow(), rules_from(settings), settings.rates
+    if defaults.dedupe:
+        kept = _dedupe(readable, messages_, name, settings, now, rules, stats)
+        chunk = [r for r in chunk if r.problem is not None or r.line in kept]
+        pairs = [(r, m) for r, m in zip(readable, messages_, strict=True) if r.line in kept]
+        readable, messages_ = [r for r, _ in pairs], [m for _, m in pairs]
     if dry_run:
-        now, rules = utcnow(), rules_from(settings)
         checked = [validate_message(m, now=now, rules=rules) for m in messages_]
         errors = [c if isinstance(c, list) else None for c in checked]
         stats.accepted += sum(e is None for e in errors)
+        for valid in checked:
+            if not isinstance(valid, list):
+                stats.estimate.add(valid, card)
     else:
         answered = enqueue(
             messages_,
@@ -460,7 +889,13 @@ def _settle(
         )
         errors = [list(r.errors) if r.status == "rejected" else None for r in answered]
         stats.accepted += sum(r.status == "accepted" for r in answered)
+        for message, result in zip(messages_, answered, strict=True):
+            if result.status == "accepted":  # validated again: the estimate needs its fields
+                valid = validate_message(message, now=now, rules=rules)
+                if not isinstance(valid, list):
+                    stats.estimate.add(valid, card)
         stats.duplicate += sum(r.status == "duplicate" for r in answered)
+    stats.renumbered += sum(bool(phone_change(m, settings.default_phone_region)) for m in messages_)
     found = dict(zip((r.line for r in readable), zip(messages_, errors, strict=True), strict=True))
     for row in chunk:
         if row.problem is not None:
@@ -472,3 +907,137 @@ def _settle(
             stats.rejected += 1
             for error in problems:
                 yield row.line, error.field, error.problem, message
+
+
+# --- retry what did not arrive ---------------------------------------------------------
+
+# Final states a message may be sent again from: it never arrived. `delivered` never is.
+RETRYABLE: tuple[State, ...] = (
+    State.UNDELIVERABLE,
+    State.PERMANENTERROR,
+    State.REJECTED,
+    State.FAILED,
+    State.EXPIRED,
+    State.TIMEOUT,
+    State.CANCELLED,
+)
+
+
+def retry_states(text: str) -> tuple[State, ...]:
+    """`--states undeliverable,failed,expired`, checked: final states that are not delivered."""
+    chosen: list[State] = []
+    for name in (n.strip().lower() for n in text.split(",")):
+        if not name:
+            continue
+        if name == State.DELIVERED:
+            raise CampaignError("--states: a delivered message is never sent again")
+        if name not in {s.value for s in State}:
+            raise CampaignError(
+                f"--states: unknown state {name!r}; retryable: {', '.join(RETRYABLE)}"
+            )
+        if State(name) not in RETRYABLE:
+            raise CampaignError(
+                f"--states: {name!r} is not final; a message still under way is never resent"
+            )
+        chosen.append(State(name))
+    if not chosen:
+        raise CampaignError(f"--states: name at least one of {', '.join(RETRYABLE)}")
+    return tuple(dict.fromkeys(chosen))
+
+
+def retry_id(new_campaign: str, old_id: str) -> str:
+    """The same old message retried under the same new name always gets the same new id,
+    so a retry run twice enqueues nothing twice."""
+    digest = hashlib.sha1(f"{new_campaign}\x00{old_id}".encode()).hexdigest()[:10]
+    return f"{old_id[:230]}-r{digest}"
+
+
+def retry_campaign(
+    name: str,
+    states: tuple[State, ...],
+    settings: Settings,
+    *,
+    new_name: str | None = None,
+    route: str | None = None,
+    hold: bool = False,
+) -> dict[str, Any] | None:
+    """Send the messages of `name` that ended in `states` again, as a new campaign linked to
+    it (`retry_of`), with new tracking ids; answer the counts, or None without `name`."""
+    from worker.db import get_engine
+    from worker.producer import check_campaign, enqueue
+
+    engine = get_engine(settings.database_url)
+    new_name = new_name or f"{name}-retry"
+    check_campaign(new_name)
+    if new_name == name:
+        raise CampaignError("--name: the retry needs a name of its own")
+    with engine.connect() as conn:
+        found = conn.execute(select(campaigns.c.name).where(campaigns.c.name == name)).first()
+        linked = conn.execute(
+            select(campaigns.c.retry_of).where(campaigns.c.name == new_name)
+        ).first()
+    if found is None:
+        return None
+    if linked is not None and linked.retry_of != name:
+        raise CampaignError(
+            f"--name: campaign {new_name!r} exists and is not a retry of {name!r}; "
+            "give another --name"
+        )
+    ensure_campaign(engine, new_name)
+    with engine.begin() as conn:
+        conn.execute(update(campaigns).where(campaigns.c.name == new_name).values(retry_of=name))
+    if hold:
+        hold_campaign(engine, new_name)
+    counts = {"selected": 0, "accepted": 0, "duplicate": 0, "rejected": 0}
+    columns = [
+        messages.c.pk,
+        messages.c.id,
+        messages.c.from_name,
+        messages.c.to_phone,
+        messages.c.message_type,
+        messages.c.text,
+        messages.c.ttl,
+        messages.c.survey_options,
+        messages.c.route,
+        messages.c.callback_url,
+        messages.c.callback_task,
+    ]
+    after = 0
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(*columns)
+                .where(
+                    messages.c.campaign == name,
+                    messages.c.state.in_(states),
+                    messages.c.pk > after,
+                )
+                .order_by(messages.c.pk)
+                .limit(CHUNK)
+            ).all()
+        if not rows:
+            break
+        after = rows[-1].pk
+        batch = []
+        for row in rows:
+            message: dict[str, Any] = {
+                "id": retry_id(new_name, row.id),
+                "fromName": row.from_name,
+                "toPhone": row.to_phone,
+                "messageType": row.message_type,
+                "route": route or row.route,
+            }
+            for key, value in (
+                ("text", row.text),
+                ("ttl", row.ttl),
+                ("surveyOptions", row.survey_options),
+                ("callbackUrl", row.callback_url),
+                ("callbackTask", row.callback_task),
+            ):
+                if value is not None:
+                    message[key] = value
+            batch.append(message)
+        counts["selected"] += len(batch)
+        for result in enqueue(batch, new_name, settings=settings):
+            counts[result.status] += 1
+    return {"campaign": new_name, "retry_of": name, "states": list(states), **counts}

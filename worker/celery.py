@@ -84,6 +84,7 @@ def create_app(settings: Settings) -> Celery:
             "cascade.dispatch": {"queue": PERIODIC_QUEUE},
             "cascade.poll_sweep": {"queue": PERIODIC_QUEUE},
             "cascade.sweep": {"queue": PERIODIC_QUEUE},
+            "cascade.enforce_holds": {"queue": PERIODIC_QUEUE},
             "cascade.apply_reports": {"queue": POLL_QUEUE},
             "cascade.deliver_callbacks": {"queue": CALLBACK_QUEUE},
         },
@@ -91,6 +92,7 @@ def create_app(settings: Settings) -> Celery:
             "dispatch": _tick("cascade.dispatch", settings.dispatch_interval_seconds),
             "poll-sweep": _tick("cascade.poll_sweep", settings.poll_sweep_interval_seconds),
             "sweep": _tick("cascade.sweep", settings.sweep_interval_seconds),
+            "holds": _tick("cascade.enforce_holds", settings.dispatch_interval_seconds),
             "apply-reports": _tick("cascade.apply_reports", settings.reports_interval_seconds),
             "callbacks": _tick("cascade.deliver_callbacks", settings.callbacks_interval_seconds),
         },
@@ -143,3 +145,9 @@ app = create_app(get_settings())
 logging.getLogger("httpx").setLevel(logging.WARNING)
 for _name, _value in flower_environment(get_settings()).items():
     os.environ.setdefault(_name, _value)
+
+# Observability: JSON logs when LOG_FORMAT=json, and beat's tick for /healthz (worker.health).
+from worker import health as _health  # noqa: E402, F401
+from worker import logs as _logs  # noqa: E402
+
+_logs.connect_celery()

@@ -120,6 +120,16 @@ def message_show(message_id: str, as_json: bool) -> None:
 # --- campaign ------------------------------------------------------------------------
 
 
+def _region_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from worker.validation import region_problem
+
+    if value is None:
+        return None
+    if problem := region_problem(value):
+        raise click.BadParameter(problem)
+    return value.upper()
+
+
 @main.group()
 def campaign() -> None:
     """Campaigns: messages enqueued under one name."""
@@ -135,7 +145,24 @@ def campaign() -> None:
 @click.option("--text", help="Text template for rows without text: 'Hi {name}, code {code}'.")
 @click.option("--callback-url", help="POST a signed outcome event here on every final state.")
 @click.option("--callback-task", help="Send this Celery task by name with every outcome.")
+@click.option(
+    "--default-region",
+    callback=_region_option,
+    help="Read national and '+'-less numbers as this country's (UA: 067… → +38067…). "
+    "Default: DEFAULT_PHONE_REGION.",
+)
+@click.option(
+    "--column",
+    "columns",
+    multiple=True,
+    metavar="HEADER=FIELD",
+    help="Use the file's column HEADER as FIELD, e.g. --column phone=toPhone (repeatable).",
+)
 @click.option("--dry-run", is_flag=True, help="Validate every row, enqueue nothing.")
+@click.option(
+    "--hold", is_flag=True, help="Store and validate everything, send nothing until approved."
+)
+@click.option("--dedupe", is_flag=True, help="Skip a phone already in the campaign or the file.")
 def campaign_launch(
     file: Path,
     name: str,
@@ -146,16 +173,36 @@ def campaign_launch(
     text: str | None,
     callback_url: str | None,
     callback_task: str | None,
+    default_region: str | None,
+    columns: tuple[str, ...],
     dry_run: bool,
+    hold: bool,
+    dedupe: bool,
 ) -> None:
-    """Enqueue a campaign from a CSV file whose headers are the cascade API's field names."""
+    """Enqueue a campaign from a CSV or .xlsx file (headers: the cascade API's field names,
+    or mapped with --column)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from sqlalchemy.exc import DBAPIError
 
-    from worker.campaigns import Defaults, launch
+    from worker.campaigns import CampaignError, Defaults, column_mapping, launch
 
     settings = _settings()
-    defaults = Defaults(from_name, message_type, ttl, route, text, callback_url, callback_task)
+    try:
+        mapping = column_mapping(columns)
+    except CampaignError as exc:
+        raise click.BadParameter(str(exc), param_hint="--column") from None
+    defaults = Defaults(
+        from_name,
+        message_type,
+        ttl,
+        route,
+        text,
+        callback_url,
+        callback_task,
+        region=default_region or settings.default_phone_region,
+        columns=mapping,
+        dedupe=dedupe,
+    )
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -163,11 +210,13 @@ def campaign_launch(
         TimeElapsedColumn(),
     )
     started = time.monotonic()
+    seen: list[Any] = []
     try:
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task("dry run" if dry_run else "launching", figures="")
 
             def show(stats: Any) -> None:
+                seen[:] = [stats]
                 rate = stats.rows / max(time.monotonic() - started, 1e-6)
                 progress.update(
                     task,
@@ -176,14 +225,24 @@ def campaign_launch(
                     f"{rate:,.0f} rows/s",
                 )
 
-            stats = launch(file, name, defaults, settings, dry_run=dry_run, progress=show)
+            stats = launch(
+                file, name, defaults, settings, dry_run=dry_run, hold=hold, progress=show
+            )
     except ValueError as exc:  # CampaignError, CampaignCancelled, a bad --name
         raise click.ClickException(str(exc)) from None
-    except DBAPIError:  # the file's own problems come first, then a missing schema
-        _engine(settings)  # one line if the schema is missing; else the error stands
-        raise
+    except (KeyboardInterrupt, Exception) as exc:  # Ctrl-C, the database gone away…
+        if isinstance(exc, DBAPIError):  # the file's own problems came first
+            _engine(settings)  # one line if the schema is missing; else the error stands
+        if dry_run:
+            raise
+        _interrupted(name, file, seen[0] if seen else None, exc)
     if stats.ignored_columns:
         console.print(f"ignored columns (not API fields): {', '.join(stats.ignored_columns)}")
+    if stats.renumbered:
+        console.print(
+            f"{stats.renumbered:,} phone numbers read as {defaults.region} numbers "
+            "(national or without '+') and sent in E.164"
+        )
     verb = "would enqueue" if dry_run else "enqueued"
     console.print(
         f"{name}: {stats.rows:,} rows, {verb} {stats.accepted:,}, "
@@ -191,6 +250,59 @@ def campaign_launch(
     )
     if stats.rejected_file:
         console.print(f"rejected rows: {stats.rejected_file}")
+    if stats.deduped:
+        console.print(f"{stats.deduped:,} rows skipped: their phone is already in {name}")
+    if stats.estimate is not None and stats.estimate.messages:
+        console.print(estimate_line(stats.estimate.as_dict(settings.rate_card_currency)))
+    if hold and not dry_run:
+        console.print(f"{name} is held: nothing is sent until `cascade campaign approve {name}`")
+
+
+def estimate_line(estimate: dict[str, Any]) -> str:
+    """`estimate: 3 messages, 4 SMS parts (GSM-7 2, UCS-2 1; …), cost 3.80 UAH`."""
+    encodings = ", ".join(f"{k} {v:,}" for k, v in estimate["encodings"].items())
+    parts = ", ".join(
+        f"{n:,} of {k} part{'s' if k != '1' else ''}"
+        for k, n in estimate["parts_per_message"].items()
+    )
+    line = (
+        f"estimate: {estimate['messages']:,} messages, {estimate['sms_parts']:,} SMS parts"
+        f" ({encodings}; {parts})"
+    )
+    if estimate["cost"] is not None:
+        line += f", cost {estimate['cost']:,.2f} {estimate['currency']}"
+        line += " if every message ends on SMS (viber for tg-viber)"
+    else:
+        line += "; no cost: set RATE_CARD and RATE_CARD_CURRENCY for one"
+    if estimate["without_rate"]:
+        missing = ", ".join(f"{k} ×{v:,}" for k, v in estimate["without_rate"].items())
+        line += f"; without a rate (not in the cost): {missing}"
+    return line
+
+
+def _interrupted(name: str, file: Path, stats: Any, exc: BaseException) -> None:
+    """Say what a launch stored before it stopped, and how to finish it; exit non-zero."""
+    from sqlalchemy import func, select
+
+    from worker.models import messages
+
+    why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped: {exc!r}"[:300]
+    try:
+        with _engine().connect() as conn:
+            stored = conn.execute(
+                select(func.count()).where(messages.c.campaign == name)
+            ).scalar_one()
+        counted = f"{stored:,} messages of campaign {name} are stored"
+    except Exception as error:
+        counted = f"could not count what was stored ({type(error).__name__})"
+    read = f" after {stats.rows:,} rows read" if stats else ""
+    console.print(
+        f"[red]launch {why}[/]{read}: {counted} and will be sent.\n"
+        f"To finish, launch the same file under the same name again "
+        f"(`cascade campaign launch {file} --name {name} …` with the same options): "
+        "rows already stored are skipped, not sent twice."
+    )
+    raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 1)
 
 
 @campaign.command("status")
@@ -230,6 +342,46 @@ def campaign_status(name: str, watch: bool, as_json: bool, interval: float) -> N
     console.print(f"{name}: every message is final")
 
 
+def _cost(report: dict[str, Any]) -> str:
+    """One total in its currency; amounts in several currencies are never added."""
+    if report["cost"] is None:
+        return "in several currencies, never added: " + ", ".join(
+            f"{money['cost']:.2f} {currency}" for currency, money in report["money"].items()
+        )
+    currency = report.get("cost_currency")
+    return f"{report['cost']:.2f}" + (f" {currency}" if currency else "")
+
+
+def _control_rows(table: Table, report: dict[str, Any]) -> None:
+    control = report.get("control") or {}
+    status = control.get("status", "running")
+    if status == "held":
+        table.add_row(
+            "status",
+            f"[yellow]held for approval[/] since {control['held_since']}: "
+            f"`cascade campaign approve {report['campaign']}` sends it",
+        )
+    elif status == "paused":
+        table.add_row(
+            "status",
+            f"[yellow]paused[/] since {control['paused_since']} ({control['pause_reason']}): "
+            f"`cascade campaign resume {report['campaign']}` sends it again",
+        )
+    else:
+        table.add_row("status", status)
+
+
+def _state_rows(table: Table, report: dict[str, Any], indent: str = "") -> None:
+    """Counts per state; `queued` split into ready and scheduled ones waiting for their time."""
+    waiting = report.get("waiting_for_time", 0)
+    for state, count in report["states"].items():
+        if state == "queued" and waiting:
+            table.add_row(f"{indent}queued", f"{count - waiting:,}")
+            table.add_row(f"{indent}waiting for its time", f"{waiting:,}")
+        else:
+            table.add_row(f"{indent}{state}", f"{count:,}")
+
+
 def status_view(report: dict[str, Any], samples: list[tuple[float, int]] | None) -> Table:
     """One frame of `campaign status`: figures, states and a bar to all-final."""
     total, final = report["total"], report["final"]
@@ -242,11 +394,11 @@ def status_view(report: dict[str, Any], samples: list[tuple[float, int]] | None)
         if rate:
             eta = (total - final) / rate
     table = Table(title=f"campaign {report['campaign']}", show_header=False)
+    _control_rows(table, report)
     table.add_row("final", f"[green]{'█' * filled}[/]{'░' * (width - filled)} {final:,}/{total:,}")
-    for state, count in report["states"].items():
-        table.add_row(f"  {state}", f"{count:,}")
+    _state_rows(table, report, "  ")
     table.add_row("delivery rate", f"{report['delivery_rate']:.1%} of total")
-    table.add_row("cost so far", f"{report['cost']:.2f}")
+    table.add_row("cost so far", _cost(report))
     table.add_row("throughput", f"{rate:,.1f} final/s" if rate is not None else "-")
     table.add_row("ETA", f"{eta:,.0f} s" if eta is not None else "-")
     return table
@@ -271,6 +423,105 @@ def campaign_cancel(name: str, as_json: bool) -> None:
         f"{result['with_provider']:,} already with the provider and left alone; "
         f"{result['in_flight']:,} in flight (cancelled if their send fails); "
         f"{result['final_before']:,} were already final"
+    )
+
+
+def _control(action: str, name: str, as_json: bool) -> None:
+    from worker import campaigns
+
+    settings = _settings()
+    engine = _engine()
+    run = {
+        "pause": lambda: campaigns.pause_campaign(engine, name),
+        "hold": lambda: campaigns.hold_campaign(engine, name),
+        "resume": lambda: campaigns.resume_campaign(engine, name, settings.broker_url),
+        "approve": lambda: campaigns.approve_campaign(engine, name, settings.broker_url),
+    }[action]
+    try:
+        result = run()
+    except ValueError as exc:  # CampaignCancelled, CampaignStateError
+        raise click.ClickException(str(exc)) from None
+    if result is None:
+        raise click.ClickException(f"no campaign named {name!r}")
+    if as_json:
+        _print_json({"campaign": name, **result})
+        return
+    if "held_now" in result:
+        done = f"{result['held_now']:,} unsent messages held now"
+    else:
+        done = f"{result['released_now']:,} messages back in the queue"
+    console.print(
+        f"{name}: {result['status']}; {done}; {result['held_messages']:,} held in all"
+        + (f" ({result['pause_reason']})" if result["pause_reason"] else "")
+    )
+
+
+@campaign.command("pause")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def campaign_pause(name: str, as_json: bool) -> None:
+    """Stop sending: unsent messages are held; those with the provider are still followed."""
+    _control("pause", name, as_json)
+
+
+@campaign.command("resume")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def campaign_resume(name: str, as_json: bool) -> None:
+    """Send a paused campaign's held messages again."""
+    _control("resume", name, as_json)
+
+
+@campaign.command("hold")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def campaign_hold(name: str, as_json: bool) -> None:
+    """Hold a campaign for approval (as `launch --hold` does): nothing unsent goes out."""
+    _control("hold", name, as_json)
+
+
+@campaign.command("approve")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def campaign_approve(name: str, as_json: bool) -> None:
+    """Send a campaign that was launched with --hold."""
+    _control("approve", name, as_json)
+
+
+@campaign.command("retry")
+@click.argument("name")
+@click.option(
+    "--states",
+    default="undeliverable,failed,expired",
+    show_default=True,
+    help="Final states to send again (never delivered), comma-separated.",
+)
+@click.option("--route", type=click.Choice(["standard", "tg-viber"]), help="Route for the retry.")
+@click.option("--name", "new_name", help="The new campaign's name (default: NAME-retry).")
+@click.option("--hold", is_flag=True, help="Hold the retry for approval.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def campaign_retry(
+    name: str, states: str, route: str | None, new_name: str | None, hold: bool, as_json: bool
+) -> None:
+    """Send again, as a linked campaign with new tracking ids, what did not arrive."""
+    from worker.campaigns import retry_campaign, retry_states
+
+    settings = _settings()
+    try:
+        chosen = retry_states(states)
+        result = retry_campaign(name, chosen, settings, new_name=new_name, route=route, hold=hold)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if result is None:
+        raise click.ClickException(f"no campaign named {name!r}")
+    if as_json:
+        _print_json(result)
+        return
+    console.print(
+        f"{result['campaign']} (retry of {name}): {result['selected']:,} messages in "
+        f"{', '.join(result['states'])}; enqueued {result['accepted']:,}, "
+        f"{result['duplicate']:,} already retried, {result['rejected']:,} rejected"
+        + (f"; held until `cascade campaign approve {result['campaign']}`" if hold else "")
     )
 
 
@@ -351,13 +602,19 @@ def _write_outcomes(engine: Any, name: str, target: str) -> None:
 
 def print_report(report: dict[str, Any]) -> None:
     table = Table(title=f"campaign {report['campaign']}", show_header=False)
+    _control_rows(table, report)
     for key in ("total", "sent", "delivered", "final"):
         table.add_row(key, f"{report[key]:,}")
     table.add_row("delivery rate", f"{report['delivery_rate']:.1%} of total")
     table.add_row("", f"{report['delivery_rate_of_sent']:.1%} of sent")
-    table.add_row("cost", f"{report['cost']:.2f}")
+    table.add_row("cost", _cost(report))
     for currency, money in report.get("money", {}).items():
-        table.add_row(f"  {currency}", f"cost {money['cost']:.2f}, bill {money['bill']:.2f}")
+        note = f" ({money['note']})" if money.get("note") else ""
+        table.add_row(
+            f"  {currency}",
+            f"cost {money['cost']:.2f}, bill {money['bill']:.2f} "
+            f"for {money['messages']:,} messages{note}",
+        )
     table.add_row("unknown send outcomes", f"{report['unknown_outcomes']:,}")
     table.add_row("status polls", f"{report['polls']:,}")
     latency = report.get("latency_seconds", {}).get("submit_to_final") or {}
@@ -368,8 +625,7 @@ def print_report(report: dict[str, Any]) -> None:
         )
     console.print(table)
     states = Table("state", "messages", title="states")
-    for state, count in report["states"].items():
-        states.add_row(state, f"{count:,}")
+    _state_rows(states, report)
     console.print(states)
     if report.get("channels"):
         channels = Table("channel", "messages", title="delivered by")
@@ -464,6 +720,44 @@ def api(host: str | None, port: int | None) -> None:
 
     settings = _settings()
     serve(settings, host or settings.api_host, port or settings.api_port)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=9464, show_default=True, type=int)
+@click.option(
+    "--db/--no-db",
+    "database",
+    default=True,
+    show_default=True,
+    help="Serve the database gauges (--no-db: this host's worker counters and pauses only, "
+    "when another exporter serves the gauges).",
+)
+def metrics(host: str, port: int, database: bool) -> None:
+    """Serve /metrics (Prometheus) without the API: workers' counters and database gauges."""
+    from worker.exporter import serve
+
+    serve(_settings(), host, port, database=database)
+
+
+@main.group()
+def health() -> None:
+    """Liveness checks for orchestrators (docker-compose healthchecks)."""
+
+
+@health.command("beat")
+@click.option("--max-age", type=float, default=None, help="Default: HEALTH_BEAT_MAX_AGE_SECONDS.")
+def health_beat(max_age: float | None) -> None:
+    """Exit 0 when beat sent a periodic task within --max-age seconds, else 1."""
+    from worker.health import beat_health
+
+    settings = _settings()
+    limit = max_age if max_age is not None else settings.health_beat_max_age_seconds
+    beat = beat_health(settings.broker_url, limit)
+    age = "never" if beat.age_seconds is None else f"{beat.age_seconds:.1f} s ago"
+    click.echo(f"beat {beat.status}: last tick {age} (limit {limit:g} s)")
+    if beat.status != "ok":
+        sys.exit(1)
 
 
 # --- simulator and demo --------------------------------------------------------------

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
-from worker.states import PROVIDER_STATES, State
+from worker.states import FINAL, PROVIDER_STATES, State
 from worker.statuses import Report
 
 T = TypeVar("T")
@@ -123,6 +123,8 @@ def parse_bulkgate_item(item: Any) -> Report | Inbound:
     state, meaning = BULKGATE_STATES[code]
     message_id = _message_id(data, "smsID")
     fields: dict[str, Any] = {"deliverystatus": state.value}
+    if state in FINAL and state != State.DELIVERED:  # the reason, for reports' top errors
+        fields |= {"error_code": f"BULKGATE_{code}", "error_message": meaning}
     price = _number(data, "price")
     if price is not None:
         fields["cost"] = price

@@ -12,7 +12,7 @@ from datetime import datetime
 from html import escape
 from typing import Any
 
-from worker.reports import NO_CHANNEL
+from worker.reports import NO_CHANNEL, NOT_REPORTED, UNKNOWN_CURRENCY
 
 # Final states first, in the same colours as the timeline; unlisted states fall back to grey.
 STATE_COLOURS: dict[str, str] = {
@@ -25,6 +25,7 @@ STATE_COLOURS: dict[str, str] = {
     "cancelled": "#b0bec5",
     "timeout": "#6d4c41",
     "queued": "#bbdefb",
+    "held": "#fff59d",
     "sending": "#90caf9",
     "submitted": "#64b5f6",
     "scheduled": "#42a5f5",
@@ -110,12 +111,13 @@ def _headline(report: dict[str, Any]) -> str:
     ]
     cards += [
         _card(
-            f"Cost {currency}",
+            "Cost, currency not reported" if currency == UNKNOWN_CURRENCY else f"Cost {currency}",
             f"{figures['cost']:,.2f}",
-            f"billed {figures['bill']:,.2f} for {figures['messages']:,} messages",
+            f"billed {figures['bill']:,.2f} for {figures['messages']:,} messages"
+            + (f"; {figures['note']}" if figures.get("note") else ""),
         )
         for currency, figures in money.items()
-    ] or [_card("Cost", f"{report['cost']:,.2f}", "no amounts reported yet")]
+    ] or [_card("Cost", f"{report['cost'] or 0:,.2f}", "no amounts reported yet")]
     return f'<div class="cards">{"".join(cards)}</div>'
 
 
@@ -301,7 +303,7 @@ def _channels(channels: dict[str, int]) -> str:
 
 
 def _channel_colour(channel: str) -> str:
-    return OTHER_COLOUR if channel == NO_CHANNEL else CHANNEL_COLOUR
+    return OTHER_COLOUR if channel in (NO_CHANNEL, NOT_REPORTED) else CHANNEL_COLOUR
 
 
 def _latency(latency: dict[str, dict[str, float | None]]) -> str:
@@ -322,7 +324,7 @@ def _seconds(value: float | None) -> str:
 
 def _errors(errors: list[dict[str, Any]]) -> str:
     if not errors:
-        return '<p class="empty">No error codes recorded.</p>'
+        return '<p class="empty">No failed messages.</p>'
     rows = "".join(
         f'<tr><td>{escape(str(error["code"]))}</td><td class="num">{error["count"]:,}</td></tr>'
         for error in errors

@@ -39,9 +39,9 @@ from worker.statuses import Report, apply
 BATCH_SIZE = 500
 MAX_BATCHES = 20  # per run; the next run (beat or a webhook's wake) takes the rest
 # States in which the message never left us: a reply cannot be an answer to it.
-_NEVER_SENT = (State.QUEUED, State.REJECTED, State.EXPIRED, State.CANCELLED)
+_NEVER_SENT = (State.QUEUED, State.HELD, State.REJECTED, State.EXPIRED, State.CANCELLED)
 # A report for a message in these states waits: our send answer is not committed yet.
-_NOT_YET_SUBMITTED = (State.QUEUED, State.SENDING)
+_NOT_YET_SUBMITTED = (State.QUEUED, State.HELD, State.SENDING)
 # A report parked at least this long (s) is tried again that much later (s); a younger one
 # on every run. Young ones wait on a send answer being committed; old ones are mostly for
 # another sender on the same account, and trying each on every run cost 340 ms a run at

@@ -16,12 +16,13 @@ from datetime import datetime, timedelta
 from itertools import islice
 from typing import Any, Literal
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, insert, select, update
 
 from config import Settings, get_settings
 from worker.campaigns import CampaignCancelled, ensure_campaign
-from worker.db import get_engine, insert_new, utcnow
-from worker.models import campaigns, messages
+from worker.db import among, get_engine, insert_new, utcnow
+from worker.models import campaigns, events, messages
+from worker.sendpolicy import send_deadline
 from worker.states import State
 from worker.validation import (
     FieldError,
@@ -59,10 +60,15 @@ def rules_from(settings: Settings) -> ValidationRules:
     return ValidationRules(
         max_schedule_ahead=timedelta(days=settings.schedule_max_ahead_days),
         past_skew=timedelta(seconds=settings.schedule_past_skew_seconds),
+        default_region=settings.default_phone_region,
     )
 
 
-def row_for(message: OutgoingMessage, campaign: str | None, now: datetime) -> dict[str, Any]:
+def row_for(
+    message: OutgoingMessage, campaign: str | None, now: datetime, settings: Settings
+) -> dict[str, Any]:
+    """The messages row; a message scheduled far ahead stays ours until shortly before."""
+    keep = (settings.schedule_hold_ahead_seconds, settings.schedule_send_lead_seconds)
     start = max(now, message.scheduled_sent) if message.scheduled_sent else now
     called_back = bool(message.callback_url or message.callback_task)
     late = message.callback_late_after if called_back else None
@@ -80,8 +86,9 @@ def row_for(message: OutgoingMessage, campaign: str | None, now: datetime) -> di
         "priority": message.priority,
         "state": State.QUEUED,
         "created_at": now,
-        "available_at": now,
+        "available_at": available_at(message.scheduled_sent, now, *keep),
         "expires_at": start + timedelta(seconds=message.ttl) if message.ttl else None,
+        "send_deadline": send_deadline(start, settings),
         "attempts": 0,
         "unknown_outcomes": 0,
         "polls": 0,
@@ -91,6 +98,19 @@ def row_for(message: OutgoingMessage, campaign: str | None, now: datetime) -> di
         # Late counts from when the message may go out: a scheduled one is not late before.
         "callback_late_at": start + timedelta(seconds=late) if late else None,
     }
+
+
+def available_at(
+    scheduled: datetime | None, now: datetime, hold_ahead: float, lead: float
+) -> datetime:
+    """When a message may be claimed: now, or for one scheduled further ahead than
+    `hold_ahead` seconds, `lead` seconds before its time, so that until then it is still
+    ours to cancel or pause (the provider cannot recall a message it has)."""
+    if scheduled is None or hold_ahead <= 0:
+        return now
+    if (scheduled - now).total_seconds() <= hold_ahead:
+        return now
+    return scheduled - timedelta(seconds=lead)
 
 
 def check_campaign(campaign: str | None) -> None:
@@ -119,15 +139,49 @@ def store(engine: Engine, rows: list[dict[str, Any]], campaign: str | None = Non
     if not rows:
         return set()
     with engine.begin() as conn:
+        blocked = False
         if campaign is not None:
-            cancelled = conn.execute(
-                select(campaigns.c.cancelled_at)
+            state = conn.execute(
+                select(campaigns.c.cancelled_at, campaigns.c.held_at, campaigns.c.paused_at)
                 .where(campaigns.c.name == campaign)
                 .with_for_update(read=True)
-            ).scalar_one_or_none()
-            if cancelled is not None:
+            ).first()
+            if state is not None and state.cancelled_at is not None:
                 raise CampaignCancelled(campaign)
-        return insert_new(conn, messages, rows, key="id")
+            blocked = state is not None and (state.held_at or state.paused_at) is not None
+        inserted = insert_new(conn, messages, rows, key="id")
+        if blocked and inserted:
+            _hold_new(conn, inserted)
+        return inserted
+
+
+def _hold_new(conn: Connection, ids: set[str]) -> None:
+    """A held or paused campaign's new messages are held as they are stored (journalled as
+    queued → held, in the insert's transaction: no claim ever sees them queued)."""
+    now = utcnow()
+    pks = list(
+        conn.execute(
+            update(messages)
+            .where(among(conn, messages.c.id, ids), messages.c.state == State.QUEUED)
+            .values(state=State.HELD)
+            .returning(messages.c.pk)
+        ).scalars()
+    )
+    if pks:
+        conn.execute(
+            insert(events),
+            [
+                {
+                    "message_pk": pk,
+                    "at": now,
+                    "source": "system",
+                    "from_state": State.QUEUED,
+                    "to_state": State.HELD,
+                    "detail": "campaign held or paused",
+                }
+                for pk in pks
+            ],
+        )
 
 
 def existing_states(engine: Engine, ids: Iterable[str]) -> dict[str, str]:
@@ -183,7 +237,7 @@ def enqueue(
                 chunk_results.append(EnqueueResult(checked.id, "duplicate", State.QUEUED))
             else:
                 seen.add(checked.id)
-                rows.append(row_for(checked, campaign, now))
+                rows.append(row_for(checked, campaign, now, settings))
                 chunk_results.append(None)
         inserted = store(engine, rows, campaign)
         accepted_any = accepted_any or bool(inserted)

@@ -34,6 +34,8 @@ from sqlalchemy import (
     select,
 )
 
+from worker.campaigns import campaign_control
+from worker.db import utcnow
 from worker.models import UTCDateTime, events, messages
 from worker.redact import mask_phone
 from worker.states import FINAL, State
@@ -44,7 +46,22 @@ PROVIDER_FINAL: tuple[State, ...] = (State.DELIVERED, State.UNDELIVERABLE, State
 FINAL_ORDER: tuple[State, ...] = tuple(state for state in State if state in FINAL)
 # The cascade's channel order; channels the provider adds later sort after these.
 CHANNEL_ORDER: tuple[str, ...] = ("telegram", "viber", "rcs", "sms")
-NO_CHANNEL = "none"
+NO_CHANNEL = "none"  # the provider listed its channels and none delivered
+NOT_REPORTED = "not reported"  # the source tells no channel (a BulkGate DLR, a bare webhook)
+UNKNOWN_CURRENCY = "unknown"
+UNKNOWN_CURRENCY_NOTE = (
+    "amounts whose currency the provider did not report (a BulkGate DLR price carries "
+    "none: set BULKGATE_PRICE_CURRENCY); never added to the others"
+)
+# Final states that are failures: each is listed in top errors, with or without a code.
+FAILED_STATES: tuple[State, ...] = (
+    State.UNDELIVERABLE,
+    State.PERMANENTERROR,
+    State.REJECTED,
+    State.FAILED,
+    State.EXPIRED,
+    State.TIMEOUT,
+)
 PERCENTILES: dict[str, int] = {"p50": 50, "p90": 90, "p99": 99}
 TOP_ERRORS = 10
 OUTCOME_PAGE = 1000
@@ -143,6 +160,15 @@ def campaign_summary(engine: Engine, campaign: str) -> dict[str, Any] | None:
             .where(messages.c.campaign == campaign)
             .group_by(messages.c.state, messages.c.final_source)
         ).all()
+        waiting = conn.execute(
+            select(func.count()).where(
+                messages.c.campaign == campaign,
+                messages.c.state == State.QUEUED,
+                messages.c.scheduled_sent.is_not(None),
+                messages.c.available_at > utcnow(),
+            )
+        ).scalar_one()
+        money = _money(conn, campaign)
     if not by_state:
         return None
     states: dict[str, int] = {}
@@ -165,9 +191,14 @@ def campaign_summary(engine: Engine, campaign: str) -> dict[str, Any] | None:
         "delivered": delivered,
         "delivery_rate": round(delivered / total, 4) if total else 0.0,
         "delivery_rate_of_sent": round(delivered / sent, 4) if sent else 0.0,
-        "cost": round(sum(row[2] for row in by_state), 4),
+        # One currency (or none): its total. Several: null, and `money` has each apart.
+        "cost": round(sum(row[2] for row in by_state), 4) if len(money) <= 1 else None,
+        "cost_currency": next(iter(money)) if len(money) == 1 else None,
         "unknown_outcomes": int(sum(row[3] for row in by_state)),
         "polls": int(sum(row[4] for row in by_state)),
+        # Of `queued`: scheduled messages we keep until shortly before their time.
+        "waiting_for_time": waiting,
+        "control": campaign_control(engine, campaign),
         "finals_by_source": dict(sorted(sources.items())),
         "first_enqueued_at": _iso(min(row[6] for row in by_state)),
         "last_final_at": _iso(max((row[7] for row in by_state if row[7]), default=None)),
@@ -210,9 +241,9 @@ def _money(conn: Connection, campaign: str) -> dict[str, dict[str, Any]]:
     ).all()
     totals: dict[str, Counter[str]] = {}
     for bill_currency, rate_currency, cost, bill, count in rows:
-        currency = bill_currency or rate_currency or "unknown"
+        currency = bill_currency or rate_currency or UNKNOWN_CURRENCY
         totals.setdefault(currency, Counter()).update(cost=cost, bill=bill, messages=count)
-    return {
+    money: dict[str, dict[str, Any]] = {
         currency: {
             "cost": round(figures["cost"], 4),
             "bill": round(figures["bill"], 4),
@@ -220,6 +251,9 @@ def _money(conn: Connection, campaign: str) -> dict[str, dict[str, Any]]:
         }
         for currency, figures in sorted(totals.items())
     }
+    if UNKNOWN_CURRENCY in money:
+        money[UNKNOWN_CURRENCY]["note"] = UNKNOWN_CURRENCY_NOTE
+    return money
 
 
 def _delivering_channel(extended_statuses: Any) -> str | None:
@@ -250,16 +284,17 @@ def _channels(conn: Connection, campaign: str) -> dict[str, int]:
     ).all()
     counts: Counter[str] = Counter()
     for statuses, state, count in rows:
-        channel = _delivering_channel(_decode(statuses))
+        decoded = _decode(statuses)
+        channel = _delivering_channel(decoded)
         if channel is not None:
             counts[channel] += count
         elif state in PROVIDER_FINAL:
-            counts[NO_CHANNEL] += count
+            counts[NO_CHANNEL if isinstance(decoded, dict) and decoded else NOT_REPORTED] += count
     return dict(sorted(counts.items(), key=lambda item: _channel_rank(item[0])))
 
 
 def _channel_rank(channel: str) -> tuple[int, str]:
-    if channel == NO_CHANNEL:
+    if channel in (NO_CHANNEL, NOT_REPORTED):
         return (len(CHANNEL_ORDER) + 1, channel)
     if channel in CHANNEL_ORDER:
         return (CHANNEL_ORDER.index(channel), channel)
@@ -317,6 +352,9 @@ def _percentiles(
 
 
 def _top_errors(conn: Connection, campaign: str) -> list[dict[str, Any]]:
+    """Error codes by count; a failed message without one (a provider that reports only a
+    status) is counted under its state and the provider's status, so failures are never
+    shown beside an empty list."""
     count = func.count().label("count")
     rows = conn.execute(
         select(messages.c.error_code, count)
@@ -325,7 +363,21 @@ def _top_errors(conn: Connection, campaign: str) -> list[dict[str, Any]]:
         .order_by(count.desc(), messages.c.error_code)
         .limit(TOP_ERRORS)
     ).all()
-    return [{"code": code, "count": n} for code, n in rows]
+    found = [{"code": code, "count": n} for code, n in rows]
+    uncoded = conn.execute(
+        select(messages.c.state, messages.c.deliverystatus, count)
+        .where(
+            messages.c.campaign == campaign,
+            messages.c.error_code.is_(None),
+            messages.c.state.in_(FAILED_STATES),
+        )
+        .group_by(messages.c.state, messages.c.deliverystatus)
+    ).all()
+    for state, status, n in uncoded:
+        reported = f"status {status}" if status and status != state else "no error code"
+        found.append({"code": f"{state} ({reported} reported)", "count": n})
+    found.sort(key=lambda e: (-e["count"], e["code"]))
+    return found[:TOP_ERRORS]
 
 
 def message_outcomes(engine: Engine, campaign: str) -> Iterator[dict[str, Any]]:

@@ -12,6 +12,7 @@ from enum import StrEnum
 
 class State(StrEnum):
     QUEUED = "queued"
+    HELD = "held"  # not sent while its campaign is held for approval or paused
     SENDING = "sending"
     SUBMITTED = "submitted"
     SCHEDULED = "scheduled"
@@ -50,6 +51,7 @@ PROVIDER_STATES: dict[str, State] = {
 
 _RANK: dict[State, int] = {
     State.QUEUED: 0,
+    State.HELD: 0,
     State.SENDING: 1,
     State.SUBMITTED: 2,
     State.SCHEDULED: 3,
@@ -60,8 +62,10 @@ _FINAL_RANK = 9
 # Moves the worker itself makes (not provider reports).
 _SYSTEM_MOVES: dict[State, frozenset[State]] = {
     State.QUEUED: frozenset(
-        {State.SENDING, State.REJECTED, State.EXPIRED, State.CANCELLED, State.FAILED}
+        {State.SENDING, State.REJECTED, State.EXPIRED, State.CANCELLED, State.FAILED, State.HELD}
     ),
+    # A held or paused campaign's messages: back to the queue on approve or resume.
+    State.HELD: frozenset({State.QUEUED, State.CANCELLED}),
     State.SENDING: frozenset(
         {
             State.QUEUED,

@@ -47,6 +47,7 @@ FIELDS = (  # every field a message may carry: the cascade API's, then ours
     "callbackUrl",
     "callbackTask",
     "callbackLateAfter",
+    "phoneRegion",
 )
 _FIELD_SET = frozenset(FIELDS)
 _ALLOWED = ", ".join(FIELDS)
@@ -64,6 +65,7 @@ _ISO_RE = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?"
     r"(Z|[+-][0-9]{2}(?::?[0-9]{2})?)?"
 )
+_SCIENTIFIC_RE = re.compile(r"[0-9](?:[.,][0-9]+)?[eE]\+?[0-9]+")
 _E164_EXAMPLE = "+380671234567"
 _PROVIDER_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _SHOW_MAX = 40
@@ -152,10 +154,14 @@ class ValidationRules:
     max_schedule_ahead: timedelta = timedelta(days=30)
     past_skew: timedelta = timedelta(seconds=60)
     default_route: str = "standard"
+    # Reads national and '+'-less numbers as this country's (DEFAULT_PHONE_REGION).
+    default_region: str | None = None
 
     def __post_init__(self) -> None:
         if self.default_route not in ROUTES:
             raise ValueError(f"default_route must be one of {ROUTES}, got {self.default_route!r}")
+        if self.default_region is not None and (problem := region_problem(self.default_region)):
+            raise ValueError(f"default_region {problem}")
 
 
 _DEFAULT_RULES = ValidationRules()
@@ -177,10 +183,19 @@ def validate_message(
         errors.extend(_unknown_field(key) for key in raw if key not in _FIELD_SET)
     get = raw.get
     message_type = get("messageType")
+    region = get("phoneRegion")
+    region_error = _optional(region, region_problem)
+    phone = get("toPhone")
+    if not region_error:
+        phone = with_region(phone, region or rules.default_region)
     problems = (
         ("id", _id_problem(get("id"))),
         ("fromName", _from_name_problem(get("fromName"))),
-        ("toPhone", _phone_problem(get("toPhone"))),
+        ("phoneRegion", region_error),
+        (
+            "toPhone",
+            _phone_problem(phone, None if region_error else region or rules.default_region),
+        ),
         ("messageType", _choice_problem(message_type, MESSAGE_TYPES, required=True)),
         ("text", _text_problem(get("text"), message_type)),
         ("ttl", _ttl_problem(get("ttl"))),
@@ -203,7 +218,7 @@ def validate_message(
     return OutgoingMessage(
         id=get("id"),
         from_name=get("fromName"),
-        to_phone=get("toPhone"),
+        to_phone=phone,
         message_type=message_type,
         text=get("text"),
         ttl=get("ttl"),
@@ -382,11 +397,51 @@ def _from_name_problem(value: object) -> str | None:
     return problem
 
 
-def _phone_problem(value: object) -> str | None:
-    """The provider takes strict E.164 only; a cheap shape check runs before phonenumbers."""
+def region_problem(value: object) -> str | None:
+    """A default region is a two-letter country code phonenumbers knows (UA, PL, GB…)."""
+    if not isinstance(value, str):
+        return _not_a_string(value)
+    if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
+        return f"must be a two-letter country code such as 'UA' or 'PL', got {_show(value)}"
+    return None
+
+
+def with_region(value: object, region: str | None) -> object:
+    """`value` in E.164 when it reads as a real number of `region` (national '067 123 4567',
+    '380671234567' without its '+', '00380…', spaces and punctuation); else unchanged, so
+    validation says what is wrong with it as given. A number already in E.164 never changes.
+    """
+    if not isinstance(value, str) or region is None or _E164_RE.fullmatch(value):
+        return value
+    region = region.upper()
+    text = value.strip()
+    if not text or len(text) > 40:
+        return value
+    candidates = [text]
+    digits = "".join(c for c in text if c.isdigit())
+    if text[0].isdigit() and text[0] != "0":  # '380671234567': a country code without '+'
+        candidates.append("+" + digits)
+    for candidate in candidates:
+        try:
+            number = phonenumbers.parse(candidate, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(number):
+            return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return value
+
+
+def _phone_problem(value: object, region: str | None = None) -> str | None:
+    """The provider takes strict E.164 only; a cheap shape check runs before phonenumbers.
+    With a region, a number still not in E.164 is one the region could not read."""
     if not isinstance(value, str):
         return _not_a_string(value)
     if not _E164_RE.fullmatch(value):
+        if region and value.strip() and not _SCIENTIFIC_RE.fullmatch(value.strip()):
+            return (
+                f"is not a valid {region.upper()} number (national, or with its country code) "
+                f"nor E.164 like {_E164_EXAMPLE}, got {_show(value)}"
+            )
         return f"{_phone_shape_problem(value)}, got {_show(value)}"
     problem = _phone_number_problem(value)
     return f"{problem}, got {_show(value)}" if problem else None
@@ -396,15 +451,23 @@ def _phone_shape_problem(value: str) -> str:
     """Say what is wrong with a number that is not '+' and digits, as the common mistakes."""
     if not value:
         return "must not be empty"
+    if _SCIENTIFIC_RE.fullmatch(value.strip()):
+        return (
+            "is a number Excel turned into scientific notation, its digits are lost; "
+            "format the column as Text and export again"
+        )
     if value.startswith("00"):
         return f"uses the '00' dialling prefix instead of '+'; use E.164 like {_E164_EXAMPLE}"
     if value.startswith("0"):
         return (
             "is a national number (leading '0'); use E.164 with the country code, "
-            f"like {_E164_EXAMPLE}"
+            f"like {_E164_EXAMPLE}, or give its country (phoneRegion, --default-region)"
         )
     if value[0] in "123456789":
-        return f"missing leading '+'; use E.164 like {_E164_EXAMPLE}"
+        return (
+            f"missing leading '+'; use E.164 like {_E164_EXAMPLE}, "
+            "or give its country (phoneRegion, --default-region)"
+        )
     digits = value[1:]
     if value[0] != "+" or not (digits.isascii() and digits.isdigit()):
         return (

@@ -1,0 +1,342 @@
+"""Hold and approve, pause and resume: unsent messages wait as `held`, nothing is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from config import Settings
+from tests.conftest import Stack, make_messages
+from worker.campaigns import (
+    CampaignCancelled,
+    CampaignStateError,
+    Defaults,
+    approve_campaign,
+    cancel_campaign,
+    enforce_holds,
+    hold_campaign,
+    later_by,
+    launch,
+    pause_campaign,
+    resume_campaign,
+)
+from worker.db import get_engine, utcnow
+from worker.models import events, messages
+from worker.producer import enqueue
+from worker.reports import campaign_summary
+from worker.states import journal_allows
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(
+    request: pytest.FixtureRequest, database_factory: Callable[[str], str], redis_db: str
+) -> Settings:
+    return Settings(DATABASE_URL=database_factory(request.param), BROKER_URL=redis_db)  # type: ignore[call-arg]
+
+
+def states(settings: Settings, campaign: str) -> dict[str, int]:
+    summary = campaign_summary(get_engine(settings.database_url), campaign)
+    return summary["states"] if summary else {}
+
+
+def journal(settings: Settings, campaign: str) -> list[tuple[str, str, str, str]]:
+    with get_engine(settings.database_url).connect() as conn:
+        rows = conn.execute(
+            select(events.c.source, events.c.from_state, events.c.to_state, events.c.detail)
+            .join(messages, messages.c.pk == events.c.message_pk)
+            .where(messages.c.campaign == campaign)
+            .order_by(events.c.pk)
+        ).all()
+    return [tuple(r) for r in rows]
+
+
+def claimable(settings: Settings) -> int:
+    from worker.dispatcher import ready_summary
+
+    engine = get_engine(settings.database_url)
+    return ready_summary(engine, "standard", utcnow() + timedelta(seconds=1), 10_000, 1)[0]
+
+
+def test_pause_holds_unsent_messages_and_resume_sends_them_again(settings: Settings) -> None:
+    engine = get_engine(settings.database_url)
+    enqueue(make_messages(5, "p"), "p", settings=settings, kick=False)
+    assert claimable(settings) == 5
+
+    paused = pause_campaign(engine, "p")
+
+    assert paused is not None and paused["held_now"] == 5
+    assert paused["status"] == "paused" and paused["pause_reason"] == "paused by the operator"
+    assert states(settings, "p") == {"held": 5} and claimable(settings) == 0
+    # A message enqueued while paused is held as it is stored.
+    [late] = enqueue(make_messages(1, "p", start=5), "p", settings=settings, kick=False)
+    assert late.status == "accepted"
+    assert states(settings, "p") == {"held": 6} and claimable(settings) == 0
+    with pytest.raises(CampaignStateError, match="cannot be approved: it is not held"):
+        approve_campaign(engine, "p")
+
+    resumed = resume_campaign(engine, "p")
+
+    assert resumed is not None and resumed["released_now"] == 6
+    assert resumed["status"] == "running" and resumed["held_messages"] == 0
+    assert states(settings, "p") == {"queued": 6} and claimable(settings) == 6
+    moves = journal(settings, "p")
+    assert moves.count(("system", "queued", "held", "campaign paused by the operator")) == 5
+    assert moves.count(("system", "queued", "held", "campaign held or paused")) == 1
+    assert moves.count(("system", "held", "queued", "campaign resumed")) == 6
+    assert all(journal_allows(source, a, b) for source, a, b, _ in moves)
+    with pytest.raises(CampaignStateError, match="cannot be resumed: it is not paused"):
+        resume_campaign(engine, "p")
+    assert pause_campaign(engine, "nope") is None and resume_campaign(engine, "nope") is None
+
+
+def test_a_held_launch_sends_nothing_until_approved(tmp_path: Path, settings: Settings) -> None:
+    engine = get_engine(settings.database_url)
+    path = tmp_path / "c.csv"
+    path.write_text("toPhone,name\n+380671234567,a\n+380671234568,b\nbad,c\n")
+    defaults = Defaults(from_name="Shop", message_type="promo", text="Hi {name}")
+
+    stats = launch(path, "h", defaults, settings, hold=True)
+
+    assert (stats.accepted, stats.rejected) == (2, 1)
+    assert states(settings, "h") == {"held": 2} and claimable(settings) == 0
+    summary = campaign_summary(engine, "h")
+    assert summary is not None and summary["control"]["status"] == "held"
+    pause_campaign(engine, "h")  # held and paused: approving alone does not send it
+    assert approve_campaign(engine, "h")["released_now"] == 0  # type: ignore[index]
+    assert claimable(settings) == 0
+
+    assert resume_campaign(engine, "h")["released_now"] == 2  # type: ignore[index]
+
+    assert states(settings, "h") == {"queued": 2} and claimable(settings) == 2
+    with pytest.raises(CampaignStateError, match="not held for approval"):
+        approve_campaign(engine, "h")
+
+
+def test_cancel_cancels_held_messages_and_a_cancelled_campaign_cannot_be_resumed(
+    settings: Settings,
+) -> None:
+    engine = get_engine(settings.database_url)
+    enqueue(make_messages(3, "x"), "x", settings=settings, kick=False)
+    hold_campaign(engine, "x")
+
+    result = cancel_campaign(engine, "x")
+
+    assert result is not None and result["cancelled_now"] == 3 and result["queued"] == 0
+    assert states(settings, "x") == {"cancelled": 3}
+    assert all(journal_allows(s, a, b) for s, a, b, _ in journal(settings, "x"))
+    with pytest.raises(CampaignCancelled):
+        approve_campaign(engine, "x")
+    with pytest.raises(CampaignCancelled):
+        pause_campaign(engine, "x")
+
+
+def test_a_send_in_flight_when_paused_is_held_when_it_comes_back(settings: Settings) -> None:
+    from worker.dispatcher import Retry, claim, record
+
+    engine = get_engine(settings.database_url)
+    enqueue(make_messages(2, "fly"), "fly", settings=settings, kick=False)
+    rows = claim(engine, "standard", utcnow(), 10, 60, "tok")
+    assert pause_campaign(engine, "fly")["held_now"] == 0  # type: ignore[index]
+    record(engine, "tok", [Retry(r.pk, "HTTP 500", True) for r in rows], {r.pk: r for r in rows},
+           settings)  # fmt: skip
+    assert states(settings, "fly") == {"queued": 2}
+
+    assert enforce_holds(engine) == 2
+
+    assert states(settings, "fly") == {"held": 2} and claimable(settings) == 0
+    assert enforce_holds(engine) == 0
+
+
+def test_later_by_adds_seconds_in_sql_on_both_backends(settings: Settings) -> None:
+    """What resume and approve use to push the send deadline by the time held."""
+    engine = get_engine(settings.database_url)
+    enqueue(make_messages(1, "t"), "t", settings=settings, kick=False)
+    with engine.begin() as conn:
+        conn.execute(
+            messages.update().values(expires_at=later_by(conn, messages.c.created_at, 3600.25))
+        )
+        created, moved = conn.execute(select(messages.c.created_at, messages.c.expires_at)).one()
+    assert abs((moved - created).total_seconds() - 3600.25) < 0.002
+
+
+# --- with a running worker and the simulator ------------------------------------------------
+
+
+def _cli(*args: str, stack: Stack) -> subprocess.CompletedProcess[str]:
+    env = {"DATABASE_URL": stack.settings.database_url, "BROKER_URL": stack.settings.broker_url}
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
+
+
+def test_hold_approve_pause_resume_from_the_command_line(
+    stack: Stack, sim, tmp_path: Path, campaign: str
+) -> None:
+    path = tmp_path / "list.csv"
+    path.write_text("phone;name\n" + "".join(f"067{i:07d};n{i}\n" for i in range(400)))
+    launched = _cli(
+        "campaign", "launch", str(path), "--name", campaign, "--column", "phone=toPhone",
+        "--default-region", "UA", "--from-name", "Shop", "--type", "promo",
+        "--text", "Hi {name}", "--hold", stack=stack,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr
+    assert f"{campaign} is held: nothing is sent until" in launched.stdout
+    time.sleep(2)  # several dispatch ticks: a held campaign is never claimed
+    assert sim.stats()["unique_tracking_ids"] == 0
+    status = _cli("campaign", "status", campaign, stack=stack)
+    assert "held for approval" in status.stdout and "held" in status.stdout
+
+    sim.configure(api_key="rotated-key")  # approved messages stay ours (401: no send)
+    approved = json.loads(_cli("campaign", "approve", campaign, "--json", stack=stack).stdout)
+    assert approved["released_now"] == 400 and approved["status"] == "running"
+    time.sleep(1)  # claims and 401 answers: sends in flight when the pause comes
+
+    paused = json.loads(_cli("campaign", "pause", campaign, "--json", stack=stack).stdout)
+
+    assert paused["status"] == "paused"
+    # Sends in flight at the pause come back queued and are held by the beat's next tick.
+    wait_until(lambda: states(stack.settings, campaign) == {"held": 400})
+    sim.configure(api_key="test-key")
+    time.sleep(3)  # past the 401 circuit pause: a queued message would be sent now
+    assert sim.stats()["unique_tracking_ids"] == 0
+    assert states(stack.settings, campaign) == {"held": 400}
+
+    resumed = json.loads(_cli("campaign", "resume", campaign, "--json", stack=stack).stdout)
+
+    assert resumed["released_now"] == 400
+    report = stack.wait_final(campaign, 400)
+    assert sum(report["states"].values()) == 400 and "held" not in report["states"]
+    assert sim.stats()["unique_tracking_ids"] == 400
+    assert all(journal_allows(s, a, b) for s, a, b, _ in journal(stack.settings, campaign))
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+# --- scheduled sends we can still stop ------------------------------------------------------
+
+
+def test_available_at_keeps_far_scheduled_messages_until_shortly_before() -> None:
+    from worker.producer import available_at
+
+    now = utcnow()
+    hour = now + timedelta(hours=1)
+    assert available_at(None, now, 600, 120) == now
+    assert available_at(now + timedelta(seconds=600), now, 600, 120) == now  # near: provider's
+    assert available_at(hour, now, 600, 120) == hour - timedelta(seconds=120)
+    assert available_at(hour, now, 0, 120) == now  # 0 turns it off
+    with pytest.raises(ValueError, match="SCHEDULE_SEND_LEAD_SECONDS must not exceed"):
+        Settings(SCHEDULE_HOLD_AHEAD_SECONDS="60", SCHEDULE_SEND_LEAD_SECONDS="120")  # type: ignore[call-arg]
+
+
+def test_a_message_scheduled_an_hour_ahead_stays_ours_to_pause_and_cancel(
+    settings: Settings,
+) -> None:
+    engine = get_engine(settings.database_url)
+    ahead = (utcnow() + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    soon = (utcnow() + timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    enqueue(make_messages(3, "s", scheduledSent=ahead), "s", settings=settings, kick=False)
+    enqueue(make_messages(1, "s", start=3, scheduledSent=soon), "s", settings=settings, kick=False)
+
+    summary = campaign_summary(engine, "s")
+    assert summary is not None
+    assert summary["states"] == {"queued": 4} and summary["waiting_for_time"] == 3
+    assert claimable(settings) == 1  # five minutes ahead: the provider's own scheduling
+    pause_campaign(engine, "s")
+    assert states(settings, "s") == {"held": 4}
+    resume_campaign(engine, "s")
+    summary = campaign_summary(engine, "s")
+    assert summary is not None and summary["waiting_for_time"] == 3  # its time is kept
+    assert claimable(settings) == 1
+
+    result = cancel_campaign(engine, "s")
+
+    assert result is not None and result["cancelled_now"] == 4
+
+
+def test_cancel_stops_scheduled_messages_on_a_running_worker(
+    stack: Stack, sim, campaign: str
+) -> None:
+    ahead = (utcnow() + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stack.enqueue(make_messages(50, campaign, scheduledSent=ahead), campaign)
+    stack.enqueue(make_messages(20, campaign, start=50), campaign)
+    stack.wait_final(campaign, 20)
+    time.sleep(1)  # more dispatch ticks: the scheduled ones are not claimed
+    assert sim.stats()["unique_tracking_ids"] == 20
+    status = _cli("campaign", "status", campaign, stack=stack)
+    assert "waiting for its time" in status.stdout
+
+    cancelled = json.loads(_cli("campaign", "cancel", campaign, "--json", stack=stack).stdout)
+
+    assert cancelled["cancelled_now"] == 50 and cancelled["with_provider"] == 0
+    report = stack.wait_final(campaign, 70, timeout=5)
+    assert report["states"]["cancelled"] == 50 and sim.stats()["unique_tracking_ids"] == 20
+
+
+# --- retry what did not arrive ---------------------------------------------------------------
+
+
+def test_retry_states_are_checked() -> None:
+    from worker.campaigns import CampaignError, retry_states
+
+    assert retry_states("Undeliverable, failed,failed") == ("undeliverable", "failed")
+    for given, problem in (
+        ("delivered", "a delivered message is never sent again"),
+        ("processing", "'processing' is not final"),
+        ("lost", "unknown state 'lost'"),
+        (",", "name at least one"),
+    ):
+        with pytest.raises(CampaignError, match=problem):
+            retry_states(given)
+
+
+def test_retry_sends_what_did_not_arrive_as_a_linked_campaign(settings: Settings) -> None:
+    from worker.campaigns import CampaignError, list_campaigns, retry_campaign
+
+    engine = get_engine(settings.database_url)
+    enqueue(make_messages(6, "orig"), "orig", settings=settings, kick=False)
+    finals = ["delivered", "undeliverable", "failed", "expired", "cancelled", "queued"]
+    with engine.begin() as conn:
+        for n, state in enumerate(finals):
+            conn.execute(messages.update().where(messages.c.id == f"orig-{n}").values(state=state))
+
+    result = retry_campaign(
+        "orig", ("undeliverable", "failed", "expired"), settings, route="tg-viber"
+    )  # type: ignore[arg-type]
+
+    assert result is not None
+    assert (result["campaign"], result["selected"], result["accepted"]) == ("orig-retry", 3, 3)
+    with engine.connect() as conn:
+        retried = conn.execute(
+            select(messages.c.id, messages.c.to_phone, messages.c.route, messages.c.state)
+            .where(messages.c.campaign == "orig-retry")
+            .order_by(messages.c.to_phone)
+        ).all()
+    assert [r.to_phone for r in retried] == ["+380670000001", "+380670000002", "+380670000003"]
+    assert {r.route for r in retried} == {"tg-viber"} and {r.state for r in retried} == {"queued"}
+    assert all(r.id.startswith("orig-") and "-r" in r.id for r in retried)
+    again = retry_campaign("orig", ("undeliverable", "failed", "expired"), settings)  # type: ignore[arg-type]
+    assert again is not None and (again["accepted"], again["duplicate"]) == (0, 3)
+    listing = {c["campaign"]: c for c in list_campaigns(engine)}
+    assert listing["orig-retry"]["retry_of"] == "orig"
+    enqueue(make_messages(1, "other"), "other", settings=settings, kick=False)
+    with pytest.raises(CampaignError, match="'other' exists and is not a retry of 'orig'"):
+        retry_campaign("orig", ("failed",), settings, new_name="other")  # type: ignore[arg-type]
+    assert retry_campaign("nope", ("failed",), settings) is None  # type: ignore[arg-type]
