@@ -27,7 +27,7 @@ def pushed(database_factory: Callable[[str], str]) -> Iterator[tuple[Stack, Api]
         "WEBHOOK_TOKEN": TOKEN,
         "API_TOKEN": "api-token",
         "WEBHOOKS_ENABLED": "true",
-        "POLL_FIRST_DELAY_WITH_WEBHOOKS_SECONDS": "6",  # slack for a loaded machine
+        "POLL_FIRST_DELAY_WITH_WEBHOOKS_SECONDS": "20",  # slack for a loaded machine
         "REPORTS_INTERVAL_SECONDS": "0.5",
         "BULKGATE_PRICE_CURRENCY": "UAH",
     }

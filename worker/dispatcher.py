@@ -412,8 +412,8 @@ def send_batch(
     now = clock()
     token = uuid.uuid4().hex
     lease = settings.send_lease_seconds
-    rows = claim_part(engine, route, now, settings.send_batch_max, lease, token)
-    report.isolating = bool(rows)
+    # A probe is small: new rows first, a whole part only when nothing else waits.
+    rows = [] if probing else claim_part(engine, route, now, settings.send_batch_max, lease, token)
     if not rows:
         limit = settings.send_probe_size if probing else batch_limit(settings)
         ready, oldest_wait = ready_summary(
@@ -427,6 +427,9 @@ def send_batch(
         )
         if flush or (probing and ready):
             rows = claim(engine, route, now, limit, lease, token)
+    if not rows and probing:
+        rows = claim_part(engine, route, now, settings.send_batch_max, lease, token)
+    report.isolating = bool(rows) and rows[0].isolation is not None
     report.claimed = len(rows)
     if not rows:
         if probing:  # nothing to probe with: let the next worker try
