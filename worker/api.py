@@ -364,14 +364,23 @@ class TopError(BaseModel):
     count: int
 
 
+class CampaignLimits(BaseModel):
+    daily_cap: int | None = Field(description="Messages released per UTC day at most.")
+    rate: float | None = Field(description="Messages/s for this campaign at most.")
+    released_today: int
+
+
 class CampaignControl(BaseModel):
     """Whether a campaign is sending: held for approval, paused (and why), or running."""
 
-    status: Literal["running", "held", "paused", "cancelled"]
+    status: Literal["running", "held", "paused", "capped", "cancelled"]
     held_since: Timestamp | None
     paused_since: Timestamp | None
     pause_reason: str | None
-    held_messages: int = Field(description="Unsent messages waiting for approve or resume.")
+    held_messages: int = Field(
+        description="Unsent messages waiting for approve, resume or their cap and rate."
+    )
+    limits: CampaignLimits
 
 
 class CampaignAction(CampaignControl):

@@ -151,6 +151,14 @@ def campaign() -> None:
     "--hold", is_flag=True, help="Store and validate everything, send nothing until approved."
 )
 @click.option("--dedupe", is_flag=True, help="Skip a phone already in the campaign or the file.")
+@click.option(
+    "--daily-cap", type=click.IntRange(min=1), help="At most N messages sent per UTC day."
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    help="At most R messages/s for this campaign (beneath SEND_MESSAGES_PER_SECOND).",
+)
 def campaign_launch(
     file: Path,
     name: str,
@@ -166,6 +174,8 @@ def campaign_launch(
     dry_run: bool,
     hold: bool,
     dedupe: bool,
+    daily_cap: int | None,
+    rate: float | None,
 ) -> None:
     """Enqueue a campaign from a CSV or .xlsx file (headers: the cascade API's field names,
     or mapped with --column)."""
@@ -213,7 +223,14 @@ def campaign_launch(
                 )
 
             stats = launch(
-                file, name, defaults, settings, dry_run=dry_run, hold=hold, progress=show
+                file,
+                name,
+                defaults,
+                settings,
+                dry_run=dry_run,
+                hold=hold,
+                limits=(daily_cap, rate),
+                progress=show,
             )
     except ValueError as exc:  # CampaignError, CampaignCancelled, a bad --name
         raise click.ClickException(str(exc)) from None
@@ -346,6 +363,8 @@ def _control_rows(table: Table, report: dict[str, Any]) -> None:
             f"[yellow]held for approval[/] since {control['held_since']}: "
             f"`cascade campaign approve {report['campaign']}` sends it",
         )
+    elif status == "capped":
+        table.add_row("status", f"[yellow]capped[/]: {control['pause_reason']}")
     elif status == "paused":
         table.add_row(
             "status",
@@ -354,6 +373,11 @@ def _control_rows(table: Table, report: dict[str, Any]) -> None:
         )
     else:
         table.add_row("status", status)
+    limits = control.get("limits") or {}
+    if limits.get("daily_cap") or limits.get("rate"):
+        cap = f"{limits['daily_cap']:,}/day" if limits.get("daily_cap") else "no daily cap"
+        rate = f"{limits['rate']:g}/s" if limits.get("rate") else "no own rate"
+        table.add_row("limits", f"{cap}, {rate}; {limits['released_today']:,} released today (UTC)")
 
 
 def _state_rows(table: Table, report: dict[str, Any], indent: str = "") -> None:
@@ -471,6 +495,41 @@ def campaign_hold(name: str, as_json: bool) -> None:
 def campaign_approve(name: str, as_json: bool) -> None:
     """Send a campaign that was launched with --hold."""
     _control("approve", name, as_json)
+
+
+@campaign.command("limit")
+@click.argument("name")
+@click.option("--daily-cap", type=click.IntRange(min=0), help="Messages per UTC day; 0 lifts it.")
+@click.option(
+    "--rate", type=click.FloatRange(min=0), help="Messages/s for this campaign; 0 lifts it."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def campaign_limit(name: str, daily_cap: int | None, rate: float | None, as_json: bool) -> None:
+    """Cap a campaign's messages per day and its own rate; beyond them messages wait, held."""
+    from worker.campaigns import set_limits
+
+    if daily_cap is None and rate is None:
+        raise click.UsageError("give --daily-cap and/or --rate (0 lifts a limit)")
+    engine = _engine()
+    from worker.campaigns import campaign_control
+
+    current = campaign_control(engine, name)["limits"]
+    cap = current["daily_cap"] if daily_cap is None else (daily_cap or None)
+    per_second = current["rate"] if rate is None else (rate or None)
+    try:
+        result = set_limits(engine, name, cap, per_second)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if result is None:
+        raise click.ClickException(f"no campaign named {name!r}")
+    if as_json:
+        _print_json({"campaign": name, **result})
+        return
+    limits = result["limits"]
+    console.print(
+        f"{name}: {result['status']}; daily cap {limits['daily_cap'] or 'none'}, "
+        f"rate {limits['rate'] or 'none'}; {result['held_messages']:,} messages waiting"
+    )
 
 
 @campaign.command("retry")

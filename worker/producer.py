@@ -142,13 +142,23 @@ def store(engine: Engine, rows: list[dict[str, Any]], campaign: str | None = Non
         blocked = False
         if campaign is not None:
             state = conn.execute(
-                select(campaigns.c.cancelled_at, campaigns.c.held_at, campaigns.c.paused_at)
+                select(
+                    campaigns.c.cancelled_at,
+                    campaigns.c.held_at,
+                    campaigns.c.paused_at,
+                    campaigns.c.daily_cap,
+                    campaigns.c.rate_limit,
+                )
                 .where(campaigns.c.name == campaign)
                 .with_for_update(read=True)
             ).first()
             if state is not None and state.cancelled_at is not None:
                 raise CampaignCancelled(campaign)
-            blocked = state is not None and (state.held_at or state.paused_at) is not None
+            # Held, paused or metered (a cap or rate: beat releases them within it).
+            blocked = state is not None and any(
+                v is not None
+                for v in (state.held_at, state.paused_at, state.daily_cap, state.rate_limit)
+            )
         inserted = insert_new(conn, messages, rows, key="id")
         if blocked and inserted:
             _hold_new(conn, inserted)
@@ -177,7 +187,7 @@ def _hold_new(conn: Connection, ids: set[str]) -> None:
                     "source": "system",
                     "from_state": State.QUEUED,
                     "to_state": State.HELD,
-                    "detail": "campaign held or paused",
+                    "detail": "campaign held, paused or metered",
                 }
                 for pk in pks
             ],
