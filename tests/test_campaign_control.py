@@ -172,13 +172,15 @@ def test_later_by_adds_seconds_in_sql_on_both_backends(settings: Settings) -> No
 # --- with a running worker and the simulator ------------------------------------------------
 
 
-def _cli(*args: str, stack: Stack) -> subprocess.CompletedProcess[str]:
-    env = {"DATABASE_URL": stack.settings.database_url, "BROKER_URL": stack.settings.broker_url}
+def _cli(
+    *args: str, stack: Stack, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    base = {"DATABASE_URL": stack.settings.database_url, "BROKER_URL": stack.settings.broker_url}
     return subprocess.run(
         [sys.executable, "-m", "worker.cli", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, **env},
+        env={**os.environ, **base, **(env or {})},
         timeout=120,
     )
 
@@ -412,3 +414,23 @@ def test_a_rate_limited_campaign_on_a_running_worker(stack: Stack, sim, campaign
     # 100 messages, at most 10 released a tick, ticks 0.5 s apart: at least 4.5 s.
     assert (last - first).total_seconds() >= 4.0
     assert sim.stats()["unique_tracking_ids"] == 101
+
+
+def test_status_of_a_held_campaign_shows_its_estimate_and_watch_ends(
+    stack: Stack, sim, tmp_path: Path, campaign: str
+) -> None:
+    path = tmp_path / "list.csv"
+    path.write_text("toPhone,text\n+380671234567,hi\n+380671234568," + "ї" * 71 + "\n")
+    env_card = {"RATE_CARD": "380:sms=1.5", "RATE_CARD_CURRENCY": "UAH"}
+    launched = _cli(
+        "campaign", "launch", str(path), "--name", campaign, "--from-name", "Shop",
+        "--type", "promo", "--hold", stack=stack, env=env_card,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr
+
+    status = _cli("campaign", "status", campaign, "--json", stack=stack, env=env_card)
+    watched = _cli("campaign", "status", campaign, "--watch", "--interval", "0.2", stack=stack)
+
+    estimate = json.loads(status.stdout)["estimate"]
+    assert (estimate["messages"], estimate["sms_parts"], estimate["cost"]) == (2, 3, 4.5)
+    assert watched.returncode == 0 and "held, nothing more moves until" in watched.stdout

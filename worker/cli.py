@@ -326,9 +326,19 @@ def campaign_status(name: str, watch: bool, as_json: bool, interval: float) -> N
     report = campaign_summary(engine, name)
     if report is None:
         raise click.ClickException(f"no campaign named {name!r}")
+    control = report.get("control") or {}
+    if control.get("status") == "held":  # what approving it would send, and cost
+        from worker.estimate import stored_estimate
+        from worker.states import State
+
+        settings = _settings()
+        estimate = stored_estimate(engine, name, settings.rates, (State.HELD,))
+        report["estimate"] = estimate.as_dict(settings.rate_card_currency)
     if as_json:
         _print_json(report)
         return
+    if report.get("estimate", {}).get("messages"):
+        console.print(estimate_line(report["estimate"]))
     if not watch:
         console.print(status_view(report, None))
         return
@@ -336,12 +346,30 @@ def campaign_status(name: str, watch: bool, as_json: bool, interval: float) -> N
 
     samples: list[tuple[float, int]] = [(time.monotonic(), report["final"])]
     with Live(status_view(report, None), console=console, refresh_per_second=4) as live:
-        while not report["all_final"]:
+        while not report["all_final"] and not _stopped(report):
             time.sleep(interval)
             report = campaign_summary(engine, name) or report
             samples = [*samples[-30:], (time.monotonic(), report["final"])]
             live.update(status_view(report, samples))
-    console.print(f"{name}: every message is final")
+    if report["all_final"]:
+        console.print(f"{name}: every message is final")
+    else:
+        console.print(
+            f"{name}: {report['control']['status']}, nothing more moves until "
+            "it is approved, resumed or its cap resets"
+        )
+
+
+def _stopped(report: dict[str, Any]) -> bool:
+    """A held, paused or capped campaign whose every other message is final: watching on
+    would never end."""
+    control = report.get("control") or {}
+    held = report["states"].get("held", 0)
+    return (
+        control.get("status") in ("held", "paused", "capped")
+        and held > 0
+        and report["final"] + held == report["total"]
+    )
 
 
 def _cost(report: dict[str, Any]) -> str:
