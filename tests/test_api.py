@@ -259,6 +259,7 @@ def test_hold_approve_pause_resume_and_a_phone_region_over_http(
     assert answer.status_code == 200, answer.text
     results = answer.json()
     assert [r["status"] for r in results] == ["accepted", "rejected", "accepted"]
+    assert [r.get("state") for r in results] == ["held", None, "held"]
     assert results[1]["errors"][0]["field"] == "phoneRegion"
     report = client.get(f"/v1/campaigns/{campaign}").json()
     assert report["states"] == {"held": 2} and report["control"]["status"] == "held"

@@ -289,7 +289,10 @@ class EnqueueResult(BaseModel):
 
     id: str | None = Field(description="The message's id; null when it had no usable id.")
     status: Literal["accepted", "duplicate", "rejected"]
-    state: State | None = Field(description="queued when accepted; the known message's state.")
+    state: State | None = Field(
+        description="queued when accepted (held when its campaign is held, paused or "
+        "metered); the known message's state."
+    )
     errors: list[FieldProblem] = Field(
         default_factory=list, description="Present only when rejected: every problem found."
     )

@@ -136,8 +136,16 @@ def store(engine: Engine, rows: list[dict[str, Any]], campaign: str | None = Non
     The campaign row is read under a share lock in the same transaction, so a cancel either
     commits first (and nothing is inserted) or waits and then cancels these rows too.
     """
+    return store_as(engine, rows, campaign)[0]
+
+
+def store_as(
+    engine: Engine, rows: list[dict[str, Any]], campaign: str | None = None
+) -> tuple[set[str], State]:
+    """`store`, and the state the new rows are in: `held` for a held, paused or metered
+    campaign, else `queued`."""
     if not rows:
-        return set()
+        return set(), State.QUEUED
     with engine.begin() as conn:
         blocked = False
         if campaign is not None:
@@ -162,7 +170,7 @@ def store(engine: Engine, rows: list[dict[str, Any]], campaign: str | None = Non
         inserted = insert_new(conn, messages, rows, key="id")
         if blocked and inserted:
             _hold_new(conn, inserted)
-        return inserted
+        return inserted, State.HELD if blocked else State.QUEUED
 
 
 def _hold_new(conn: Connection, ids: set[str]) -> None:
@@ -250,7 +258,7 @@ def enqueue(
                 seen.add(checked.id)
                 rows.append(row_for(checked, campaign, now, keep))
                 chunk_results.append(None)
-        inserted = store(engine, rows, campaign)
+        inserted, stored_as = store_as(engine, rows, campaign)
         accepted_any = accepted_any or bool(inserted)
         known = existing_states(engine, {r["id"] for r in rows} - inserted)
         pending = iter(rows)
@@ -258,7 +266,7 @@ def enqueue(
             if result is None:
                 message_id = next(pending)["id"]
                 result = (
-                    EnqueueResult(message_id, "accepted", State.QUEUED)
+                    EnqueueResult(message_id, "accepted", stored_as)
                     if message_id in inserted
                     else EnqueueResult(message_id, "duplicate", known.get(message_id))
                 )
