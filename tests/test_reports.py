@@ -156,8 +156,8 @@ def test_money_per_currency_bill_first_then_rate(engine: Engine) -> None:
 
     assert report is not None
     assert report["money"] == {
-        "UAH": {"cost": 3.5, "bill": 4.2, "messages": 7},
-        "USD": {"cost": 1.0, "bill": 1.1, "messages": 1},
+        "UAH": {"cost": 3.5, "bill": 4.2, "messages": 7, "note": None},
+        "USD": {"cost": 1.0, "bill": 1.1, "messages": 1, "note": None},
         "unknown": {"cost": 0.25, "bill": 0.0, "messages": 1, "note": UNKNOWN_CURRENCY_NOTE},
     }
     assert report["cost"] is None and report["cost_currency"] is None

@@ -248,11 +248,10 @@ def _money(conn: Connection, campaign: str) -> dict[str, dict[str, Any]]:
             "cost": round(figures["cost"], 4),
             "bill": round(figures["bill"], 4),
             "messages": int(figures["messages"]),
+            "note": UNKNOWN_CURRENCY_NOTE if currency == UNKNOWN_CURRENCY else None,
         }
         for currency, figures in sorted(totals.items())
     }
-    if UNKNOWN_CURRENCY in money:
-        money[UNKNOWN_CURRENCY]["note"] = UNKNOWN_CURRENCY_NOTE
     return money
 
 
