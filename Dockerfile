@@ -7,27 +7,23 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-WORKDIR /app
+# The dependencies, at the versions in the lock, get a layer of their own, so a code change
+# does not reinstall them.
+COPY requirements.lock /tmp/requirements.lock
+RUN pip install -r /tmp/requirements.lock && rm /tmp/requirements.lock
 
-# The dependencies get a layer of their own, so a code change does not reinstall them.
-COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
-        > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
-
-# `cascade db upgrade` reads alembic.ini and alembic/ from the folder above the `worker`
-# package (worker/cli.py: ROOT). So the source tree stays in /app and is installed in place
-# (-e). A copy in site-packages would look for them there, where `alembic` is the library.
-COPY alembic.ini ./
-COPY alembic ./alembic
-COPY config ./config
-COPY worker ./worker
-RUN pip install --no-deps -e . \
-    && python -m compileall -q config worker alembic \
-    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin cascade
+# The package itself, installed like any library (its migrations ship inside it); the
+# source is removed after, so nothing runs from a checkout.
+COPY pyproject.toml README.md /tmp/src/
+COPY config /tmp/src/config
+COPY worker /tmp/src/worker
+RUN pip install --no-deps /tmp/src \
+    && rm -rf /tmp/src \
+    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin cascade \
+    && install -d -o cascade /var/lib/cascade-metrics  # PROMETHEUS_MULTIPROC_DIR (compose)
 
 # The code is owned by root and read-only for the app; it writes only to /tmp and $HOME.
 USER cascade
+WORKDIR /home/cascade
 
 CMD ["celery", "-A", "worker", "worker", "-l", "info"]

@@ -6,8 +6,11 @@ A bad value stops start-up with pydantic's message, which names the setting.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -70,7 +73,13 @@ class Settings(BaseSettings):
     send_linger_seconds: float = Field(1.0, ge=0, alias="SEND_LINGER_SECONDS")
     send_parallelism: int = Field(4, ge=1, le=256, alias="SEND_PARALLELISM")
     send_lease_seconds: float = Field(300.0, gt=0, alias="SEND_LEASE_SECONDS")
-    send_max_attempts: int = Field(5, ge=1, alias="SEND_MAX_ATTEMPTS")
+    # A message's retries are bounded by time, not by a count a short outage would spend.
+    send_retry_for_seconds: float = Field(21600.0, gt=0, alias="SEND_RETRY_FOR_SECONDS")
+    # A send whose answer was lost is resent blind at most this many times.
+    send_max_unknown_outcomes: int = Field(3, ge=1, alias="SEND_MAX_UNKNOWN_OUTCOMES")
+    # Consecutive provider failures (5xx, connection errors, timeouts) that open the circuit.
+    send_circuit_failures: int = Field(3, ge=1, alias="SEND_CIRCUIT_FAILURES")
+    send_probe_size: int = Field(10, ge=1, le=1000, alias="SEND_PROBE_SIZE")
     send_backoff_base_seconds: float = Field(1.0, gt=0, alias="SEND_BACKOFF_BASE_SECONDS")
     send_backoff_max_seconds: float = Field(300.0, gt=0, alias="SEND_BACKOFF_MAX_SECONDS")
     send_unknown_outcome: Literal["resend", "fail"] = Field("resend", alias="SEND_UNKNOWN_OUTCOME")
@@ -115,6 +124,9 @@ class Settings(BaseSettings):
     # Sends come first: while a full batch waits to be sent, polling gets this many tasks.
     poll_tasks_while_sending: int = Field(2, ge=1, alias="POLL_TASKS_WHILE_SENDING")
     status_requests_per_second: int = Field(0, ge=0, alias="STATUS_REQUESTS_PER_SECOND")
+    # Past its deadline a message times out only on an answer; with the status endpoint down
+    # it is checked on for this long before it times out unanswered.
+    poll_outage_grace_seconds: float = Field(21600.0, ge=0, alias="POLL_OUTAGE_GRACE_SECONDS")
 
     # --- HTTP API and pushed reports --------------------------------------------------------
     api_token: SecretStr | None = Field(None, alias="API_TOKEN")
@@ -154,6 +166,18 @@ class Settings(BaseSettings):
     # `worker/celery.py` hands these to `celery -A worker flower` as its FLOWER_* options.
     flower_basic_auth: SecretStr | None = Field(None, alias="FLOWER_BASIC_AUTH")
     flower_max_tasks: int = Field(10_000, ge=1, alias="FLOWER_MAX_TASKS")
+    # Flower's own default ('') binds every interface while its banner says 127.0.0.1.
+    flower_address: str = Field("127.0.0.1", alias="FLOWER_ADDRESS")
+
+    # --- metrics, health and logs (Prometheus, /healthz) ---------------------------------------
+    # Bearer token for /metrics; API_TOKEN when unset.
+    metrics_token: SecretStr | None = Field(None, alias="METRICS_TOKEN")
+    # Counting every message by state and campaign reads the whole table: at most this often.
+    metrics_totals_seconds: float = Field(60.0, ge=0, alias="METRICS_TOTALS_SECONDS")
+    metrics_top_campaigns: int = Field(20, ge=1, le=500, alias="METRICS_TOP_CAMPAIGNS")
+    health_beat_max_age_seconds: float = Field(120.0, gt=0, alias="HEALTH_BEAT_MAX_AGE_SECONDS")
+    health_queue_max_age_seconds: float = Field(1800.0, gt=0, alias="HEALTH_QUEUE_MAX_AGE_SECONDS")
+    log_format: Literal["text", "json"] = Field("text", alias="LOG_FORMAT")
 
     @field_validator("*")
     @classmethod
@@ -200,6 +224,13 @@ class Settings(BaseSettings):
             value = "postgresql+psycopg://" + value.removeprefix("postgresql://")
         if not value.startswith(("sqlite:", "postgresql+psycopg:")):
             raise ValueError(f"must be a sqlite:// or postgresql:// URL, got {_scheme(value)}")
+        if value.startswith("postgresql"):
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                raise ValueError(
+                    "a postgresql:// URL needs psycopg: pip install 'cascade-worker[postgres]'"
+                ) from None
         return value
 
     @field_validator("broker_url")
@@ -217,7 +248,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must start with http:// or https://, got {_scheme(value)}")
         return value.rstrip("/") if value else value
 
-    @field_validator("api_token", "webhook_token")
+    @field_validator("api_token", "webhook_token", "metrics_token")
     @classmethod
     def _header_safe_token(cls, value: SecretStr | None) -> SecretStr | None:
         """Bearer tokens travel in headers (Latin-1) and URLs: anything but RFC 6750's
@@ -240,6 +271,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"pair {number} must be user:password (several comma-separated)")
         return value
 
+    @field_validator("flower_address")
+    @classmethod
+    def _ip_address(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError(
+                "must be an IP address to bind: 127.0.0.1, or 0.0.0.0 for all"
+            ) from None
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.send_batch_min > self.send_batch_max:
@@ -261,7 +302,19 @@ class Settings(BaseSettings):
         return self.smsbat_status_base_url or self.smsbat_base_url
 
 
+ENV_FILE_VARIABLE = "CASCADE_ENV_FILE"
+
+
+class EnvFileMissing(ValueError):
+    """CASCADE_ENV_FILE names a file that is not there: silently reading none would run
+    on defaults (a new SQLite file in the working directory)."""
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once: workers fork after this."""
-    return Settings()
+    """The process-wide settings, read once: workers fork after this. The env file is
+    CASCADE_ENV_FILE when set, else `.env` in the working directory if there is one."""
+    named = os.environ.get(ENV_FILE_VARIABLE)
+    if named and not Path(named).is_file():
+        raise EnvFileMissing(f"{ENV_FILE_VARIABLE}={named}: no such file")
+    return Settings(_env_file=named or ".env")  # type: ignore[call-arg]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -498,12 +499,13 @@ def main(argv: list[str] | None = None) -> int:
             drop_database(url)
     meta = (
         f"cascade bench: db={args.db} workers={args.workers}x2 deliveries {args.delay_min:g}-"
-        f"{args.delay_max:g}s, {os.cpu_count()} cores; logs in {workdir}"
+        f"{args.delay_max:g}s, {os.cpu_count()} cores"
     )
     print_table(results, meta)
     if args.profile:
         print("where our workers spent their samples (inclusive), sending and polling:")
         print("\n".join(profile_summary(workdir)))
+    shutil.rmtree(workdir)  # kept only when the run failed, for its logs
     return 0
 
 

@@ -1,36 +1,58 @@
 """Fixtures on real services: Redis, PostgreSQL and SQLite, the simulator and Celery workers.
 
 Every integration test runs the processes a deployment runs (`celery -A worker worker -B`,
-`cascade simulator`) over real sockets. Each stack claims a Redis DB index of its own.
+`cascade simulator`) over real sockets. Each test process (one per pytest-xdist worker)
+runs a redis-server of its own, so a developer's Redis is never touched; each stack
+claims a DB index of its own on it. PostgreSQL databases are created and dropped per run.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 import redis
 
-REDIS = "redis://127.0.0.1:6379"
+from worker.stack import PrivateRedis, Simulator, Workers, start_simulator, workers
+
+# The port is chosen now, so the in-process Celery app (it wakes the dispatcher) is built
+# for it; the server starts in pytest_configure. DB 15 is that app's, never a stack's.
+REDIS_SERVER = PrivateRedis(Path(tempfile.mkdtemp(prefix="cascade-tests-redis-")))
+REDIS = f"redis://127.0.0.1:{REDIS_SERVER.port}"
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
-# The in-process Celery app (used to wake the dispatcher) must never touch a real DB index.
-os.environ.setdefault("BROKER_URL", f"{REDIS}/15")
-os.environ.setdefault("DATABASE_URL", "sqlite:////tmp/cascade-tests-unused.db")
+# Set, not defaulted: pytest-xdist's workers inherit the controller's environment, and a
+# developer's own BROKER_URL or DATABASE_URL must never be what a test falls back to.
+os.environ["BROKER_URL"] = f"{REDIS}/15"
+os.environ["DATABASE_URL"] = "sqlite://"  # in memory, for a test that forgets its own
 
 from config import Settings  # noqa: E402
 from worker.cli import upgrade_database  # noqa: E402
 from worker.db import get_engine  # noqa: E402
 from worker.producer import EnqueueResult, enqueue  # noqa: E402
 from worker.reports import campaign_summary  # noqa: E402
-from worker.stack import Simulator, Workers, start_simulator, workers  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start the redis-server where tests run: not in pytest-xdist's controller."""
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+        REDIS_SERVER.start()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    REDIS_SERVER.stop()
+    shutil.rmtree(REDIS_SERVER.logdir, ignore_errors=True)
+
 
 # Short timings so a test run takes seconds; the policies are the same.
 FAST = {
@@ -65,7 +87,7 @@ SIMULATOR_DEFAULTS = {
 
 
 def claim_redis_db() -> int:
-    """A Redis DB index of our own (1–14), so concurrent test runs never share a broker."""
+    """A Redis DB index of our own (1–14), so stacks alive at once never share a broker."""
     registry = redis.Redis.from_url(f"{REDIS}/0")
     for index in range(1, 15):
         if registry.set(f"cascade-tests:db:{index}", os.getpid(), nx=True, ex=3600):

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from sqlalchemy import delete, func, select
 
 from config import Settings
-from tests.conftest import claim_redis_db, release_redis_db
+from tests.conftest import REDIS, claim_redis_db, release_redis_db
 from tests.test_validation import JSON_VALUES, valid_messages
 from worker.api import create_app
 from worker.campaigns import CampaignError, Defaults, launch, rejected_path
@@ -88,7 +88,7 @@ def fresh_tables(url: str) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def broker() -> Iterator[str]:
     index = claim_redis_db()
-    yield f"redis://127.0.0.1:6379/{index}"
+    yield f"{REDIS}/{index}"
     release_redis_db(index)
 
 

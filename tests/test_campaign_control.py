@@ -357,9 +357,16 @@ def test_a_daily_cap_releases_that_many_a_day_and_holds_the_rest(settings: Setti
     with pytest.raises(CampaignError, match="--daily-cap must be at least 1, got 0"):
         set_limits(engine, "cap", 0, None)
 
-    control = set_limits(engine, "cap", 10, None)  # releases the first 10 at once
+    control = set_limits(engine, "cap", 10, None)
 
-    assert control is not None and states(settings, "cap") == {"held": 15, "queued": 10}
+    assert control is not None and states(settings, "cap") == {"held": 25}
+    assert meter(engine, now=day1, retry_for=3600) == 10  # beat's next tick
+    assert states(settings, "cap") == {"held": 15, "queued": 10}
+    with engine.connect() as conn:  # the wait for a cap never counts against the deadline
+        deadlines = conn.execute(
+            select(messages.c.send_deadline).where(messages.c.state == "queued")
+        ).scalars()
+        assert all(d >= day1 + timedelta(seconds=3600) for d in deadlines)
     assert meter(engine, now=day1) == 0  # the same UTC day: the cap is reached
     after = campaign_control(engine, "cap")
     assert after["status"] == "capped" and "daily cap of 10 reached" in after["pause_reason"]
@@ -384,12 +391,15 @@ def test_a_campaign_rate_keeps_that_many_queued_per_tick(settings: Settings) -> 
     engine = get_engine(settings.database_url)
     enqueue(make_messages(30, "rate"), "rate", settings=settings, kick=False)
     set_limits(engine, "rate", None, 4.0)  # 4/s, beat every 0.5 s: 2 queued at a time
-    assert states(settings, "rate") == {"held": 26, "queued": 4}
+    assert meter(engine, interval=0.5) == 2
+    assert states(settings, "rate") == {"held": 28, "queued": 2}
     assert meter(engine, interval=0.5) == 0  # nothing claimed yet: no room
     pause_campaign(engine, "rate")
     assert states(settings, "rate") == {"held": 30}
     assert meter(engine, interval=0.5) == 0  # paused: the valve stays shut
     resume_campaign(engine, "rate")  # a metered campaign goes again within its rate
+    assert states(settings, "rate") == {"held": 30}
+    assert meter(engine, interval=1.0) == 4
     assert states(settings, "rate") == {"held": 26, "queued": 4}
     set_limits(engine, "rate", None, None)  # lifted: everything goes
     assert states(settings, "rate") == {"queued": 30}

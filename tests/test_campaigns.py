@@ -354,7 +354,7 @@ def test_a_cancel_between_the_campaign_check_and_the_insert_still_wins(
     assert not isinstance(late, list)
 
     with pytest.raises(CampaignCancelled):  # as if ensure_campaign had run just before
-        store(engine, [row_for(late, "race", utcnow())], "race")
+        store(engine, [row_for(late, "race", utcnow(), settings)], "race")
     assert count(settings.database_url, "race") == 1
 
 

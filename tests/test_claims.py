@@ -12,6 +12,7 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
+from config import Settings
 from tests.conftest import make_messages
 from worker import polling
 from worker.db import get_engine, utcnow
@@ -22,12 +23,12 @@ from worker.validation import validate_message
 
 
 def _fill(url: str, count: int, prefix: str, **overrides: object) -> None:
-    now = utcnow()
+    now, settings = utcnow(), Settings()
     rows = []
     for raw in make_messages(count, prefix, **overrides):
         checked = validate_message(raw, now=now)
         assert not isinstance(checked, list), checked
-        rows.append(row_for(checked, prefix, now))
+        rows.append(row_for(checked, prefix, now, settings))
     store(get_engine(url), rows)
 
 

@@ -11,7 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from config import Settings
-from tests.conftest import Stack, make_messages
+from tests.conftest import (
+    Stack,
+    create_postgres_database,
+    drop_postgres_database,
+    make_messages,
+)
+from worker.stack import free_port
 
 CASCADE = [sys.executable, "-m", "worker.cli"]
 
@@ -116,3 +122,70 @@ def test_db_upgrade_creates_the_schema_on_both_backends(
         done = cascade("db", "upgrade", DATABASE_URL=url)
         assert done.returncode == 0, done.stderr
         assert "database at revision head" in done.stdout
+
+
+def run_in(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """A command as a user runs it from `cwd`: none of the test process's settings."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL")}
+    return subprocess.run(
+        args, cwd=cwd, capture_output=True, text=True, env={**clean, **env}, timeout=120
+    )
+
+
+def test_cascade_env_file_names_the_settings_file(tmp_path: Path) -> None:
+    elsewhere, config = tmp_path / "elsewhere", tmp_path / "etc"
+    elsewhere.mkdir()
+    config.mkdir()
+    database = tmp_path / "from-env-file.db"
+    (config / "cascade.env").write_text(f"DATABASE_URL=sqlite:///{database}\n")
+    env_file = str(config / "cascade.env")
+
+    done = run_in(elsewhere, *CASCADE, "db", "upgrade", CASCADE_ENV_FILE=env_file)
+    assert done.returncode == 0, done.stderr
+    assert database.exists() and not list(elsewhere.iterdir())
+
+    missing = run_in(elsewhere, *CASCADE, "db", "upgrade", CASCADE_ENV_FILE=env_file + ".old")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == f"Error: CASCADE_ENV_FILE={env_file}.old: no such file"
+
+
+def test_a_database_without_the_schema_is_one_line(tmp_path: Path) -> None:
+    database = tmp_path / "never-migrated.db"
+    for command in (["campaign", "list"], ["message", "show", "x"], ["inbound", "list"]):
+        done = cascade(*command, DATABASE_URL=f"sqlite:///{database}")
+        assert done.returncode == 1
+        assert done.stderr.splitlines() == [
+            f"Error: sqlite:///{database} has no cascade schema; run `cascade db upgrade`"
+        ]
+    assert not database.exists()  # reported, not created
+
+    name = create_postgres_database()
+    try:
+        url = f"postgresql://postgres:hunter2@127.0.0.1:5432/{name}"
+        done = cascade("campaign", "report", "x", DATABASE_URL=url)
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert done.stderr.splitlines() == [
+            f"Error: postgresql+psycopg://postgres:***@127.0.0.1:5432/{name} has no cascade "
+            "schema; run `cascade db upgrade`"
+        ]
+    finally:
+        drop_postgres_database(name)
+
+
+def test_api_and_worker_refuse_a_database_without_the_schema_in_one_line(
+    tmp_path: Path, redis_db: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'never-migrated.db'}"
+    line = f"{url} has no cascade schema; run `cascade db upgrade`"
+    env = {"DATABASE_URL": url, "BROKER_URL": redis_db, "API_TOKEN": "t0ken"}
+
+    api = run_in(tmp_path, *CASCADE, "api", "--port", str(free_port()), **env)
+    assert api.returncode == 1
+    assert api.stderr.splitlines() == [f"refusing to start the API: {line}"]
+
+    worker = [sys.executable, "-m", "celery", "-A", "worker", "worker"]
+    done = run_in(tmp_path, *worker, "-l", "info", "-P", "solo", **env)
+    assert done.returncode == 1
+    output = done.stdout + done.stderr
+    assert f"refusing to start the worker: {line}" in output
+    assert "Traceback" not in output and "celery@" not in output  # stopped before its banner

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import DBAPIError, StatementError
 
+from config import Settings
 from tests.conftest import make_messages
 from worker.db import bulk_update, get_engine, insert_new, insert_rows
 from worker.models import events, messages
@@ -31,7 +32,10 @@ def pg_engine(database_factory: Callable[[str], str]) -> Engine:
 
 
 def _rows(n: int, prefix: str) -> list[dict]:
-    return [row_for(validate_message(m, now=NOW), None, NOW) for m in make_messages(n, prefix)]
+    settings = Settings()
+    return [
+        row_for(validate_message(m, now=NOW), None, NOW, settings) for m in make_messages(n, prefix)
+    ]
 
 
 def _stored(engine: Engine, *columns: str) -> list[tuple]:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from config import Settings
-from worker.dispatcher import after_failed_attempt, batch_limit, provider_payload, should_flush
+from worker.dispatcher import batch_limit, provider_payload, should_flush
 from worker.polling import _next, poll_task_room
 from worker.smsbat import NotFound, StatusReport, Throttled, Unavailable
 from worker.states import PROVIDER_STATES, State
@@ -51,21 +51,6 @@ def test_never_flush_nothing() -> None:
 
 def test_zero_linger_flushes_any_ready_message() -> None:
     assert should_flush(1, 0.0, batch_min=100, linger=0.0)
-
-
-# --- after_failed_attempt ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("attempts", "state"),
-    [(1, State.QUEUED), (4, State.QUEUED), (5, State.FAILED), (6, State.FAILED)],
-)
-def test_after_failed_attempt(attempts: int, state: State) -> None:
-    assert after_failed_attempt(attempts, 5) is state
-
-
-def test_single_attempt_policy_fails_at_once() -> None:
-    assert after_failed_attempt(1, 1) is State.FAILED
 
 
 # --- batch_limit ---------------------------------------------------------------------
@@ -235,9 +220,9 @@ def test_row_already_final_only_clears_next_poll(state: str) -> None:
     assert change == {"next_poll_at": None}
 
 
-def test_past_deadline_times_out() -> None:
+def test_past_deadline_an_answer_times_out() -> None:
     row = poll_row(state="processing", poll_deadline=NOW - timedelta(seconds=1))
-    change = _next(row, None, settings(), NOW)
+    change = _next(row, (NOW, report("processing")), settings(), NOW)
     assert change["state"] == State.TIMEOUT
     assert change["next_poll_at"] is None
     assert change["final_at"] == NOW
@@ -246,7 +231,22 @@ def test_past_deadline_times_out() -> None:
 
 
 def test_deadline_reached_exactly_times_out() -> None:
-    change = _next(poll_row(poll_deadline=NOW), None, settings(), NOW)
+    change = _next(poll_row(poll_deadline=NOW), (NOW, report("processing")), settings(), NOW)
+    assert change["state"] == State.TIMEOUT
+
+
+@pytest.mark.parametrize("checked", [None, (NOW, Unavailable("HTTP 503")), (NOW, Throttled(5.0))])
+def test_a_status_outage_past_the_deadline_delays_the_timeout(checked: Any) -> None:
+    """No answer is no evidence: checks go on, at their usual pace, not in a tight loop."""
+    row = poll_row(state="processing", poll_deadline=NOW - timedelta(hours=1), polls=3)
+    change = _next(row, checked, settings(), NOW)
+    assert "state" not in change
+    assert change["next_poll_at"] >= NOW + timedelta(seconds=1)
+
+
+def test_a_status_outage_longer_than_its_grace_times_out() -> None:
+    row = poll_row(state="processing", poll_deadline=NOW - timedelta(hours=7))
+    change = _next(row, (NOW, Unavailable("HTTP 503")), settings(), NOW)
     assert change["state"] == State.TIMEOUT
 
 

@@ -6,6 +6,7 @@ only to operators (FLOWER_BASIC_AUTH applied without `--basic-auth`, never logge
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from config import Settings
 from tests.conftest import Stack, make_messages, make_stack
 from worker.celery import app, flower_environment
 from worker.stack import Process, free_port, spawn, wait_for
+from worker.ticks import tick_tasks
 
 USER, PASSWORD = "ops", "secret"
 MESSAGES = 5
@@ -39,6 +41,11 @@ class Flower:
 
     def get(self, path: str, auth: tuple[str, str] | None = (USER, PASSWORD)) -> httpx.Response:
         return httpx.get(self.url + path, auth=auth, timeout=10)
+
+    def heard_from(self, prefix: str) -> bool:
+        """Flower's worker list built from events (not from a broadcast inspect)."""
+        workers = self.get("/workers?json=1").json()["data"]
+        return any(w["hostname"].startswith(prefix) and w["status"] for w in workers)
 
     def tasks(self, name: str) -> dict[str, dict[str, Any]]:
         answer = self.get(f"/api/tasks?taskname={name}")
@@ -70,8 +77,9 @@ def flower(database_factory: Callable[[str], str]) -> Iterator[Flower]:
         running = Flower(f"http://127.0.0.1:{port}", process, log, stack)
         try:
             wait_for(lambda: running.get("/healthcheck", None).status_code == 200, 60, "flower")
-            # Events only reach a Flower that is listening: wait for beat's ticks to show.
-            poll(lambda: running.tasks("cascade.dispatch"), 60, "flower saw no dispatch tick")
+            # Events only reach a Flower that is listening: wait for the worker's heartbeats
+            # to show (ticks send no task events, so they cannot tell).
+            poll(lambda: running.heard_from("w0@"), 60, "flower heard no worker heartbeat")
             campaign = f"flower-{time.monotonic_ns()}"
             stack.enqueue(make_messages(MESSAGES, campaign), campaign)
             stack.wait_final(campaign, MESSAGES)
@@ -142,6 +150,19 @@ def test_tasks_show_name_state_and_queue(flower: Flower, task: str, queue: str) 
     assert all(t["worker"].startswith("w0@") for t in done)
 
 
+def test_ticks_stay_out_of_flowers_task_list(flower: Flower) -> None:
+    """Beat sent ticks all along (every 0.5 s here), yet Flower lists only the work."""
+    assert flower.tasks("cascade.send_batch")
+    for tick in tick_tasks(app):
+        assert flower.tasks(tick) == {}, tick
+    listed = flower.get("/api/tasks").json().values()
+    assert {t["name"] for t in listed} <= {
+        "cascade.send_batch",
+        "cascade.poll_batch",
+        "cascade.enqueue",
+    }
+
+
 def test_intake_tasks_show_counts_and_ids_never_phones_or_texts(flower: Flower) -> None:
     """A producer sending by name puts the whole kwargs in argsrepr/kwargsrepr; the worker
     replaces them, so Flower's task view (from task-received) shows only a summary."""
@@ -182,13 +203,29 @@ def test_password_is_never_logged(flower: Flower) -> None:
     assert f"{USER}:{PASSWORD}" not in flower.stack.logs()  # workers and simulator too
 
 
-def test_basic_auth_comes_from_dotenv_without_flags(flower: Flower, tmp_path: Path) -> None:
-    """Flower reads only its environment; `-A worker` fills it from our settings, `.env` too."""
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of the sockets listening on `port`, from the kernel's tables."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                words = [raw[i : i + 4][::-1] for i in range(0, len(raw), 4)]  # host order
+                found.add(str(ipaddress.ip_address(b"".join(words))))
+    return found
+
+
+def test_basic_auth_and_address_come_from_dotenv_without_flags(
+    flower: Flower, tmp_path: Path
+) -> None:
+    """Flower reads only its environment; `-A worker` fills it from our settings, `.env` too.
+    Without --address it binds FLOWER_ADDRESS (127.0.0.1), which its banner then shows."""
     (tmp_path / ".env").write_text("FLOWER_BASIC_AUTH=dotenv:from-dotenv\n")
     env = {k: v for k, v in flower.stack.workers.env.items() if not k.startswith("FLOWER_")}
     port = free_port()
-    args = [sys.executable, "-m", "celery", "-A", "worker", "flower"]
-    args += ["--address=127.0.0.1", f"--port={port}"]
+    args = [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}"]
     log = (tmp_path / "flower.log").open("ab")
     popen = subprocess.Popen(
         args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -201,6 +238,9 @@ def test_basic_auth_comes_from_dotenv_without_flags(flower: Flower, tmp_path: Pa
         assert httpx.get(url + "/tasks", timeout=10).status_code == 401
         answer = httpx.get(url + "/tasks", auth=("dotenv", "from-dotenv"), timeout=10)
         assert answer.status_code == 200
+        assert listening_addresses(port) == {"127.0.0.1"}
+        banner = f"Visit me at http://127.0.0.1:{port}"
+        assert banner in (tmp_path / "flower.log").read_text(errors="replace")
     finally:
         process.stop()
     assert "from-dotenv" not in (tmp_path / "flower.log").read_text(errors="replace")
@@ -218,14 +258,24 @@ def settings(**values: str) -> Settings:
 def test_flower_environment_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLOWER_BASIC_AUTH", raising=False)
     monkeypatch.delenv("FLOWER_MAX_TASKS", raising=False)
-    assert flower_environment(settings()) == {"FLOWER_MAX_TASKS": "10000"}
-    configured = settings(FLOWER_BASIC_AUTH="a:b,c:d:e", FLOWER_MAX_TASKS="500")
+    defaults = {"FLOWER_MAX_TASKS": "10000", "FLOWER_ADDRESS": "127.0.0.1"}
+    assert flower_environment(settings()) == defaults
+    configured = settings(
+        FLOWER_BASIC_AUTH="a:b,c:d:e", FLOWER_MAX_TASKS="500", FLOWER_ADDRESS="0.0.0.0"
+    )
     assert flower_environment(configured) == {
         "FLOWER_MAX_TASKS": "500",
+        "FLOWER_ADDRESS": "0.0.0.0",
         "FLOWER_BASIC_AUTH": "a:b,c:d:e",
     }
     assert "a:b" not in repr(configured)
-    assert flower_environment(settings(FLOWER_BASIC_AUTH="")) == {"FLOWER_MAX_TASKS": "10000"}
+    assert flower_environment(settings(FLOWER_BASIC_AUTH="")) == defaults
+
+
+def test_a_flower_address_that_is_not_an_ip_is_refused_naming_it() -> None:
+    with pytest.raises(ValidationError) as info:
+        settings(FLOWER_ADDRESS="every-interface")
+    assert "FLOWER_ADDRESS" in str(info.value) and "IP address" in str(info.value)
 
 
 @pytest.mark.parametrize("value", ["hunter2", "ops:hunter2,hunter2", ":hunter2", "ops:"])

@@ -20,7 +20,7 @@ def _rows(stack: Stack, campaign: str) -> list:
 
 @pytest.fixture(scope="module")
 def failing_stack(database_factory: Callable[[str], str]) -> Iterator[Stack]:
-    env = {"SEND_UNKNOWN_OUTCOME": "fail", "SEND_MAX_ATTEMPTS": "2"}
+    env = {"SEND_UNKNOWN_OUTCOME": "fail", "SEND_RETRY_FOR_SECONDS": "6"}
     with make_stack(database_factory("sqlite"), "sqlite", env) as built:
         yield built
 
@@ -40,19 +40,25 @@ def test_fail_policy_never_resends_an_unknown_outcome(failing_stack: Stack, camp
     assert all(at_provider[r.id]["sends"] == 1 for r in rows)
 
 
-def test_persistent_5xx_fails_after_max_attempts(failing_stack: Stack, campaign) -> None:
+def test_a_provider_down_past_the_send_deadline_fails_with_few_requests(
+    failing_stack: Stack, campaign
+) -> None:
+    """An outage opens the circuit: a few probes, not a request per message per attempt;
+    the messages fail only when their deadline passes, saying why."""
     sim = failing_stack.simulator
     sim.configure(hang_next_sends=0, fail_next_sends=1000)
+    before = sim.stats()["send_requests"]
     try:
         failing_stack.enqueue(make_messages(10, campaign), campaign)
-        report = failing_stack.wait_final(campaign, 10)
+        report = failing_stack.wait_final(campaign, 10, timeout=60)
     finally:
         sim.configure(fail_next_sends=0)
 
     assert report["states"] == {"failed": 10}
     rows = _rows(failing_stack, campaign)
-    assert {(r.attempts, r.error_code) for r in rows} == {(2, "SEND_RETRY")}
-    assert "HTTP 500" in rows[0].error_message
+    assert {r.error_code for r in rows} == {"SEND_DEADLINE"}
+    # 3 failures open the circuit (CIRCUIT_OPEN_SECONDS=2), then one probe a period.
+    assert sim.stats()["send_requests"] - before <= 3 + 6
 
 
 def test_global_send_rate_holds_across_worker_processes(

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
+from config import Settings
 from tests.conftest import make_messages
 from worker import reports
 from worker.db import get_engine, utcnow
@@ -94,12 +95,12 @@ CAMPAIGN: list[dict[str, Any]] = [
 
 def _fill(engine: Engine, campaign: str, prefix: str, changes: list[dict[str, Any]]) -> None:
     """Store one valid message per entry, then give it the entry's columns and T0."""
-    now = utcnow()
+    now, settings = utcnow(), Settings()
     rows = []
     for raw in make_messages(len(changes), prefix):
         checked = validate_message(raw, now=now)
         assert not isinstance(checked, list), checked
-        rows.append(row_for(checked, campaign, now))
+        rows.append(row_for(checked, campaign, now, settings))
     store(engine, rows)
     with engine.begin() as conn:
         for n, change in enumerate(changes):

@@ -21,7 +21,7 @@ import pytest
 from celery import Celery
 
 from config import Settings
-from tests.conftest import FAST, SIMULATOR_DEFAULTS, claim_redis_db, release_redis_db
+from tests.conftest import FAST, REDIS, SIMULATOR_DEFAULTS, claim_redis_db, release_redis_db
 from worker.db import get_engine
 from worker.reports import campaign_summary
 from worker.stack import free_port, spawn, start_api, start_simulator, wait_for, workers
@@ -81,7 +81,7 @@ def test_no_process_logs_a_secret_or_a_whole_phone_number(
     plain = database_factory("postgresql")
     url = plain.replace("postgres@", f"postgres:{DB_PASSWORD}@", 1)
     index = claim_redis_db()
-    broker = f"redis://127.0.0.1:6379/{index}"
+    broker = f"{REDIS}/{index}"
     env = {
         **FAST,
         **SECRETS,

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from config import Settings
-from tests.conftest import claim_redis_db, release_redis_db
+from tests.conftest import REDIS, claim_redis_db, release_redis_db
 from worker.api import create_app
 from worker.db import get_engine
 from worker.models import messages, provider_reports
@@ -52,7 +52,7 @@ def app_for(database_factory: Callable[[str], str]) -> Iterator[Callable[..., Te
         settings = Settings(  # type: ignore[call-arg]
             _env_file=None,
             DATABASE_URL=database_factory("sqlite"),
-            BROKER_URL=f"redis://127.0.0.1:6379/{index}",
+            BROKER_URL=f"{REDIS}/{index}",
             API_TOKEN=API_TOKEN,
             WEBHOOK_TOKEN=HOOK_TOKEN,
             **values,

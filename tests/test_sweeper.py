@@ -67,7 +67,12 @@ def test_live_claims_and_fresh_messages_are_left_alone(
     engine = get_engine(url)
     claim(engine, "standard", utcnow(), 2, 60, "alive")
 
-    assert sweeper.sweep(engine, _settings(url)) == {"stale_claims": 0, "expired": 0, "timeout": 0}
+    assert sweeper.sweep(engine, _settings(url)) == {
+        "stale_claims": 0,
+        "expired": 0,
+        "gave_up": 0,
+        "timeout": 0,
+    }
     assert sorted(_states(url).values()) == ["queued", "queued", "sending", "sending"]
 
 
@@ -86,7 +91,12 @@ def test_expiry_and_timeout(backend: str, database_factory: Callable[[str], str]
             .values(state="processing", poll_deadline=past, next_poll_at=past)
         )
 
-    assert sweeper.sweep(engine, _settings(url)) == {"stale_claims": 0, "expired": 2, "timeout": 2}
+    assert sweeper.sweep(engine, _settings(url, POLL_OUTAGE_GRACE_SECONDS="0")) == {
+        "stale_claims": 0,
+        "expired": 2,
+        "gave_up": 0,
+        "timeout": 2,
+    }
 
     assert _states(url) == {
         "ttl-0": "expired",
@@ -97,3 +107,52 @@ def test_expiry_and_timeout(backend: str, database_factory: Callable[[str], str]
     with engine.connect() as conn:
         froms = {e.from_state for e in conn.execute(select(events)).all()}
     assert froms == {"queued", "processing"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_message_kept_from_the_provider_past_its_deadline_fails_saying_so(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    """However it was kept queued (an open circuit never claims it), it does not wait forever."""
+    url = database_factory(backend)
+    _fill(url, 2, "kept")
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            messages.update()
+            .where(messages.c.id == "kept-0")
+            .values(send_deadline=utcnow() - timedelta(seconds=1), isolation="part-1")
+        )
+
+    assert sweeper.give_up(engine) == 1
+
+    with engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(select(messages))}
+    assert rows["kept-0"].state == "failed" and rows["kept-0"].error_code == "SEND_DEADLINE"
+    assert rows["kept-0"].isolation is None
+    assert rows["kept-1"].state == "queued"  # its deadline is hours away
+    assert rows["kept-1"].send_deadline > utcnow() + timedelta(hours=5)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_dead_claim_of_an_isolation_part_stays_that_part(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    """The halving's progress survives the worker: the part is resent alone."""
+    url = database_factory(backend)
+    _fill(url, 3, "part")
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        conn.execute(messages.update().values(isolation="p-7"))
+    with engine.begin() as conn:  # claimed as a part, then the worker vanished
+        conn.execute(
+            messages.update().values(
+                state="sending", claim_token="gone", lease_until=utcnow() - timedelta(seconds=1)
+            )
+        )
+
+    assert sweeper.recover_stale_claims(engine, _settings(url)) == 3
+
+    with engine.connect() as conn:
+        rows = conn.execute(select(messages)).all()
+    assert {(r.state, r.isolation, r.unknown_outcomes) for r in rows} == {("queued", "p-7", 1)}

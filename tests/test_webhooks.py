@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, delete, select
 
 from config import Settings
+from tests.conftest import REDIS
 from tests.test_claims import _fill
 from tests.test_dlr import SEED_PAYLOAD
 from tests.test_inbox import _history, _message, _submit
@@ -49,7 +50,7 @@ class Hook:
     def configure(self, **changes: Any) -> Settings:
         values = {
             "DATABASE_URL": self.url,
-            "BROKER_URL": "redis://127.0.0.1:6379/15",
+            "BROKER_URL": f"{REDIS}/15",
             "WEBHOOK_TOKEN": TOKEN,
             "WEBHOOK_MAX_BODY_BYTES": LIMIT,
             **changes,
@@ -107,7 +108,7 @@ def test_an_smsbat_push_is_stored_and_wakes_the_applier(hook: Hook) -> None:
     )
     assert report.payload["fields"] == {"deliverystatus": "delivered", "cost": 0.05}
     assert inbound == []
-    assert hook.woke == ["redis://127.0.0.1:6379/15"]
+    assert hook.woke == [f"{REDIS}/15"]
 
 
 def test_an_array_gets_per_element_results(hook: Hook) -> None:

@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from importlib.metadata import version
 from typing import Annotated, Any, Literal
 
@@ -21,17 +22,21 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, WithJsonSchema
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from config import Settings, get_settings
-from worker import webhooks
+from worker import exporter, logs, webhooks
 from worker.campaigns import CampaignCancelled
-from worker.db import get_engine, utcnow
+from worker.db import NoSchema, get_engine, require_schema, utcnow
+from worker.gauges import metrics_engine, read_backlog
+from worker.health import beat_health
 from worker.producer import MAX_CAMPAIGN_LENGTH, check_campaign, enqueue
 from worker.reports import campaign_report, message_detail
 from worker.states import State
@@ -435,6 +440,19 @@ class CampaignReport(BaseModel):
 class Health(BaseModel):
     database: Literal["ok", "unavailable"]
     broker: Literal["ok", "unavailable"]
+    beat: Literal["ok", "stale", "unknown"] = Field(
+        "unknown",
+        description="stale: no periodic task sent for HEALTH_BEAT_MAX_AGE_SECONDS; "
+        "unknown: beat never ticked (or its record expired after a day).",
+    )
+    beat_last_tick: Timestamp | None = None
+    queue: Literal["ok", "stuck", "unknown"] = Field(
+        "unknown",
+        description="stuck: a message ready to send has waited HEALTH_QUEUE_MAX_AGE_SECONDS.",
+    )
+    oldest_queued_seconds: float | None = Field(
+        None, description="How long the oldest message ready to send has waited."
+    )
 
 
 # --- dependencies ------------------------------------------------------------------------
@@ -687,17 +705,23 @@ probes = APIRouter(tags=["health"])
 
 @probes.get(
     "/healthz",
-    summary="Database and broker reachable",
+    summary="Database and broker reachable, beat ticking, the queue moving",
     response_model=Health,
-    responses={503: {"model": Health, "description": "The one marked unavailable is down."}},
+    responses={503: {"model": Health, "description": "Something is unavailable, stale or stuck."}},
 )
 def healthz(settings: SettingsDep, response: Response) -> Health:
-    """A `SELECT 1` and a Redis PING; no token, so load balancers can probe it."""
+    """A `SELECT 1` and a Redis PING, beat's last tick and the oldest ready message's age;
+    no token, so load balancers and orchestrators can probe it."""
     health = Health(
         database=_probe("database", _ping_database, settings.database_url),
         broker=_probe("broker", _ping_broker, settings.broker_url),
     )
-    if "unavailable" in (health.database, health.broker):
+    if health.broker == "ok":
+        _beat_health(health, settings)
+    if health.database == "ok":
+        _queue_health(health, settings)
+    down = "unavailable" in (health.database, health.broker)
+    if down or health.beat == "stale" or health.queue == "stuck":
         response.status_code = 503
     return health
 
@@ -855,6 +879,29 @@ def _probe(name: str, check: Callable[[str], None], url: str) -> Literal["ok", "
     return "ok"
 
 
+def _beat_health(health: Health, settings: Settings) -> None:
+    try:
+        beat = beat_health(settings.broker_url, settings.health_beat_max_age_seconds)
+    except Exception as exc:
+        log.warning("healthz: beat's tick unreadable: %s", type(exc).__name__)
+        return
+    health.beat = beat.status  # type: ignore[assignment]
+    if beat.last_tick is not None:
+        stamp = datetime.fromtimestamp(beat.last_tick, UTC)
+        health.beat_last_tick = stamp.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _queue_health(health: Health, settings: Settings) -> None:
+    try:
+        backlog = read_backlog(metrics_engine(settings.database_url))
+    except Exception as exc:
+        log.warning("healthz: backlog unreadable: %s", type(exc).__name__)
+        return
+    health.oldest_queued_seconds = round(backlog.oldest_queued_seconds, 3)
+    stuck = backlog.oldest_queued_seconds >= settings.health_queue_max_age_seconds
+    health.queue = "stuck" if stuck else "ok"
+
+
 def _ping_database(url: str) -> None:
     with get_engine(url).connect() as conn:
         conn.execute(text("SELECT 1"))
@@ -893,6 +940,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Cascade delivery worker",
         version=version("cascade-worker"),
         description=DESCRIPTION,
+        docs_url=None,  # served by _documentation, from the package
+        redoc_url=None,
     )
     app.state.settings = settings or get_settings()
     app.add_exception_handler(OperationalError, _database_unavailable)
@@ -900,19 +949,62 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(producers)
     app.include_router(probes)
     app.include_router(webhooks.router)
+    app.include_router(exporter.router)
+    _documentation(app)
     return app
+
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def _documentation(app: FastAPI) -> None:
+    """Swagger UI (/docs) and ReDoc (/redoc) from files in the package (worker/static):
+    no CDN, so they work offline and tell no third party who reads them."""
+    app.mount(DOCS_ASSETS, StaticFiles(packages=[("worker", "static")]), name="docs-assets")
+    favicon = f"{DOCS_ASSETS}/swagger-ui/favicon-32x32.png"
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title}: API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui/swagger-ui.css",
+            swagger_favicon_url=favicon,
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title}: API",
+            redoc_js_url=f"{DOCS_ASSETS}/redoc/redoc.standalone.js",
+            redoc_favicon_url=favicon,
+            with_google_fonts=False,
+        )
 
 
 def serve(settings: Settings, host: str, port: int) -> None:
     """Run the API under uvicorn. Without API_TOKEN no producer could ever be let in,
     so refuse to start rather than serve an API that answers 401 to everyone."""
-    logging.basicConfig(level=logging.INFO)
+    logs.configure(settings.log_format)
     if not _secret(settings.api_token):
         raise SystemExit(
             "refusing to start the API: API_TOKEN is not set "
             "(producers send it as Authorization: Bearer <API_TOKEN>)"
         )
+    try:
+        require_schema(settings.database_url)
+    except NoSchema as exc:
+        raise SystemExit(f"refusing to start the API: {exc}") from None
     if not _secret(settings.webhook_token):
         log.warning("WEBHOOK_TOKEN is not set: provider webhooks cannot be authenticated")
     # No access log: BulkGate can only send its token in the URL (?token=…).
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        log_config=logs.uvicorn_log_config(settings.log_format) or uvicorn.config.LOGGING_CONFIG,
+    )

@@ -16,7 +16,7 @@ import re
 import string
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -202,8 +202,7 @@ def move_messages(
 
 # --- hold and approve, pause and resume ------------------------------------------------
 
-# The send deadline (migration 0008, another branch): a campaign held or paused for an hour
-# gets an hour more when it goes again. Enabled by the column's presence in the model.
+# The send deadline counts no time an operator held a campaign: an hour held, an hour more.
 DEADLINE_COLUMN = "send_deadline"
 
 
@@ -301,14 +300,13 @@ def _unblock(
         other = row.paused_at if column == "held_at" else row.held_at
         blocked_since = min(t for t in (row.held_at, row.paused_at) if t is not None)
     released = 0
-    if other is None and row.metered:
-        meter(engine, now=now)  # a metered campaign goes again within its limits
-    elif other is None:  # neither held nor paused any more: the messages go again
+    # Neither held nor paused any more: the messages go again (a metered campaign's are
+    # released by beat's next `meter`, within its limits).
+    if other is None and not row.metered:
         seconds = (now - blocked_since).total_seconds()
-        deadline = messages.c.get(DEADLINE_COLUMN)
         extra: dict[str, Any] = {}
-        if deadline is not None and seconds > 0:
-            extra[DEADLINE_COLUMN] = later_by(engine, deadline, seconds)
+        if seconds > 0:
+            extra[DEADLINE_COLUMN] = later_by(engine, messages.c.send_deadline, seconds)
         released = move_messages(
             engine, name, State.HELD, State.QUEUED, f"campaign {verb}", **extra
         )
@@ -406,19 +404,32 @@ def set_limits(
         )
         blocked = row.held_at is not None or row.paused_at is not None
     if daily_cap is not None or rate is not None:
+        # Beat's next tick (`meter`) releases them within the limits.
         move_messages(engine, name, State.QUEUED, State.HELD, "campaign metered (cap or rate)")
-        if not blocked:
-            meter(engine)
     elif not blocked:
         move_messages(engine, name, State.HELD, State.QUEUED, "campaign limits lifted")
     return campaign_control(engine, name)
 
 
-def meter(engine: Engine, interval: float = 1.0, now: datetime | None = None) -> int:
+def meter(
+    engine: Engine,
+    interval: float = 1.0,
+    now: datetime | None = None,
+    retry_for: float = 21600.0,
+) -> int:
     """Release the held messages of running metered campaigns within their limits: the
     day's cap, and `rate × interval` queued at a time (beat runs this every `interval`
-    seconds, so the claim sends them at about the rate). Answers how many it released."""
+    seconds, so the claim sends them at about the rate). Answers how many it released.
+
+    A released message's send deadline is at least `retry_for` (SEND_RETRY_FOR_SECONDS)
+    from its release: days waiting for a cap must not fail it unsent.
+    """
+    from sqlalchemy import case
+
     now = now or utcnow()
+    fresh = now + timedelta(seconds=retry_for)
+    deadline = messages.c.send_deadline
+    renewed = {"send_deadline": case((deadline < fresh, fresh), else_=deadline)}
     day = now.date().isoformat()
     with engine.connect() as conn:
         metered = conn.execute(
@@ -452,7 +463,9 @@ def meter(engine: Engine, interval: float = 1.0, now: datetime | None = None) ->
             why = "released within the campaign's " + (
                 "rate" if rate is not None and cap is None else "daily cap and rate"
             )
-            released = move_messages(engine, name, State.HELD, State.QUEUED, why, limit=allow)
+            released = move_messages(
+                engine, name, State.HELD, State.QUEUED, why, limit=allow, **renewed
+            )
         if released or cap_day != day:
             with engine.begin() as conn:
                 conn.execute(

@@ -12,10 +12,13 @@ import os
 from datetime import timedelta
 
 from celery import Celery
+from celery.signals import worker_init
 from kombu import Queue
 
 from config import Settings, get_settings
 from worker import polling
+from worker.db import NoSchema, require_schema
+from worker.ticks import QuietTicksAMQP, quiet_ticks
 
 INTAKE_QUEUE = "cascade-intake"
 SEND_QUEUE = "cascade-send"
@@ -27,7 +30,9 @@ VISIBILITY_TIMEOUT = 3600
 
 
 def create_app(settings: Settings) -> Celery:
-    app = Celery("cascade", broker=settings.broker_url, include=["worker.tasks"])
+    app = Celery(
+        "cascade", broker=settings.broker_url, include=["worker.tasks"], amqp=QuietTicksAMQP
+    )
     send_limit = settings.send_lease_seconds * 0.9  # a claim must outlive its task
     # Else a second task polls the same rows.
     poll_limit = settings.poll_lease_seconds * polling.TIME_LIMIT_SHARE
@@ -91,6 +96,7 @@ def create_app(settings: Settings) -> Celery:
             "callbacks": _tick("cascade.deliver_callbacks", settings.callbacks_interval_seconds),
         },
     )
+    quiet_ticks(app)
     return app
 
 
@@ -99,14 +105,27 @@ def _tick(task: str, every: float) -> dict[str, object]:
     return {"task": task, "schedule": every, "options": {"expires": max(every * 2, 2.0)}}
 
 
+@worker_init.connect
+def _require_schema(**_: object) -> None:
+    """Without our tables every task would fail, each with a traceback: stop with one line."""
+    try:
+        require_schema(get_settings().database_url)
+    except NoSchema as exc:
+        logging.getLogger(__name__).critical("refusing to start the worker: %s", exc)
+        raise SystemExit(1) from None
+
+
 def flower_environment(settings: Settings) -> dict[str, str]:
     """Flower's own options from our settings, so `.env` configures `celery -A worker flower`.
 
     Flower reads FLOWER_* variables when its command runs, after `-A worker` imported this
-    module. A variable already in the environment, or `--basic-auth`/`--max-tasks` on the
-    command line, still wins.
+    module. A variable already in the environment, or `--basic-auth`/`--max-tasks`/`--address`
+    on the command line, still wins.
     """
-    options = {"FLOWER_MAX_TASKS": str(settings.flower_max_tasks)}  # Flower's 100k grows RAM
+    options = {
+        "FLOWER_MAX_TASKS": str(settings.flower_max_tasks),  # Flower's 100k grows RAM
+        "FLOWER_ADDRESS": settings.flower_address,
+    }
     if settings.flower_basic_auth is not None:
         options["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()
     return options
@@ -118,3 +137,9 @@ app = create_app(get_settings())
 logging.getLogger("httpx").setLevel(logging.WARNING)
 for _name, _value in flower_environment(get_settings()).items():
     os.environ.setdefault(_name, _value)
+
+# Observability: JSON logs when LOG_FORMAT=json, and beat's tick for /healthz (worker.health).
+from worker import health as _health  # noqa: E402, F401
+from worker import logs as _logs  # noqa: E402
+
+_logs.connect_celery()

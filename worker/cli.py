@@ -15,13 +15,13 @@ from rich.table import Table
 from config import Settings
 
 console = Console(soft_wrap=True)  # paths and ids must stay whole when piped
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _settings() -> Settings:
     from pydantic import ValidationError
 
     from config import get_settings
+    from config.settings import EnvFileMissing
 
     try:
         return get_settings()
@@ -30,12 +30,20 @@ def _settings() -> Settings:
             f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
         ]
         raise click.ClickException("invalid settings:\n" + "\n".join(lines)) from None
+    except EnvFileMissing as exc:
+        raise click.ClickException(str(exc)) from None
 
 
-def _engine() -> Any:
-    from worker.db import get_engine
+def _engine(settings: Settings | None = None) -> Any:
+    """The engine of a database that has our schema, or one line saying it has not."""
+    from worker.db import NoSchema, get_engine, require_schema
 
-    return get_engine(_settings().database_url)
+    url = (settings or _settings()).database_url
+    try:
+        require_schema(url)
+    except NoSchema as exc:
+        raise click.ClickException(str(exc)) from None
+    return get_engine(url)
 
 
 def _print_json(data: Any) -> None:
@@ -64,13 +72,17 @@ def db_upgrade(revision: str) -> None:
 
 
 def upgrade_database(url: str, revision: str = "head") -> None:
+    """The migrations ship inside the package, so any install (wheel, image) can migrate."""
+    from importlib.resources import as_file, files
+
     from alembic import command
     from alembic.config import Config
 
-    config = Config(str(ROOT / "alembic.ini"))
+    config = Config()
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    config.attributes["configure_logger"] = False
-    command.upgrade(config, revision)
+    with as_file(files("worker") / "migrations") as location:
+        config.set_main_option("script_location", str(location).replace("%", "%%"))
+        command.upgrade(config, revision)
 
 
 # --- message -------------------------------------------------------------------------
@@ -184,6 +196,7 @@ def campaign_launch(
     from worker.campaigns import CampaignError, Defaults, column_mapping, launch
 
     settings = _settings()
+    _engine(settings)  # the schema is there, before a row is read
     try:
         mapping = column_mapping(columns)
     except CampaignError as exc:
@@ -792,6 +805,44 @@ def api(host: str | None, port: int | None) -> None:
 
     settings = _settings()
     serve(settings, host or settings.api_host, port or settings.api_port)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=9464, show_default=True, type=int)
+@click.option(
+    "--db/--no-db",
+    "database",
+    default=True,
+    show_default=True,
+    help="Serve the database gauges (--no-db: this host's worker counters and pauses only, "
+    "when another exporter serves the gauges).",
+)
+def metrics(host: str, port: int, database: bool) -> None:
+    """Serve /metrics (Prometheus) without the API: workers' counters and database gauges."""
+    from worker.exporter import serve
+
+    serve(_settings(), host, port, database=database)
+
+
+@main.group()
+def health() -> None:
+    """Liveness checks for orchestrators (docker-compose healthchecks)."""
+
+
+@health.command("beat")
+@click.option("--max-age", type=float, default=None, help="Default: HEALTH_BEAT_MAX_AGE_SECONDS.")
+def health_beat(max_age: float | None) -> None:
+    """Exit 0 when beat sent a periodic task within --max-age seconds, else 1."""
+    from worker.health import beat_health
+
+    settings = _settings()
+    limit = max_age if max_age is not None else settings.health_beat_max_age_seconds
+    beat = beat_health(settings.broker_url, limit)
+    age = "never" if beat.age_seconds is None else f"{beat.age_seconds:.1f} s ago"
+    click.echo(f"beat {beat.status}: last tick {age} (limit {limit:g} s)")
+    if beat.status != "ok":
+        sys.exit(1)
 
 
 # --- simulator and demo --------------------------------------------------------------

@@ -15,7 +15,6 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
-import psycopg
 from sqlalchemy import (
     JSON,
     Connection,
@@ -87,6 +86,26 @@ def get_engine(url: str | None = None) -> Engine:
 
         url = get_settings().database_url
     return _engine_for(url, os.getpid())
+
+
+class NoSchema(RuntimeError):
+    """The database lacks our tables: `cascade db upgrade` never ran against it."""
+
+
+def require_schema(url: str) -> None:
+    """Raise NoSchema, naming the database (password masked), before anything needs a table.
+    A SQLite file that is not there is reported, not created."""
+    from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
+
+    from worker.redact import mask_url
+
+    problem = NoSchema(f"{mask_url(url)} has no cascade schema; run `cascade db upgrade`")
+    file = make_url(url).database if url.startswith("sqlite") else None
+    if file not in (None, "", ":memory:") and not os.path.exists(file):
+        raise problem
+    if not {"alembic_version", "messages"} <= set(inspect(get_engine(url)).get_table_names()):
+        raise problem
 
 
 def among(conn: Connection | Engine, column: Any, values: Collection[Any]) -> ColumnElement[bool]:
@@ -317,6 +336,8 @@ def _aware(value: Any) -> Any:
 def _raw_cursor(conn: Connection, statement: str) -> Iterator[Any]:
     """A psycopg cursor whose errors carry no row values (COPY's context quotes the row),
     as `hide_parameters` keeps them out of SQLAlchemy's."""
+    import psycopg  # here: only PostgreSQL gets here, and SQLite installs go without it
+
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
         with cursor:

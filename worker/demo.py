@@ -62,7 +62,10 @@ def run_demo(settings: Settings, count: int, name: str | None, console: Console)
                 "BROKER_URL": settings.broker_url,
             }
             group.start()
-            console.print(f"simulator {simulator.url}, worker logs in {group.logdir}")
+            console.print(
+                f"simulator {simulator.url}, worker logs in {group.logdir} "
+                "(removed at the end unless the demo fails)"
+            )
             results = enqueue(demo_messages(count, name, random.Random()), name, settings=settings)
             accepted = sum(r.status == "accepted" for r in results)
             console.print(f"campaign {name}: {accepted} of {count} messages accepted")

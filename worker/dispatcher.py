@@ -9,29 +9,40 @@ overwritten by the worker that lost it.
 from __future__ import annotations
 
 import logging
-import time
+import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, Row, func, select
 
 from config import Settings
-from worker.backoff import poll_deadline, send_retry_delay
 from worker.campaigns import cancelled_campaigns
 from worker.db import among, bulk_update, claim_rows, insert_rows, utcnow
 from worker.models import events, messages
-from worker.pacing import Pacing
-from worker.smsbat import (
-    BadRequest,
-    OutcomeUnknown,
-    SendClient,
-    Throttled,
-    Unauthorized,
-    Unavailable,
+from worker.sendpolicy import (
+    Answer,
+    Cancelled,
+    Current,
+    Expired,
+    Held,
+    Isolate,
+    Item,
+    Outcome,
+    Retry,
+    Submitted,
+    Unknown,
+    answer_label,
+    decide,
+    outcomes,
+    pause_for,
+    provider_answered,
+    provider_failed,
+    submitted_values,
 )
+from worker.smsbat import BadRequest, OutcomeUnknown, ProviderError, SendClient
 from worker.states import State
 from worker.validation import OutgoingMessage
 
@@ -41,62 +52,30 @@ THROTTLE = "send:throttle"
 CIRCUIT = "send:circuit"
 
 
-# --- outcomes of one claim (pure data) -------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Submitted:
-    pk: int
-    message_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    pk: int
-    code: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Retry:
-    """Back to the queue. `counts` says whether this was a failed attempt."""
-
-    pk: int
-    reason: str
-    counts: bool
-    delay: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Unknown:
-    """The request was written but its answer was lost: the provider may have it."""
-
-    pk: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Expired:
-    pk: int
-
-
-@dataclass(frozen=True, slots=True)
-class Cancelled:
-    """Would go back to the queue, but its campaign was cancelled meanwhile."""
-
-    pk: int
-
-
-Outcome = Submitted | Rejected | Retry | Unknown | Expired | Cancelled
-
-
 @dataclass
 class BatchReport:
     route: str
     claimed: int = 0
     requests: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    # Provider requests by answer: 200, 400, 401, 429, 5xx, unknown, held (not sent).
+    answers: dict[str, int] = field(default_factory=dict)
     paused: float = 0.0
+    isolating: bool = False  # the claim was an isolation part, or split into parts
+
+
+class SendPacing(Protocol):
+    """What the send path needs of the shared pacing (`worker.pacing.Pacing`)."""
+
+    def pause(self, name: str, seconds: float) -> None: ...
+    def paused_for(self, name: str) -> float: ...
+    def failed(self, name: str) -> int: ...
+    def open_circuit(self, name: str, seconds: float) -> None: ...
+    def half_open(self, name: str) -> bool: ...
+    def take_probe(self, name: str, seconds: float) -> bool: ...
+    def answered(self, name: str) -> None: ...
+    def release_probe(self, name: str) -> None: ...
+    def acquire(self, name: str, per_second: int, cost: int = 1) -> None: ...
 
 
 # --- decisions -----------------------------------------------------------------------
@@ -107,19 +86,7 @@ def should_flush(ready: int, oldest_wait: float, *, batch_min: int, linger: floa
     return ready >= batch_min or (ready > 0 and oldest_wait >= linger)
 
 
-def after_failed_attempt(attempts: int, max_attempts: int) -> State:
-    """Where a message goes after its `attempts`-th failed send."""
-    return State.FAILED if attempts >= max_attempts else State.QUEUED
-
-
-def first_poll_delay(settings: Settings) -> float:
-    """With webhooks reporting, polling only reconciles what they missed: start it later."""
-    if settings.webhooks_enabled:
-        return settings.poll_first_delay_with_webhooks_seconds
-    return settings.poll_first_delay_seconds
-
-
-def send_paused(pacing: Pacing) -> float:
+def send_paused(pacing: SendPacing) -> float:
     """Seconds left of a pause of all sending: a 429's Retry-After or an open circuit."""
     return max(pacing.paused_for(THROTTLE), pacing.paused_for(CIRCUIT))
 
@@ -127,6 +94,16 @@ def send_paused(pacing: Pacing) -> float:
 def batch_limit(settings: Settings) -> int:
     rate = settings.send_messages_per_second
     return min(settings.send_batch_max, rate) if rate else settings.send_batch_max
+
+
+def probe_lease(settings: Settings) -> float:
+    """How long a probe may take before another worker may probe instead."""
+    return (
+        settings.http_connect_timeout_seconds
+        + settings.http_write_timeout_seconds
+        + settings.http_read_timeout_seconds
+        + 5
+    )
 
 
 # --- database edges ------------------------------------------------------------------
@@ -146,14 +123,17 @@ _CLAIM_COLUMNS = (
     messages.c.route,
     messages.c.attempts,
     messages.c.expires_at,
+    messages.c.isolation,
 )
 
 
 def _ready_filter(route: str, now: datetime) -> list[Any]:
+    """Queued rows of a route whose time has come, outside any isolation part."""
     return [
         messages.c.state == State.QUEUED,
         messages.c.route == route,
         messages.c.available_at <= now,
+        messages.c.isolation.is_(None),
     ]
 
 
@@ -175,6 +155,22 @@ def ready_summary(
     return count, (now - oldest).total_seconds() if oldest else 0.0
 
 
+def _part_filter(route: str, now: datetime) -> list[Any]:
+    return [
+        messages.c.state == State.QUEUED,
+        messages.c.route == route,
+        messages.c.isolation.is_not(None),
+        messages.c.available_at <= now,
+    ]
+
+
+def parts_ready(engine: Engine, route: str, now: datetime) -> bool:
+    """Whether an isolation part of this route waits to be sent."""
+    with engine.begin() as conn:
+        found = conn.execute(select(messages.c.pk).where(*_part_filter(route, now)).limit(1))
+        return found.first() is not None
+
+
 def claim(
     engine: Engine, route: str, now: datetime, limit: int, lease: float, token: str
 ) -> list[Row[Any]]:
@@ -185,13 +181,43 @@ def claim(
         where=_ready_filter(route, now),
         order_by=[messages.c.priority, messages.c.pk],
         limit=limit,
-        values={
-            "state": State.SENDING,
-            "claim_token": token,
-            "lease_until": now + timedelta(seconds=lease),
-        },
+        values=_claimed(now, lease, token),
         returning=_CLAIM_COLUMNS,
     )
+
+
+def claim_part(
+    engine: Engine, route: str, now: datetime, limit: int, lease: float, token: str
+) -> list[Row[Any]]:
+    """Take the ready rows of the oldest isolation part: a part is never mixed with others."""
+    oldest = (
+        select(messages.c.isolation)
+        .where(*_part_filter(route, now))
+        .order_by(messages.c.priority, messages.c.pk)
+        .limit(1)
+        .scalar_subquery()
+    )
+    return claim_rows(
+        engine,
+        messages,
+        where=[
+            messages.c.state == State.QUEUED,
+            messages.c.isolation == oldest,
+            messages.c.available_at <= now,
+        ],
+        order_by=[messages.c.pk],
+        limit=limit,
+        values=_claimed(now, lease, token),
+        returning=_CLAIM_COLUMNS,
+    )
+
+
+def _claimed(now: datetime, lease: float, token: str) -> dict[str, Any]:
+    return {
+        "state": State.SENDING,
+        "claim_token": token,
+        "lease_until": now + timedelta(seconds=lease),
+    }
 
 
 def provider_payload(row: Row[Any]) -> dict[str, Any]:
@@ -214,43 +240,48 @@ def record(
     outcomes: Sequence[Outcome],
     claimed: dict[int, Row[Any]],
     settings: Settings,
+    now: datetime | None = None,
 ) -> dict[str, int]:
     """Write every outcome of one claim, and its event, in one transaction.
 
     A submitted message's new values depend on nothing in its row, so they are written
     straight to the rows that still carry the claim token. Other outcomes read the row
-    (attempts, campaign) under a lock first.
+    (attempts, campaign, deadline) under a lock first.
     """
-    now = utcnow()
+    now = now or utcnow()
     held = {"claim_token": token, "state": State.SENDING}
     submitted = {o.pk: o for o in outcomes if isinstance(o, Submitted)}
     others = [o for o in outcomes if not isinstance(o, Submitted)]
     with engine.begin() as conn:
         sent = {
-            pk: _submitted(outcome, claimed[pk], settings, now) for pk, outcome in submitted.items()
+            pk: submitted_values(
+                outcome.message_id, claimed[pk].ttl, claimed[pk].scheduled_sent, settings, now
+            )
+            for pk, outcome in submitted.items()
         }
         written = bulk_update(conn, messages, sent, only_if=held)
         journal = [
             _event(pk, now, State.SUBMITTED, f"messageId {submitted[pk].message_id}")
             for pk in sorted(written)
         ]
-        counts = {State.SUBMITTED: len(written)} if written else {}
+        counts: dict[str, int] = {State.SUBMITTED: len(written)} if written else {}
         lost = len(submitted) - len(written)
         ours = _locked_claim(conn, token, [o.pk for o in others]) if others else {}
         requeued = {ours[o.pk].campaign for o in others if _requeues(o) and o.pk in ours}
         stopped = cancelled_campaigns(conn, requeued - {None})
         changes: dict[int, dict[str, Any]] = {}
         for outcome in others:
-            current = ours.get(outcome.pk)
-            if current is None:
+            row = ours.get(outcome.pk)
+            if row is None:
                 lost += 1
                 continue
-            halted = current.campaign in stopped
-            if halted and isinstance(outcome, Retry):
+            halted = row.campaign in stopped
+            if halted and isinstance(outcome, Retry | Isolate):
                 outcome = Cancelled(outcome.pk)
             # The provider may have an unknown outcome: never resend it for a cancelled campaign.
             resend_unknown = settings.send_unknown_outcome == "resend" and not halted
-            changes[outcome.pk], to_state, detail = _decide(
+            current = Current(row.attempts, row.unknown_outcomes, row.send_deadline)
+            changes[outcome.pk], to_state, detail = decide(
                 outcome, current, settings, now, resend_unknown=resend_unknown
             )
             journal.append(_event(outcome.pk, now, to_state, detail))
@@ -270,6 +301,7 @@ def _locked_claim(conn: Connection, token: str, pks: list[int]) -> dict[int, Row
             messages.c.campaign,
             messages.c.attempts,
             messages.c.unknown_outcomes,
+            messages.c.send_deadline,
         )
         .where(
             among(conn, messages.c.pk, pks),
@@ -294,240 +326,144 @@ def _event(pk: int, now: datetime, to_state: str, detail: str | None) -> dict[st
 
 
 def _requeues(outcome: Outcome) -> bool:
-    return isinstance(outcome, Retry | Unknown)
-
-
-_RELEASE = {"claim_token": None, "lease_until": None}
-
-
-def _submitted(
-    outcome: Submitted, row: Row[Any], settings: Settings, now: datetime
-) -> dict[str, Any]:
-    """Column values of a message the provider accepted (pure)."""
-    start = max(now, row.scheduled_sent) if row.scheduled_sent else now
-    return {
-        **_RELEASE,
-        "state": State.SUBMITTED,
-        "provider_message_id": outcome.message_id,
-        "submitted_at": now,
-        "next_poll_at": start + timedelta(seconds=first_poll_delay(settings)),
-        "poll_deadline": poll_deadline(
-            start,
-            row.ttl,
-            grace=settings.poll_grace_seconds,
-            max_age=settings.poll_max_age_seconds,
-        ),
-    }
-
-
-def _decide(
-    outcome: Outcome,
-    current: Row[Any],
-    settings: Settings,
-    now: datetime,
-    *,
-    resend_unknown: bool,
-) -> tuple[dict[str, Any], str, str | None]:
-    """(column values, new state, event detail) for an outcome other than submitted."""
-    if isinstance(outcome, Rejected):
-        values = {
-            **_RELEASE,
-            "state": State.REJECTED,
-            "error_code": outcome.code,
-            "error_message": outcome.message,
-            "final_at": now,
-            "final_source": "send",
-        }
-        return values, State.REJECTED, f"{outcome.code}: {outcome.message}"
-    if isinstance(outcome, Expired):
-        values = {
-            **_RELEASE,
-            "state": State.EXPIRED,
-            "error_code": "TTL_EXPIRED",
-            "error_message": "TTL ran out before the message could be sent",
-            "final_at": now,
-            "final_source": "send",
-        }
-        return values, State.EXPIRED, "TTL ran out before sending"
-    if isinstance(outcome, Cancelled):
-        values = {
-            **_RELEASE,
-            "state": State.CANCELLED,
-            "error_code": "CANCELLED",
-            "error_message": "campaign cancelled before the message was sent",
-            "final_at": now,
-            "final_source": "send",
-        }
-        return values, State.CANCELLED, "campaign cancelled; not resent"
-    unknown = isinstance(outcome, Unknown)
-    if unknown and not resend_unknown:
-        values = {
-            **_RELEASE,
-            "state": State.FAILED,
-            "unknown_outcomes": current.unknown_outcomes + 1,
-            "error_code": "UNKNOWN_OUTCOME",
-            "error_message": outcome.reason,
-            "final_at": now,
-            "final_source": "send",
-        }
-        return values, State.FAILED, f"outcome unknown ({outcome.reason}); not resent"
-    counts = unknown or (isinstance(outcome, Retry) and outcome.counts)
-    attempts = current.attempts + (1 if counts else 0)
-    target = after_failed_attempt(attempts, settings.send_max_attempts)
-    delay = (
-        outcome.delay
-        if isinstance(outcome, Retry) and not outcome.counts
-        else send_retry_delay(
-            attempts,
-            base=settings.send_backoff_base_seconds,
-            cap=settings.send_backoff_max_seconds,
-        )
-    )
-    values = {
-        **_RELEASE,
-        "state": target,
-        "attempts": attempts,
-        "unknown_outcomes": current.unknown_outcomes + (1 if unknown else 0),
-        "available_at": now + timedelta(seconds=delay),
-        "error_code": "UNKNOWN_OUTCOME" if unknown else "SEND_RETRY",
-        "error_message": outcome.reason,
-        "final_at": now if target == State.FAILED else None,
-        "final_source": "send" if target == State.FAILED else None,
-    }
-    prefix = "outcome unknown, resending" if unknown else "retry"
-    detail = f"{prefix}: {outcome.reason} (attempt {attempts}/{settings.send_max_attempts})"
-    return values, target, detail
+    return isinstance(outcome, Retry | Unknown | Isolate)
 
 
 # --- the provider call ---------------------------------------------------------------
 
 
-def deliver(
+def post(
     client: SendClient,
-    pacing: Pacing,
+    pacing: SendPacing,
     settings: Settings,
     route: str,
     rows: Sequence[Row[Any]],
-) -> tuple[list[Outcome], int]:
-    """POST the rows; isolate a 400 by halving; answer the outcome of every row.
+) -> Answer:
+    """One request for the claimed rows: the provider's answer, or why nothing was sent.
 
-    Whatever stops the loop early (a pause, half the lease spent on a long isolation, a
-    soft time limit, Redis failing) still answers for every row, so the claim is recorded
-    now instead of waiting for its lease to run out.
+    Never raises: whatever stops it (Redis failing, a soft time limit) still answers for
+    every row, so the claim is recorded now instead of waiting for its lease to run out.
     """
-    payloads = {row.pk: provider_payload(row) for row in rows}
-    outcomes: list[Outcome] = []
-    pending: list[list[Row[Any]]] = [list(rows)] if rows else []
-    requests = 0
-    budget_ends = time.monotonic() + settings.send_lease_seconds / 2
-    in_flight: list[Row[Any]] = []
-
-    def hold(reason: str, delay: float = 0.0) -> None:
-        held = [row for part in pending for row in part]
-        outcomes.extend(Retry(r.pk, reason, False, delay) for r in held)
-        pending.clear()
-
     try:
-        while pending:
-            if time.monotonic() > budget_ends:
-                hold("batch took half its lease; the rest goes in a later batch")
-                break
-            chunk = pending.pop()
-            pending.append(chunk)  # held with the rest if we stop before sending it
-            pacing.acquire("send:requests", settings.send_requests_per_second)
-            pacing.acquire("send:messages", settings.send_messages_per_second, len(chunk))
-            paused = send_paused(pacing)
-            if paused:  # another worker was told to back off while we were claiming
-                hold("paused", paused)
-                break
-            pending.pop()
-            requests += 1
-            in_flight = chunk
-            try:
-                accepted = client.send(route, [payloads[row.pk] for row in chunk])
-            except BadRequest as exc:
-                in_flight = []
-                if len(chunk) == 1:
-                    outcomes.append(Rejected(chunk[0].pk, exc.code, exc.message))
-                else:
-                    half = len(chunk) // 2
-                    pending += [chunk[half:], chunk[:half]]
-                continue
-            except Throttled as exc:
-                in_flight = []
-                pacing.pause(THROTTLE, exc.retry_after)
-                log.warning("provider throttled sends: pausing all workers %.1fs", exc.retry_after)
-                pending.append(chunk)
-                hold("HTTP 429", exc.retry_after)
-                break
-            except Unauthorized as exc:
-                in_flight = []
-                pacing.pause(CIRCUIT, settings.circuit_open_seconds)
-                log.error(
-                    "provider refused our credentials (%s): sending stopped for %.0fs, "
-                    "messages stay queued; check SMSBAT_API_KEY",
-                    exc,
-                    settings.circuit_open_seconds,
-                )
-                pending.append(chunk)
-                hold("HTTP 401")
-                break
-            except Unavailable as exc:
-                in_flight = []
-                outcomes += [Retry(r.pk, str(exc), True) for r in chunk]
-                continue
-            except OutcomeUnknown as exc:
-                in_flight = []
-                log.warning("send outcome unknown for %d messages: %s", len(chunk), exc)
-                outcomes += [Unknown(r.pk, str(exc)) for r in chunk]
-                continue
-            in_flight = []
-            for row in chunk:
-                message_id = accepted.get(row.id)
-                if message_id:
-                    outcomes.append(Submitted(row.pk, message_id))
-                else:
-                    outcomes.append(Retry(row.pk, "missing from the provider's answer", True))
+        pacing.acquire("send:requests", settings.send_requests_per_second)
+        pacing.acquire("send:messages", settings.send_messages_per_second, len(rows))
+        paused = send_paused(pacing)
     except Exception as exc:
-        log.error("send batch interrupted (%s); recording what is known", type(exc).__name__)
-        outcomes += [Unknown(r.pk, f"interrupted: {type(exc).__name__}") for r in in_flight]
-        hold(f"interrupted: {type(exc).__name__}")
-    return outcomes, requests
+        return Held(f"pacing unavailable: {type(exc).__name__}")
+    if paused:  # another worker was told to back off while we were claiming
+        return Held("paused", paused)
+    try:
+        return client.send(route, [provider_payload(row) for row in rows])
+    except ProviderError as exc:
+        return exc
+    except Exception as exc:  # the request may have been written
+        log.error("send interrupted (%s); recording what is known", type(exc).__name__)
+        return OutcomeUnknown(f"interrupted: {type(exc).__name__}")
+
+
+def heed(pacing: SendPacing, settings: Settings, answer: Answer) -> float:
+    """Share what an answer says about the provider with every worker; answer the pause."""
+    try:
+        if provider_answered(answer):
+            pacing.answered(CIRCUIT)
+            return 0.0
+        failures = pacing.failed(CIRCUIT) if provider_failed(answer) else 0
+        pause = pause_for(answer, failures=failures, settings=settings)
+        if pause is None:
+            return 0.0
+        if pause.kind == "throttle":
+            pacing.pause(THROTTLE, pause.seconds)
+            log.warning("provider throttled sends: pausing all workers %.1fs", pause.seconds)
+        else:
+            pacing.open_circuit(CIRCUIT, pause.seconds)
+            log.error(
+                "send circuit open for %.0fs (%s): messages stay queued, then one probe",
+                pause.seconds,
+                pause.reason,
+            )
+        return pause.seconds
+    except Exception as exc:  # Redis down: the next request probes the provider anyway
+        log.error("could not share the provider's state (%s)", type(exc).__name__)
+        return 0.0
 
 
 def send_batch(
-    engine: Engine, client: SendClient, pacing: Pacing, settings: Settings, route: str
+    engine: Engine,
+    client: SendClient,
+    pacing: SendPacing,
+    settings: Settings,
+    route: str,
+    *,
+    clock: Callable[[], datetime] = utcnow,
+    rng: random.Random | None = None,
 ) -> BatchReport:
-    """One provider request's worth of work: the body of the `cascade.send_batch` task."""
+    """One provider request's worth of work: the body of the `cascade.send_batch` task.
+
+    Isolation parts go first, each alone; then a batch of new rows once one is due. While
+    the circuit is half-open only the worker holding the probe sends, and only a few rows.
+    """
     report = BatchReport(route)
     report.paused = send_paused(pacing)
     if report.paused:
         return report
-    now = utcnow()
-    limit = batch_limit(settings)
-    ready, oldest_wait = ready_summary(
-        engine, route, now, settings.send_batch_min, settings.send_batch_min
-    )
-    if not should_flush(
-        ready, oldest_wait, batch_min=settings.send_batch_min, linger=settings.send_linger_seconds
-    ):
+    probing = pacing.half_open(CIRCUIT)
+    if probing and not pacing.take_probe(CIRCUIT, probe_lease(settings)):
         return report
+    now = clock()
     token = uuid.uuid4().hex
-    rows = claim(engine, route, now, limit, settings.send_lease_seconds, token)
+    lease = settings.send_lease_seconds
+    rows = claim_part(engine, route, now, settings.send_batch_max, lease, token)
+    report.isolating = bool(rows)
+    if not rows:
+        limit = settings.send_probe_size if probing else batch_limit(settings)
+        ready, oldest_wait = ready_summary(
+            engine, route, now, settings.send_batch_min, settings.send_batch_min
+        )
+        flush = should_flush(
+            ready,
+            oldest_wait,
+            batch_min=settings.send_batch_min,
+            linger=settings.send_linger_seconds,
+        )
+        if flush or (probing and ready):
+            rows = claim(engine, route, now, limit, lease, token)
     report.claimed = len(rows)
     if not rows:
+        if probing:  # nothing to probe with: let the next worker try
+            pacing.release_probe(CIRCUIT)
         return report
-    expired = [r for r in rows if r.expires_at is not None and r.expires_at <= now]
     live = [r for r in rows if r.expires_at is None or r.expires_at > now]
-    outcomes: list[Outcome] = [Expired(r.pk) for r in expired]
-    sent, report.requests = deliver(client, pacing, settings, route, live)
-    outcomes += sent
-    report.counts = record(engine, token, outcomes, {r.pk: r for r in rows}, settings)
+    done: list[Outcome] = [Expired(r.pk) for r in rows if r not in live]
+    answer: Answer = {}
+    if live:
+        answer = post(client, pacing, settings, route, live)
+        label = answer_label(answer)
+        report.answers[label] = 1
+        report.requests = 0 if label == "held" else 1
+        report.paused = max(report.paused, heed(pacing, settings, answer))
+        if probing and not (provider_answered(answer) or provider_failed(answer)):
+            pacing.release_probe(CIRCUIT)  # a 429 or a pause: the probe proved nothing
+        items = [Item(r.pk, r.id, r.to_phone, r.attempts) for r in live]
+        done += outcomes(items, answer, settings=settings, rng=rng or random.Random())
+        report.isolating |= isinstance(answer, BadRequest)
+    report.counts = record(engine, token, done, {r.pk: r for r in rows}, settings, clock())
     log.info(
-        "batch route=%s claimed=%d requests=%d outcome=%s",
+        "batch route=%s claimed=%d part=%s answer=%s%s outcome=%s",
         route,
         report.claimed,
-        report.requests,
+        "yes" if rows[0].isolation else "no",
+        answer_label(answer) if live else "none",
+        f" ({_why(answer)})" if live and not isinstance(answer, Mapping) else "",
         report.counts,
+        extra={"route": route, "claim_token": token, "campaign": rows[0].campaign},
     )
     return report
+
+
+def _why(answer: Answer) -> str:
+    """One phrase on why a request was not accepted; never a phone number or a text."""
+    if isinstance(answer, BadRequest):
+        return f"{answer.code}" + (f", field {answer.field}" if answer.field else "")
+    if isinstance(answer, Held):
+        return answer.reason
+    return str(answer)

@@ -107,6 +107,11 @@ class Message(Base):
     unknown_outcomes: Mapped[int] = mapped_column(SmallInteger, default=0)
     claim_token: Mapped[str | None] = mapped_column(String(32))
     lease_until: Mapped[datetime | None]
+    # When a message not yet with the provider stops being retried and is `failed`.
+    send_deadline: Mapped[datetime | None]
+    # Rows of a refused batch being isolated share a key: they are claimed together and
+    # never with other rows, so the halving's progress lives here, not in a worker.
+    isolation: Mapped[str | None] = mapped_column(String(32))
 
     # Provider tracking.
     provider_message_id: Mapped[str | None] = mapped_column(String(64))
@@ -157,6 +162,18 @@ class Message(Base):
             sqlite_where=sql_text("state = 'queued'"),
         ),
         Index(
+            "ix_messages_isolation",
+            "isolation",
+            postgresql_where=sql_text("state = 'queued' AND isolation IS NOT NULL"),
+            sqlite_where=sql_text("state = 'queued' AND isolation IS NOT NULL"),
+        ),
+        Index(
+            "ix_messages_send_deadline",
+            "send_deadline",
+            postgresql_where=sql_text("state = 'queued'"),
+            sqlite_where=sql_text("state = 'queued'"),
+        ),
+        Index(
             "ix_messages_sending_lease",
             "lease_until",
             postgresql_where=sql_text("state = 'sending'"),
@@ -165,6 +182,7 @@ class Message(Base):
         Index(
             "ix_messages_next_poll",
             "next_poll_at",
+            "state",  # /metrics counts the messages awaiting a check by state from it (0008)
             postgresql_where=sql_text("next_poll_at IS NOT NULL"),
             sqlite_where=sql_text("next_poll_at IS NOT NULL"),
         ),
@@ -246,6 +264,13 @@ class ProviderReport(Base):
             postgresql_where=sql_text("processed_at IS NULL"),
             sqlite_where=sql_text("processed_at IS NULL"),
         ),
+        # What /metrics counts (migration 0008): only reports given up on enter it.
+        Index(
+            "ix_provider_reports_orphaned",
+            "pk",
+            postgresql_where=sql_text("outcome = 'orphan'"),
+            sqlite_where=sql_text("outcome = 'orphan'"),
+        ),
     )
 
 
@@ -294,6 +319,13 @@ class Callback(Base):
             "next_attempt_at",
             postgresql_where=sql_text("state = 'pending'"),
             sqlite_where=sql_text("state = 'pending'"),
+        ),
+        # What /metrics counts (migration 0008): only callbacks that gave up enter it.
+        Index(
+            "ix_callbacks_dead",
+            "pk",
+            postgresql_where=sql_text("state = 'dead'"),
+            sqlite_where=sql_text("state = 'dead'"),
         ),
     )
 

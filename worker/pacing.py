@@ -1,8 +1,10 @@
-"""Pacing shared by every worker process through Redis: rate limits and pauses.
+"""Pacing shared by every worker process through Redis: rate limits, pauses, the circuit.
 
-A pause is a key with a time to live: a 429's Retry-After or an open circuit after a 401
-stops every worker at once, and ends by itself. If Redis is flushed the pause is gone
-and the next request simply probes the provider again, which is the safe direction.
+A pause is a key with a time to live: a 429's Retry-After or an open circuit (a 401, or
+an outage) stops every worker at once, and ends by itself. After an outage's pause the
+circuit is half-open: one worker at a time sends a small probe until the provider answers.
+If Redis is flushed all of this is gone and the next request simply probes the provider
+again, which is the safe direction.
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ from limits.storage import storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
 
 PREFIX = "cascade:pause:"
+FAILURES = "cascade:failures:"
+HALF_OPEN = "cascade:half-open:"
+PROBE = "cascade:probe:"
+# Consecutive failures further apart than this are not one outage.
+FAILURE_MEMORY_MS = 600_000
+# A circuit opened by an outage stays half-open until answered, or this long at most.
+HALF_OPEN_MS = 24 * 3600 * 1000
 # Set the key for ARGV[1] ms unless it already has longer to live.
 _EXTEND = """
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
@@ -43,6 +52,36 @@ class Pacing:
         """Seconds left of a pause of `name`, 0 when there is none."""
         ms = self._redis.pttl(PREFIX + name)
         return ms / 1000 if ms and ms > 0 else 0.0
+
+    def failed(self, name: str) -> int:
+        """Count one more provider failure of `name` in a row; answer the count."""
+        pipe = self._redis.pipeline()
+        pipe.incr(FAILURES + name)
+        pipe.pexpire(FAILURES + name, FAILURE_MEMORY_MS)
+        count, _ = pipe.execute()
+        return int(count)
+
+    def open_circuit(self, name: str, seconds: float) -> None:
+        """Pause `name` for `seconds`, then let only probes through until it is answered."""
+        self.pause(name, seconds)
+        pipe = self._redis.pipeline()
+        pipe.set(HALF_OPEN + name, "1", px=HALF_OPEN_MS)
+        pipe.delete(PROBE + name)
+        pipe.execute()
+
+    def half_open(self, name: str) -> bool:
+        return bool(self._redis.exists(HALF_OPEN + name))
+
+    def take_probe(self, name: str, seconds: float) -> bool:
+        """Whether this worker sends the probe: one at a time, for at most `seconds`."""
+        return bool(self._redis.set(PROBE + name, "1", nx=True, px=max(1, int(seconds * 1000))))
+
+    def release_probe(self, name: str) -> None:
+        self._redis.delete(PROBE + name)
+
+    def answered(self, name: str) -> None:
+        """The provider answered: the failure count, half-open state and probe are over."""
+        self._redis.delete(FAILURES + name, HALF_OPEN + name, PROBE + name)
 
     def acquire(self, name: str, per_second: int, cost: int = 1) -> None:
         """Block until `cost` units of `name` fit in the shared per-second budget (0 = no limit)."""

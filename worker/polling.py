@@ -21,8 +21,10 @@ from sqlalchemy import Engine, Row, select, update
 from config import Settings
 from worker.backoff import poll_interval
 from worker.db import among, bulk_update, claim_rows, insert_rows, utcnow
+from worker.metrics import count_checks
 from worker.models import events, messages
 from worker.pacing import Pacing
+from worker.sendpolicy import pause_for
 from worker.smsbat import (
     NotFound,
     ProviderError,
@@ -213,16 +215,25 @@ def poll_batch(
         budget = settings.poll_lease_seconds / 2  # well inside the lease and time limits
         results = check_all(client, pacing, settings, ids, threads, budget)
         report.checked = len(results)
-    for _, error in results.values():
-        if isinstance(error, Throttled):
-            pacing.pause(THROTTLE, error.retry_after)
-            paused = max(paused, error.retry_after)
-        elif isinstance(error, Unauthorized):
-            log.error("provider refused status credentials: polling paused; check SMSBAT_*")
-            pacing.pause(CIRCUIT, settings.circuit_open_seconds)
-            paused = max(paused, settings.circuit_open_seconds)
+        count_checks(results.values())
+    paused = max(paused, heed(pacing, settings, [answer for _, answer in results.values()]))
     report.counts = record_polls(engine, settings, [r.pk for r in rows], results, paused)
     return report
+
+
+def heed(pacing: Pacing, settings: Settings, answers: Sequence[Answer]) -> float:
+    """Pause every worker's checks as the send path would (`sendpolicy.pause_for`): for a
+    429, a 401, or a round in which the provider answered no check at all."""
+    failures = 0 if any(isinstance(a, StatusReport | NotFound) for a in answers) else len(answers)
+    for answer in answers:
+        pause = pause_for(answer, failures=failures, settings=settings)
+        if pause is None:
+            continue
+        pacing.pause(THROTTLE if pause.kind == "throttle" else CIRCUIT, pause.seconds)
+        if pause.kind == "circuit":
+            log.error("status checks paused %.0fs: %s", pause.seconds, pause.reason)
+        return pause.seconds
+    return 0.0
 
 
 def record_polls(
@@ -318,7 +329,7 @@ def _next(
             return change
     elif isinstance(result, NotFound):
         change["error_message"] = "status check: message not found at the provider"
-    if row.poll_deadline is not None and now >= row.poll_deadline:
+    if _timed_out(row.poll_deadline, result, settings, now):
         return change | {
             "state": State.TIMEOUT,
             "next_poll_at": None,
@@ -337,6 +348,18 @@ def _next(
         min_gap=settings.poll_min_gap_seconds,
     )
     next_at = (last or now) + timedelta(seconds=delay)
-    if row.poll_deadline is not None:
-        next_at = min(next_at, max(row.poll_deadline, now))
+    if row.poll_deadline is not None and now < row.poll_deadline:
+        next_at = min(next_at, row.poll_deadline)
     return change | {"next_poll_at": max(next_at, now + timedelta(seconds=0.05))}
+
+
+def _timed_out(
+    deadline: datetime | None, result: Answer | None, settings: Settings, now: datetime
+) -> bool:
+    """Past its deadline a message times out on an answer; an outage of the status endpoint
+    delays that (checks go on) for up to POLL_OUTAGE_GRACE_SECONDS, never brings it early."""
+    if deadline is None or now < deadline:
+        return False
+    if isinstance(result, StatusReport | NotFound):
+        return True
+    return now >= deadline + timedelta(seconds=settings.poll_outage_grace_seconds)

@@ -22,6 +22,7 @@ from config import Settings, get_settings
 from worker.campaigns import CampaignCancelled, ensure_campaign
 from worker.db import among, get_engine, insert_new, utcnow
 from worker.models import campaigns, events, messages
+from worker.sendpolicy import send_deadline
 from worker.states import State
 from worker.validation import (
     FieldError,
@@ -64,12 +65,10 @@ def rules_from(settings: Settings) -> ValidationRules:
 
 
 def row_for(
-    message: OutgoingMessage,
-    campaign: str | None,
-    now: datetime,
-    keep: tuple[float, float] = (0.0, 0.0),
+    message: OutgoingMessage, campaign: str | None, now: datetime, settings: Settings
 ) -> dict[str, Any]:
-    """The messages row; `keep` is (SCHEDULE_HOLD_AHEAD_SECONDS, SCHEDULE_SEND_LEAD_SECONDS)."""
+    """The messages row; a message scheduled far ahead stays ours until shortly before."""
+    keep = (settings.schedule_hold_ahead_seconds, settings.schedule_send_lead_seconds)
     start = max(now, message.scheduled_sent) if message.scheduled_sent else now
     called_back = bool(message.callback_url or message.callback_task)
     late = message.callback_late_after if called_back else None
@@ -89,6 +88,7 @@ def row_for(
         "created_at": now,
         "available_at": available_at(message.scheduled_sent, now, *keep),
         "expires_at": start + timedelta(seconds=message.ttl) if message.ttl else None,
+        "send_deadline": send_deadline(start, settings),
         "attempts": 0,
         "unknown_outcomes": 0,
         "polls": 0,
@@ -236,7 +236,6 @@ def enqueue(
     if campaign is not None:
         inherited = ensure_campaign(engine, campaign, inherited)
     rules = rules_from(settings)
-    keep = (settings.schedule_hold_ahead_seconds, settings.schedule_send_lead_seconds)
     results: list[EnqueueResult] = []
     seen: set[str] = set()
     accepted_any = False
@@ -256,7 +255,7 @@ def enqueue(
                 chunk_results.append(EnqueueResult(checked.id, "duplicate", State.QUEUED))
             else:
                 seen.add(checked.id)
-                rows.append(row_for(checked, campaign, now, keep))
+                rows.append(row_for(checked, campaign, now, settings))
                 chunk_results.append(None)
         inserted, stored_as = store_as(engine, rows, campaign)
         accepted_any = accepted_any or bool(inserted)

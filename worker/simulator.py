@@ -120,7 +120,12 @@ class SimulatorConfig:
     status_throttle_next: int = 0
     hang_next_sends: int = 0
     hang_seconds: float = 5.0
+    hang_rate: float = 0.0  # share of accepted sends answered hang_seconds late (a timeout)
+    throttle_every: int = 0  # every k-th send request is answered 429
+    outage_seconds: float = 0.0  # sends answer 503 for this long from when it is set
     reject_phones: list[str] = field(default_factory=list)
+    # A 400 names the refused message's index, as ours does; SMSBAT's says only the field.
+    refusal_hints: bool = True
     shuffle: bool = True
     drop_answers: float = 0.0
     spike_rate: float = 0.0  # share of requests answered spike_seconds late
@@ -177,6 +182,9 @@ def _check_config(config: SimulatorConfig) -> None:
         "reset_rate": (0 <= config.reset_rate <= 1, unit),
         "malformed_rate": (0 <= config.malformed_rate <= 1, unit),
         "hang_seconds": (config.hang_seconds >= 0, non_negative),
+        "hang_rate": (0 <= config.hang_rate <= 1, unit),
+        "throttle_every": (config.throttle_every >= 0, non_negative),
+        "outage_seconds": (config.outage_seconds >= 0, non_negative),
         "fail_next_sends": (config.fail_next_sends >= 0, non_negative),
         "throttle_next": (config.throttle_next >= 0, non_negative),
         "status_throttle_next": (config.status_throttle_next >= 0, non_negative),
@@ -304,6 +312,7 @@ def _error(code: int, error: str, message: str, field_name: str | None = None) -
 
 _UNAUTHORIZED: Final = _error(401, "UNAUTHORIZED", "Invalid API key")
 _SERVER_ERROR: Final = _error(500, "SERVER_ERROR", "Internal server error")
+_UNAVAILABLE: Final = _error(503, "SERVICE_UNAVAILABLE", "Service temporarily unavailable")
 _INVALID_JSON: Final = object()
 
 
@@ -593,6 +602,7 @@ class _Simulator:
         self.auth_headers_seen: set[str] = set()
         self.send_retry_at = 0.0
         self.send_throttled_at = 0.0
+        self.outage_until = 0.0
         self.status_retry_at = 0.0
         self.latency_spikes = 0
         self.connection_resets = 0
@@ -604,6 +614,8 @@ class _Simulator:
     def configure(self, changes: Mapping[str, Any]) -> None:
         """Apply admin changes; a new seed restarts the random stream."""
         self.config.update(changes)
+        if "outage_seconds" in changes:
+            self.outage_until = time.time() + self.config.outage_seconds
         if "seed" in changes:
             self.rng.seed(self.config.seed)
             self.push_rng.seed(_push_seed(self.config.seed))
@@ -664,15 +676,23 @@ class _Simulator:
             return fault
         problem = _check_batch(batch, frozenset(self.config.reject_phones))
         if problem is not None:
+            if not self.config.refusal_hints and problem.code == 400:
+                return _error(400, "INVALID_PHONE", "Invalid phone number format", "toPhone")
             return problem
         return self._accept(batch, route, now)
 
     def _send_fault(self, now: float) -> _Answer | None:
         """Injected 500/429 for sends; countdowns first, then the random error rate."""
         config = self.config
+        if now < self.outage_until:
+            return _UNAVAILABLE
         if config.fail_next_sends > 0:
             config.fail_next_sends -= 1
             return _SERVER_ERROR
+        if config.throttle_every and self.send_requests % config.throttle_every == 0:
+            answer, self.send_retry_at = self._throttled(now)
+            self.send_throttled_at = now
+            return answer
         if config.throttle_next > 0:
             config.throttle_next -= 1
             answer, self.send_retry_at = self._throttled(now)
@@ -712,6 +732,8 @@ class _Simulator:
         hold = EARLY_HOLD if early and answer else 0.0
         if config.hang_next_sends > 0:
             config.hang_next_sends -= 1
+            hold += config.hang_seconds
+        elif config.hang_rate and rng.random() < config.hang_rate:
             hold += config.hang_seconds
         return _Answer(200, orjson.dumps(answer), hold=hold)
 

@@ -158,6 +158,8 @@ class Workers:
 
 @contextmanager
 def workers(env: Mapping[str, str], logdir: Path | None = None) -> Iterator[Workers]:
+    """Without `logdir`, the logs go to a temporary directory removed after a clean exit
+    (kept when the block raised, so its logs can be read)."""
     directory = Path(logdir or tempfile.mkdtemp(prefix="cascade-"))
     full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
     group = Workers(full_env, directory)
@@ -165,6 +167,8 @@ def workers(env: Mapping[str, str], logdir: Path | None = None) -> Iterator[Work
         yield group
     finally:
         group.stop()
+    if logdir is None:
+        shutil.rmtree(directory)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 - a send claim whose lease ran out (the worker died mid-batch) is treated as an unknown
   outcome: the request may have reached the provider;
-- a queued message whose TTL ran out is `expired`;
+- a queued message whose TTL ran out is `expired`, one past its send deadline `failed`;
 - a message with the provider and no final status past its deadline is `timeout`.
 """
 
@@ -17,9 +17,9 @@ from sqlalchemy import Engine, insert, select, update
 from config import Settings
 from worker.backoff import send_retry_delay
 from worker.campaigns import cancelled_campaigns
-from worker.db import among, utcnow
-from worker.dispatcher import after_failed_attempt
+from worker.db import among, bulk_update, insert_rows, utcnow
 from worker.models import events, messages
+from worker.sendpolicy import Current, Unknown, decide
 from worker.states import State
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,13 @@ def _event(pk: int, now: datetime, old: str, new: str, detail: str) -> dict[str,
     }
 
 
-def recover_stale_claims(engine: Engine, settings: Settings) -> int:
-    """Re-queue (or fail, per SEND_UNKNOWN_OUTCOME) sends whose worker vanished."""
-    now = utcnow()
+def recover_stale_claims(engine: Engine, settings: Settings, now: datetime | None = None) -> int:
+    """Re-queue (or fail, per SEND_UNKNOWN_OUTCOME) sends whose worker vanished.
+
+    The request may have reached the provider: an unknown outcome, decided as the send
+    path decides one. An isolation part stays a part, so the halving goes on from there.
+    """
+    now = now or utcnow()
     with engine.begin() as conn:
         rows = list(
             conn.execute(
@@ -49,54 +53,61 @@ def recover_stale_claims(engine: Engine, settings: Settings) -> int:
                     messages.c.campaign,
                     messages.c.attempts,
                     messages.c.unknown_outcomes,
+                    messages.c.send_deadline,
                 )
                 .where(messages.c.state == State.SENDING, messages.c.lease_until < now)
+                .order_by(messages.c.pk)
                 .limit(CHUNK)
                 .with_for_update(skip_locked=True)
             )
         )
         stopped = cancelled_campaigns(conn, {r.campaign for r in rows} - {None})
+        delay = send_retry_delay(
+            1, base=settings.send_backoff_base_seconds, cap=settings.send_backoff_max_seconds
+        )
+        lapsed = Unknown(0, "send claim expired: the worker stopped mid-batch", delay)
+        changes: dict[int, dict[str, Any]] = {}
         journal = []
         for row in rows:
-            attempts = row.attempts + 1
-            if settings.send_unknown_outcome == "fail" or row.campaign in stopped:
-                target = State.FAILED  # never resend what the provider may already have
-            else:
-                target = after_failed_attempt(attempts, settings.send_max_attempts)
-            delay = send_retry_delay(
-                attempts,
-                base=settings.send_backoff_base_seconds,
-                cap=settings.send_backoff_max_seconds,
-            )
-            final = target != State.QUEUED
-            conn.execute(
-                update(messages)
-                .where(messages.c.pk == row.pk)
-                .values(
-                    state=target,
-                    attempts=attempts,
-                    unknown_outcomes=row.unknown_outcomes + 1,
-                    claim_token=None,
-                    lease_until=None,
-                    available_at=now + timedelta(seconds=delay),
-                    error_code="UNKNOWN_OUTCOME",
-                    error_message="send claim expired: the worker stopped mid-batch",
-                    final_at=now if final else None,
-                    final_source="system" if final else None,
-                )
-            )
+            current = Current(row.attempts, row.unknown_outcomes, row.send_deadline)
+            resend = settings.send_unknown_outcome == "resend" and row.campaign not in stopped
+            values, target, _ = decide(lapsed, current, settings, now, resend_unknown=resend)
+            if target == State.FAILED:
+                values["final_source"] = "system"
+            changes[row.pk] = values
             journal.append(
                 _event(row.pk, now, State.SENDING, target, "claim lease expired; outcome unknown")
             )
-        if journal:
-            conn.execute(insert(events), journal)
+        bulk_update(conn, messages, changes)
+        insert_rows(conn, events, journal)
     if rows:
         log.warning("recovered %d send claims whose lease ran out", len(rows))
     return len(rows)
 
 
-def _close(engine: Engine, where: list[Any], target: State, code: str, detail: str) -> int:
-    now = utcnow()
+def give_up(engine: Engine, now: datetime | None = None) -> int:
+    """Fail queued messages past their send deadline: however they were kept from the
+    provider (an outage, a circuit held open by a 401, a bug), none waits forever."""
+    now = now or utcnow()
+    return _close(
+        engine,
+        [messages.c.state == State.QUEUED, messages.c.send_deadline <= now],
+        State.FAILED,
+        "SEND_DEADLINE",
+        "not sent before its send deadline (SEND_RETRY_FOR_SECONDS)",
+        now,
+    )
+
+
+def _close(
+    engine: Engine,
+    where: list[Any],
+    target: State,
+    code: str,
+    detail: str,
+    now: datetime | None = None,
+) -> int:
+    now = now or utcnow()
     with engine.begin() as conn:
         rows = list(
             conn.execute(
@@ -113,6 +124,7 @@ def _close(engine: Engine, where: list[Any], target: State, code: str, detail: s
             .where(among(conn, messages.c.pk, [r.pk for r in rows]))
             .values(
                 state=target,
+                isolation=None,
                 next_poll_at=None,
                 claim_token=None,
                 lease_until=None,
@@ -139,7 +151,9 @@ def expire_queued(engine: Engine) -> int:
 
 def time_out(engine: Engine, settings: Settings) -> int:
     """Close overdue messages the poller has not reached (it closes the rest itself)."""
-    late = utcnow() - timedelta(seconds=settings.poll_lease_seconds)
+    late = utcnow() - timedelta(
+        seconds=settings.poll_lease_seconds + settings.poll_outage_grace_seconds
+    )
     return _close(
         engine,
         [
@@ -156,5 +170,6 @@ def sweep(engine: Engine, settings: Settings) -> dict[str, int]:
     return {
         "stale_claims": recover_stale_claims(engine, settings),
         "expired": expire_queued(engine),
+        "gave_up": give_up(engine),
         "timeout": time_out(engine, settings),
     }

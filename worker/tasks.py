@@ -16,12 +16,13 @@ from celery.worker.request import Request
 from sqlalchemy import Engine
 
 from config import Settings, get_settings
-from worker import callbacks, dispatcher, inbox, polling, producer, sweeper
+from worker import callbacks, dispatcher, gauges, inbox, metrics, polling, producer, sweeper
 from worker.celery import POLL_QUEUE, SEND_QUEUE, app
 from worker.db import get_engine, utcnow
 from worker.pacing import Pacing, get_pacing
 from worker.redact import mask_url
 from worker.smsbat import SendClient, StatusClient
+from worker.states import FINAL
 from worker.validation import ROUTES
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,8 @@ def _resources(pid: int) -> Resources:
         settings=settings,
         engine=get_engine(settings.database_url),
         pacing=get_pacing(settings.broker_url),
-        sender=SendClient(settings),
-        checker=StatusClient(settings),
+        sender=metrics.TimedSendClient(settings),
+        checker=metrics.TimedStatusClient(settings),
         threads=ThreadPoolExecutor(settings.poll_concurrency, thread_name_prefix="status"),
     )
 
@@ -140,14 +141,16 @@ def dispatch() -> dict[str, int]:
         ready, oldest_wait = dispatcher.ready_summary(
             res.engine, route, utcnow(), settings.send_parallelism * limit, settings.send_batch_min
         )
-        if not dispatcher.should_flush(
+        flush = dispatcher.should_flush(
             ready,
             oldest_wait,
             batch_min=settings.send_batch_min,
             linger=settings.send_linger_seconds,
-        ):
+        )
+        parts = dispatcher.parts_ready(res.engine, route, utcnow())
+        if not (flush or parts):
             continue
-        count = min(free, math.ceil(ready / limit))
+        count = min(free, max(math.ceil(ready / limit) if flush else 0, 1 if parts else 0))
         for _ in range(count):
             send_batch.apply_async((route,))
         started[route] = count
@@ -157,12 +160,21 @@ def dispatch() -> dict[str, int]:
 
 @app.task(name="cascade.send_batch")
 def send_batch(route: str) -> dict[str, Any]:
-    """Claim and send one batch; a full batch means more are waiting, so chain the next."""
+    """Claim and send one batch; a full batch or an isolation under way means more are
+    waiting, so chain the next."""
     res = resources()
     report = dispatcher.send_batch(res.engine, res.sender, res.pacing, res.settings, route)
-    if report.claimed >= dispatcher.batch_limit(res.settings):
+    _count_send_batch(res, report)
+    full = report.claimed >= dispatcher.batch_limit(res.settings)
+    if (full or report.isolating) and not report.paused:
         send_batch.apply_async((route,))
     return asdict(report)
+
+
+def _count_send_batch(res: Resources, report: dispatcher.BatchReport) -> None:
+    """Metrics of a batch; the dispatcher logs its one line."""
+    seen = res.sender.take_seen() if isinstance(res.sender, metrics.TimedSendClient) else {}
+    metrics.count_send_batch(report, seen)
 
 
 def sending_behind(res: Resources) -> bool:
@@ -208,6 +220,7 @@ def poll_sweep() -> int:
 def poll_batch(pks: list[int], claimed: str | None = None) -> dict[str, Any]:
     """Check the claimed messages; `claimed` (the claim's mark) is absent in older tasks."""
     res = resources()
+    started = utcnow()
     report = polling.poll_batch(
         res.engine,
         res.checker,
@@ -217,6 +230,8 @@ def poll_batch(pks: list[int], claimed: str | None = None) -> dict[str, Any]:
         res.threads,
         claimed=datetime.fromisoformat(claimed) if claimed else None,
     )
+    if any(state in FINAL for state in report.counts):
+        metrics.observe_finals(gauges.submit_to_final(res.engine, pks, started))
     return asdict(report)
 
 
@@ -235,7 +250,11 @@ def enforce_holds() -> dict[str, int]:
 
     res = resources()
     held = hold(res.engine)
-    released = meter(res.engine, res.settings.dispatch_interval_seconds)
+    released = meter(
+        res.engine,
+        res.settings.dispatch_interval_seconds,
+        retry_for=res.settings.send_retry_for_seconds,
+    )
     return {"held": held, "released": released}
 
 
@@ -243,7 +262,9 @@ def enforce_holds() -> dict[str, int]:
 def apply_reports() -> dict[str, int]:
     """Apply stored webhook and DLR reports; match parked ones whose message appeared."""
     res = resources()
-    return inbox.apply_pending(res.engine, res.settings)
+    counts = inbox.apply_pending(res.engine, res.settings)
+    metrics.count_reports(counts)
+    return counts
 
 
 @app.task(name="cascade.deliver_callbacks")

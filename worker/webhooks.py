@@ -36,6 +36,7 @@ from worker.dlr import (
     parse_smsbat_webhook,
 )
 from worker.inbox import store_inbound, store_reports
+from worker.metrics import WEBHOOK_PUSHES
 from worker.redact import mask_phone
 from worker.signing import sign as signature
 from worker.statuses import Report
@@ -117,6 +118,7 @@ def wake_reports(broker_url: str) -> None:
 
 def _refuse(request: Request, status: int, reason: str) -> HTTPException:
     client = request.client.host if request.client else "?"
+    _count(request, str(status))
     log.warning("webhook %s from %s refused (%d): %s", request.url.path, client, status, reason)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return HTTPException(status, reason, headers=headers)
@@ -190,7 +192,9 @@ def smsbat_webhook(
     data = _json(request, body)
     if not isinstance(data, dict | list):
         raise _refuse(request, 422, "body must be a JSON object or an array of objects")
-    return _accept(parse_smsbat_webhook(data), settings, wake, tasks)
+    answer = _accept(parse_smsbat_webhook(data), settings, wake, tasks)
+    _count(request, "accepted")
+    return answer
 
 
 @router.post("/bulkgate", response_model=Answer, openapi_extra=_BULKGATE_BODY)
@@ -201,7 +205,9 @@ def bulkgate_webhook(
     data = _json(request, body)
     if not isinstance(data, list):
         raise _refuse(request, 422, "body must be a JSON array of reports")
-    return _accept(parse_bulkgate(data), settings, wake, tasks)
+    answer = _accept(parse_bulkgate(data), settings, wake, tasks)
+    _count(request, "accepted")
+    return answer
 
 
 @router.get("/bulkgate", response_model=Answer, openapi_extra=_BULKGATE_QUERY)
@@ -210,7 +216,15 @@ def bulkgate_query(
 ) -> dict[str, Any]:
     """The older BulkGate form: one report as query parameters (the token is not a field)."""
     params = {k: v for k, v in request.query_params.items() if k != "token"}
-    return _accept(parse_bulkgate_query(params), settings, wake, tasks)
+    answer = _accept(parse_bulkgate_query(params), settings, wake, tasks)
+    _count(request, "accepted")
+    return answer
+
+
+def _count(request: Request, outcome: str) -> None:
+    """cascade_webhook_pushes_total by source (the path's last part) and outcome."""
+    source = request.url.path.rstrip("/").rpartition("/")[2]
+    WEBHOOK_PUSHES.labels(source if source in ("smsbat", "bulkgate") else "other", outcome).inc()
 
 
 def _json(request: Request, body: bytes) -> Any:

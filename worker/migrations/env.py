@@ -1,4 +1,8 @@
-"""Alembic environment: the database is DATABASE_URL unless the caller set a URL."""
+"""Alembic environment: the database is DATABASE_URL unless the caller set a URL.
+
+`cascade db upgrade` builds its Config in code (no file, so no logging set-up here);
+the developers' `alembic.ini` at the top of the checkout points here too.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from worker.db import make_engine
 from worker.models import Base
 
 config = context.config
-if config.config_file_name is not None and config.attributes.get("configure_logger", True):
+if config.config_file_name is not None:
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 
