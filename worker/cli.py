@@ -192,11 +192,11 @@ def campaign_launch(
     """Enqueue a campaign from a CSV or .xlsx file (headers: the cascade API's field names,
     or mapped with --column)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from sqlalchemy.exc import DBAPIError
 
     from worker.campaigns import CampaignError, Defaults, column_mapping, launch
 
     settings = _settings()
-    _engine(settings)  # the schema is there, before a row is read
     try:
         mapping = column_mapping(columns)
     except CampaignError as exc:
@@ -248,6 +248,8 @@ def campaign_launch(
     except ValueError as exc:  # CampaignError, CampaignCancelled, a bad --name
         raise click.ClickException(str(exc)) from None
     except (KeyboardInterrupt, Exception) as exc:  # Ctrl-C, the database gone away…
+        if isinstance(exc, DBAPIError):  # the file's own problems came first
+            _engine(settings)  # one line if the schema is missing; else the error stands
         if dry_run:
             raise
         _interrupted(name, file, seen[0] if seen else None, exc)
