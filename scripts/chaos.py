@@ -15,11 +15,14 @@ first). During the fault phase (`--duration` seconds after the messages are enqu
 - PostgreSQL is restarted once (`pg_ctl restart -m immediate`: a crash to every client);
 - the simulator answers 5xx to `--error-rate` of requests, 429 storms with Retry-After,
   2 s latency spikes, connection resets, cut-off JSON 200s, and answers missing trackinIds;
+  it refuses `--refused` of the numbers with a whole-batch 400 that names no index (as
+  SMSBAT's does), and goes down for `--outage` seconds once (503 to every send);
 - `--mode netns`: the two workers run in network namespaces of their own, reaching the
   services over veth pairs, and the second host is cut off (`ip link set … down`) mid-run,
   so its claims must be taken over by the sweeper when their leases run out.
 
-Invariants (exit code 1 if any fails): every accepted message final; every trackinId the
+Invariants (exit code 1 if any fails): every accepted message final; exactly the refused
+numbers `rejected` (INVALID_PHONE), no other message rejected or failed; every trackinId the
 provider accepted more than once has `unknown_outcomes > 0` (and so has every send whose
 answer the simulator dropped on purpose); no poll within 1 s of the previous one of a
 message; no poll after a final answer the worker could have recorded. A final answer read by
@@ -92,6 +95,8 @@ WORKER_ENV = {
     "SEND_LEASE_SECONDS": "12",
     "SEND_BATCH_MIN": "20",
     "CIRCUIT_OPEN_SECONDS": "2",
+    # Kills every few seconds lose many answers: resend rather than fail (the invariant).
+    "SEND_MAX_UNKNOWN_OUTCOMES": "10",
     "HTTP_CONNECT_TIMEOUT_SECONDS": "2",
     "HTTP_READ_TIMEOUT_SECONDS": "4",
 }
@@ -201,8 +206,16 @@ class Run:
         self.start_worker(index)
 
 
+def refused_phones(n: int, count: int) -> list[str]:
+    """`count` numbers spread over the campaign, so refusals land in many batches."""
+    step = max(1, n // count) if count else 0
+    return [phone(i) for i in range(step // 2, n, step)][:count] if count else []
+
+
 def simulator_faults(args: argparse.Namespace) -> dict[str, Any]:
     return {
+        "reject_phones": refused_phones(args.n, args.refused),
+        "refusal_hints": False,
         "error_rate": args.error_rate,
         "spike_rate": args.spike_rate,
         "spike_seconds": 2.0,
@@ -225,6 +238,11 @@ def fault_schedule(run: Run) -> list[tuple[float, str, Callable[[], None]]]:
 
     def storm() -> None:
         sim.configure(throttle_next=args.storm, status_throttle_next=args.storm)
+
+    def outage() -> None:
+        begin = time.time()
+        sim.configure(outage_seconds=args.outage)
+        run.faults.windows.append((begin, begin + args.outage, "provider outage"))
 
     def redis_restart() -> None:
         begin = time.time()
@@ -256,6 +274,7 @@ def fault_schedule(run: Run) -> list[tuple[float, str, Callable[[], None]]]:
         (0.3 * duration, "redis restart", redis_restart),
         (0.55 * duration, "redis flushall", redis_flush),
         (0.6 * duration, "429 storm", storm),
+        (0.65 * duration, "provider outage", outage),
         (0.75 * duration, "postgres restart", postgres_restart),
     ]
     if run.broker is None:
@@ -296,12 +315,16 @@ def inject(run: Run) -> None:
         run.stop.wait(0.05)
 
 
+def phone(i: int) -> str:
+    return f"+38067{i % 10_000_000:07d}"
+
+
 def chaos_messages(n: int, prefix: str) -> Iterator[dict[str, Any]]:
     for i in range(n):
         yield {
             "id": f"{prefix}-{i}",
             "fromName": "Chaos",
-            "toPhone": f"+38067{i % 10_000_000:07d}",
+            "toPhone": phone(i),
             "messageType": "transaction" if i % 3 else "promo",
             "text": f"Your code is {i % 1_000_000:06d}",
         }
@@ -385,7 +408,13 @@ def check(run: Run, launched: dict[str, Any]) -> dict[str, Any]:
         rows = {
             r.id: r
             for r in conn.execute(
-                select(messages.c.id, messages.c.state, messages.c.unknown_outcomes)
+                select(
+                    messages.c.id,
+                    messages.c.state,
+                    messages.c.unknown_outcomes,
+                    messages.c.to_phone,
+                    messages.c.error_code,
+                )
             )
         }
         slowest = [
@@ -413,6 +442,16 @@ def check(run: Run, launched: dict[str, Any]) -> dict[str, Any]:
                 events.c.source, events.c.from_state, events.c.to_state
             )
         ).all()
+    refused = set(refused_phones(args.n, args.refused))
+    wrongly_rejected = [
+        r.id for r in rows.values() if r.state == "rejected" and r.to_phone not in refused
+    ]
+    refused_not_rejected = [
+        r.id
+        for r in rows.values()
+        if r.to_phone in refused and (r.state, r.error_code) != ("rejected", "INVALID_PHONE")
+    ]
+    failed = [r.id for r in rows.values() if r.state == "failed"]
     forbidden = {f"{s}: {a} -> {b}": n for s, a, b, n in moves if not journal_allows(s, a, b)}
     states: dict[str, int] = {}
     for row in rows.values():
@@ -459,6 +498,11 @@ def check(run: Run, launched: dict[str, Any]) -> dict[str, Any]:
         "messages_polled_after_final_twice": repeated,
         "polls_within_1s": stats["polls_within_1s"],
         "polls_within_1s_sample": [a for a in anomalies if a["kind"] == "within_1s"][:10],
+        "refused_numbers": len(refused),
+        "rejected_not_refused": len(wrongly_rejected),
+        "refused_not_rejected": len(refused_not_rejected),
+        "failed": len(failed),
+        "send_400s": stats["send_status"].get("400", 0),
         "sweeper_takeovers": takeovers,
         "journal_moves_not_allowed": forbidden,
         "time_to_all_final_s": round(end - launched["started"], 1) if end else None,
@@ -490,6 +534,13 @@ def check(run: Run, launched: dict[str, Any]) -> dict[str, Any]:
         failures.append(f"only {launched['accepted']} of {args.n} accepted")
     if lost:
         failures.append(f"{lost} messages not final")
+    if wrongly_rejected or refused_not_rejected:
+        failures.append(
+            f"rejections not the refused numbers: {len(wrongly_rejected)} rejected wrongly,"
+            f" {len(refused_not_rejected)} refused but not rejected"
+        )
+    if failed:
+        failures.append(f"{len(failed)} messages failed, e.g. {failed[:3]}")
     if unnoticed:
         failures.append(f"{len(unnoticed)} duplicated trackinIds without an unknown outcome")
     if unrecorded_lost:
@@ -504,7 +555,7 @@ def check(run: Run, launched: dict[str, Any]) -> dict[str, Any]:
         failures.append(f"moves the state machine forbids in the journal: {forbidden}")
     if run.faults.errors:
         failures.append(f"{len(run.faults.errors)} faults could not be applied")
-    expected = {"hung send", "429 storm", "redis flushall"}
+    expected = {"hung send", "429 storm", "redis flushall", "provider outage"}
     expected |= {"redis restart"} if run.broker else set()
     expected |= {"postgres restart"} if run.postgres else set()
     expected |= {"host cut off"} if run.hosts else set()
@@ -534,6 +585,11 @@ def print_figures(figures: dict[str, Any]) -> None:
         " (a final answer lost to two faults)",
         f"  polls within 1 s (must be 0)   {figures['polls_within_1s']}"
         + (f" e.g. {figures['polls_within_1s_sample'][:3]}" if figures["polls_within_1s"] else ""),
+        f"  refused numbers                {figures['refused_numbers']}"
+        f" (rejected wrongly, must be 0: {figures['rejected_not_refused']};"
+        f" refused, not rejected, must be 0: {figures['refused_not_rejected']};"
+        f" requests refused: {figures['send_400s']})",
+        f"  failed (must be 0)             {figures['failed']}",
         f"  sweeper takeovers              {figures['sweeper_takeovers']:,}",
         f"  journal moves not allowed      {figures['journal_moves_not_allowed'] or 0} (must be 0)",
         f"  time to all-final              {figures['time_to_all_final_s']} s",
@@ -572,6 +628,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--malformed-rate", type=float, default=0.02)
     parser.add_argument("--drop-answers", type=float, default=0.01)
     parser.add_argument("--storm", type=int, default=8, help="429s per storm (sends, status)")
+    parser.add_argument("--refused", type=int, default=25, help="numbers the provider refuses")
+    parser.add_argument("--outage", type=float, default=10.0, help="s of 503 to every send")
     parser.add_argument("--delay-min", type=float, default=1.0)
     parser.add_argument("--delay-max", type=float, default=5.0)
     parser.add_argument(

@@ -27,7 +27,7 @@ from worker.stack import PrivateRedis, Simulator, Workers, start_simulator, work
 
 # The port is chosen now, so the in-process Celery app (it wakes the dispatcher) is built
 # for it; the server starts in pytest_configure. DB 15 is that app's, never a stack's.
-REDIS_SERVER = PrivateRedis(Path(tempfile.mkdtemp(prefix="cascade-tests-redis-")))
+REDIS_SERVER = PrivateRedis(Path(), die_with_parent=True)
 REDIS = f"redis://127.0.0.1:{REDIS_SERVER.port}"
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -46,12 +46,14 @@ from worker.reports import campaign_summary  # noqa: E402
 def pytest_configure(config: pytest.Config) -> None:
     """Start the redis-server where tests run: not in pytest-xdist's controller."""
     if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+        REDIS_SERVER.logdir = Path(tempfile.mkdtemp(prefix="cascade-tests-redis-"))
         REDIS_SERVER.start()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    REDIS_SERVER.stop()
-    shutil.rmtree(REDIS_SERVER.logdir, ignore_errors=True)
+    if REDIS_SERVER.process is not None:
+        REDIS_SERVER.stop()
+        shutil.rmtree(REDIS_SERVER.logdir)
 
 
 # Short timings so a test run takes seconds; the policies are the same.

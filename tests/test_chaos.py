@@ -38,9 +38,11 @@ def assert_invariants(figures: dict[str, Any], n: int) -> None:
         "delivered",
         "undeliverable",
         "permanenterror",
-        "failed",
         "rejected",
     }
+    assert figures["states"]["rejected"] == figures["refused_numbers"] > 0
+    assert figures["rejected_not_refused"] == figures["refused_not_rejected"] == 0
+    assert 0 < figures["send_400s"]
     assert figures["duplicates_without_unknown_outcome"] == 0
     assert figures["answers_lost_not_recorded_unknown"] == 0
     assert figures["polls_after_final_unexplained"] == 0
@@ -58,7 +60,7 @@ def test_a_short_chaos_campaign_on_postgresql_loses_nothing() -> None:
     figures = run_chaos("--n", "2000", "--duration", "10", "--kill-every", "4", "--seed", "1")
 
     assert_invariants(figures, 2000)
-    assert {"redis restart", "redis flushall", "postgres restart"} <= set(
+    assert {"redis restart", "redis flushall", "postgres restart", "provider outage"} <= set(
         figures["faults"]["one_off"]
     )
 

@@ -158,6 +158,12 @@ def test_a_database_without_the_schema_is_one_line(tmp_path: Path) -> None:
             f"Error: sqlite:///{database} has no cascade schema; run `cascade db upgrade`"
         ]
     assert not database.exists()  # reported, not created
+    contacts = tmp_path / "contacts.csv"
+    contacts.write_text("toPhone,text\n+380671234567,hi\n")
+    launch = ["campaign", "launch", str(contacts), "--name", "n", "--from-name", "Shop"]
+    done = cascade(*launch, "--type", "promo", DATABASE_URL=f"sqlite:///{database}")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1].endswith("has no cascade schema; run `cascade db upgrade`")
 
     name = create_postgres_database()
     try:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import redis
 
 from tests.conftest import REDIS, REDIS_SERVER
-from worker.stack import workers
+from worker.stack import wait_for, workers
 
 
 def test_tests_run_a_redis_server_of_their_own() -> None:
@@ -32,3 +35,25 @@ def test_a_worker_group_that_failed_keeps_its_logs() -> None:
         raise RuntimeError("a failed run")
     assert logdir.exists()
     logdir.rmdir()
+
+
+def test_a_private_redis_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """A test run killed outright (no clean-up runs) leaves no redis-server behind."""
+    script = (
+        "import sys, pathlib; from worker.stack import PrivateRedis; "
+        "server = PrivateRedis(pathlib.Path(sys.argv[1]), die_with_parent=True); "
+        "server.start(); print(server.port, server.process.popen.pid, flush=True); "
+        "import time; time.sleep(60)"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    port, pid = map(int, parent.stdout.readline().split())  # type: ignore[union-attr]
+    assert redis.Redis(port=port).ping()
+    parent.kill()
+    parent.wait()
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 10, "redis to exit")
+
+
+def _zombie(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")

@@ -14,10 +14,13 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from sqlalchemy import create_engine, inspect, text
 
 from tests.conftest import create_postgres_database, drop_postgres_database
@@ -125,3 +128,41 @@ def test_postgresql_without_the_extra_names_it(monkeypatch: pytest.MonkeyPatch) 
     assert "DATABASE_URL" in str(info.value)
     assert "cascade-worker[postgres]" in str(info.value)
     assert "hunter2" not in str(info.value)
+
+
+def pins(lock: str) -> dict[str, str]:
+    """`name==version` lines of a pip-tools lock, by canonical name."""
+    found = {}
+    for line in (ROOT / lock).read_text().splitlines():
+        if "==" in line and not line.startswith((" ", "#", "-")):
+            name, _, version = line.partition("==")
+            found[canonicalize_name(name)] = version.strip()
+    return found
+
+
+@pytest.mark.parametrize(
+    ("lock", "extras"),
+    [
+        ("requirements.lock", ["postgres", "flower"]),
+        ("requirements-dev.lock", ["postgres", "flower", "dev"]),
+    ],
+)
+def test_the_locks_pin_every_dependency(lock: str, extras: list[str]) -> None:
+    """The image and install.sh install only the lock: a dependency added to pyproject.toml
+    and not locked would be missing there (README: Dependencies says how to refresh)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"]]
+    wanted += [r for extra in extras for r in project["optional-dependencies"][extra]]
+    pinned = pins(lock)
+    stale = []
+    for line in wanted:
+        requirement = Requirement(line)
+        version = pinned.get(canonicalize_name(requirement.name))
+        if version is None or not requirement.specifier.contains(version, prereleases=True):
+            stale.append(f"{requirement} (locked: {version})")
+    assert stale == [], f"{lock} is stale, refresh it: {stale}"
+
+
+def test_the_dev_lock_keeps_the_runtime_pins() -> None:
+    runtime, dev = pins("requirements.lock"), pins("requirements-dev.lock")
+    assert {name: dev.get(name) for name in runtime} == runtime

@@ -997,6 +997,8 @@ def serve(settings: Settings, host: str, port: int) -> None:
         require_schema(settings.database_url)
     except NoSchema as exc:
         raise SystemExit(f"refusing to start the API: {exc}") from None
+    except OperationalError as exc:  # down for now: /healthz and the routes answer 503
+        log.warning("the database is unreachable at start: %s", str(exc.orig).splitlines()[0])
     if not _secret(settings.webhook_token):
         log.warning("WEBHOOK_TOKEN is not set: provider webhooks cannot be authenticated")
     # No access log: BulkGate can only send its token in the URL (?token=…).

@@ -14,6 +14,7 @@ from datetime import timedelta
 from celery import Celery
 from celery.signals import worker_init
 from kombu import Queue
+from sqlalchemy.exc import OperationalError
 
 from config import Settings, get_settings
 from worker import polling
@@ -106,13 +107,20 @@ def _tick(task: str, every: float) -> dict[str, object]:
 
 
 @worker_init.connect
-def _require_schema(**_: object) -> None:
-    """Without our tables every task would fail, each with a traceback: stop with one line."""
+def _require_schema(sender: object, **_: object) -> None:
+    """Without our tables every task would fail, each with a traceback: stop with one line.
+    Only our worker (another app's may run in a producer's process); a database that is
+    down is waited for, as the tasks do."""
+    if getattr(sender, "app", None) is not app:
+        return
     try:
         require_schema(get_settings().database_url)
     except NoSchema as exc:
         logging.getLogger(__name__).critical("refusing to start the worker: %s", exc)
         raise SystemExit(1) from None
+    except OperationalError as exc:
+        reason = str(exc.orig).splitlines()[0]
+        logging.getLogger(__name__).warning("the database is unreachable at start: %s", reason)
 
 
 def flower_environment(settings: Settings) -> dict[str, str]:

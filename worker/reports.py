@@ -248,6 +248,7 @@ def _money(conn: Connection, campaign: str) -> dict[str, dict[str, Any]]:
             "cost": round(figures["cost"], 4),
             "bill": round(figures["bill"], 4),
             "messages": int(figures["messages"]),
+            # One shape for every currency, as the API's schema gives it.
             "note": UNKNOWN_CURRENCY_NOTE if currency == UNKNOWN_CURRENCY else None,
         }
         for currency, figures in sorted(totals.items())

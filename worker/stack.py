@@ -205,12 +205,17 @@ def start_api(logdir: Path, env: Mapping[str, str], name: str = "api") -> Api:
 
 @dataclass
 class PrivateRedis:
-    """A redis-server without persistence on a port of its own; restartable on that port."""
+    """A redis-server without persistence on a port of its own; restartable on that port.
+
+    `die_with_parent` (Linux, util-linux's setpriv): the server gets SIGTERM when the thread
+    that started it ends, so a test run that is killed leaves no server behind.
+    """
 
     logdir: Path
     host: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
     process: Process | None = None
+    die_with_parent: bool = False
 
     @property
     def url(self) -> str:
@@ -220,6 +225,8 @@ class PrivateRedis:
         args = ["redis-server", "--port", str(self.port), "--bind", self.host]
         args += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
         args += ["--protected-mode", "no", "--maxmemory-policy", "noeviction"]
+        if self.die_with_parent and shutil.which("setpriv"):
+            args = ["setpriv", "--pdeathsig", "TERM", "--", *args]
         self.process = spawn("redis", args, os.environ, self.logdir)
         wait_for(self._pong, 20, "private redis")
 
