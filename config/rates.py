@@ -20,36 +20,44 @@ _PREFIX = re.compile(r"\*|[1-9][0-9]{0,14}")
 RateCard = dict[str, dict[str, float]]
 
 
-def parse_rate_card(text: str) -> RateCard:
-    """The card as {prefix: {channel: price}}; ValueError names the entry and the problem."""
+def parse_rate_card(text: str, *, echo: bool = True) -> RateCard:
+    """The card as {prefix: {channel: price}}; ValueError names the entry and the problem.
+
+    `echo=False` (settings errors, which never repeat a value given) names the entry by its
+    position and leaves its text out.
+    """
     card: RateCard = {}
-    for entry in (e.strip() for e in text.split(";")):
+    for number, raw in enumerate(text.split(";"), start=1):
+        entry = raw.strip()
         if not entry:
             continue
+        label = repr(entry) if echo else f"number {number}"
         prefix, colon, prices = (part.strip() for part in entry.partition(":"))
         if not colon:
-            raise ValueError(f"entry {entry!r} must be PREFIX:channel=price,…")
+            raise ValueError(f"entry {label} must be PREFIX:channel=price,…")
         prefix = prefix.lstrip("+")
         if not _PREFIX.fullmatch(prefix):
             raise ValueError(
-                f"entry {entry!r}: the prefix must be a country code and optionally more "
-                f"digits (like 380 or 38067), or *, got {prefix!r}"
+                f"entry {label}: the prefix must be a country code and optionally more "
+                "digits (like 380 or 38067), or *" + (f", got {prefix!r}" if echo else "")
             )
         if prefix in card:
-            raise ValueError(f"entry {entry!r}: prefix {prefix} is given twice")
+            raise ValueError(f"entry {label}: a prefix is given twice")
         rates: dict[str, float] = {}
         for pair in (p.strip() for p in prices.split(",")):
             channel, equals, price = (part.strip() for part in pair.partition("="))
             if channel not in CHANNELS:
+                shown = f" {channel!r}" if echo else ""
                 raise ValueError(
-                    f"entry {entry!r}: unknown channel {channel!r} (one of {', '.join(CHANNELS)})"
+                    f"entry {label}: unknown channel{shown} (one of {', '.join(CHANNELS)})"
                 )
             try:
                 value = float(price) if equals else math.nan
             except ValueError:
                 value = math.nan
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"entry {entry!r}: {channel} needs a price >= 0, got {price!r}")
+                got = f", got {price!r}" if echo else ""
+                raise ValueError(f"entry {label}: {channel} needs a price >= 0{got}")
             rates[channel] = value
         card[prefix] = rates
     if not card:

@@ -205,7 +205,7 @@ class Settings(BaseSettings):
         from config.rates import parse_rate_card
 
         if value is not None:
-            parse_rate_card(value)  # ValueError names the entry
+            parse_rate_card(value, echo=False)  # names the entry by position, never its text
         return value
 
     @property

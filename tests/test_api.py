@@ -288,16 +288,18 @@ def test_hold_approve_pause_resume_and_a_phone_region_over_http(
     assert answer.status_code == 200, answer.text
     results = answer.json()
     assert [r["status"] for r in results] == ["accepted", "rejected", "accepted"]
+    assert [r.get("state") for r in results] == ["held", None, "held"]
     assert results[1]["errors"][0]["field"] == "phoneRegion"
     report = client.get(f"/v1/campaigns/{campaign}").json()
     assert report["states"] == {"held": 2} and report["control"]["status"] == "held"
-    assert client.post(f"/v1/campaigns/{campaign}/resume").status_code == 409
-    assert client.post("/v1/campaigns/no-such-campaign/pause").status_code == 404
-    assert client.post(f"/v1/campaigns/{campaign}/explode").status_code == 422
+    assert client.post(f"/v1/campaign-actions/resume/{campaign}").status_code == 409
+    assert client.post("/v1/campaign-actions/pause/no-such-campaign").status_code == 404
+    assert client.post(f"/v1/campaign-actions/explode/{campaign}").status_code == 422
     refused = client.post("/v1/messages", params={"hold": "true"}, json=batch[2:])
-    assert refused.status_code == 422 and "hold needs a campaign" in refused.text
+    assert refused.status_code == 200 and refused.json()[0]["status"] == "rejected"
+    assert refused.json()[0]["errors"][0]["problem"].startswith("needs ?campaign=NAME")
 
-    approved = client.post(f"/v1/campaigns/{campaign}/approve")
+    approved = client.post(f"/v1/campaign-actions/approve/{campaign}")
 
     assert approved.status_code == 200, approved.text
     assert approved.json()["released_now"] == 2 and approved.json()["status"] == "running"
@@ -313,5 +315,26 @@ def test_hold_approve_pause_resume_and_a_phone_region_over_http(
             ).scalars()
         )
     assert "+380671234567" in phones
-    assert client.post(f"/v1/campaigns/{campaign}/pause").json()["held_now"] == 0
-    assert client.post(f"/v1/campaigns/{campaign}/resume").json()["status"] == "running"
+    assert client.post(f"/v1/campaign-actions/pause/{campaign}").json()["held_now"] == 0
+    assert client.post(f"/v1/campaign-actions/resume/{campaign}").json()["status"] == "running"
+
+
+def test_a_dry_run_answers_valid_with_sms_parts_and_stores_nothing(
+    stack: Stack, client: httpx.Client, campaign: str
+) -> None:
+    batch = make_messages(3, campaign)
+    batch[1]["text"] = "ї" * 71  # UCS-2: two parts
+    batch[2]["toPhone"] = "067 123 4567"  # no region: rejected
+    params = {"campaign": campaign, "dryRun": "true"}
+
+    answer = client.post("/v1/messages", params=params, json=batch)
+
+    assert answer.status_code == 200, answer.text
+    results = answer.json()
+    assert [(r["status"], r.get("smsParts"), r.get("encoding")) for r in results] == [
+        ("valid", 1, "GSM-7"),
+        ("valid", 2, "UCS-2"),
+        ("rejected", None, None),
+    ]
+    assert results[2]["errors"][0]["field"] == "toPhone"
+    assert client.get(f"/v1/campaigns/{campaign}").status_code == 404  # nothing stored

@@ -12,12 +12,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from config import Settings
 from tests.conftest import Stack, make_messages
 from worker.campaigns import (
     CampaignCancelled,
+    CampaignError,
     CampaignStateError,
     Defaults,
     approve_campaign,
@@ -90,7 +91,7 @@ def test_pause_holds_unsent_messages_and_resume_sends_them_again(settings: Setti
     assert states(settings, "p") == {"queued": 6} and claimable(settings) == 6
     moves = journal(settings, "p")
     assert moves.count(("system", "queued", "held", "campaign paused by the operator")) == 5
-    assert moves.count(("system", "queued", "held", "campaign held or paused")) == 1
+    assert moves.count(("system", "queued", "held", "campaign held, paused or metered")) == 1
     assert moves.count(("system", "held", "queued", "campaign resumed")) == 6
     assert all(journal_allows(source, a, b) for source, a, b, _ in moves)
     with pytest.raises(CampaignStateError, match="cannot be resumed: it is not paused"):
@@ -171,13 +172,15 @@ def test_later_by_adds_seconds_in_sql_on_both_backends(settings: Settings) -> No
 # --- with a running worker and the simulator ------------------------------------------------
 
 
-def _cli(*args: str, stack: Stack) -> subprocess.CompletedProcess[str]:
-    env = {"DATABASE_URL": stack.settings.database_url, "BROKER_URL": stack.settings.broker_url}
+def _cli(
+    *args: str, stack: Stack, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    base = {"DATABASE_URL": stack.settings.database_url, "BROKER_URL": stack.settings.broker_url}
     return subprocess.run(
         [sys.executable, "-m", "worker.cli", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, **env},
+        env={**os.environ, **base, **(env or {})},
         timeout=120,
     )
 
@@ -340,3 +343,104 @@ def test_retry_sends_what_did_not_arrive_as_a_linked_campaign(settings: Settings
     with pytest.raises(CampaignError, match="'other' exists and is not a retry of 'orig'"):
         retry_campaign("orig", ("failed",), settings, new_name="other")  # type: ignore[arg-type]
     assert retry_campaign("nope", ("failed",), settings) is None  # type: ignore[arg-type]
+
+
+# --- caps and per-campaign rate ---------------------------------------------------------------
+
+
+def test_a_daily_cap_releases_that_many_a_day_and_holds_the_rest(settings: Settings) -> None:
+    from worker.campaigns import campaign_control, meter, set_limits
+
+    engine = get_engine(settings.database_url)
+    enqueue(make_messages(25, "cap"), "cap", settings=settings, kick=False)
+    day1 = utcnow().replace(hour=9, minute=0)
+    with pytest.raises(CampaignError, match="--daily-cap must be at least 1, got 0"):
+        set_limits(engine, "cap", 0, None)
+
+    control = set_limits(engine, "cap", 10, None)
+
+    assert control is not None and states(settings, "cap") == {"held": 25}
+    assert meter(engine, now=day1, retry_for=3600) == 10  # beat's next tick
+    assert states(settings, "cap") == {"held": 15, "queued": 10}
+    with engine.connect() as conn:  # the wait for a cap never counts against the deadline
+        deadlines = conn.execute(
+            select(messages.c.send_deadline).where(messages.c.state == "queued")
+        ).scalars()
+        assert all(d >= day1 + timedelta(seconds=3600) for d in deadlines)
+    assert meter(engine, now=day1) == 0  # the same UTC day: the cap is reached
+    after = campaign_control(engine, "cap")
+    assert after["status"] == "capped" and "daily cap of 10 reached" in after["pause_reason"]
+    assert after["limits"] == {"daily_cap": 10, "rate": None, "released_today": 10}
+    enqueue(make_messages(1, "cap", start=25), "cap", settings=settings, kick=False)
+    assert states(settings, "cap") == {"held": 16, "queued": 10}  # stored held, not dropped
+
+    assert meter(engine, now=day1 + timedelta(days=1)) == 10  # a new day
+    assert meter(engine, now=day1 + timedelta(days=1)) == 0
+    assert meter(engine, now=day1 + timedelta(days=2)) == 6
+    assert states(settings, "cap") == {"queued": 26}
+    with engine.connect() as conn:
+        released = conn.execute(
+            select(messages.c.id).where(messages.c.state == "queued").order_by(messages.c.pk)
+        ).scalars()
+        assert list(released)[:10] == [f"cap-{n}" for n in range(10)]  # oldest first
+
+
+def test_a_campaign_rate_keeps_that_many_queued_per_tick(settings: Settings) -> None:
+    from worker.campaigns import meter, set_limits
+
+    engine = get_engine(settings.database_url)
+    enqueue(make_messages(30, "rate"), "rate", settings=settings, kick=False)
+    set_limits(engine, "rate", None, 4.0)  # 4/s, beat every 0.5 s: 2 queued at a time
+    assert meter(engine, interval=0.5) == 2
+    assert states(settings, "rate") == {"held": 28, "queued": 2}
+    assert meter(engine, interval=0.5) == 0  # nothing claimed yet: no room
+    pause_campaign(engine, "rate")
+    assert states(settings, "rate") == {"held": 30}
+    assert meter(engine, interval=0.5) == 0  # paused: the valve stays shut
+    resume_campaign(engine, "rate")  # a metered campaign goes again within its rate
+    assert states(settings, "rate") == {"held": 30}
+    assert meter(engine, interval=1.0) == 4
+    assert states(settings, "rate") == {"held": 26, "queued": 4}
+    set_limits(engine, "rate", None, None)  # lifted: everything goes
+    assert states(settings, "rate") == {"queued": 30}
+
+
+def test_a_rate_limited_campaign_on_a_running_worker(stack: Stack, sim, campaign: str) -> None:
+    from worker.campaigns import set_limits
+
+    stack.enqueue(make_messages(1, campaign), campaign)  # the campaign
+    stack.wait_final(campaign, 1)
+    set_limits(stack.engine, campaign, None, 20.0)  # beat every 0.5 s: 10 at a time
+    stack.enqueue(make_messages(100, campaign, start=1), campaign)
+
+    stack.wait_final(campaign, 101, timeout=60)
+
+    with stack.engine.connect() as conn:
+        first, last = conn.execute(
+            select(func.min(messages.c.submitted_at), func.max(messages.c.submitted_at)).where(
+                messages.c.campaign == campaign, messages.c.id != f"{campaign}-0"
+            )
+        ).one()
+    # 100 messages, at most 10 released a tick, ticks 0.5 s apart: at least 4.5 s.
+    assert (last - first).total_seconds() >= 4.0
+    assert sim.stats()["unique_tracking_ids"] == 101
+
+
+def test_status_of_a_held_campaign_shows_its_estimate_and_watch_ends(
+    stack: Stack, sim, tmp_path: Path, campaign: str
+) -> None:
+    path = tmp_path / "list.csv"
+    path.write_text("toPhone,text\n+380671234567,hi\n+380671234568," + "ї" * 71 + "\n")
+    env_card = {"RATE_CARD": "380:sms=1.5", "RATE_CARD_CURRENCY": "UAH"}
+    launched = _cli(
+        "campaign", "launch", str(path), "--name", campaign, "--from-name", "Shop",
+        "--type", "promo", "--hold", stack=stack, env=env_card,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr
+
+    status = _cli("campaign", "status", campaign, "--json", stack=stack, env=env_card)
+    watched = _cli("campaign", "status", campaign, "--watch", "--interval", "0.2", stack=stack)
+
+    estimate = json.loads(status.stdout)["estimate"]
+    assert (estimate["messages"], estimate["sms_parts"], estimate["cost"]) == (2, 3, 4.5)
+    assert watched.returncode == 0 and "held, nothing more moves until" in watched.stdout

@@ -54,7 +54,7 @@ def test_the_longest_prefix_with_the_channel_wins_then_the_catch_all() -> None:
         ("380:sms=-1", "sms needs a price >= 0, got '-1'"),
         ("380:sms=nan", "sms needs a price >= 0"),
         ("380 sms=1", "must be PREFIX:channel=price"),
-        ("380:sms=1;380:viber=1", "prefix 380 is given twice"),
+        ("380:sms=1;380:viber=1", "a prefix is given twice"),
         (" ; ", "is empty"),
     ],
 )

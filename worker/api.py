@@ -34,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from config import Settings, get_settings
 from worker import exporter, logs, webhooks
 from worker.campaigns import CampaignCancelled
-from worker.db import NoSchema, get_engine, require_schema
+from worker.db import NoSchema, get_engine, require_schema, utcnow
 from worker.gauges import metrics_engine, read_backlog
 from worker.health import beat_health
 from worker.producer import MAX_CAMPAIGN_LENGTH, check_campaign, enqueue
@@ -293,8 +293,17 @@ class EnqueueResult(BaseModel):
     """What became of one message: `worker.producer.EnqueueResult.as_dict()`, documented."""
 
     id: str | None = Field(description="The message's id; null when it had no usable id.")
-    status: Literal["accepted", "duplicate", "rejected"]
-    state: State | None = Field(description="queued when accepted; the known message's state.")
+    status: Literal["accepted", "duplicate", "rejected", "valid"] = Field(
+        description="`valid`: a dry run (dryRun=true) would accept it; nothing was stored."
+    )
+    smsParts: int | None = Field(None, description="Dry run: SMS parts the text takes.")
+    encoding: Literal["GSM-7", "UCS-2"] | None = Field(
+        None, description="Dry run: GSM-7 (160/153 a part) or UCS-2 (70/67 a part)."
+    )
+    state: State | None = Field(
+        description="queued when accepted (held when its campaign is held, paused or "
+        "metered); the known message's state."
+    )
     errors: list[FieldProblem] = Field(
         default_factory=list, description="Present only when rejected: every problem found."
     )
@@ -369,14 +378,23 @@ class TopError(BaseModel):
     count: int
 
 
+class CampaignLimits(BaseModel):
+    daily_cap: int | None = Field(description="Messages released per UTC day at most.")
+    rate: float | None = Field(description="Messages/s for this campaign at most.")
+    released_today: int
+
+
 class CampaignControl(BaseModel):
     """Whether a campaign is sending: held for approval, paused (and why), or running."""
 
-    status: Literal["running", "held", "paused", "cancelled"]
+    status: Literal["running", "held", "paused", "capped", "cancelled"]
     held_since: Timestamp | None
     paused_since: Timestamp | None
     pause_reason: str | None
-    held_messages: int = Field(description="Unsent messages waiting for approve or resume.")
+    held_messages: int = Field(
+        description="Unsent messages waiting for approve, resume or their cap and rate."
+    )
+    limits: CampaignLimits
 
 
 class CampaignAction(CampaignControl):
@@ -550,7 +568,15 @@ async def post_messages(
         bool,
         Query(
             description="Hold the campaign for approval before storing: nothing of it is "
-            "sent until POST /v1/campaigns/{campaign}/approve. Needs `campaign`."
+            "sent until POST /v1/campaign-actions/approve/{campaign}. Needs `campaign`."
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        Query(
+            alias="dryRun",
+            description="Validate only: each message is answered `valid` (with its SMS parts "
+            "and encoding) or `rejected`; nothing is stored or sent.",
         ),
     ] = False,
 ) -> Any:
@@ -559,6 +585,8 @@ async def post_messages(
     message never fails the request."""
     body = await read_body(request)
     callbacks = (callback_url, callback_task)
+    if dry_run:
+        return await run_in_threadpool(dry_intake, body, settings)
     return await run_in_threadpool(intake, body, campaign, callbacks, settings, hold)
 
 
@@ -620,7 +648,9 @@ def get_campaign(
 
 
 @producers.post(
-    "/campaigns/{campaign:path}/{action}",
+    # Not under /campaigns/{campaign:path}: that GET route's greedy name would also match
+    # "NAME/pause", and OPTIONS there would answer Allow: GET.
+    "/campaign-actions/{action}/{campaign:path}",
     tags=["campaigns"],
     summary="Pause, resume, hold or approve a campaign",
     response_model=CampaignAction,
@@ -734,8 +764,20 @@ def intake(
         check_campaign(campaign)
     except ValueError as exc:
         raise _invalid(["query", "campaign"], str(exc), "value_error") from None
-    if hold and campaign is None:
-        raise _invalid(["query", "hold"], "hold needs a campaign to approve", "value_error")
+    if hold and campaign is None:  # each message refused (a 422 would fail schema-valid input)
+        problem = {"field": "hold", "problem": "needs ?campaign=NAME: a campaign to approve"}
+        return [
+            _answerable(
+                {
+                    "id": m.get("id") if isinstance(m, dict) and isinstance(m.get("id"), str)
+                    else None,
+                    "status": "rejected",
+                    "state": None,
+                    "errors": [problem],
+                }
+            )
+            for m in messages
+        ]  # fmt: skip
     url, task = callbacks
     for name, value in (("callbackUrl", (url, None)), ("callbackTask", (None, task))):
         try:
@@ -753,6 +795,32 @@ def intake(
     except CampaignCancelled as exc:
         raise HTTPException(409, str(exc)) from None
     return [_answerable(result.as_dict()) for result in results]
+
+
+def dry_intake(body: bytes, settings: Settings) -> list[dict[str, Any]]:
+    """What POST /v1/messages would answer, with each valid message's SMS parts; no I/O."""
+    from worker.estimate import sms_parts
+    from worker.producer import rules_from
+    from worker.validation import validate_message
+
+    now, rules = utcnow(), rules_from(settings)
+    results = []
+    for raw in parse_messages(body):
+        checked = validate_message(raw, now=now, rules=rules)
+        if isinstance(checked, list):
+            raw_id = raw.get("id") if isinstance(raw, dict) else None
+            shown = raw_id if isinstance(raw_id, str) else None
+            errors = [e.as_dict() for e in checked]
+            results.append(
+                _answerable({"id": shown, "status": "rejected", "state": None, "errors": errors})
+            )
+            continue
+        encoding, _, parts = sms_parts(checked.text)
+        result = {"id": checked.id, "status": "valid", "state": None}
+        if checked.message_type != "flashcall":
+            result |= {"smsParts": parts, "encoding": encoding}
+        results.append(result)
+    return results
 
 
 def _answerable(result: dict[str, Any]) -> dict[str, Any]:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
+import math
 import re
 import string
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,6 +27,8 @@ from worker.db import among, insert_or_skip, utcnow
 from worker.models import campaigns, events, messages
 from worker.states import FINAL, State
 from worker.validation import FIELDS, NO_CALLBACKS, Callbacks, campaign_callbacks
+
+log = logging.getLogger(__name__)
 
 API_COLUMNS = FIELDS  # CSV headers are the message fields, matched case-insensitively
 _CANONICAL = {name.lower(): name for name in API_COLUMNS}
@@ -146,7 +150,13 @@ MOVE_CHUNK = 10_000
 
 
 def move_messages(
-    engine: Engine, name: str, source: State, target: State, detail: str, **values: Any
+    engine: Engine,
+    name: str,
+    source: State,
+    target: State,
+    detail: str,
+    limit: int | None = None,
+    **values: Any,
 ) -> int:
     """Move every message of a campaign in `source` to `target`, journalled (source
     "system"), a chunk per transaction; answer how many moved.
@@ -157,16 +167,13 @@ def move_messages(
     deadline pushed, an error for a cancel).
     """
     moved = 0
-    while True:
+    while limit is None or moved < limit:
+        size = MOVE_CHUNK if limit is None else min(MOVE_CHUNK, limit - moved)
+        query = select(messages.c.pk).where(messages.c.campaign == name, messages.c.state == source)
+        if limit is not None:  # a metered release goes oldest first; a whole move need not
+            query = query.order_by(messages.c.pk)
         with engine.begin() as conn:
-            pks = list(
-                conn.execute(
-                    select(messages.c.pk)
-                    .where(messages.c.campaign == name, messages.c.state == source)
-                    .limit(MOVE_CHUNK)
-                    .with_for_update(skip_locked=True)
-                ).scalars()
-            )
+            pks = list(conn.execute(query.limit(size).with_for_update(skip_locked=True)).scalars())
             if not pks:
                 return moved
             now = utcnow()
@@ -190,6 +197,7 @@ def move_messages(
                 ],
             )
             moved += len(pks)
+    return moved
 
 
 # --- hold and approve, pause and resume ------------------------------------------------
@@ -206,6 +214,9 @@ def later_by(conn: Connection | Engine, column: Any, seconds: float) -> Any:
     return column + func.make_interval(0, 0, 0, 0, 0, 0, seconds)
 
 
+METERED = or_(campaigns.c.daily_cap.is_not(None), campaigns.c.rate_limit.is_not(None))
+
+
 def _campaign(conn: Connection, name: str) -> Any:
     return conn.execute(
         select(
@@ -213,6 +224,7 @@ def _campaign(conn: Connection, name: str) -> Any:
             campaigns.c.held_at,
             campaigns.c.paused_at,
             campaigns.c.pause_reason,
+            METERED.label("metered"),
         )
         .where(campaigns.c.name == name)
         .with_for_update()
@@ -288,7 +300,9 @@ def _unblock(
         other = row.paused_at if column == "held_at" else row.held_at
         blocked_since = min(t for t in (row.held_at, row.paused_at) if t is not None)
     released = 0
-    if other is None:  # neither held nor paused any more: the messages go again
+    # Neither held nor paused any more: the messages go again (a metered campaign's are
+    # released by beat's next `meter`, within its limits).
+    if other is None and not row.metered:
         seconds = (now - blocked_since).total_seconds()
         extra: dict[str, Any] = {}
         if seconds > 0:
@@ -312,6 +326,10 @@ def campaign_control(engine: Engine, name: str) -> dict[str, Any]:
                 campaigns.c.held_at,
                 campaigns.c.paused_at,
                 campaigns.c.pause_reason,
+                campaigns.c.daily_cap,
+                campaigns.c.rate_limit,
+                campaigns.c.cap_day,
+                campaigns.c.cap_released,
             ).where(campaigns.c.name == name)
         ).first()
         held = conn.execute(
@@ -324,7 +342,11 @@ def campaign_control(engine: Engine, name: str) -> dict[str, Any]:
             "paused_since": None,
             "pause_reason": None,
             "held_messages": held,
+            "limits": {"daily_cap": None, "rate": None, "released_today": 0},
         }
+    today = utcnow().date().isoformat()
+    released_today = (row.cap_released or 0) if row.cap_day == today else 0
+    capped = row.daily_cap is not None and released_today >= row.daily_cap and held > 0
     status = (
         "cancelled"
         if row.cancelled_at
@@ -332,15 +354,134 @@ def campaign_control(engine: Engine, name: str) -> dict[str, Any]:
         if row.held_at
         else "paused"
         if row.paused_at
+        else "capped"
+        if capped
         else "running"
     )
+    reason = row.pause_reason
+    if status == "capped":
+        reason = (
+            f"daily cap of {row.daily_cap:,} reached; {held:,} messages wait for "
+            "00:00 UTC (held, not dropped)"
+        )
     return {
         "status": status,
         "held_since": _iso(row.held_at),
         "paused_since": _iso(row.paused_at),
-        "pause_reason": row.pause_reason,
+        "pause_reason": reason,
         "held_messages": held,
+        "limits": {
+            "daily_cap": row.daily_cap,
+            "rate": row.rate_limit,
+            "released_today": released_today,
+        },
     }
+
+
+# --- caps and per-campaign rate --------------------------------------------------------
+
+
+def set_limits(
+    engine: Engine, name: str, daily_cap: int | None, rate: float | None
+) -> dict[str, Any] | None:
+    """Meter a campaign: at most `daily_cap` messages released per UTC day and `rate` per
+    second (beneath the global SEND_MESSAGES_PER_SECOND); None lifts a limit. Its unsent
+    messages wait `held` and beat releases them; none is ever dropped."""
+    if daily_cap is not None and daily_cap < 1:
+        raise CampaignError(f"--daily-cap must be at least 1, got {daily_cap}")
+    if rate is not None and not rate > 0:
+        raise CampaignError(f"--rate must be above 0 messages/s, got {rate}")
+    with engine.begin() as conn:
+        row = _campaign(conn, name)
+        if row is None:
+            return None
+        if row.cancelled_at is not None:
+            raise CampaignCancelled(name)
+        conn.execute(
+            update(campaigns)
+            .where(campaigns.c.name == name)
+            .values(daily_cap=daily_cap, rate_limit=rate)
+        )
+        blocked = row.held_at is not None or row.paused_at is not None
+    if daily_cap is not None or rate is not None:
+        # Beat's next tick (`meter`) releases them within the limits.
+        move_messages(engine, name, State.QUEUED, State.HELD, "campaign metered (cap or rate)")
+    elif not blocked:
+        move_messages(engine, name, State.HELD, State.QUEUED, "campaign limits lifted")
+    return campaign_control(engine, name)
+
+
+def meter(
+    engine: Engine,
+    interval: float = 1.0,
+    now: datetime | None = None,
+    retry_for: float = 21600.0,
+) -> int:
+    """Release the held messages of running metered campaigns within their limits: the
+    day's cap, and `rate × interval` queued at a time (beat runs this every `interval`
+    seconds, so the claim sends them at about the rate). Answers how many it released.
+
+    A released message's send deadline is at least `retry_for` (SEND_RETRY_FOR_SECONDS)
+    from its release: days waiting for a cap must not fail it unsent.
+    """
+    from sqlalchemy import case
+
+    now = now or utcnow()
+    fresh = now + timedelta(seconds=retry_for)
+    deadline = messages.c.send_deadline
+    renewed = {"send_deadline": case((deadline < fresh, fresh), else_=deadline)}
+    day = now.date().isoformat()
+    with engine.connect() as conn:
+        metered = conn.execute(
+            select(
+                campaigns.c.name,
+                campaigns.c.daily_cap,
+                campaigns.c.rate_limit,
+                campaigns.c.cap_day,
+                campaigns.c.cap_released,
+            ).where(
+                METERED,
+                campaigns.c.cancelled_at.is_(None),
+                campaigns.c.held_at.is_(None),
+                campaigns.c.paused_at.is_(None),
+            )
+        ).all()
+    released_all = 0
+    for name, cap, rate, cap_day, cap_released in metered:
+        today = (cap_released or 0) if cap_day == day else 0
+        allow = cap - today if cap is not None else MOVE_CHUNK
+        if rate is not None:
+            with engine.connect() as conn:
+                queued = conn.execute(
+                    select(func.count()).where(
+                        messages.c.campaign == name, messages.c.state == State.QUEUED
+                    )
+                ).scalar_one()
+            allow = min(allow, max(1, math.ceil(rate * interval)) - queued)
+        released = 0
+        if allow > 0:
+            why = "released within the campaign's " + (
+                "rate" if rate is not None and cap is None else "daily cap and rate"
+            )
+            released = move_messages(
+                engine, name, State.HELD, State.QUEUED, why, limit=allow, **renewed
+            )
+        if released or cap_day != day:
+            with engine.begin() as conn:
+                conn.execute(
+                    update(campaigns)
+                    .where(campaigns.c.name == name)
+                    .values(cap_day=day, cap_released=today + released)
+                )
+        if cap is not None and today < cap <= today + released:
+            log.warning(
+                "campaign %s: daily cap of %d messages reached; the rest waits (held, not "
+                "dropped) until 00:00 UTC",
+                name,
+                cap,
+            )
+        released_all += released
+    return released_all
 
 
 def enforce_holds(engine: Engine) -> int:
@@ -753,6 +894,7 @@ def launch(
     *,
     dry_run: bool = False,
     hold: bool = False,
+    limits: tuple[int | None, float | None] = (None, None),
     progress: Callable[[LaunchStats], None] | None = None,
 ) -> LaunchStats:
     """Validate and enqueue every row; write refused rows beside the file; never stop early.
@@ -768,6 +910,9 @@ def launch(
     layout, rows = read_rows(path, defaults)
     if hold and not dry_run:
         hold_campaign(get_engine(settings.database_url), name, create=True)
+    if limits != (None, None) and not dry_run:  # metered from its first message on
+        ensure_campaign(get_engine(settings.database_url), name)
+        set_limits(get_engine(settings.database_url), name, *limits)
     from worker.estimate import Estimate
 
     stats = LaunchStats(ignored_columns=layout.ignored, estimate=Estimate())

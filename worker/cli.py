@@ -163,6 +163,14 @@ def campaign() -> None:
     "--hold", is_flag=True, help="Store and validate everything, send nothing until approved."
 )
 @click.option("--dedupe", is_flag=True, help="Skip a phone already in the campaign or the file.")
+@click.option(
+    "--daily-cap", type=click.IntRange(min=1), help="At most N messages sent per UTC day."
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    help="At most R messages/s for this campaign (beneath SEND_MESSAGES_PER_SECOND).",
+)
 def campaign_launch(
     file: Path,
     name: str,
@@ -178,6 +186,8 @@ def campaign_launch(
     dry_run: bool,
     hold: bool,
     dedupe: bool,
+    daily_cap: int | None,
+    rate: float | None,
 ) -> None:
     """Enqueue a campaign from a CSV or .xlsx file (headers: the cascade API's field names,
     or mapped with --column)."""
@@ -226,7 +236,14 @@ def campaign_launch(
                 )
 
             stats = launch(
-                file, name, defaults, settings, dry_run=dry_run, hold=hold, progress=show
+                file,
+                name,
+                defaults,
+                settings,
+                dry_run=dry_run,
+                hold=hold,
+                limits=(daily_cap, rate),
+                progress=show,
             )
     except ValueError as exc:  # CampaignError, CampaignCancelled, a bad --name
         raise click.ClickException(str(exc)) from None
@@ -324,9 +341,19 @@ def campaign_status(name: str, watch: bool, as_json: bool, interval: float) -> N
     report = campaign_summary(engine, name)
     if report is None:
         raise click.ClickException(f"no campaign named {name!r}")
+    control = report.get("control") or {}
+    if control.get("status") == "held":  # what approving it would send, and cost
+        from worker.estimate import stored_estimate
+        from worker.states import State
+
+        settings = _settings()
+        estimate = stored_estimate(engine, name, settings.rates, (State.HELD,))
+        report["estimate"] = estimate.as_dict(settings.rate_card_currency)
     if as_json:
         _print_json(report)
         return
+    if report.get("estimate", {}).get("messages"):
+        console.print(estimate_line(report["estimate"]))
     if not watch:
         console.print(status_view(report, None))
         return
@@ -334,12 +361,30 @@ def campaign_status(name: str, watch: bool, as_json: bool, interval: float) -> N
 
     samples: list[tuple[float, int]] = [(time.monotonic(), report["final"])]
     with Live(status_view(report, None), console=console, refresh_per_second=4) as live:
-        while not report["all_final"]:
+        while not report["all_final"] and not _stopped(report):
             time.sleep(interval)
             report = campaign_summary(engine, name) or report
             samples = [*samples[-30:], (time.monotonic(), report["final"])]
             live.update(status_view(report, samples))
-    console.print(f"{name}: every message is final")
+    if report["all_final"]:
+        console.print(f"{name}: every message is final")
+    else:
+        console.print(
+            f"{name}: {report['control']['status']}, nothing more moves until "
+            "it is approved, resumed or its cap resets"
+        )
+
+
+def _stopped(report: dict[str, Any]) -> bool:
+    """A held, paused or capped campaign whose every other message is final: watching on
+    would never end."""
+    control = report.get("control") or {}
+    held = report["states"].get("held", 0)
+    return (
+        control.get("status") in ("held", "paused", "capped")
+        and held > 0
+        and report["final"] + held == report["total"]
+    )
 
 
 def _cost(report: dict[str, Any]) -> str:
@@ -361,6 +406,8 @@ def _control_rows(table: Table, report: dict[str, Any]) -> None:
             f"[yellow]held for approval[/] since {control['held_since']}: "
             f"`cascade campaign approve {report['campaign']}` sends it",
         )
+    elif status == "capped":
+        table.add_row("status", f"[yellow]capped[/]: {control['pause_reason']}")
     elif status == "paused":
         table.add_row(
             "status",
@@ -369,6 +416,11 @@ def _control_rows(table: Table, report: dict[str, Any]) -> None:
         )
     else:
         table.add_row("status", status)
+    limits = control.get("limits") or {}
+    if limits.get("daily_cap") or limits.get("rate"):
+        cap = f"{limits['daily_cap']:,}/day" if limits.get("daily_cap") else "no daily cap"
+        rate = f"{limits['rate']:g}/s" if limits.get("rate") else "no own rate"
+        table.add_row("limits", f"{cap}, {rate}; {limits['released_today']:,} released today (UTC)")
 
 
 def _state_rows(table: Table, report: dict[str, Any], indent: str = "") -> None:
@@ -486,6 +538,41 @@ def campaign_hold(name: str, as_json: bool) -> None:
 def campaign_approve(name: str, as_json: bool) -> None:
     """Send a campaign that was launched with --hold."""
     _control("approve", name, as_json)
+
+
+@campaign.command("limit")
+@click.argument("name")
+@click.option("--daily-cap", type=click.IntRange(min=0), help="Messages per UTC day; 0 lifts it.")
+@click.option(
+    "--rate", type=click.FloatRange(min=0), help="Messages/s for this campaign; 0 lifts it."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def campaign_limit(name: str, daily_cap: int | None, rate: float | None, as_json: bool) -> None:
+    """Cap a campaign's messages per day and its own rate; beyond them messages wait, held."""
+    from worker.campaigns import set_limits
+
+    if daily_cap is None and rate is None:
+        raise click.UsageError("give --daily-cap and/or --rate (0 lifts a limit)")
+    engine = _engine()
+    from worker.campaigns import campaign_control
+
+    current = campaign_control(engine, name)["limits"]
+    cap = current["daily_cap"] if daily_cap is None else (daily_cap or None)
+    per_second = current["rate"] if rate is None else (rate or None)
+    try:
+        result = set_limits(engine, name, cap, per_second)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if result is None:
+        raise click.ClickException(f"no campaign named {name!r}")
+    if as_json:
+        _print_json({"campaign": name, **result})
+        return
+    limits = result["limits"]
+    console.print(
+        f"{name}: {result['status']}; daily cap {limits['daily_cap'] or 'none'}, "
+        f"rate {limits['rate'] or 'none'}; {result['held_messages']:,} messages waiting"
+    )
 
 
 @campaign.command("retry")

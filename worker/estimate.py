@@ -98,3 +98,45 @@ class Estimate:
             "priced_messages": self.priced,
             "without_rate": dict(self.unpriced.most_common(10)),
         }
+
+
+def stored_estimate(engine: Any, campaign: str, card: RateCard | None, states: Any) -> Estimate:
+    """The estimate over a campaign's stored messages in `states` (a held campaign before it
+    is approved), read in pages by primary key."""
+    from sqlalchemy import select
+
+    from worker.models import messages
+    from worker.validation import OutgoingMessage
+
+    estimate = Estimate()
+    after = 0
+    columns = (
+        messages.c.pk,
+        messages.c.message_type,
+        messages.c.route,
+        messages.c.to_phone,
+        messages.c.text,
+    )
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(*columns)
+                .where(
+                    messages.c.campaign == campaign,
+                    messages.c.state.in_(list(states)),
+                    messages.c.pk > after,
+                )
+                .order_by(messages.c.pk)
+                .limit(5000)
+            ).all()
+        for pk, message_type, route, phone, text in rows:
+            after = pk
+            estimate.add(
+                OutgoingMessage(
+                    id="", from_name="", to_phone=phone, message_type=message_type,
+                    text=text, ttl=None, scheduled_sent=None, survey_options=None, route=route,
+                ),
+                card,
+            )  # fmt: skip
+        if len(rows) < 5000:
+            return estimate

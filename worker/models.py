@@ -73,6 +73,11 @@ class Campaign(Base):
     paused_at: Mapped[datetime | None]  # paused since (`campaign pause`, or a cap)
     pause_reason: Mapped[str | None] = mapped_column(Text)
     retry_of: Mapped[str | None] = mapped_column(String(200))  # `campaign retry`'s source
+    # Metering: messages wait `held`; beat releases them within these limits.
+    daily_cap: Mapped[int | None] = mapped_column(Integer)  # messages released per UTC day
+    rate_limit: Mapped[float | None] = mapped_column(Float)  # messages/s, under the global
+    cap_day: Mapped[str | None] = mapped_column(String(10))  # the UTC day cap_released counts
+    cap_released: Mapped[int | None] = mapped_column(Integer)
 
 
 class Message(Base):

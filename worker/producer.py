@@ -136,23 +136,41 @@ def store(engine: Engine, rows: list[dict[str, Any]], campaign: str | None = Non
     The campaign row is read under a share lock in the same transaction, so a cancel either
     commits first (and nothing is inserted) or waits and then cancels these rows too.
     """
+    return store_as(engine, rows, campaign)[0]
+
+
+def store_as(
+    engine: Engine, rows: list[dict[str, Any]], campaign: str | None = None
+) -> tuple[set[str], State]:
+    """`store`, and the state the new rows are in: `held` for a held, paused or metered
+    campaign, else `queued`."""
     if not rows:
-        return set()
+        return set(), State.QUEUED
     with engine.begin() as conn:
         blocked = False
         if campaign is not None:
             state = conn.execute(
-                select(campaigns.c.cancelled_at, campaigns.c.held_at, campaigns.c.paused_at)
+                select(
+                    campaigns.c.cancelled_at,
+                    campaigns.c.held_at,
+                    campaigns.c.paused_at,
+                    campaigns.c.daily_cap,
+                    campaigns.c.rate_limit,
+                )
                 .where(campaigns.c.name == campaign)
                 .with_for_update(read=True)
             ).first()
             if state is not None and state.cancelled_at is not None:
                 raise CampaignCancelled(campaign)
-            blocked = state is not None and (state.held_at or state.paused_at) is not None
+            # Held, paused or metered (a cap or rate: beat releases them within it).
+            blocked = state is not None and any(
+                v is not None
+                for v in (state.held_at, state.paused_at, state.daily_cap, state.rate_limit)
+            )
         inserted = insert_new(conn, messages, rows, key="id")
         if blocked and inserted:
             _hold_new(conn, inserted)
-        return inserted
+        return inserted, State.HELD if blocked else State.QUEUED
 
 
 def _hold_new(conn: Connection, ids: set[str]) -> None:
@@ -177,7 +195,7 @@ def _hold_new(conn: Connection, ids: set[str]) -> None:
                     "source": "system",
                     "from_state": State.QUEUED,
                     "to_state": State.HELD,
-                    "detail": "campaign held or paused",
+                    "detail": "campaign held, paused or metered",
                 }
                 for pk in pks
             ],
@@ -239,7 +257,7 @@ def enqueue(
                 seen.add(checked.id)
                 rows.append(row_for(checked, campaign, now, settings))
                 chunk_results.append(None)
-        inserted = store(engine, rows, campaign)
+        inserted, stored_as = store_as(engine, rows, campaign)
         accepted_any = accepted_any or bool(inserted)
         known = existing_states(engine, {r["id"] for r in rows} - inserted)
         pending = iter(rows)
@@ -247,7 +265,7 @@ def enqueue(
             if result is None:
                 message_id = next(pending)["id"]
                 result = (
-                    EnqueueResult(message_id, "accepted", State.QUEUED)
+                    EnqueueResult(message_id, "accepted", stored_as)
                     if message_id in inserted
                     else EnqueueResult(message_id, "duplicate", known.get(message_id))
                 )

@@ -242,12 +242,20 @@ def sweep() -> dict[str, int]:
 
 
 @app.task(name="cascade.enforce_holds")
-def enforce_holds() -> int:
+def enforce_holds() -> dict[str, int]:
     """Hold what came back to the queue of a held or paused campaign (a failed send that was
-    in flight when it was paused)."""
+    in flight when it was paused); release metered campaigns' messages within their limits."""
     from worker.campaigns import enforce_holds as hold
+    from worker.campaigns import meter
 
-    return hold(resources().engine)
+    res = resources()
+    held = hold(res.engine)
+    released = meter(
+        res.engine,
+        res.settings.dispatch_interval_seconds,
+        retry_for=res.settings.send_retry_for_seconds,
+    )
+    return {"held": held, "released": released}
 
 
 @app.task(name="cascade.apply_reports")

@@ -343,8 +343,8 @@ def _show_int(value: int) -> str:
 def _unknown_field(key: object) -> FieldError:
     """Refuse an unknown key, with a hint when it is a spelling of a real field (to_phone)."""
     name = key if isinstance(key, str) else repr(key)
-    if not name or len(name) > _SHOW_MAX or not name.isprintable():
-        name = _show(name)
+    if not name or len(name) > _SHOW_MAX or not name.isprintable() or name.strip() != name:
+        name = _show(name)  # quoted: a key of spaces or with one around it stays visible
     meant = _FOLDED_FIELDS.get(name.replace("_", "").replace("-", "").lower())
     hint = f"did you mean {meant!r}? " if meant else ""
     return FieldError(name, f"unknown field; {hint}allowed: {_ALLOWED}")
