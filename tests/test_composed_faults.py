@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from tests.conftest import make_messages, make_stack
 from worker.models import messages
+from worker.stack import Simulator
 
 MESSAGES = 1200
 REFUSED = 3
@@ -51,11 +52,16 @@ def test_every_fault_at_once_loses_nothing_and_isolates_within_the_bound(
         while not _part_in_flight(stack.engine, campaign):
             assert time.monotonic() < deadline, "no isolation part was ever in flight"
             time.sleep(0.02)
-        sim.configure(outage_seconds=8)  # and the provider goes down meanwhile
         for process in stack.workers.processes:
             process.stop(signal.SIGKILL)
         stack.workers.processes.clear()
         stack.workers.start("w-after-kill", beat=True)
+        # Then the provider goes down while the new worker isolates: wait until it has met
+        # the outage, whatever the machine's load made of its start-up.
+        sent = _sends(sim)
+        _wait(lambda: _sends(sim) > sent, "the new worker never sent")
+        sim.configure(outage_seconds=15)
+        _wait(lambda: int(sim.stats()["send_status"].get("503", 0)) > 0, "no send met the outage")
 
         report = stack.wait_final(campaign, MESSAGES, timeout=240)
         codes = sim.stats()["send_status"]
@@ -78,6 +84,17 @@ def test_every_fault_at_once_loses_nothing_and_isolates_within_the_bound(
     # whose 400 was answered but not recorded when the workers died.
     assert 0 < int(codes["400"]) <= REFUSED * (LEVELS + 1) + 1, codes
     assert int(codes.get("429", 0)) > 0 and int(codes.get("503", 0)) > 0, codes
+
+
+def _sends(sim: Simulator) -> int:
+    return int(sim.stats()["send_requests"])
+
+
+def _wait(done: Callable[[], bool], why: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, why
+        time.sleep(0.05)
 
 
 def _part_in_flight(engine: object, campaign: str) -> bool:
