@@ -39,7 +39,14 @@ from worker.statuses import Report, apply
 BATCH_SIZE = 500
 MAX_BATCHES = 20  # per run; the next run (beat or a webhook's wake) takes the rest
 # States in which the message never left us: a reply cannot be an answer to it.
-_NEVER_SENT = (State.QUEUED, State.HELD, State.REJECTED, State.EXPIRED, State.CANCELLED)
+_NEVER_SENT = (
+    State.QUEUED,
+    State.HELD,
+    State.REJECTED,
+    State.EXPIRED,
+    State.CANCELLED,
+    State.SUPPRESSED,
+)
 # A report for a message in these states waits: our send answer is not committed yet.
 _NOT_YET_SUBMITTED = (State.QUEUED, State.HELD, State.SENDING)
 # A report parked at least this long (s) is tried again that much later (s); a younger one
