@@ -485,3 +485,28 @@ def inbound_of(conn: Connection, pks: Sequence[int]) -> list[tuple[int, str, str
         .order_by(inbound_messages.c.pk)
     )
     return [(r.pk, r.sender, r.text) for r in rows]
+
+
+# --- the door -------------------------------------------------------------------------------
+
+REFUSED = "is on the suppression list (the recipient opted out): {kind} messages are not sent to it"
+
+
+def door(engine: Engine, rows: Sequence[dict[str, Any]], types: Iterable[str]) -> dict[str, Any]:
+    """Mark new messages rows the list applies to (`needs_consent`); answer the refusals of
+    those whose number is listed, by message id (one query per chunk)."""
+    from worker.validation import FieldError
+
+    types = frozenset(types)
+    for row in rows:
+        row["needs_consent"] = row["message_type"] in types
+    subject = [row for row in rows if row["needs_consent"]]
+    if not subject:
+        return {}
+    with engine.connect() as conn:
+        on = listed(conn, (row["to_phone"] for row in subject))
+    return {
+        row["id"]: FieldError("toPhone", REFUSED.format(kind=row["message_type"]))
+        for row in subject
+        if row["to_phone"] in on
+    }

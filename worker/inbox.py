@@ -93,17 +93,27 @@ def inbound_key(sender: str, text: str | None, sent_at: datetime | None) -> str 
 
 
 def store_inbound(
-    engine: Engine, items: Sequence[Inbound], received_at: datetime | None = None
+    engine: Engine,
+    items: Sequence[Inbound],
+    received_at: datetime | None = None,
+    settings: Settings | None = None,
 ) -> int:
     """Insert inbound SMS linked to the last message we sent that number; skip exact repeats.
 
     A provider retry sends the same SMS again: its key (`inbound_key`) is unique, so two
     pushes of it arriving at once store it once. Answers how many rows were inserted.
+    A STOP- or START-type reply changes the suppression list in the same transaction
+    (worker/consent.py), so no promo is claimed after the reply is stored.
     """
+    from config import get_settings
+    from worker.consent import apply_replies
+
     if not items:
         return 0
+    settings = settings or get_settings()
     received_at = received_at or utcnow()
     inserted = 0
+    stored: list[tuple[int, str, str | None]] = []
     with engine.begin() as conn:
         links: dict[str, int | None] = {}
         for item in items:
@@ -124,7 +134,10 @@ def store_inbound(
                 .on_conflict_do_nothing(index_elements=["dedup_key"])
                 .returning(inbound_messages.c.pk)
             )
-            inserted += len(conn.execute(stmt).all())
+            pks = conn.execute(stmt).scalars().all()
+            inserted += len(pks)
+            stored += [(pk, item.sender, item.text) for pk in pks]
+        apply_replies(conn, stored, settings.keywords, settings.suppressed_types, received_at)
     return inserted
 
 

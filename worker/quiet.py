@@ -20,10 +20,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from functools import lru_cache
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 from phonenumbers import timezone as phone_timezone
+from sqlalchemy import Engine, select, update
+
+from config import Settings
+from worker.models import campaigns
 
 OFF = "off"
 WINDOWED_TYPES: tuple[str, ...] = ("promo", "viber_survey")  # SEND_WINDOW applies to these
@@ -175,3 +180,61 @@ def next_window_open(
             if inside(strict, window, at):
                 return at
     raise AssertionError("a window of a single zone opens within a day")  # pragma: no cover
+
+
+# --- the producer's side --------------------------------------------------------------------
+
+WAITING_DETAIL = "TTL runs out before the recipient's send window opens"
+
+
+def campaign_window(engine: Engine, campaign: str | None, given: str | None) -> str | None:
+    """The campaign's own window: `given` is checked and stored on the campaign (its row
+    exists: `ensure_campaign` ran), else what was stored before, if anything."""
+    if campaign is None:
+        return given if given is None else _checked(given)
+    with engine.begin() as conn:
+        if given is not None:
+            conn.execute(
+                update(campaigns)
+                .where(campaigns.c.name == campaign)
+                .values(send_window=_checked(given))
+            )
+            return given.strip().lower() if given.strip().lower() == OFF else given.strip()
+        return conn.execute(
+            select(campaigns.c.send_window).where(campaigns.c.name == campaign)
+        ).scalar()
+
+
+def _checked(text: str) -> str:
+    parse_window(text, "send window")
+    return text.strip()
+
+
+def place(
+    row: dict[str, Any],
+    window: Window | None,
+    now: datetime,
+    settings: Settings,
+) -> bool:
+    """Fit a new messages row to its send window: when it is outside, `available_at` (and a
+    `scheduledSent` outside it) move to the window's next opening and `window_at` says so.
+    Answers True when its TTL would run out first: the caller ends it `expired`."""
+    from worker.producer import available_at
+
+    if window is None:
+        return False
+    scheduled = row["scheduled_sent"]
+    start = max(now, scheduled) if scheduled else now
+    opening = next_window_open(
+        row["to_phone"], start, window, settings.send_window_fallback_timezone
+    )
+    if opening == start:
+        return False
+    if row["expires_at"] is not None and row["expires_at"] <= opening:
+        return True
+    if scheduled is not None:
+        row["scheduled_sent"] = opening
+    keep = (settings.schedule_hold_ahead_seconds, settings.schedule_send_lead_seconds)
+    row["available_at"] = available_at(opening, now, *keep) if scheduled else opening
+    row["window_at"] = opening
+    return False
