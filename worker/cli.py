@@ -649,12 +649,22 @@ def inbound() -> None:
 
 @inbound.command("list")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--campaign", default=None, help="Only replies to this campaign's messages.")
+@click.option("--since", default=None, help="Only replies received since: ISO time or 30m, 2h, 7d.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def inbound_list(limit: int, as_json: bool) -> None:
-    """The newest inbound messages, each linked to the last message we sent that number."""
+def inbound_list(limit: int, campaign: str | None, since: str | None, as_json: bool) -> None:
+    """The newest inbound messages, each linked to the last message we sent that number
+    (numbers masked); an opt-out or opt-in reply is marked in `consent`."""
     from worker.inbox import list_inbound
+    from worker.redact import mask_phone
 
-    rows = list_inbound(_engine(), limit)
+    try:
+        after = _since(since)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    rows = list_inbound(_engine(), limit, campaign=campaign, since=after)
+    for row in rows:
+        row["from"] = mask_phone(row["from"])
     if as_json:
         _print_json(rows)
         return
@@ -662,6 +672,29 @@ def inbound_list(limit: int, as_json: bool) -> None:
     for row in rows:
         table.add_row(row["receivedAt"], row["from"], row["text"] or "", row["replyTo"] or "")
     console.print(table)
+
+
+def _since(text: str | None) -> Any:
+    """`--since`: an ISO time (UTC unless it says) or a span back from now (30m, 2h, 7d)."""
+    from datetime import UTC, datetime, timedelta
+
+    from worker.db import utcnow
+
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return utcnow() - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO time nor a span like 30m, 2h, 7d") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+from worker.consent_cli import optout  # noqa: E402  (the suppression list's commands)
+
+main.add_command(optout)
 
 
 @main.group()

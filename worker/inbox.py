@@ -324,14 +324,30 @@ def _write(conn: Connection, batch: _Batch, now: datetime) -> None:
 # --- reading --------------------------------------------------------------------------------
 
 
-def list_inbound(engine: Engine, limit: int = 100) -> list[dict[str, Any]]:
-    """The newest inbound SMS first, each with the id of the message it answers (or null)."""
+def list_inbound(
+    engine: Engine,
+    limit: int = 100,
+    *,
+    campaign: str | None = None,
+    since: datetime | None = None,
+    keywords: Any = None,
+) -> list[dict[str, Any]]:
+    """The newest inbound SMS first, each with the id of the message it answers (or null),
+    optionally only replies to a campaign's messages or received since a time. `consent`
+    says whether the reply opted out or in (by the keywords in force now)."""
+    from config import get_settings
+
+    keywords = keywords or get_settings().keywords
     stmt = (
         select(inbound_messages, messages.c.id.label("reply_to"))
         .outerjoin(messages, messages.c.pk == inbound_messages.c.message_pk)
         .order_by(inbound_messages.c.received_at.desc(), inbound_messages.c.pk.desc())
         .limit(limit)
     )
+    if campaign is not None:
+        stmt = stmt.where(messages.c.campaign == campaign)
+    if since is not None:
+        stmt = stmt.where(inbound_messages.c.received_at >= since)
     with engine.connect() as conn:
         return [
             {
@@ -341,6 +357,7 @@ def list_inbound(engine: Engine, limit: int = 100) -> list[dict[str, Any]]:
                 "sentAt": _iso(row.sent_at),
                 "replyTo": row.reply_to,
                 "source": row.source,
+                "consent": keywords.classify(row.text),
             }
             for row in conn.execute(stmt)
         ]
