@@ -250,6 +250,13 @@ def campaign_launch(
     )
     if stats.rejected_file:
         console.print(f"rejected rows: {stats.rejected_file}")
+    if stats.suppressed or stats.waiting_for_window or stats.expired_by_window:
+        would = "would be " if dry_run else ""
+        console.print(
+            f"consent: {stats.suppressed:,} {would}refused (number on the suppression list), "
+            f"{stats.waiting_for_window:,} {would}held for the recipient's send window, "
+            f"{stats.expired_by_window:,} {would}expired (TTL ends before the window opens)"
+        )
     if stats.deduped:
         console.print(f"{stats.deduped:,} rows skipped: their phone is already in {name}")
     if stats.estimate is not None and stats.estimate.messages:
@@ -374,10 +381,14 @@ def _control_rows(table: Table, report: dict[str, Any]) -> None:
 def _state_rows(table: Table, report: dict[str, Any], indent: str = "") -> None:
     """Counts per state; `queued` split into ready and scheduled ones waiting for their time."""
     waiting = report.get("waiting_for_time", 0)
+    window = report.get("waiting_for_window", 0)  # quiet hours (worker/quiet.py)
     for state, count in report["states"].items():
-        if state == "queued" and waiting:
-            table.add_row(f"{indent}queued", f"{count - waiting:,}")
-            table.add_row(f"{indent}waiting for its time", f"{waiting:,}")
+        if state == "queued" and (waiting or window):
+            table.add_row(f"{indent}queued", f"{count - waiting - window:,}")
+            if waiting:
+                table.add_row(f"{indent}waiting for its time", f"{waiting:,}")
+            if window:
+                table.add_row(f"{indent}waiting for its send window", f"{window:,}")
         else:
             table.add_row(f"{indent}{state}", f"{count:,}")
 

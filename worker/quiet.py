@@ -238,3 +238,44 @@ def place(
     row["available_at"] = available_at(opening, now, *keep) if scheduled else opening
     row["window_at"] = opening
     return False
+
+
+def preview(
+    engine: Engine, valid: list[Any], campaign: str | None, settings: Settings
+) -> dict[str, int]:
+    """What a dry run would meet: messages the suppression list refuses, and those quiet
+    hours hold (or expire), for `campaign launch --dry-run`."""
+    from worker.consent import listed
+    from worker.db import utcnow
+
+    now = utcnow()
+    types = settings.suppressed_types
+    with engine.connect() as conn:
+        on = listed(conn, (m.to_phone for m in valid if m.message_type in types))
+        own = None
+        if campaign is not None:
+            own = conn.execute(
+                select(campaigns.c.send_window).where(campaigns.c.name == campaign)
+            ).scalar()
+    counts = {"suppressed": 0, "waiting_for_window": 0, "expired_by_window": 0}
+    windows = settings.windows
+    for message in valid:
+        if message.message_type in types and message.to_phone in on:
+            counts["suppressed"] += 1
+            continue
+        row = {
+            "to_phone": message.to_phone,
+            "scheduled_sent": message.scheduled_sent,
+            "expires_at": None,
+            "available_at": now,
+            "window_at": None,
+        }
+        start = max(now, message.scheduled_sent) if message.scheduled_sent else now
+        if message.ttl:
+            row["expires_at"] = start + timedelta(seconds=message.ttl)
+        window = windows.for_message(message.message_type, own)
+        if place(row, window, now, settings):
+            counts["expired_by_window"] += 1
+        elif row["window_at"] is not None:
+            counts["waiting_for_window"] += 1
+    return counts

@@ -165,6 +165,7 @@ def campaign_summary(engine: Engine, campaign: str) -> dict[str, Any] | None:
                 messages.c.campaign == campaign,
                 messages.c.state == State.QUEUED,
                 messages.c.scheduled_sent.is_not(None),
+                messages.c.window_at.is_(None),  # those are counted as waiting_for_window
                 messages.c.available_at > utcnow(),
             )
         ).scalar_one()
