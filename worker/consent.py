@@ -34,6 +34,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
@@ -284,9 +285,19 @@ def _suppress(conn: Connection, where: list[Any], types: list[str], now: datetim
 
 
 def claimable() -> ColumnElement[bool]:
-    """The claim's guard: a row needing consent is not taken while its number is listed."""
-    listed = exists().where(suppressions.c.phone == messages.c.to_phone)
-    return or_(messages.c.needs_consent.is_(False), ~listed)
+    """The claim's guard: a row needing consent is not taken while its number is listed.
+
+    A correlated probe of the list's primary key per candidate row, written with LIMIT 1 so
+    PostgreSQL cannot turn it into a hashed subplan that reads the whole list on every claim
+    (NOT EXISTS did: 50,000 numbers cost each 1,000-row claim a sequential scan, measured).
+    """
+    probe = (
+        select(literal(1))
+        .where(suppressions.c.phone == messages.c.to_phone)
+        .limit(1)
+        .scalar_subquery()
+    )
+    return or_(messages.c.needs_consent.is_(False), probe.is_(None))
 
 
 def suppress_queued(engine: Engine, limit: int = 5000) -> int:
