@@ -144,13 +144,16 @@ def test_stop_replies_from_the_simulator_suppress_the_next_promo_but_not_a_trans
 
     # The same over HTTP.
     with httpx.Client(base_url=api.url, headers=AUTH, timeout=30) as http:
-        added = http.post("/v1/optouts", json=[{"phone": phones[0]}, {"phone": "12"}])
+        added = http.post("/v1/optouts/import", json=[{"phone": phones[0]}, {"phone": "12"}])
         assert added.status_code == 200
         assert [r["status"] for r in added.json()] == ["added", "refused"]
-        assert http.get("/v1/optouts", params={"limit": 50}).status_code == 200
-        assert http.delete(f"/v1/optouts/{phones[0]}").json() == {
+        assert http.get("/v1/optouts").status_code == 200
+        assert http.delete(f"/v1/optouts/numbers/{phones[0]}").json() == {
             "phone": phones[0],
             "removed": True,
         }
-        assert http.delete(f"/v1/optouts/{phones[0]}").status_code == 404
+        assert http.delete(f"/v1/optouts/numbers/{phones[0]}").status_code == 404
         assert http.get("/v1/optouts", headers={"Authorization": "Bearer no"}).status_code == 401
+        exported = http.get("/v1/optouts/export")
+        assert exported.headers["content-type"].startswith("text/csv")
+        assert "+380679990001" in exported.text

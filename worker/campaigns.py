@@ -811,10 +811,15 @@ def launch(
 
 
 def _consent_preview(stats: LaunchStats, valid: list[Any], name: str, settings: Settings) -> None:
+    from sqlalchemy.exc import DBAPIError
+
     from worker.db import get_engine
     from worker.quiet import preview
 
-    counts = preview(get_engine(settings.database_url), valid, name, settings)
+    try:
+        counts = preview(get_engine(settings.database_url), valid, name, settings)
+    except DBAPIError:  # a dry run needs no database: without one, nothing to count
+        return
     stats.suppressed += counts["suppressed"]
     stats.waiting_for_window += counts["waiting_for_window"]
     stats.expired_by_window += counts["expired_by_window"]

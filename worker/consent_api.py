@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query
-from fastapi.responses import PlainTextResponse
+from fastapi import APIRouter, Body, Depends, HTTPException, Path
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from worker import consent
@@ -54,37 +54,42 @@ class Removed(BaseModel):
     removed: bool
 
 
+LISTED = 1000
+
+
 @router.get(
     "/optouts",
-    summary="The suppression list, newest first (numbers masked)",
+    summary=f"The newest {LISTED:,} numbers on the suppression list (masked)",
     response_model=list[Optout],
     responses={401: UNAUTHORIZED, 503: UNAVAILABLE},
 )
-def list_optouts(settings: SettingsDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> Any:
-    return consent.list_numbers(get_engine(settings.database_url), limit)
+def list_optouts(settings: SettingsDep) -> Any:
+    """What `cascade optout list` shows; GET /v1/optouts/export gives the whole list."""
+    return consent.list_numbers(get_engine(settings.database_url), LISTED)
 
 
 @router.get(
     "/optouts/export",
     summary="The whole suppression list as CSV (E.164)",
-    response_class=PlainTextResponse,
+    response_class=Response,
     responses={
         200: {"content": {"text/csv": {"schema": {"type": "string"}}}},
         401: UNAUTHORIZED,
         503: UNAVAILABLE,
     },
 )
-def export_optouts(settings: SettingsDep) -> PlainTextResponse:
+def export_optouts(settings: SettingsDep) -> Response:
     body = "".join(consent.export_csv(get_engine(settings.database_url)))
-    return PlainTextResponse(body, media_type="text/csv")
+    return Response(body, media_type="text/csv")
 
 
 @router.post(
-    "/optouts",
+    "/optouts/import",
     summary="Add numbers to the suppression list (one result per item)",
     response_model=list[OptoutResult],
     response_model_exclude_none=True,
     responses={
+        400: _error("The body is not JSON."),
         401: UNAUTHORIZED,
         422: _error("The body is not an array of {phone, evidence}.", ValidationErrorBody),
         503: UNAVAILABLE,
@@ -120,13 +125,13 @@ def add_optouts(
 
 
 @router.delete(
-    "/optouts/{phone}",
+    "/optouts/numbers/{phone}",
     summary="Take a number off the suppression list",
     response_model=Removed,
     responses={
         401: UNAUTHORIZED,
-        404: _error("The number is not on the list."),
-        422: _error("Not a phone number in E.164.", ValidationErrorBody),
+        404: _error("The number is not on the list (or is not a number in E.164)."),
+        422: _error("The path is too long or has control characters.", ValidationErrorBody),
         503: UNAVAILABLE,
     },
 )
@@ -138,7 +143,7 @@ def remove_optout(
 ) -> Any:
     number, problem = consent.phone_problem(phone, settings.default_phone_region)
     if number is None:
-        raise HTTPException(422, f"phone {problem}")
+        raise HTTPException(404, f"not on the list: phone {problem}")
     with get_engine(settings.database_url).begin() as conn:
         change = consent.remove(conn, number, source="api")
     if not change.changed:
