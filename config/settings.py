@@ -11,7 +11,7 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -107,6 +107,21 @@ class Settings(BaseSettings):
     )
     schedule_hold_ahead_seconds: float = Field(600.0, ge=0, alias="SCHEDULE_HOLD_AHEAD_SECONDS")
     schedule_send_lead_seconds: float = Field(120.0, ge=0, alias="SCHEDULE_SEND_LEAD_SECONDS")
+
+    # --- consent and quiet hours (worker/consent.py, worker/quiet.py) ------------------------
+    # Comma-separated; a reply that, folded (case, accents, spaces, punctuation), IS one of
+    # them opts its sender out / back in. Unset: English, Ukrainian, Russian, Polish, Czech,
+    # Slovak, Romanian and German defaults.
+    optout_keywords: str | None = Field(None, alias="OPTOUT_KEYWORDS")
+    optin_keywords: str | None = Field(None, alias="OPTIN_KEYWORDS")
+    # Message types the suppression list applies to (transactional and flash-call go).
+    suppress_message_types: str = Field("promo,viber_survey", alias="SUPPRESS_MESSAGE_TYPES")
+    # Promo and surveys go only inside this window of the recipient's local time; unset or
+    # "off": any time. Per type: "viber_survey=10:00-18:00;transaction=off".
+    send_window: str | None = Field(None, alias="SEND_WINDOW")
+    send_window_by_type: str | None = Field(None, alias="SEND_WINDOW_BY_TYPE")
+    # The zone of a number whose prefix names none.
+    send_window_fallback_timezone: str = Field("UTC", alias="SEND_WINDOW_FALLBACK_TIMEZONE")
 
     # --- poll policy -----------------------------------------------------------------------
     poll_first_delay_seconds: float = Field(5.0, gt=0, alias="POLL_FIRST_DELAY_SECONDS")
@@ -207,6 +222,43 @@ class Settings(BaseSettings):
         if value is not None:
             parse_rate_card(value, echo=False)  # names the entry by position, never its text
         return value
+
+    @model_validator(mode="after")
+    def _consent(self) -> Settings:
+        """Keyword lists, types and windows checked at start-up; each error names its setting."""
+        from zoneinfo import ZoneInfo
+
+        from worker.consent import keywords_from, parse_types
+        from worker.quiet import windows_from
+
+        keywords_from(self.optout_keywords, self.optin_keywords)
+        parse_types(self.suppress_message_types)
+        windows_from(self.send_window, self.send_window_by_type)
+        try:
+            ZoneInfo(self.send_window_fallback_timezone)
+        except (ValueError, LookupError):
+            raise ValueError(
+                "SEND_WINDOW_FALLBACK_TIMEZONE: not a time zone name like UTC or Europe/Kyiv"
+            ) from None
+        return self
+
+    @property
+    def keywords(self) -> Any:
+        from worker.consent import keywords_from
+
+        return keywords_from(self.optout_keywords, self.optin_keywords)
+
+    @property
+    def suppressed_types(self) -> frozenset[str]:
+        from worker.consent import parse_types
+
+        return parse_types(self.suppress_message_types)
+
+    @property
+    def windows(self) -> Any:
+        from worker.quiet import windows_from
+
+        return windows_from(self.send_window, self.send_window_by_type)
 
     @property
     def rates(self) -> dict[str, dict[str, float]] | None:

@@ -541,6 +541,7 @@ def test_list_inbound_is_newest_first_with_every_key(
             "sentAt": None,
             "replyTo": "ask-1",
             "source": "bulkgate",
+            "consent": None,
         },
         {
             "receivedAt": "2025-03-30T01:31:00Z",
@@ -549,6 +550,7 @@ def test_list_inbound_is_newest_first_with_every_key(
             "sentAt": None,
             "replyTo": "ask-1",
             "source": "bulkgate",
+            "consent": None,
         },
     ]
 

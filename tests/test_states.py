@@ -37,6 +37,7 @@ def test_final_set_is_exactly_the_terminal_states() -> None:
         State.EXPIRED,
         State.CANCELLED,
         State.TIMEOUT,
+        State.SUPPRESSED,  # the recipient opted out before it was sent (worker/consent.py)
     }
     assert expected == FINAL
 

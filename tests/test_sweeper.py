@@ -72,6 +72,7 @@ def test_live_claims_and_fresh_messages_are_left_alone(
         "expired": 0,
         "gave_up": 0,
         "timeout": 0,
+        "suppressed": 0,
     }
     assert sorted(_states(url).values()) == ["queued", "queued", "sending", "sending"]
 
@@ -96,6 +97,7 @@ def test_expiry_and_timeout(backend: str, database_factory: Callable[[str], str]
         "expired": 2,
         "gave_up": 0,
         "timeout": 2,
+        "suppressed": 0,
     }
 
     assert _states(url) == {

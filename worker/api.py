@@ -434,6 +434,9 @@ class CampaignReport(BaseModel):
     waiting_for_time: int = Field(
         0, description="Of queued: scheduled messages kept here until shortly before their time."
     )
+    waiting_for_window: int = Field(
+        0, description="Of queued: promo and surveys waiting for the recipient's send window."
+    )
     control: CampaignControl | None = None
 
 
@@ -947,6 +950,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.include_router(producers)
+    from worker.consent_api import router as consent_router  # it imports this module
+
+    app.include_router(consent_router)
     app.include_router(probes)
     app.include_router(webhooks.router)
     app.include_router(exporter.router)

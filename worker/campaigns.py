@@ -859,6 +859,11 @@ class LaunchStats:
     estimate: Any = None  # worker.estimate.Estimate over the accepted messages
     ignored_columns: list[str] = field(default_factory=list)
     rejected_file: str | None = None
+    # Consent (worker/consent.py, worker/quiet.py): refused by the suppression list, held
+    # for the recipient's send window, expired because the window opens after their TTL.
+    suppressed: int = 0
+    waiting_for_window: int = 0
+    expired_by_window: int = 0
 
 
 REJECT_COLUMNS = ("line", "field", "reason", "id", "toPhone", "changed")
@@ -950,6 +955,21 @@ def launch(
     return stats
 
 
+def _consent_preview(stats: LaunchStats, valid: list[Any], name: str, settings: Settings) -> None:
+    from sqlalchemy.exc import DBAPIError
+
+    from worker.db import get_engine
+    from worker.quiet import preview
+
+    try:
+        counts = preview(get_engine(settings.database_url), valid, name, settings)
+    except DBAPIError:  # a dry run needs no database: without one, nothing to count
+        return
+    stats.suppressed += counts["suppressed"]
+    stats.waiting_for_window += counts["waiting_for_window"]
+    stats.expired_by_window += counts["expired_by_window"]
+
+
 def _dedupe(
     readable: list[Row],
     messages_: list[dict[str, Any]],
@@ -1023,6 +1043,7 @@ def _settle(
         for valid in checked:
             if not isinstance(valid, list):
                 stats.estimate.add(valid, card)
+        _consent_preview(stats, [c for c in checked if not isinstance(c, list)], name, settings)
     else:
         answered = enqueue(
             messages_,
@@ -1040,6 +1061,12 @@ def _settle(
                 if not isinstance(valid, list):
                     stats.estimate.add(valid, card)
         stats.duplicate += sum(r.status == "duplicate" for r in answered)
+        stats.suppressed += sum(
+            any("suppression list" in e.problem for e in r.errors) for r in answered
+        )
+        stats.expired_by_window += sum(
+            r.status == "accepted" and r.state == State.EXPIRED for r in answered
+        )
     stats.renumbered += sum(bool(phone_change(m, settings.default_phone_region)) for m in messages_)
     found = dict(zip((r.line for r in readable), zip(messages_, errors, strict=True), strict=True))
     for row in chunk:

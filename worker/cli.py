@@ -267,6 +267,13 @@ def campaign_launch(
     )
     if stats.rejected_file:
         console.print(f"rejected rows: {stats.rejected_file}")
+    if stats.suppressed or stats.waiting_for_window or stats.expired_by_window:
+        would = "would be " if dry_run else ""
+        console.print(
+            f"consent: {stats.suppressed:,} {would}refused (number on the suppression list), "
+            f"{stats.waiting_for_window:,} {would}held for the recipient's send window, "
+            f"{stats.expired_by_window:,} {would}expired (TTL ends before the window opens)"
+        )
     if stats.deduped:
         console.print(f"{stats.deduped:,} rows skipped: their phone is already in {name}")
     if stats.estimate is not None and stats.estimate.messages:
@@ -426,10 +433,14 @@ def _control_rows(table: Table, report: dict[str, Any]) -> None:
 def _state_rows(table: Table, report: dict[str, Any], indent: str = "") -> None:
     """Counts per state; `queued` split into ready and scheduled ones waiting for their time."""
     waiting = report.get("waiting_for_time", 0)
+    window = report.get("waiting_for_window", 0)  # quiet hours (worker/quiet.py)
     for state, count in report["states"].items():
-        if state == "queued" and waiting:
-            table.add_row(f"{indent}queued", f"{count - waiting:,}")
-            table.add_row(f"{indent}waiting for its time", f"{waiting:,}")
+        if state == "queued" and (waiting or window):
+            table.add_row(f"{indent}queued", f"{count - waiting - window:,}")
+            if waiting:
+                table.add_row(f"{indent}waiting for its time", f"{waiting:,}")
+            if window:
+                table.add_row(f"{indent}waiting for its send window", f"{window:,}")
         else:
             table.add_row(f"{indent}{state}", f"{count:,}")
 
@@ -736,12 +747,22 @@ def inbound() -> None:
 
 @inbound.command("list")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--campaign", default=None, help="Only replies to this campaign's messages.")
+@click.option("--since", default=None, help="Only replies received since: ISO time or 30m, 2h, 7d.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def inbound_list(limit: int, as_json: bool) -> None:
-    """The newest inbound messages, each linked to the last message we sent that number."""
+def inbound_list(limit: int, campaign: str | None, since: str | None, as_json: bool) -> None:
+    """The newest inbound messages, each linked to the last message we sent that number
+    (numbers masked); an opt-out or opt-in reply is marked in `consent`."""
     from worker.inbox import list_inbound
+    from worker.redact import mask_phone
 
-    rows = list_inbound(_engine(), limit)
+    try:
+        after = _since(since)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    rows = list_inbound(_engine(), limit, campaign=campaign, since=after)
+    for row in rows:
+        row["from"] = mask_phone(row["from"])
     if as_json:
         _print_json(rows)
         return
@@ -749,6 +770,29 @@ def inbound_list(limit: int, as_json: bool) -> None:
     for row in rows:
         table.add_row(row["receivedAt"], row["from"], row["text"] or "", row["replyTo"] or "")
     console.print(table)
+
+
+def _since(text: str | None) -> Any:
+    """`--since`: an ISO time (UTC unless it says) or a span back from now (30m, 2h, 7d)."""
+    from datetime import UTC, datetime, timedelta
+
+    from worker.db import utcnow
+
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return utcnow() - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO time nor a span like 30m, 2h, 7d") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+from worker.consent_cli import optout  # noqa: E402  (the suppression list's commands)
+
+main.add_command(optout)
 
 
 @main.group()

@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Engine, Row, func, select
 
 from config import Settings
 from worker.campaigns import cancelled_campaigns
+from worker.consent import claimable
 from worker.db import among, bulk_update, claim_rows, insert_rows, utcnow
 from worker.models import events, messages
 from worker.sendpolicy import (
@@ -134,6 +135,7 @@ def _ready_filter(route: str, now: datetime) -> list[Any]:
         messages.c.route == route,
         messages.c.available_at <= now,
         messages.c.isolation.is_(None),
+        claimable(),  # never a promo or survey to a number that opted out
     ]
 
 
@@ -161,6 +163,7 @@ def _part_filter(route: str, now: datetime) -> list[Any]:
         messages.c.route == route,
         messages.c.isolation.is_not(None),
         messages.c.available_at <= now,
+        claimable(),
     ]
 
 
@@ -204,6 +207,7 @@ def claim_part(
             messages.c.state == State.QUEUED,
             messages.c.isolation == oldest,
             messages.c.available_at <= now,
+            claimable(),
         ],
         order_by=[messages.c.pk],
         limit=limit,

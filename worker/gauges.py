@@ -28,7 +28,7 @@ from sqlalchemy.pool import NullPool
 
 from config import Settings
 from worker.db import among, utcnow
-from worker.models import callbacks, messages, provider_reports
+from worker.models import callbacks, messages, provider_reports, suppressions
 from worker.pacing import PREFIX
 from worker.states import FINAL, State
 
@@ -303,6 +303,13 @@ class DatabaseCollector(Collector):
             max(0.0, time.time() - totals.read_at),
         )
         yield from self._backlog_gauges(backlog)
+        with engine.connect() as conn:  # the list's primary key: one index count
+            listed = conn.execute(select(func.count()).select_from(suppressions)).scalar_one()
+        yield _gauge(
+            "cascade_suppressed_numbers",
+            "Numbers on the suppression list (opted out of promo and surveys).",
+            listed,
+        )
 
     def _redis_gauges(self, client: redis.Redis) -> Iterable[GaugeMetricFamily]:
         paused = GaugeMetricFamily(

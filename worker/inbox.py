@@ -39,7 +39,14 @@ from worker.statuses import Report, apply
 BATCH_SIZE = 500
 MAX_BATCHES = 20  # per run; the next run (beat or a webhook's wake) takes the rest
 # States in which the message never left us: a reply cannot be an answer to it.
-_NEVER_SENT = (State.QUEUED, State.HELD, State.REJECTED, State.EXPIRED, State.CANCELLED)
+_NEVER_SENT = (
+    State.QUEUED,
+    State.HELD,
+    State.REJECTED,
+    State.EXPIRED,
+    State.CANCELLED,
+    State.SUPPRESSED,
+)
 # A report for a message in these states waits: our send answer is not committed yet.
 _NOT_YET_SUBMITTED = (State.QUEUED, State.HELD, State.SENDING)
 # A report parked at least this long (s) is tried again that much later (s); a younger one
@@ -86,17 +93,27 @@ def inbound_key(sender: str, text: str | None, sent_at: datetime | None) -> str 
 
 
 def store_inbound(
-    engine: Engine, items: Sequence[Inbound], received_at: datetime | None = None
+    engine: Engine,
+    items: Sequence[Inbound],
+    received_at: datetime | None = None,
+    settings: Settings | None = None,
 ) -> int:
     """Insert inbound SMS linked to the last message we sent that number; skip exact repeats.
 
     A provider retry sends the same SMS again: its key (`inbound_key`) is unique, so two
     pushes of it arriving at once store it once. Answers how many rows were inserted.
+    A STOP- or START-type reply changes the suppression list in the same transaction
+    (worker/consent.py), so no promo is claimed after the reply is stored.
     """
+    from config import get_settings
+    from worker.consent import apply_replies
+
     if not items:
         return 0
+    settings = settings or get_settings()
     received_at = received_at or utcnow()
     inserted = 0
+    stored: list[tuple[int, str, str | None]] = []
     with engine.begin() as conn:
         links: dict[str, int | None] = {}
         for item in items:
@@ -117,7 +134,10 @@ def store_inbound(
                 .on_conflict_do_nothing(index_elements=["dedup_key"])
                 .returning(inbound_messages.c.pk)
             )
-            inserted += len(conn.execute(stmt).all())
+            pks = conn.execute(stmt).scalars().all()
+            inserted += len(pks)
+            stored += [(pk, item.sender, item.text) for pk in pks]
+        apply_replies(conn, stored, settings.keywords, settings.suppressed_types, received_at)
     return inserted
 
 
@@ -304,14 +324,30 @@ def _write(conn: Connection, batch: _Batch, now: datetime) -> None:
 # --- reading --------------------------------------------------------------------------------
 
 
-def list_inbound(engine: Engine, limit: int = 100) -> list[dict[str, Any]]:
-    """The newest inbound SMS first, each with the id of the message it answers (or null)."""
+def list_inbound(
+    engine: Engine,
+    limit: int = 100,
+    *,
+    campaign: str | None = None,
+    since: datetime | None = None,
+    keywords: Any = None,
+) -> list[dict[str, Any]]:
+    """The newest inbound SMS first, each with the id of the message it answers (or null),
+    optionally only replies to a campaign's messages or received since a time. `consent`
+    says whether the reply opted out or in (by the keywords in force now)."""
+    from config import get_settings
+
+    keywords = keywords or get_settings().keywords
     stmt = (
         select(inbound_messages, messages.c.id.label("reply_to"))
         .outerjoin(messages, messages.c.pk == inbound_messages.c.message_pk)
         .order_by(inbound_messages.c.received_at.desc(), inbound_messages.c.pk.desc())
         .limit(limit)
     )
+    if campaign is not None:
+        stmt = stmt.where(messages.c.campaign == campaign)
+    if since is not None:
+        stmt = stmt.where(inbound_messages.c.received_at >= since)
     with engine.connect() as conn:
         return [
             {
@@ -321,6 +357,7 @@ def list_inbound(engine: Engine, limit: int = 100) -> list[dict[str, Any]]:
                 "sentAt": _iso(row.sent_at),
                 "replyTo": row.reply_to,
                 "source": row.source,
+                "consent": keywords.classify(row.text),
             }
             for row in conn.execute(stmt)
         ]

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -78,6 +79,8 @@ class Campaign(Base):
     rate_limit: Mapped[float | None] = mapped_column(Float)  # messages/s, under the global
     cap_day: Mapped[str | None] = mapped_column(String(10))  # the UTC day cap_released counts
     cap_released: Mapped[int | None] = mapped_column(Integer)
+    # Quiet hours of this campaign ("10:00-18:00", "off"), over SEND_WINDOW (migration 0011).
+    send_window: Mapped[str | None] = mapped_column(String(32))
 
 
 class Message(Base):
@@ -112,6 +115,11 @@ class Message(Base):
     # Rows of a refused batch being isolated share a key: they are claimed together and
     # never with other rows, so the halving's progress lives here, not in a worker.
     isolation: Mapped[str | None] = mapped_column(String(32))
+    # Consent (migration 0011): a message of a type the suppression list applies to (promo,
+    # surveys) is never claimed while its number is suppressed; `window_at` is when quiet
+    # hours let it go (set only when they held it back), for reports.
+    needs_consent: Mapped[bool] = mapped_column(Boolean, server_default=sql_text("false"))
+    window_at: Mapped[datetime | None]
 
     # Provider tracking.
     provider_message_id: Mapped[str | None] = mapped_column(String(64))
@@ -330,9 +338,41 @@ class Callback(Base):
     )
 
 
+class Suppression(Base):
+    """A number that opted out of promo and surveys (worker/consent.py): E.164 only."""
+
+    __tablename__ = "suppressions"
+
+    phone: Mapped[str] = mapped_column(String(20), primary_key=True)
+    created_at: Mapped[datetime]
+    source: Mapped[str] = mapped_column(String(16))  # reply | cli | api | import
+    evidence: Mapped[str | None] = mapped_column(Text)  # the reply's text, or a note
+    inbound_pk: Mapped[int | None] = mapped_column(
+        BigPK, ForeignKey("inbound_messages.pk", ondelete="SET NULL")
+    )
+
+
+class SuppressionEvent(Base):
+    """Every opt-out and opt-in, kept after the number is removed: the consent record."""
+
+    __tablename__ = "suppression_events"
+
+    pk: Mapped[int] = mapped_column(BigPK, primary_key=True, autoincrement=True)
+    phone: Mapped[str] = mapped_column(String(20), index=True)
+    at: Mapped[datetime]
+    action: Mapped[str] = mapped_column(String(8))  # add | remove
+    source: Mapped[str] = mapped_column(String(16))
+    evidence: Mapped[str | None] = mapped_column(Text)
+    inbound_pk: Mapped[int | None] = mapped_column(
+        BigPK, ForeignKey("inbound_messages.pk", ondelete="SET NULL")
+    )
+
+
 campaigns = Campaign.__table__
 messages = Message.__table__
 events = MessageEvent.__table__
 provider_reports = ProviderReport.__table__
 inbound_messages = InboundMessage.__table__
 callbacks = Callback.__table__
+suppressions = Suppression.__table__
+suppression_events = SuppressionEvent.__table__

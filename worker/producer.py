@@ -87,6 +87,7 @@ def row_for(
         "state": State.QUEUED,
         "created_at": now,
         "available_at": available_at(message.scheduled_sent, now, *keep),
+        "window_at": None,  # quiet hours (worker/quiet.py) set it when they hold it back
         "expires_at": start + timedelta(seconds=message.ttl) if message.ttl else None,
         "send_deadline": send_deadline(start, settings),
         "attempts": 0,
@@ -130,17 +131,26 @@ def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def store(engine: Engine, rows: list[dict[str, Any]], campaign: str | None = None) -> set[str]:
-    """Insert rows whose id is new; answer the ids actually inserted.
+def store(
+    engine: Engine,
+    rows: list[dict[str, Any]],
+    campaign: str | None = None,
+    expire: set[str] | frozenset[str] = frozenset(),
+) -> set[str]:
+    """Insert rows whose id is new; answer the ids actually inserted. Those in `expire`
+    (their TTL runs out before their send window opens) end `expired` at once.
 
     The campaign row is read under a share lock in the same transaction, so a cancel either
     commits first (and nothing is inserted) or waits and then cancels these rows too.
     """
-    return store_as(engine, rows, campaign)[0]
+    return store_as(engine, rows, campaign, expire)[0]
 
 
 def store_as(
-    engine: Engine, rows: list[dict[str, Any]], campaign: str | None = None
+    engine: Engine,
+    rows: list[dict[str, Any]],
+    campaign: str | None = None,
+    expire: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[set[str], State]:
     """`store`, and the state the new rows are in: `held` for a held, paused or metered
     campaign, else `queued`."""
@@ -168,6 +178,8 @@ def store_as(
                 for v in (state.held_at, state.paused_at, state.daily_cap, state.rate_limit)
             )
         inserted = insert_new(conn, messages, rows, key="id")
+        if expire & inserted:
+            _expire_new(conn, expire & inserted)
         if blocked and inserted:
             _hold_new(conn, inserted)
         return inserted, State.HELD if blocked else State.QUEUED
@@ -202,6 +214,40 @@ def _hold_new(conn: Connection, ids: set[str]) -> None:
         )
 
 
+def _expire_new(conn: Connection, ids: set[str]) -> None:
+    """Messages whose TTL runs out before quiet hours end: expired, never sent at night."""
+    from worker.quiet import WAITING_DETAIL
+
+    now = utcnow()
+    pks = list(
+        conn.execute(
+            update(messages)
+            .where(among(conn, messages.c.id, ids), messages.c.state == State.QUEUED)
+            .values(
+                state=State.EXPIRED,
+                final_at=now,
+                final_source="system",
+                error_code="QUIET_HOURS",
+                error_message=WAITING_DETAIL,
+            )
+            .returning(messages.c.pk)
+        ).scalars()
+    )
+    if pks:
+        journal = [
+            {
+                "message_pk": pk,
+                "at": now,
+                "source": "system",
+                "from_state": State.QUEUED,
+                "to_state": State.EXPIRED,
+                "detail": WAITING_DETAIL,
+            }
+            for pk in pks
+        ]
+        conn.execute(insert(events), journal)
+
+
 def existing_states(engine: Engine, ids: Iterable[str]) -> dict[str, str]:
     wanted = list(ids)
     if not wanted:
@@ -221,20 +267,27 @@ def enqueue(
     kick: bool = True,
     callback_url: str | None = None,
     callback_task: str | None = None,
+    send_window: str | None = None,
 ) -> list[EnqueueResult]:
     """Validate and queue messages (the cascade API's JSON objects); one result per message.
 
     Results come in input order. A refused message never stops the others. A cancelled
     campaign takes no new messages (`CampaignCancelled`). `callback_url`/`callback_task`
     are stored on the campaign (or, without one, apply to this call); messages without
-    callbacks of their own inherit the campaign's.
+    callbacks of their own inherit the campaign's. `send_window` ("10:00-18:00", "off") is
+    the campaign's quiet hours over SEND_WINDOW (worker/quiet.py). A promo or survey to a
+    number on the suppression list is rejected (worker/consent.py).
     """
+    from worker import consent, quiet
+
     check_campaign(campaign)
     inherited = campaign_callbacks(callback_url, callback_task)
     settings = settings or get_settings()
     engine = get_engine(settings.database_url)
     if campaign is not None:
         inherited = ensure_campaign(engine, campaign, inherited)
+    own_window = quiet.campaign_window(engine, campaign, send_window)
+    windows, suppressed_types = settings.windows, settings.suppressed_types
     rules = rules_from(settings)
     results: list[EnqueueResult] = []
     seen: set[str] = set()
@@ -257,15 +310,23 @@ def enqueue(
                 seen.add(checked.id)
                 rows.append(row_for(checked, campaign, now, settings))
                 chunk_results.append(None)
-        inserted, stored_as = store_as(engine, rows, campaign)
-        accepted_any = accepted_any or bool(inserted)
+        if refused := consent.door(engine, rows, suppressed_types):
+            chunk_results, rows = _refuse(chunk_results, rows, refused)
+        late = {
+            row["id"]
+            for row in rows
+            if quiet.place(row, windows.for_message(row["message_type"], own_window), now, settings)
+        }
+        inserted, stored_as = store_as(engine, rows, campaign, late)
+        accepted_any = accepted_any or bool(inserted - late)
         known = existing_states(engine, {r["id"] for r in rows} - inserted)
         pending = iter(rows)
         for result in chunk_results:
             if result is None:
                 message_id = next(pending)["id"]
+                accepted = State.EXPIRED if message_id in late else stored_as
                 result = (
-                    EnqueueResult(message_id, "accepted", stored_as)
+                    EnqueueResult(message_id, "accepted", accepted)
                     if message_id in inserted
                     else EnqueueResult(message_id, "duplicate", known.get(message_id))
                 )
@@ -273,6 +334,23 @@ def enqueue(
     if kick and accepted_any:
         wake_dispatcher(settings.broker_url)
     return results
+
+
+def _refuse(
+    results: list[EnqueueResult | None],
+    rows: list[dict[str, Any]],
+    refused: Mapping[str, FieldError],
+) -> tuple[list[EnqueueResult | None], list[dict[str, Any]]]:
+    """The rows refused after validation (the suppression list) become rejected results."""
+    pending = iter(rows)
+    answered: list[EnqueueResult | None] = []
+    for result in results:
+        if result is None:
+            row = next(pending)
+            if row["id"] in refused:
+                result = EnqueueResult(row["id"], "rejected", errors=(refused[row["id"]],))
+        answered.append(result)
+    return answered, [row for row in rows if row["id"] not in refused]
 
 
 WAKE_GAP_SECONDS = 0.5

@@ -165,7 +165,15 @@ def campaign_summary(engine: Engine, campaign: str) -> dict[str, Any] | None:
                 messages.c.campaign == campaign,
                 messages.c.state == State.QUEUED,
                 messages.c.scheduled_sent.is_not(None),
+                messages.c.window_at.is_(None),  # those are counted as waiting_for_window
                 messages.c.available_at > utcnow(),
+            )
+        ).scalar_one()
+        window = conn.execute(
+            select(func.count()).where(
+                messages.c.campaign == campaign,
+                messages.c.state == State.QUEUED,
+                messages.c.window_at > utcnow(),
             )
         ).scalar_one()
         money = _money(conn, campaign)
@@ -198,6 +206,8 @@ def campaign_summary(engine: Engine, campaign: str) -> dict[str, Any] | None:
         "polls": int(sum(row[4] for row in by_state)),
         # Of `queued`: scheduled messages we keep until shortly before their time.
         "waiting_for_time": waiting,
+        # Of `queued`: promo and surveys waiting for the recipient's send window (quiet hours).
+        "waiting_for_window": window,
         "control": campaign_control(engine, campaign),
         "finals_by_source": dict(sorted(sources.items())),
         "first_enqueued_at": _iso(min(row[6] for row in by_state)),

@@ -139,6 +139,7 @@ class SimulatorConfig:
     dlr_url: str | None = None
     dlr_form: DlrForm = "json"
     inbound_rate: float = 0.0
+    inbound_texts: list[str] = field(default_factory=lambda: list(INBOUND_TEXTS))
     push_duplicates: float = 0.0
     push_reorder: bool = False
     push_early: bool = False
@@ -194,6 +195,7 @@ def _check_config(config: SimulatorConfig) -> None:
         "dlr_url": (_valid_url(config.dlr_url), "must be an http(s) URL"),
         "dlr_form": (config.dlr_form in get_args(DlrForm), "must be 'json' or 'query'"),
         "inbound_rate": (0 <= config.inbound_rate <= 1, unit),
+        "inbound_texts": (bool(config.inbound_texts), "must name at least one reply text"),
         "push_duplicates": (0 <= config.push_duplicates <= 1, unit),
         "push_drop": (0 <= config.push_drop <= 1, unit),
     }
@@ -945,7 +947,7 @@ class _Simulator:
         replied = report.status == DLR_FINALS["delivered"] and config.inbound_rate
         if replied and rng.random() < config.inbound_rate:
             at = now + rng.uniform(0, AFTER_FINAL)
-            reply = _Report(DLR, DLR_INBOUND, at, report.message, rng.choice(INBOUND_TEXTS))
+            reply = _Report(DLR, DLR_INBOUND, at, report.message, rng.choice(config.inbound_texts))
             self._schedule(reply, now)
         if config.push_drop and rng.random() < config.push_drop:
             self.pushes_dropped += 1

@@ -25,6 +25,9 @@ class State(StrEnum):
     EXPIRED = "expired"
     CANCELLED = "cancelled"
     TIMEOUT = "timeout"
+    # The recipient opted out (a STOP reply, `cascade optout add`) while a promo or survey
+    # to them was still unsent: never sent, final (worker/consent.py).
+    SUPPRESSED = "suppressed"
 
 
 FINAL: frozenset[State] = frozenset(
@@ -37,6 +40,7 @@ FINAL: frozenset[State] = frozenset(
         State.EXPIRED,
         State.CANCELLED,
         State.TIMEOUT,
+        State.SUPPRESSED,
     }
 )
 
@@ -62,10 +66,18 @@ _FINAL_RANK = 9
 # Moves the worker itself makes (not provider reports).
 _SYSTEM_MOVES: dict[State, frozenset[State]] = {
     State.QUEUED: frozenset(
-        {State.SENDING, State.REJECTED, State.EXPIRED, State.CANCELLED, State.FAILED, State.HELD}
+        {
+            State.SENDING,
+            State.REJECTED,
+            State.EXPIRED,
+            State.CANCELLED,
+            State.FAILED,
+            State.HELD,
+            State.SUPPRESSED,
+        }
     ),
     # A held or paused campaign's messages: back to the queue on approve or resume.
-    State.HELD: frozenset({State.QUEUED, State.CANCELLED}),
+    State.HELD: frozenset({State.QUEUED, State.CANCELLED, State.SUPPRESSED}),
     State.SENDING: frozenset(
         {
             State.QUEUED,

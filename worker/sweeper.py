@@ -3,7 +3,8 @@
 - a send claim whose lease ran out (the worker died mid-batch) is treated as an unknown
   outcome: the request may have reached the provider;
 - a queued message whose TTL ran out is `expired`, one past its send deadline `failed`;
-- a message with the provider and no final status past its deadline is `timeout`.
+- a message with the provider and no final status past its deadline is `timeout`;
+- an unsent promo or survey whose number opted out is `suppressed` (worker/consent.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy import Engine, insert, select, update
 from config import Settings
 from worker.backoff import send_retry_delay
 from worker.campaigns import cancelled_campaigns
+from worker.consent import suppress_queued
 from worker.db import among, bulk_update, insert_rows, utcnow
 from worker.models import events, messages
 from worker.sendpolicy import Current, Unknown, decide
@@ -172,4 +174,5 @@ def sweep(engine: Engine, settings: Settings) -> dict[str, int]:
         "expired": expire_queued(engine),
         "gave_up": give_up(engine),
         "timeout": time_out(engine, settings),
+        "suppressed": suppress_queued(engine),
     }

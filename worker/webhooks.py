@@ -247,7 +247,7 @@ def _accept(
     engine = get_engine(settings.database_url)
     now = utcnow()
     store_reports(engine, reports, now)
-    store_inbound(engine, inbound, now)
+    store_inbound(engine, inbound, now, settings)
     if reports:
         tasks.add_task(wake, settings.broker_url)
     _log(reports, inbound, rejected)
