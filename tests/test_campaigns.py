@@ -396,8 +396,10 @@ def test_cancel_stops_unsent_messages_and_leaves_sent_ones(
 
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    # Unsent ones are cancelled now, or (mid-claim) as soon as their send comes back.
-    assert result["cancelled_now"] + result["in_flight"] == 200
+    # Unsent ones are cancelled now, or (mid-claim: the circuit's probe) as soon as their
+    # send comes back, which may be before the counts are read.
+    assert result["cancelled"] + result["in_flight"] == 200
+    assert result["cancelled_now"] >= 200 - 10 - result["in_flight"]  # all but the probe
     assert result["final_before"] == 50 and result["with_provider"] == 0
     sim.configure(api_key="test-key")
     report = stack.wait_final(campaign, 250)
