@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -142,9 +143,10 @@ def parse_types(value: str, setting: str = "SUPPRESS_MESSAGE_TYPES") -> frozense
 
     chosen = {t.strip() for t in value.split(",") if t.strip()}
     unknown = sorted(chosen - set(MESSAGE_TYPES))
-    if unknown:
+    if unknown:  # named only when it could be a mistyped type: else it may be a secret
+        named = [repr(t) for t in unknown if re.fullmatch(r"[a-z_]{1,40}", t)]
         raise ValueError(
-            f"{setting}: unknown message type {', '.join(map(repr, unknown))} "
+            f"{setting}: unknown message type {', '.join(named) or '(not shown)'} "
             f"(known: {', '.join(MESSAGE_TYPES)})"
         )
     return frozenset(chosen)

@@ -57,19 +57,31 @@ class Window:
         return minute >= self.start or minute < self.end
 
 
+_WINDOW_CHARACTERS = re.compile(r"[0-9:\- ]{1,20}")
+
+
+def _shown(text: str) -> str:
+    """The value as given when it could only be a mistyped window; else not echoed: a value
+    pasted into the wrong setting may be a secret."""
+    return repr(text) if _WINDOW_CHARACTERS.fullmatch(text) else "the value"
+
+
 def parse_window(text: str, setting: str = "SEND_WINDOW") -> Window | None:
-    """`09:00-20:00` → Window; `off` → None; anything else names the setting and the value."""
+    """`09:00-20:00` → Window; `off` → None; anything else names the setting (and the value,
+    when it is only digits, colons and dashes)."""
     if text.strip().lower() == OFF:
         return None
     match = _SPEC.match(text)
     if not match:
-        raise ValueError(f"{setting}: {text!r} is not a window like 09:00-20:00 (or 'off')")
+        raise ValueError(f"{setting}: {_shown(text)} is not a window like 09:00-20:00 (or 'off')")
     h1, m1, h2, m2 = (int(g) for g in match.groups())
     start, end = h1 * 60 + m1, h2 * 60 + m2
     if m1 > 59 or m2 > 59 or start >= _DAY or end > _DAY:
-        raise ValueError(f"{setting}: {text!r} has a time that is not HH:MM of a day")
+        raise ValueError(f"{setting}: {_shown(text)} has a time that is not HH:MM of a day")
     if start == end or (start == 0 and end == _DAY):
-        raise ValueError(f"{setting}: {text!r} is empty or the whole day; say 'off' for no window")
+        raise ValueError(
+            f"{setting}: {_shown(text)} is empty or the whole day; say 'off' for no window"
+        )
     return Window(start, end)
 
 
@@ -88,8 +100,10 @@ def parse_by_type(
         kind, eq, spec = entry.partition("=")
         kind = kind.strip()
         if not eq or kind not in MESSAGE_TYPES:
+            # The type is named only when it could be a mistyped one: else it may be a secret.
+            named = repr(kind) if re.fullmatch(r"[a-z_]{1,40}", kind) else "an entry"
             raise ValueError(
-                f"{setting}: {entry!r} must be TYPE=HH:MM-HH:MM or TYPE=off, TYPE one of "
+                f"{setting}: {named} is not TYPE=HH:MM-HH:MM or TYPE=off, TYPE one of "
                 f"{', '.join(MESSAGE_TYPES)}"
             )
         chosen[kind] = parse_window(spec, f"{setting} ({kind})")
