@@ -69,12 +69,15 @@ def test_configured_lists_replace_the_defaults() -> None:
         ({"OPTOUT_KEYWORDS": "STOP,,"}, "OPTOUT_KEYWORDS: entry 2"),
         ({"OPTIN_KEYWORDS": "START,?"}, "OPTIN_KEYWORDS: entry 2"),
         ({"OPTIN_KEYWORDS": "Stop"}, "OPTOUT_KEYWORDS and OPTIN_KEYWORDS both hold stop"),
-        ({"SUPPRESS_MESSAGE_TYPES": "promo,sms"}, "SUPPRESS_MESSAGE_TYPES: unknown message type"),
+        (
+            {"SUPPRESS_MESSAGE_TYPES": "promo,sms"},
+            "SUPPRESS_MESSAGE_TYPES: unknown message type 'sms'",
+        ),
         ({"SEND_WINDOW": "9-20"}, "SEND_WINDOW: '9-20' is not a window"),
         ({"SEND_WINDOW": "20:00-20:00"}, "SEND_WINDOW: '20:00-20:00' is empty"),
         ({"SEND_WINDOW": "09:00-25:00"}, "SEND_WINDOW: '09:00-25:00' has a time"),
         ({"SEND_WINDOW_BY_TYPE": "promo=10:00"}, "SEND_WINDOW_BY_TYPE (promo): '10:00'"),
-        ({"SEND_WINDOW_BY_TYPE": "sms=10:00-11:00"}, "SEND_WINDOW_BY_TYPE: 'sms=10:00-11:00'"),
+        ({"SEND_WINDOW_BY_TYPE": "sms=10:00-11:00"}, "SEND_WINDOW_BY_TYPE: 'sms' is not TYPE="),
         ({"SEND_WINDOW_FALLBACK_TIMEZONE": "Mars/Base"}, "SEND_WINDOW_FALLBACK_TIMEZONE"),
     ],
 )
