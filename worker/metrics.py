@@ -13,7 +13,6 @@ Label values are fixed vocabularies (outcomes, states, kinds): never a phone, a 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,9 +30,7 @@ from prometheus_client import (
 from prometheus_client.registry import Collector
 
 from worker.smsbat import (
-    BadRequest,
     NotFound,
-    OutcomeUnknown,
     ProviderError,
     SendClient,
     StatusClient,
@@ -95,21 +92,6 @@ def multiprocess_dir() -> str | None:
 # --- what the workers count ------------------------------------------------------------------
 
 
-def send_outcome(error: BaseException | None) -> str:
-    """The outcome label of one send request, from what SendClient raised (None: a 200)."""
-    if error is None:
-        return "200"
-    if isinstance(error, BadRequest):
-        return "400"
-    if isinstance(error, Unauthorized):
-        return "401"
-    if isinstance(error, Throttled):
-        return "429"
-    if isinstance(error, OutcomeUnknown):
-        return "unknown"
-    return "5xx"  # Unavailable: a 5xx, or no connection (the request never arrived)
-
-
 def check_outcome(answer: object) -> str:
     """The outcome label of one status check, from its answer or the error it raised."""
     if not isinstance(answer, ProviderError):
@@ -131,14 +113,10 @@ def count_checks(results: Iterable[tuple[Any, object]]) -> None:
         STATUS_CHECKS.labels(outcome).inc(n)
 
 
-def count_send_batch(report: Any, seen: Mapping[str, int]) -> None:
-    """Count a `dispatcher.BatchReport`: its requests by outcome, its messages by state.
-
-    The dispatcher's own tally (`answers`) wins when it has one; until then, the outcomes
-    the timed client saw during the task (`seen`) stand in.
-    """
-    answers = getattr(report, "answers", None) or seen
-    for outcome, n in answers.items():
+def count_send_batch(report: Any) -> None:
+    """Count a `dispatcher.BatchReport`: its requests by outcome (`sendpolicy.answer_label`),
+    its messages by state."""
+    for outcome, n in report.answers.items():
         if n and outcome != "held":  # nothing was sent
             SEND_REQUESTS.labels(outcome if outcome in SEND_OUTCOMES else "unknown").inc(n)
     for state, n in (report.counts or {}).items():
@@ -161,31 +139,14 @@ def observe_finals(durations: Sequence[float]) -> None:
 
 
 class TimedSendClient(SendClient):
-    """SendClient that times each request and tallies its outcome for the running task."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._seen: Tally[str] = Tally()
-        self._lock = threading.Lock()
+    """SendClient that times each request (its outcome is counted from the batch report)."""
 
     def send(self, route: str, payloads: Any) -> dict[str, str]:
         started = time.perf_counter()
-        error: BaseException | None = None
         try:
             return super().send(route, payloads)
-        except ProviderError as exc:
-            error = exc
-            raise
         finally:
             PROVIDER_LATENCY.labels("send").observe(time.perf_counter() - started)
-            with self._lock:
-                self._seen[send_outcome(error)] += 1
-
-    def take_seen(self) -> dict[str, int]:
-        """The outcomes since the last call (one task's), and start afresh."""
-        with self._lock:
-            seen, self._seen = dict(self._seen), Tally()
-        return seen
 
 
 class TimedStatusClient(StatusClient):

@@ -164,17 +164,11 @@ def send_batch(route: str) -> dict[str, Any]:
     waiting, so chain the next."""
     res = resources()
     report = dispatcher.send_batch(res.engine, res.sender, res.pacing, res.settings, route)
-    _count_send_batch(res, report)
+    metrics.count_send_batch(report)
     full = report.claimed >= dispatcher.batch_limit(res.settings)
     if (full or report.isolating) and not report.paused:
         send_batch.apply_async((route,))
     return asdict(report)
-
-
-def _count_send_batch(res: Resources, report: dispatcher.BatchReport) -> None:
-    """Metrics of a batch; the dispatcher logs its one line."""
-    seen = res.sender.take_seen() if isinstance(res.sender, metrics.TimedSendClient) else {}
-    metrics.count_send_batch(report, seen)
 
 
 def sending_behind(res: Resources) -> bool:
