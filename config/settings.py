@@ -369,4 +369,4 @@ def get_settings() -> Settings:
     named = os.environ.get(ENV_FILE_VARIABLE)
     if named and not Path(named).is_file():
         raise EnvFileMissing(f"{ENV_FILE_VARIABLE}={named}: no such file")
-    return Settings(_env_file=named or ".env")  # type: ignore[call-arg]
+    return Settings(_env_file=named or ".env")

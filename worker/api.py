@@ -463,7 +463,9 @@ class Health(BaseModel):
 
 def app_settings(request: Request) -> Settings:
     """The settings `create_app` was given; a dependency so tests can override them."""
-    return request.app.state.settings
+    settings = request.app.state.settings
+    assert isinstance(settings, Settings)
+    return settings
 
 
 SettingsDep = Annotated[Settings, Depends(app_settings)]
@@ -688,12 +690,13 @@ def control_campaign(
     from worker import campaigns as control
 
     engine = get_engine(settings.database_url)
-    run = {
+    controls: dict[str, Callable[[], dict[str, Any] | None]] = {
         "pause": lambda: control.pause_campaign(engine, campaign),
         "hold": lambda: control.hold_campaign(engine, campaign),
         "resume": lambda: control.resume_campaign(engine, campaign, settings.broker_url),
         "approve": lambda: control.approve_campaign(engine, campaign, settings.broker_url),
-    }[action]
+    }
+    run = controls[action]
     try:
         result = run()
     except ValueError as exc:  # cancelled, or not paused / not held
@@ -819,7 +822,7 @@ def dry_intake(body: bytes, settings: Settings) -> list[dict[str, Any]]:
             )
             continue
         encoding, _, parts = sms_parts(checked.text)
-        result = {"id": checked.id, "status": "valid", "state": None}
+        result: dict[str, Any] = {"id": checked.id, "status": "valid", "state": None}
         if checked.message_type != "flashcall":
             result |= {"smsParts": parts, "encoding": encoding}
         results.append(result)
@@ -922,9 +925,10 @@ def _ping_broker(url: str) -> None:
         client.close()
 
 
-async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's 422, without the `input` it echoes: a refused `callbackUrl` may carry a
     password (`loc` and `msg` still name the parameter and the problem)."""
+    assert isinstance(exc, RequestValidationError)  # registered for it alone
     problems = [{k: v for k, v in e.items() if k != "input"} for e in exc.errors()]
     return JSONResponse({"detail": jsonable_encoder(problems)}, status_code=422)
 

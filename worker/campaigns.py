@@ -124,7 +124,7 @@ def cancel_campaign(engine: Engine, name: str) -> dict[str, int] | None:
             error_message="campaign cancelled before the message was sent",
         )
     with engine.connect() as conn:
-        states = dict(
+        states: dict[str, int] = dict(
             conn.execute(
                 select(messages.c.state, func.count())
                 .where(messages.c.campaign == name)

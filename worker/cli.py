@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +214,7 @@ def campaign_launch(
         columns=mapping,
         dedupe=dedupe,
     )
-    columns = (
+    progress_columns = (
         SpinnerColumn(),
         TextColumn("{task.description}"),
         TextColumn("{task.fields[figures]}"),
@@ -222,7 +223,7 @@ def campaign_launch(
     started = time.monotonic()
     seen: list[Any] = []
     try:
-        with Progress(*columns, console=console, transient=False) as progress:
+        with Progress(*progress_columns, console=console, transient=False) as progress:
             task = progress.add_task("dry run" if dry_run else "launching", figures="")
 
             def show(stats: Any) -> None:
@@ -494,12 +495,13 @@ def _control(action: str, name: str, as_json: bool) -> None:
 
     settings = _settings()
     engine = _engine()
-    run = {
+    controls: dict[str, Callable[[], dict[str, Any] | None]] = {
         "pause": lambda: campaigns.pause_campaign(engine, name),
         "hold": lambda: campaigns.hold_campaign(engine, name),
         "resume": lambda: campaigns.resume_campaign(engine, name, settings.broker_url),
         "approve": lambda: campaigns.approve_campaign(engine, name, settings.broker_url),
-    }[action]
+    }
+    run = controls[action]
     try:
         result = run()
     except ValueError as exc:  # CampaignCancelled, CampaignStateError

@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeAlias
 
 import orjson
 from sqlalchemy import (
@@ -37,6 +37,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import ColumnElement
+
+# A row of any columns: SQLAlchemy types a row by its columns (Row[int, str, ...]), and
+# `Row[Any]` is a row of exactly one.
+AnyRow: TypeAlias = Row[*tuple[Any, ...]]
 
 
 def utcnow() -> datetime:
@@ -108,7 +112,9 @@ def require_schema(url: str) -> None:
         raise problem
 
 
-def among(conn: Connection | Engine, column: Any, values: Collection[Any]) -> ColumnElement[bool]:
+def among(
+    conn: Connection | Engine, column: ColumnElement[Any], values: Collection[Any]
+) -> ColumnElement[bool]:
     """`column IN (values)`, sent to PostgreSQL as one array: rendering and parsing an IN list
     of 1,000 keys took more client CPU (≈20 ms) than the statement took to run."""
     if conn.dialect.name == "postgresql":

@@ -17,13 +17,12 @@ from worker.producer import enqueue
 from worker.reports import campaign_report, campaign_summary
 from worker.stack import start_simulator, workers
 
-TYPES = (("transaction", 0.6), ("promo", 0.3), ("viber_survey", 0.05), ("flashcall", 0.05))
+TYPES = {"transaction": 0.6, "promo": 0.3, "viber_survey": 0.05, "flashcall": 0.05}
 
 
 def demo_messages(count: int, prefix: str, rng: random.Random) -> list[dict[str, Any]]:
-    kinds, weights = zip(*TYPES, strict=True)
     batch = []
-    for i, kind in enumerate(rng.choices(kinds, weights, k=count)):
+    for i, kind in enumerate(rng.choices(list(TYPES), list(TYPES.values()), k=count)):
         message: dict[str, Any] = {
             "id": f"{prefix}-{i:07d}",
             "fromName": "CascadeDemo",

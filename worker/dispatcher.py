@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Engine, Row, func, select
+from sqlalchemy import Connection, Engine, func, select
 
 from config import Settings
 from worker.campaigns import cancelled_campaigns
 from worker.consent import claimable
-from worker.db import among, bulk_update, claim_rows, insert_rows, utcnow
+from worker.db import AnyRow, among, bulk_update, claim_rows, insert_rows, utcnow
 from worker.models import events, messages
 from worker.sendpolicy import (
     Answer,
@@ -176,7 +176,7 @@ def parts_ready(engine: Engine, route: str, now: datetime) -> bool:
 
 def claim(
     engine: Engine, route: str, now: datetime, limit: int, lease: float, token: str
-) -> list[Row[Any]]:
+) -> list[AnyRow]:
     """Take up to `limit` ready messages, urgent types first, in one statement."""
     return claim_rows(
         engine,
@@ -191,7 +191,7 @@ def claim(
 
 def claim_part(
     engine: Engine, route: str, now: datetime, limit: int, lease: float, token: str
-) -> list[Row[Any]]:
+) -> list[AnyRow]:
     """Take the ready rows of the oldest isolation part: a part is never mixed with others."""
     oldest = (
         select(messages.c.isolation)
@@ -224,7 +224,7 @@ def _claimed(now: datetime, lease: float, token: str) -> dict[str, Any]:
     }
 
 
-def provider_payload(row: Row[Any]) -> dict[str, Any]:
+def provider_payload(row: AnyRow) -> dict[str, Any]:
     return OutgoingMessage(
         id=row.id,
         from_name=row.from_name,
@@ -242,7 +242,7 @@ def record(
     engine: Engine,
     token: str,
     outcomes: Sequence[Outcome],
-    claimed: dict[int, Row[Any]],
+    claimed: dict[int, AnyRow],
     settings: Settings,
     now: datetime | None = None,
 ) -> dict[str, int]:
@@ -297,7 +297,7 @@ def record(
     return counts
 
 
-def _locked_claim(conn: Connection, token: str, pks: list[int]) -> dict[int, Row[Any]]:
+def _locked_claim(conn: Connection, token: str, pks: list[int]) -> dict[int, AnyRow]:
     """The rows still under this claim, locked in key order (as every writer locks them)."""
     rows = conn.execute(
         select(
@@ -341,7 +341,7 @@ def post(
     pacing: SendPacing,
     settings: Settings,
     route: str,
-    rows: Sequence[Row[Any]],
+    rows: Sequence[AnyRow],
 ) -> Answer:
     """One request for the claimed rows: the provider's answer, or why nothing was sent.
 

@@ -194,7 +194,7 @@ def _local(part: str) -> datetime:
         raise ValueError(f"date: {_show(part)} is not yymmddHHMM")
     values = [int(part[i : i + 2]) for i in range(0, 10, 2)]
     try:
-        return datetime(2000 + values[0], *values[1:])
+        return datetime(2000 + values[0], values[1], values[2], values[3], values[4])
     except ValueError:
         raise ValueError(f"date: {_show(part)} is not a valid yymmddHHMM time") from None
 

@@ -23,12 +23,12 @@ from typing import Any
 import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import ColumnElement, Engine, create_engine, func, select
 from sqlalchemy.pool import NullPool
 
 from config import Settings
 from worker.db import among, utcnow
-from worker.models import callbacks, messages, provider_reports, suppressions
+from worker.models import UTCDateTime, callbacks, messages, provider_reports, suppressions
 from worker.pacing import PREFIX
 from worker.states import FINAL, State
 
@@ -127,11 +127,13 @@ class Backlog:
     dead_callbacks: int
 
 
-def _as_datetime(value: Any, template: Any) -> datetime | None:
+def _as_datetime(value: object, template: ColumnElement[Any]) -> datetime | None:
     """min() of a timestamp comes back typed on PostgreSQL, as text on SQLite."""
     if value is None or isinstance(value, datetime):
         return value
-    return template.type.process_result_value(datetime.fromisoformat(str(value)), None)
+    column_type = template.type
+    assert isinstance(column_type, UTCDateTime), template
+    return column_type.process_result_value(datetime.fromisoformat(str(value)), None)
 
 
 def read_backlog(engine: Engine, now: datetime | None = None) -> Backlog:
@@ -294,8 +296,8 @@ class DatabaseCollector(Collector):
             labels=["campaign", "state"],
         )
         shown = totals.top_campaigns(settings.metrics_top_campaigns)
-        for (campaign, state), n in sorted(shown.items()):
-            by_campaign.add_metric([campaign, state], n)
+        for (campaign, state_name), n in sorted(shown.items()):
+            by_campaign.add_metric([campaign, state_name], n)
         yield by_campaign
         yield _gauge(
             "cascade_message_totals_age_seconds",

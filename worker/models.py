@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     SmallInteger,
     String,
+    Table,
     Text,
     TypeDecorator,
 )
@@ -368,11 +369,19 @@ class SuppressionEvent(Base):
     )
 
 
-campaigns = Campaign.__table__
-messages = Message.__table__
-events = MessageEvent.__table__
-provider_reports = ProviderReport.__table__
-inbound_messages = InboundMessage.__table__
-callbacks = Callback.__table__
-suppressions = Suppression.__table__
-suppression_events = SuppressionEvent.__table__
+def _table(model: type[Base]) -> Table:
+    """The mapped class's Table: SQLAlchemy types `__table__` as any FromClause, and the
+    statements and helpers here need the Table (its columns, insert/update)."""
+    table = model.__table__
+    assert isinstance(table, Table), model
+    return table
+
+
+campaigns = _table(Campaign)
+messages = _table(Message)
+events = _table(MessageEvent)
+provider_reports = _table(ProviderReport)
+inbound_messages = _table(InboundMessage)
+callbacks = _table(Callback)
+suppressions = _table(Suppression)
+suppression_events = _table(SuppressionEvent)

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, select, update
+from sqlalchemy import Engine, select, update
 
 from config import Settings
 from worker.backoff import poll_interval
-from worker.db import among, bulk_update, claim_rows, insert_rows, utcnow
+from worker.db import AnyRow, among, bulk_update, claim_rows, insert_rows, utcnow
 from worker.metrics import count_checks
 from worker.models import events, messages
 from worker.pacing import Pacing
@@ -104,7 +104,7 @@ def needs_fresh_lease(claimed: datetime, now: datetime, lease: float) -> bool:
     return (claimed - now).total_seconds() < lease * TIME_LIMIT_SHARE
 
 
-def take(engine: Engine, pks: Sequence[int], claimed: datetime, lease: float) -> list[Row[Any]]:
+def take(engine: Engine, pks: Sequence[int], claimed: datetime, lease: float) -> list[AnyRow]:
     """The rows still under the claim marked `claimed`, leased afresh if the claim is old.
 
     A task can wait in the queue past its claim's lease; by then another sweep may have
@@ -126,7 +126,7 @@ def take(engine: Engine, pks: Sequence[int], claimed: datetime, lease: float) ->
         return list(conn.execute(stmt).all())
 
 
-def _due(row: Row[Any], now: datetime, min_gap: float) -> bool:
+def _due(row: AnyRow, now: datetime, min_gap: float) -> bool:
     return (
         row.state in _POLLABLE
         and row.provider_message_id is not None
@@ -309,7 +309,7 @@ def _describe(result: Answer | None) -> str | None:
 
 
 def _next(
-    row: Row[Any],
+    row: AnyRow,
     checked: Checked | None,
     settings: Settings,
     now: datetime,

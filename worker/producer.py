@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import islice
@@ -214,7 +214,7 @@ def _hold_new(conn: Connection, ids: set[str]) -> None:
         )
 
 
-def _expire_new(conn: Connection, ids: set[str]) -> None:
+def _expire_new(conn: Connection, ids: Set[str]) -> None:
     """Messages whose TTL runs out before quiet hours end: expired, never sent at night."""
     from worker.quiet import WAITING_DETAIL
 

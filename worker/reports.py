@@ -35,7 +35,7 @@ from sqlalchemy import (
 )
 
 from worker.campaigns import campaign_control
-from worker.db import utcnow
+from worker.db import AnyRow, utcnow
 from worker.models import UTCDateTime, events, messages
 from worker.redact import mask_phone
 from worker.states import FINAL, State
@@ -444,7 +444,7 @@ _OUTCOME_SOURCE = [
 ]
 
 
-def _outcome(row: Row[Any]) -> dict[str, Any]:
+def _outcome(row: AnyRow) -> dict[str, Any]:
     # Unpacked by position: named access on a Row costs more than the rest of this function.
     (
         _pk,
@@ -526,7 +526,7 @@ def deliveries_over_time(engine: Engine, campaign: str, buckets: int = 60) -> di
 
 def _bucket_counts(
     conn: Connection, campaign: str, start: datetime, width: int
-) -> Sequence[Row[Any]]:
+) -> Sequence[Row[Any, str, int]]:
     """(bucket index, state, count) rows; the index is grouped in a subquery, so its bound
     parameters appear once (PostgreSQL refuses a GROUP BY that repeats them)."""
     offset = _seconds(conn, literal(start, UTCDateTime()), messages.c.final_at) / width
@@ -551,7 +551,7 @@ def _timeline(
     end: datetime,
     width: int,
     count: int,
-    rows: Sequence[Row[Any]],
+    rows: Sequence[Row[Any, str, int]],
 ) -> dict[str, Any]:
     present = {row.state for row in rows}
     states = [state.value for state in FINAL_ORDER if state in present]

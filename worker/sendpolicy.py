@@ -71,7 +71,7 @@ def provider_answered(answer: Answer) -> bool:
     return isinstance(answer, Mapping | BadRequest)
 
 
-def provider_failed(answer: Answer) -> bool:
+def provider_failed(answer: object) -> bool:
     """A fault of the provider's, not of the messages': it counts towards the circuit."""
     return isinstance(answer, Unavailable | OutcomeUnknown)
 

@@ -21,7 +21,7 @@ from base64 import b64encode
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import quote
 from urllib.request import getproxies, proxy_bypass
 
@@ -194,7 +194,7 @@ def parse_send_answer(body: bytes) -> dict[str, str]:
 _MESSAGE_ID = re.compile(r"[A-Za-z0-9._~:-]{1,64}")
 
 
-def _usable_message_id(value: object) -> bool:
+def _usable_message_id(value: object) -> TypeGuard[str]:
     """Fits the column and a status URL; anything else counts as not confirmed."""
     return isinstance(value, str) and _MESSAGE_ID.fullmatch(value) is not None
 

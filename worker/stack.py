@@ -303,6 +303,8 @@ class PrivatePostgres:
         return f"postgresql+psycopg://postgres@{self.host}:{self.port}/{database}"
 
     def _ctl(self, *args: str) -> None:
+        if self.datadir is None:
+            raise RuntimeError("the cluster is not initialised: call init() or start() first")
         log = str(self.datadir / "server.log")  # the postgres user can write there
         command = [_postgres_bin("pg_ctl"), "-D", str(self.datadir), "-l", log, "-w", *args]
         subprocess.run(_as_postgres(command), check=True, capture_output=True, timeout=120)

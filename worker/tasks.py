@@ -13,6 +13,7 @@ from typing import Any
 
 from celery.utils.saferepr import saferepr
 from celery.worker.request import Request
+from kombu.transport.redis import Channel as RedisChannel
 from sqlalchemy import Engine
 
 from config import Settings, get_settings
@@ -59,7 +60,9 @@ def resources() -> Resources:
 
 def queue_length(name: str) -> int:
     with app.connection_for_read() as conn:
-        return int(conn.default_channel.client.llen(name))
+        channel = conn.default_channel
+        assert isinstance(channel, RedisChannel), "the broker is Redis"
+        return int(channel.client.llen(name))
 
 
 INTAKE_ARGUMENTS = ("messages", "campaign", "callback_url", "callback_task")
@@ -81,7 +84,7 @@ def intake_summary(args: Any, kwargs: Any) -> tuple[str, str]:
     return saferepr(shown_args), saferepr(shown_kwargs)
 
 
-def _summarise(name: str, value: Any) -> str:
+def _summarise(name: str, value: Any) -> str | None:
     if name == "messages":
         if not isinstance(value, list | tuple):
             return f"<not a list: {type(value).__name__}>"
@@ -101,10 +104,10 @@ class IntakeRequest(Request):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        summary = intake_summary(self._args, self._kwargs)
+        summary = intake_summary(self.args, self.kwargs)
         self._argsrepr, self._kwargsrepr = summary
         # The child reads task.request from this dict (and error reports show it).
-        self._request_dict["argsrepr"], self._request_dict["kwargsrepr"] = summary
+        self.request_dict["argsrepr"], self.request_dict["kwargsrepr"] = summary
 
 
 @app.task(name="cascade.enqueue", ignore_result=False, Request=IntakeRequest)

@@ -215,9 +215,13 @@ def validate_message(
         errors.append(FieldError("route", problem))
     if errors:
         return errors
+    message_id, from_name = get("id"), get("fromName")
+    # Checked above: the required fields are strings.
+    assert isinstance(message_id, str) and isinstance(from_name, str)
+    assert isinstance(phone, str) and isinstance(message_type, str)
     return OutgoingMessage(
-        id=get("id"),
-        from_name=get("fromName"),
+        id=message_id,
+        from_name=from_name,
         to_phone=phone,
         message_type=message_type,
         text=get("text"),
