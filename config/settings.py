@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     schedule_hold_ahead_seconds: float = Field(600.0, ge=0, alias="SCHEDULE_HOLD_AHEAD_SECONDS")
     schedule_send_lead_seconds: float = Field(120.0, ge=0, alias="SCHEDULE_SEND_LEAD_SECONDS")
 
-    # --- consent and quiet hours (worker/consent.py, worker/quiet.py) ------------------------
+    # --- consent and quiet hours (worker/flows/consent.py, worker/core/quiet.py) ------------------
     # Comma-separated; a reply that, folded (case, accents, spaces, punctuation), IS one of
     # them opts its sender out / back in. Unset: English, Ukrainian, Russian, Polish, Czech,
     # Slovak, Romanian and German defaults.
@@ -228,8 +228,8 @@ class Settings(BaseSettings):
         """Keyword lists, types and windows checked at start-up; each error names its setting."""
         from zoneinfo import ZoneInfo
 
-        from worker.consent import keywords_from, parse_types
-        from worker.quiet import windows_from
+        from worker.core.keywords import keywords_from, parse_types
+        from worker.core.quiet import windows_from
 
         keywords_from(self.optout_keywords, self.optin_keywords)
         parse_types(self.suppress_message_types)
@@ -244,19 +244,19 @@ class Settings(BaseSettings):
 
     @property
     def keywords(self) -> Any:
-        from worker.consent import keywords_from
+        from worker.core.keywords import keywords_from
 
         return keywords_from(self.optout_keywords, self.optin_keywords)
 
     @property
     def suppressed_types(self) -> frozenset[str]:
-        from worker.consent import parse_types
+        from worker.core.keywords import parse_types
 
         return parse_types(self.suppress_message_types)
 
     @property
     def windows(self) -> Any:
-        from worker.quiet import windows_from
+        from worker.core.quiet import windows_from
 
         return windows_from(self.send_window, self.send_window_by_type)
 

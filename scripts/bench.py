@@ -42,11 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from config import Settings  # noqa: E402
 from worker.celery import SEND_QUEUE, app  # noqa: E402
-from worker.cli import upgrade_database  # noqa: E402
-from worker.db import get_engine, make_engine  # noqa: E402
-from worker.models import messages  # noqa: E402
-from worker.producer import enqueue, wake_dispatcher  # noqa: E402
-from worker.stack import (  # noqa: E402
+from worker.core.states import FINAL  # noqa: E402
+from worker.dev.stack import (  # noqa: E402
     Process,
     Simulator,
     spawn,
@@ -54,7 +51,10 @@ from worker.stack import (  # noqa: E402
     start_simulator,
     workers,
 )
-from worker.states import FINAL  # noqa: E402
+from worker.flows.producer import enqueue, wake_dispatcher  # noqa: E402
+from worker.store.db import get_engine, make_engine  # noqa: E402
+from worker.store.migrate import upgrade_database  # noqa: E402
+from worker.store.models import messages  # noqa: E402
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/15"
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"

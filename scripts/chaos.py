@@ -63,11 +63,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from config import Settings  # noqa: E402
-from worker.cli import upgrade_database  # noqa: E402
-from worker.db import get_engine  # noqa: E402
-from worker.models import events, messages  # noqa: E402
-from worker.producer import enqueue  # noqa: E402
-from worker.stack import (  # noqa: E402
+from worker.core.states import FINAL, journal_allows  # noqa: E402
+from worker.dev.stack import (  # noqa: E402
     PrivatePostgres,
     PrivateRedis,
     Simulator,
@@ -75,7 +72,10 @@ from worker.stack import (  # noqa: E402
     start_simulator,
     workers,
 )
-from worker.states import FINAL, journal_allows  # noqa: E402
+from worker.flows.producer import enqueue  # noqa: E402
+from worker.store.db import get_engine  # noqa: E402
+from worker.store.migrate import upgrade_database  # noqa: E402
+from worker.store.models import events, messages  # noqa: E402
 
 API_KEY = "chaos-key"
 # Short timings so leases run out and polls come due within a short run.

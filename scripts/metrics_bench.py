@@ -4,7 +4,7 @@
 
 Fills a fresh database with a campaign mix after a busy day (200 campaigns; 94 % final,
 2 % queued, 2 % awaiting a status check, 2 % expired), VACUUM ANALYZE, then times the
-per-scrape statement (worker.gauges.read_backlog), the totals refresh (every message by
+per-scrape statement (worker.observe.gauges.read_backlog), the totals refresh (every message by
 campaign and state, at most every METRICS_TOTALS_SECONDS) and a whole exposition. Prints
 the median and the worst; the database is dropped at the end.
 """
@@ -25,16 +25,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from config import Settings  # noqa: E402
-from worker.cli import upgrade_database  # noqa: E402
-from worker.db import utcnow  # noqa: E402
-from worker.gauges import (  # noqa: E402
+from worker.observe.gauges import (  # noqa: E402
     DatabaseCollector,
     backlog_statement,
     metrics_engine,
     read_backlog,
     read_totals,
 )
-from worker.metrics import exposition  # noqa: E402
+from worker.observe.metrics import exposition  # noqa: E402
+from worker.store.db import utcnow  # noqa: E402
+from worker.store.migrate import upgrade_database  # noqa: E402
 
 ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 FILL = """

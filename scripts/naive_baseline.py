@@ -16,7 +16,7 @@ import httpx
 from celery import Celery
 from sqlalchemy import Column, MetaData, String, Table, update
 
-from worker.db import make_engine
+from worker.store.db import make_engine
 
 metadata = MetaData()
 naive_messages = Table(

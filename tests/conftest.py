@@ -23,7 +23,7 @@ import psycopg
 import pytest
 import redis
 
-from worker.stack import PrivateRedis, Simulator, Workers, start_simulator, workers
+from worker.dev.stack import PrivateRedis, Simulator, Workers, start_simulator, workers
 
 # The port is chosen now, so the in-process Celery app (it wakes the dispatcher) is built
 # for it; the server starts in pytest_configure. DB 15 is that app's, never a stack's.
@@ -37,10 +37,10 @@ os.environ["BROKER_URL"] = f"{REDIS}/15"
 os.environ["DATABASE_URL"] = "sqlite://"  # in memory, for a test that forgets its own
 
 from config import Settings  # noqa: E402
-from worker.cli import upgrade_database  # noqa: E402
-from worker.db import get_engine  # noqa: E402
-from worker.producer import EnqueueResult, enqueue  # noqa: E402
-from worker.reports import campaign_summary  # noqa: E402
+from worker.flows.producer import EnqueueResult, enqueue  # noqa: E402
+from worker.ops.reports import campaign_summary  # noqa: E402
+from worker.store.db import get_engine  # noqa: E402
+from worker.store.migrate import upgrade_database  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -18,9 +18,9 @@ import pytest
 import schemathesis
 
 from tests.conftest import REDIS, Stack, make_messages
-from worker.api import MAX_BODY_BYTES, MAX_MESSAGES
-from worker.campaigns import cancel_campaign
-from worker.stack import Api, Simulator, free_port, start_api
+from worker.dev.stack import Api, Simulator, free_port, start_api
+from worker.flows.campaigns import cancel_campaign
+from worker.http.app import MAX_BODY_BYTES, MAX_MESSAGES
 
 TOKEN = "api-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -43,7 +43,7 @@ def client(api: Api) -> Iterator[httpx.Client]:
 
 def cli_json(*args: str, database_url: str) -> Any:
     done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args, "--json"],
+        [sys.executable, "-m", "worker.ops.cli", *args, "--json"],
         capture_output=True,
         text=True,
         env={**os.environ, "DATABASE_URL": database_url},
@@ -236,7 +236,7 @@ def test_a_database_outage_is_503_for_producers_and_healthz(tmp_path: Path, redi
 def test_the_api_refuses_to_start_without_api_token(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "API_TOKEN"}
     done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "api", "--port", str(free_port())],
+        [sys.executable, "-m", "worker.ops.cli", "api", "--port", str(free_port())],
         capture_output=True,
         text=True,
         env={**env, "BROKER_URL": f"{REDIS}/15"},
@@ -307,7 +307,7 @@ def test_hold_approve_pause_resume_and_a_phone_region_over_http(
     with stack.engine.connect() as conn:
         from sqlalchemy import select
 
-        from worker.models import messages
+        from worker.store.models import messages
 
         phones = set(
             conn.execute(

@@ -19,10 +19,10 @@ from schemathesis.core.parameters import ParameterLocation
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from config import Settings
-from worker.api import MAX_MESSAGES, app_settings, create_app
-from worker.cli import upgrade_database
-from worker.producer import enqueue
-from worker.validation import validate_message
+from worker.core.validation import validate_message
+from worker.flows.producer import enqueue
+from worker.http.app import MAX_MESSAGES, app_settings, create_app
+from worker.store.migrate import upgrade_database
 
 TOKEN = "schema-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

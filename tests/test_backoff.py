@@ -1,4 +1,4 @@
-"""Pure timing decisions (worker/backoff.py): retry delays, poll schedule, Retry-After."""
+"""Pure timing decisions (worker/core/backoff.py): retry delays, poll schedule, Retry-After."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.backoff import parse_retry_after, poll_deadline, poll_interval, send_retry_delay
+from worker.core.backoff import parse_retry_after, poll_deadline, poll_interval, send_retry_delay
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -30,12 +30,13 @@ from sqlalchemy import delete, func, select
 from config import Settings
 from tests.conftest import REDIS, claim_redis_db, release_redis_db
 from tests.test_validation import JSON_VALUES, valid_messages
-from worker.api import create_app
-from worker.campaigns import CampaignError, Defaults, launch, rejected_path
-from worker.db import get_engine, utcnow
-from worker.models import campaigns, events, inbound_messages, messages, provider_reports
-from worker.producer import enqueue
-from worker.validation import FIELDS, OutgoingMessage, validate_message
+from worker.core.validation import FIELDS, OutgoingMessage, validate_message
+from worker.flows.campaigns import CampaignError
+from worker.flows.launch import Defaults, launch, rejected_path
+from worker.flows.producer import enqueue
+from worker.http.app import create_app
+from worker.store.db import get_engine, utcnow
+from worker.store.models import campaigns, events, inbound_messages, messages, provider_reports
 
 TOKEN, HOOK_TOKEN = "bad-input-api-token", "bad-input-hook-token"
 PROPERTY = hypothesis_settings(

@@ -26,13 +26,13 @@ from sqlalchemy import Engine, literal, select, update
 
 from config import Settings
 from tests.conftest import make_messages, make_stack
-from worker.callbacks import deliver_due, list_callbacks, retry_dead
-from worker.db import get_engine, utcnow
-from worker.models import callbacks, messages
-from worker.producer import enqueue
-from worker.signing import verify_signature
-from worker.stack import free_port, wait_for
-from worker.validation import OutgoingMessage, validate_message
+from worker.core.signing import verify_signature
+from worker.core.validation import OutgoingMessage, validate_message
+from worker.dev.stack import free_port, wait_for
+from worker.flows.callbacks import deliver_due, list_callbacks, retry_dead
+from worker.flows.producer import enqueue
+from worker.store.db import get_engine, utcnow
+from worker.store.models import callbacks, messages
 
 SECRET = "test-callback-secret"
 TIMEOUT = 5.0  # CALLBACK_TIMEOUT_SECONDS here: generous, for a loaded test machine
@@ -316,7 +316,7 @@ def test_snake_case_callback_field_gets_a_hint() -> None:
 
 
 def test_signature_verification_refuses_tampering_other_secrets_and_replays() -> None:
-    from worker.signing import sign
+    from worker.core.signing import sign
 
     body, stamp = b'{"event":"message.final"}', "1700000000"
     good = sign(SECRET, stamp, body)

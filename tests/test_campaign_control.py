@@ -16,25 +16,24 @@ from sqlalchemy import func, select
 
 from config import Settings
 from tests.conftest import Stack, make_messages
-from worker.campaigns import (
+from worker.core.states import journal_allows
+from worker.flows.campaigns import (
     CampaignCancelled,
     CampaignError,
     CampaignStateError,
-    Defaults,
     approve_campaign,
     cancel_campaign,
     enforce_holds,
     hold_campaign,
     later_by,
-    launch,
     pause_campaign,
     resume_campaign,
 )
-from worker.db import get_engine, utcnow
-from worker.models import events, messages
-from worker.producer import enqueue
-from worker.reports import campaign_summary
-from worker.states import journal_allows
+from worker.flows.launch import Defaults, launch
+from worker.flows.producer import enqueue
+from worker.ops.reports import campaign_summary
+from worker.store.db import get_engine, utcnow
+from worker.store.models import events, messages
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -61,7 +60,7 @@ def journal(settings: Settings, campaign: str) -> list[tuple[str, str, str, str]
 
 
 def claimable(settings: Settings) -> int:
-    from worker.dispatcher import ready_summary
+    from worker.flows.dispatcher import ready_summary
 
     engine = get_engine(settings.database_url)
     return ready_summary(engine, "standard", utcnow() + timedelta(seconds=1), 10_000, 1)[0]
@@ -141,7 +140,7 @@ def test_cancel_cancels_held_messages_and_a_cancelled_campaign_cannot_be_resumed
 
 
 def test_a_send_in_flight_when_paused_is_held_when_it_comes_back(settings: Settings) -> None:
-    from worker.dispatcher import Retry, claim, record
+    from worker.flows.dispatcher import Retry, claim, record
 
     engine = get_engine(settings.database_url)
     enqueue(make_messages(2, "fly"), "fly", settings=settings, kick=False)
@@ -177,7 +176,7 @@ def _cli(
 ) -> subprocess.CompletedProcess[str]:
     base = {"DATABASE_URL": stack.settings.database_url, "BROKER_URL": stack.settings.broker_url}
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
+        [sys.executable, "-m", "worker.ops.cli", *args],
         capture_output=True,
         text=True,
         env={**os.environ, **base, **(env or {})},
@@ -237,7 +236,7 @@ def wait_until(check: Callable[[], bool], timeout: float = 20) -> None:
 
 
 def test_available_at_keeps_far_scheduled_messages_until_shortly_before() -> None:
-    from worker.producer import available_at
+    from worker.flows.producer import available_at
 
     now = utcnow()
     hour = now + timedelta(hours=1)
@@ -297,7 +296,8 @@ def test_cancel_stops_scheduled_messages_on_a_running_worker(
 
 
 def test_retry_states_are_checked() -> None:
-    from worker.campaigns import CampaignError, retry_states
+    from worker.flows.campaigns import CampaignError
+    from worker.flows.launch import retry_states
 
     assert retry_states("Undeliverable, failed,failed") == ("undeliverable", "failed")
     for given, problem in (
@@ -311,7 +311,8 @@ def test_retry_states_are_checked() -> None:
 
 
 def test_retry_sends_what_did_not_arrive_as_a_linked_campaign(settings: Settings) -> None:
-    from worker.campaigns import CampaignError, list_campaigns, retry_campaign
+    from worker.flows.campaigns import CampaignError, list_campaigns
+    from worker.flows.launch import retry_campaign
 
     engine = get_engine(settings.database_url)
     enqueue(make_messages(6, "orig"), "orig", settings=settings, kick=False)
@@ -349,7 +350,7 @@ def test_retry_sends_what_did_not_arrive_as_a_linked_campaign(settings: Settings
 
 
 def test_a_daily_cap_releases_that_many_a_day_and_holds_the_rest(settings: Settings) -> None:
-    from worker.campaigns import campaign_control, meter, set_limits
+    from worker.flows.campaigns import campaign_control, meter, set_limits
 
     engine = get_engine(settings.database_url)
     enqueue(make_messages(25, "cap"), "cap", settings=settings, kick=False)
@@ -386,7 +387,7 @@ def test_a_daily_cap_releases_that_many_a_day_and_holds_the_rest(settings: Setti
 
 
 def test_a_campaign_rate_keeps_that_many_queued_per_tick(settings: Settings) -> None:
-    from worker.campaigns import meter, set_limits
+    from worker.flows.campaigns import meter, set_limits
 
     engine = get_engine(settings.database_url)
     enqueue(make_messages(30, "rate"), "rate", settings=settings, kick=False)
@@ -406,7 +407,7 @@ def test_a_campaign_rate_keeps_that_many_queued_per_tick(settings: Settings) -> 
 
 
 def test_a_rate_limited_campaign_on_a_running_worker(stack: Stack, sim, campaign: str) -> None:
-    from worker.campaigns import set_limits
+    from worker.flows.campaigns import set_limits
 
     stack.enqueue(make_messages(1, campaign), campaign)  # the campaign
     stack.wait_final(campaign, 1)

@@ -16,20 +16,11 @@ from sqlalchemy import func, select
 
 from config import Settings
 from tests.conftest import Stack, make_messages
-from worker.campaigns import (
-    CampaignCancelled,
-    CampaignError,
-    Defaults,
-    Row,
-    cancel_campaign,
-    generated_id,
-    launch,
-    read_rows,
-    to_message,
-)
-from worker.db import get_engine, utcnow
-from worker.models import messages
-from worker.validation import validate_message
+from worker.core.validation import validate_message
+from worker.flows.campaigns import CampaignCancelled, CampaignError, cancel_campaign
+from worker.flows.launch import Defaults, Row, generated_id, launch, read_rows, to_message
+from worker.store.db import get_engine, utcnow
+from worker.store.models import messages
 
 HEADER = "id,fromName,toPhone,messageType,text\n"
 
@@ -168,7 +159,7 @@ MAPPED = Defaults(
 
 
 def test_columns_are_mapped_to_fields_and_bad_mappings_named(tmp_path: Path) -> None:
-    from worker.campaigns import column_mapping
+    from worker.flows.launch import column_mapping
 
     assert column_mapping(["Phone = toPhone", "msg=TEXT"]) == (
         ("phone", "toPhone"),
@@ -316,8 +307,8 @@ def test_the_rejects_file_says_what_the_region_changed(tmp_path: Path, settings:
 
 
 def test_a_cancelled_campaign_never_retries_nor_resends(settings: Settings) -> None:
-    from worker.dispatcher import Retry, Unknown, claim, record
-    from worker.producer import enqueue
+    from worker.flows.dispatcher import Retry, Unknown, claim, record
+    from worker.flows.producer import enqueue
 
     engine = get_engine(settings.database_url)
     enqueue(make_messages(2, "halt"), "halt", settings=settings, kick=False)
@@ -345,7 +336,7 @@ def test_a_cancelled_campaign_never_retries_nor_resends(settings: Settings) -> N
 def test_a_cancel_between_the_campaign_check_and_the_insert_still_wins(
     settings: Settings,
 ) -> None:
-    from worker.producer import enqueue, row_for, store
+    from worker.flows.producer import enqueue, row_for, store
 
     engine = get_engine(settings.database_url)
     enqueue(make_messages(1, "race"), "race", settings=settings, kick=False)  # the campaign
@@ -359,7 +350,7 @@ def test_a_cancel_between_the_campaign_check_and_the_insert_still_wins(
 
 
 def test_cancelled_campaign_takes_no_new_messages(settings: Settings) -> None:
-    from worker.producer import enqueue
+    from worker.flows.producer import enqueue
 
     enqueue(make_messages(3, "gone"), "gone", settings=settings, kick=False)
     result = cancel_campaign(get_engine(settings.database_url), "gone")
@@ -375,7 +366,7 @@ def test_cancelled_campaign_takes_no_new_messages(settings: Settings) -> None:
 
 def _cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
+        [sys.executable, "-m", "worker.ops.cli", *args],
         capture_output=True,
         text=True,
         env={**os.environ, **env},
@@ -467,7 +458,16 @@ def test_an_interrupted_launch_says_what_was_stored_and_how_to_finish(
     url = database_factory("postgresql")
     path = big_file(tmp_path / "many.csv", 30_000, bad_every=10**9)
     env = {**os.environ, "DATABASE_URL": url, "BROKER_URL": "redis://127.0.0.1:6379/15"}
-    args = [sys.executable, "-m", "worker.cli", "campaign", "launch", str(path), "--name", "cut"]
+    args = [
+        sys.executable,
+        "-m",
+        "worker.ops.cli",
+        "campaign",
+        "launch",
+        str(path),
+        "--name",
+        "cut",
+    ]
     args += ["--from-name", "Shop", "--type", "promo", "--text", "Hi {name}"]
     process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60

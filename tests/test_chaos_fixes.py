@@ -14,15 +14,15 @@ from sqlalchemy import select, update
 from config import Settings
 from tests.conftest import make_messages
 from tests.test_simulator import KEY, SEND, batch, running_simulator
-from worker import polling
-from worker.db import get_engine, utcnow
-from worker.models import messages
-from worker.pacing import Pacing
-from worker.polling import check_all
-from worker.producer import enqueue
-from worker.simulator import SimulatorConfig
-from worker.smsbat import StatusClient
-from worker.states import State
+from worker.core.states import State
+from worker.dev.simulator import SimulatorConfig
+from worker.flows import polling
+from worker.flows.polling import check_all
+from worker.flows.producer import enqueue
+from worker.provider.smsbat import StatusClient
+from worker.store.db import get_engine, utcnow
+from worker.store.models import messages
+from worker.store.pacing import Pacing
 
 
 class SlowStart(httpx.HTTPTransport):

@@ -14,12 +14,12 @@ from sqlalchemy import func, select
 
 from config import Settings
 from tests.conftest import make_messages
-from worker import polling
-from worker.db import get_engine, utcnow
-from worker.dispatcher import claim
-from worker.models import messages
-from worker.producer import row_for, store
-from worker.validation import validate_message
+from worker.core.validation import validate_message
+from worker.flows import polling
+from worker.flows.dispatcher import claim
+from worker.flows.producer import row_for, store
+from worker.store.db import get_engine, utcnow
+from worker.store.models import messages
 
 
 def _fill(url: str, count: int, prefix: str, **overrides: object) -> None:
@@ -155,8 +155,8 @@ def test_sending_is_behind_while_a_full_batch_is_ready_and_sending_is_free(
     from types import SimpleNamespace
 
     from config import Settings
-    from worker.dispatcher import THROTTLE
-    from worker.pacing import PREFIX, Pacing
+    from worker.flows.dispatcher import THROTTLE
+    from worker.store.pacing import PREFIX, Pacing
     from worker.tasks import sending_behind
 
     url = database_factory(backend)
@@ -186,8 +186,8 @@ def test_outcomes_are_written_only_to_rows_that_still_carry_the_claim(
     backend: str, database_factory: Callable[[str], str]
 ) -> None:
     from config import Settings
-    from worker.dispatcher import Retry, Submitted, record
-    from worker.models import events
+    from worker.flows.dispatcher import Retry, Submitted, record
+    from worker.store.models import events
 
     url = database_factory(backend)
     engine = get_engine(url)

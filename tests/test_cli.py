@@ -17,9 +17,9 @@ from tests.conftest import (
     drop_postgres_database,
     make_messages,
 )
-from worker.stack import free_port
+from worker.dev.stack import free_port
 
-CASCADE = [sys.executable, "-m", "worker.cli"]
+CASCADE = [sys.executable, "-m", "worker.ops.cli"]
 
 
 def cascade(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import select
 
 from tests.conftest import make_messages, make_stack
-from worker.models import messages
-from worker.stack import Simulator
+from worker.dev.stack import Simulator
+from worker.store.models import messages
 
 MESSAGES = 1200
 REFUSED = 3

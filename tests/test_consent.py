@@ -18,16 +18,16 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, select
 
 from config import Settings
-from worker import consent
-from worker.db import get_engine, utcnow
-from worker.dispatcher import claim
-from worker.dlr import Inbound
-from worker.inbox import store_inbound
-from worker.models import events, messages, suppression_events, suppressions
-from worker.producer import enqueue
-from worker.reports import campaign_summary
-from worker.states import State
-from worker.sweeper import sweep
+from worker.core.states import State
+from worker.flows import consent
+from worker.flows.dispatcher import claim
+from worker.flows.inbox import store_inbound
+from worker.flows.producer import enqueue
+from worker.flows.sweeper import sweep
+from worker.ops.reports import campaign_summary
+from worker.provider.dlr import Inbound
+from worker.store.db import get_engine, utcnow
+from worker.store.models import events, messages, suppression_events, suppressions
 
 BACKENDS = pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 PHONE = "+380671110001"
@@ -192,7 +192,7 @@ def test_the_claim_never_takes_a_promo_to_a_listed_number_and_the_sweeper_ends_i
 def test_a_held_campaigns_promo_is_suppressed_and_never_sent_after_approval(
     backend: str, database_factory: Callable[[str], str]
 ) -> None:
-    from worker.campaigns import approve_campaign, hold_campaign
+    from worker.flows.campaigns import approve_campaign, hold_campaign
 
     url = database_factory(backend)
     settings, engine = _settings(url), get_engine(url)

@@ -18,11 +18,11 @@ import orjson
 import pytest
 
 from tests.conftest import Stack, make_stack
-from worker import consent
-from worker.campaigns import approve_campaign, hold_campaign
-from worker.inbox import list_inbound
-from worker.reports import campaign_summary
-from worker.stack import Api, start_api
+from worker.dev.stack import Api, start_api
+from worker.flows import consent
+from worker.flows.campaigns import approve_campaign, hold_campaign
+from worker.flows.inbox import list_inbound
+from worker.ops.reports import campaign_summary
 
 HOOK = "hook-token"
 TOKEN = "api-token"
@@ -45,7 +45,7 @@ def pushed(
 
 def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
+        [sys.executable, "-m", "worker.ops.cli", *args],
         capture_output=True,
         text=True,
         env={**os.environ, **stack.workers.env},

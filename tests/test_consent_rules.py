@@ -11,8 +11,15 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from config import Settings
-from worker.consent import DEFAULT_OPTIN, DEFAULT_OPTOUT, fold, keywords_from, phone_problem
-from worker.quiet import Window, Windows, next_window_open, parse_by_type, parse_window, zones_for
+from worker.core.keywords import DEFAULT_OPTIN, DEFAULT_OPTOUT, fold, keywords_from, phone_problem
+from worker.core.quiet import (
+    Window,
+    Windows,
+    next_window_open,
+    parse_by_type,
+    parse_window,
+    zones_for,
+)
 
 KEYWORDS = keywords_from(None, None)
 DETERMINISTIC = hypothesis_settings(derandomize=True, max_examples=300, deadline=None)

@@ -1,4 +1,4 @@
-"""The bulk writers of worker/db.py on real SQLite and PostgreSQL: the hot paths' shortcuts
+"""The bulk writers of worker/store/db.py on real SQLite and PostgreSQL: the hot paths' shortcuts
 (COPY, UPDATE … FROM unnest) must keep every check an ordinary INSERT or UPDATE makes."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from sqlalchemy.exc import DBAPIError, StatementError
 
 from config import Settings
 from tests.conftest import make_messages
-from worker.db import bulk_update, get_engine, insert_new, insert_rows
-from worker.models import events, messages
-from worker.producer import row_for
-from worker.validation import validate_message
+from worker.core.validation import validate_message
+from worker.flows.producer import row_for
+from worker.store.db import bulk_update, get_engine, insert_new, insert_rows
+from worker.store.models import events, messages
 
 NOW = datetime.now(UTC)
 

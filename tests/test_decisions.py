@@ -1,4 +1,4 @@
-"""Pure decisions of the send and poll paths (worker/dispatcher.py, worker/polling.py)."""
+"""Pure decisions of the send and poll paths (worker/flows/dispatcher.py, polling.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from config import Settings
-from worker.dispatcher import batch_limit, provider_payload, should_flush
-from worker.polling import _next, poll_task_room
-from worker.smsbat import NotFound, StatusReport, Throttled, Unavailable
-from worker.states import PROVIDER_STATES, State
+from worker.core.states import PROVIDER_STATES, State
+from worker.flows.dispatcher import batch_limit, provider_payload, should_flush
+from worker.flows.polling import _next, poll_task_room
+from worker.provider.smsbat import NotFound, StatusReport, Throttled, Unavailable
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 

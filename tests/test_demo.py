@@ -15,7 +15,7 @@ def test_demo_campaign_runs_to_all_final(tmp_path: Path, redis_db: str) -> None:
         "BROKER_URL": redis_db,
     }
     done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "demo", "--messages", "150", "--campaign", "qs"],
+        [sys.executable, "-m", "worker.ops.cli", "demo", "--messages", "150", "--campaign", "qs"],
         capture_output=True,
         text=True,
         env=env,
@@ -26,7 +26,7 @@ def test_demo_campaign_runs_to_all_final(tmp_path: Path, redis_db: str) -> None:
     assert "150 of 150 messages accepted" in done.stdout
     assert "delivery rate" in done.stdout
     report = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "campaign", "report", "qs", "--json"],
+        [sys.executable, "-m", "worker.ops.cli", "campaign", "report", "qs", "--json"],
         capture_output=True,
         text=True,
         env=env,

@@ -1,4 +1,4 @@
-"""Parsing pushed reports (worker/dlr.py) and the forward-only rule they feed: pure, no I/O."""
+"""Parsing pushed reports (worker/provider/dlr.py) and the forward-only rule they feed: pure."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from worker.dlr import (
+from worker.core.states import FINAL, PROVIDER_STATES, State, rank
+from worker.core.statuses import SOURCES, Report, apply
+from worker.provider.dlr import (
     BULKGATE_STATES,
     PRAGUE,
     Inbound,
@@ -21,8 +23,6 @@ from worker.dlr import (
     parse_smsbat_webhook,
     prague_pair,
 )
-from worker.states import FINAL, PROVIDER_STATES, State, rank
-from worker.statuses import SOURCES, Report, apply
 
 
 def _utc(*args: int) -> datetime:

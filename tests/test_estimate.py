@@ -8,8 +8,8 @@ import pytest
 
 from config import Settings
 from config.rates import parse_rate_card
-from worker.campaigns import Defaults, launch
-from worker.estimate import rate_for, sms_parts
+from worker.core.estimate import rate_for, sms_parts
+from worker.flows.launch import Defaults, launch
 
 
 @pytest.mark.parametrize(

@@ -25,8 +25,8 @@ from pydantic import ValidationError
 from config import Settings
 from tests.conftest import Stack, make_messages, make_stack
 from worker.celery import app, flower_environment
-from worker.stack import Process, free_port, spawn, wait_for
-from worker.ticks import tick_tasks
+from worker.dev.stack import Process, free_port, spawn, wait_for
+from worker.observe.ticks import tick_tasks
 
 USER, PASSWORD = "ops", "secret"
 MESSAGES = 5

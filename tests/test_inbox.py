@@ -13,14 +13,14 @@ from sqlalchemy import Engine, select, update
 
 from config import Settings
 from tests.test_claims import _fill
-from worker import inbox
-from worker.db import get_engine, utcnow
-from worker.dispatcher import claim
-from worker.dlr import Inbound
-from worker.inbox import apply_pending, list_inbound, store_inbound, store_reports
-from worker.models import events, inbound_messages, messages, provider_reports
-from worker.states import FINAL, State
-from worker.statuses import Report, apply
+from worker.core.states import FINAL, State
+from worker.core.statuses import Report, apply
+from worker.flows import inbox
+from worker.flows.dispatcher import claim
+from worker.flows.inbox import apply_pending, list_inbound, store_inbound, store_reports
+from worker.provider.dlr import Inbound
+from worker.store.db import get_engine, utcnow
+from worker.store.models import events, inbound_messages, messages, provider_reports
 
 BACKENDS = pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 PHONE = "+380670000001"  # make_messages numbers phones +38067{n:07d}
@@ -605,7 +605,7 @@ def test_the_migration_keys_stored_inbound_sms_and_keeps_earlier_repeats(
     backend: str, tmp_path: Any
 ) -> None:
     from tests.conftest import create_postgres_database, drop_postgres_database
-    from worker.cli import upgrade_database
+    from worker.store.migrate import upgrade_database
 
     name = create_postgres_database() if backend == "postgresql" else None
     url = (

@@ -16,10 +16,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from config import Settings
-from worker.callbacks import DEAD, DELIVERED, PENDING, Result, decide, judge
-from worker.polling import _next
-from worker.smsbat import NotFound, StatusReport, Throttled, Unauthorized, Unavailable
-from worker.states import FINAL, PROVIDER_STATES, State, rank
+from worker.core.states import FINAL, PROVIDER_STATES, State, rank
+from worker.flows.callbacks import DEAD, DELIVERED, PENDING, Result, decide, judge
+from worker.flows.polling import _next
+from worker.provider.smsbat import NotFound, StatusReport, Throttled, Unauthorized, Unavailable
 
 NOW = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
 SETTINGS = Settings(

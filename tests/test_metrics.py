@@ -25,12 +25,12 @@ from sqlalchemy import func, select
 
 from config import Settings
 from tests.conftest import Stack, make_messages, make_stack
-from worker.gauges import SEND_PAUSES, Totals
-from worker.health import record_tick
-from worker.models import messages
-from worker.pacing import get_pacing
-from worker.producer import enqueue
-from worker.stack import Api, free_port, start_api, wait_for
+from worker.dev.stack import Api, free_port, start_api, wait_for
+from worker.flows.producer import enqueue
+from worker.observe.gauges import SEND_PAUSES, Totals
+from worker.observe.health import record_tick
+from worker.store.models import messages
+from worker.store.pacing import get_pacing
 
 ROOT = Path(__file__).resolve().parent.parent
 API_TOKEN = "api-token-for-metrics"
@@ -220,7 +220,9 @@ def test_json_logs_carry_fields_and_no_phone_or_secret(
     assert {e.get("campaign") for e in batches} >= {campaign}
     assert all({"time", "level", "logger", "message"} <= e.keys() for e in entries)
     assert any(e.get("task_name") == "cascade.send_batch" for e in batches)
-    assert any(e["logger"].startswith("uvicorn") or e["logger"] == "worker.api" for e in entries)
+    assert any(
+        e["logger"].startswith("uvicorn") or e["logger"] == "worker.http.app" for e in entries
+    )
     assert not re.search(r"\+38067\d{7}", logs), "a full phone number reached the logs"
     for secret in (API_TOKEN, METRICS_TOKEN, "webhook-token", "test-key"):
         assert secret not in logs
@@ -278,7 +280,7 @@ def test_healthz_answers_503_when_beat_is_stale_or_the_queue_stuck(
 def test_cascade_health_beat_exit_status(redis_db: str) -> None:
     def run() -> subprocess.CompletedProcess[str]:
         env = {"PATH": "/usr/bin:/bin", "BROKER_URL": redis_db, "DATABASE_URL": "sqlite://"}
-        command = [sys.executable, "-m", "worker.cli", "health", "beat", "--max-age", "60"]
+        command = [sys.executable, "-m", "worker.ops.cli", "health", "beat", "--max-age", "60"]
         return subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
 
     never = run()
@@ -296,7 +298,7 @@ def test_a_scrape_during_a_database_outage_answers_503_quickly(
     down = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"  # nobody listens there
     env = {"DATABASE_URL": down, "BROKER_URL": redis_db, "METRICS_TOKEN": METRICS_TOKEN}
     port = free_port()
-    args = [sys.executable, "-m", "worker.cli", "metrics", "--port", str(port)]
+    args = [sys.executable, "-m", "worker.ops.cli", "metrics", "--port", str(port)]
     process = subprocess.Popen(
         args, env={"PATH": "/usr/bin:/bin", **env}, cwd=ROOT, stderr=subprocess.PIPE
     )
@@ -339,7 +341,7 @@ EXPORTED_SUFFIXES = ("", "_total", "_bucket", "_sum", "_count")
 
 def exported_names() -> set[str]:
     """Every metric family the code can export, from the definitions and the collector."""
-    from worker import gauges, metrics
+    from worker.observe import gauges, metrics
 
     names = {
         collector._name  # type: ignore[attr-defined]

@@ -9,8 +9,8 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from worker.db import make_engine
-from worker.models import Base
+from worker.store.db import make_engine
+from worker.store.models import Base
 
 # Migration 0006 made messages.provider_message_id unique through a partial index on
 # PostgreSQL only; SQLite keeps the table-level UNIQUE of 0001, which answers the same.

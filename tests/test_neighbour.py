@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from tests.conftest import REDIS, REDIS_SERVER
-from worker.stack import wait_for, workers
+from worker.dev.stack import wait_for, workers
 
 
 def test_tests_run_a_redis_server_of_their_own() -> None:
@@ -40,7 +40,7 @@ def test_a_worker_group_that_failed_keeps_its_logs() -> None:
 def test_a_private_redis_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
     """A test run killed outright (no clean-up runs) leaves no redis-server behind."""
     script = (
-        "import sys, pathlib; from worker.stack import PrivateRedis; "
+        "import sys, pathlib; from worker.dev.stack import PrivateRedis; "
         "server = PrivateRedis(pathlib.Path(sys.argv[1]), die_with_parent=True); "
         "server.start(); print(server.port, server.process.popen.pid, flush=True); "
         "import time; time.sleep(60)"

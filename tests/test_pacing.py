@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from worker.pacing import Pacing
+from worker.store.pacing import Pacing
 
 
 def test_a_shorter_pause_never_cuts_a_longer_one(redis_db: str) -> None:

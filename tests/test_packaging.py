@@ -72,11 +72,11 @@ def test_the_wheel_runs_from_its_venv_not_the_checkout(installed: Path, tmp_path
 
 
 DATA_FILES = [  # loaded by path, not imported: easy to leave out of a wheel
-    "migrations/script.py.mako",
-    "migrations/versions/0001_messages_and_events.py",
-    "static/swagger-ui/swagger-ui-bundle.js",
-    "static/redoc/redoc.standalone.js",
-    "static/redoc/LICENSE",
+    "store/migrations/script.py.mako",
+    "store/migrations/versions/0001_messages_and_events.py",
+    "http/static/swagger-ui/swagger-ui-bundle.js",
+    "http/static/redoc/redoc.standalone.js",
+    "http/static/redoc/LICENSE",
 ]
 
 

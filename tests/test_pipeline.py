@@ -8,8 +8,8 @@ from collections import Counter
 from sqlalchemy import func, select
 
 from tests.conftest import Stack, make_messages
-from worker.models import events, messages
-from worker.states import FINAL, journal_allows
+from worker.core.states import FINAL, journal_allows
+from worker.store.models import events, messages
 
 
 def _rows(stack: Stack, campaign: str) -> list:

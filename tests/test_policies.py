@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.conftest import Stack, make_messages, make_stack
-from worker.models import messages
+from worker.store.models import messages
 
 
 def _rows(stack: Stack, campaign: str) -> list:

@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import select
 
 from tests.conftest import Stack, make_messages, make_stack
-from worker.inbox import list_inbound
-from worker.models import messages
-from worker.stack import Api, start_api
+from worker.dev.stack import Api, start_api
+from worker.flows.inbox import list_inbound
+from worker.store.models import messages
 
 TOKEN = "hook-token"
 
@@ -123,7 +123,7 @@ def test_a_refused_push_changes_nothing(pushed, campaign: str) -> None:
     assert bad.status_code == 401
     from sqlalchemy import func
 
-    from worker.models import provider_reports
+    from worker.store.models import provider_reports
 
     with stack.engine.connect() as conn:
         stored = conn.execute(
@@ -137,8 +137,8 @@ def test_a_refused_push_changes_nothing(pushed, campaign: str) -> None:
 def test_a_report_from_bulkgate_pushes_stays_true(pushed, campaign: str) -> None:
     """Issue 13: with BulkGate DLRs, no amounts added across currencies, no channel called
     "none" that the source never reported, and a reason beside every failure."""
-    from worker.html_report import render_html
-    from worker.reports import campaign_report, deliveries_over_time
+    from worker.ops.html_report import render_html
+    from worker.ops.reports import campaign_report, deliveries_over_time
 
     stack, api = pushed
     sim = stack.simulator

@@ -1,10 +1,10 @@
-"""Unit tests for worker.redact: log lines must never carry a whole phone or a password."""
+"""Unit tests for worker.core.redact: log lines must never carry a whole phone or a password."""
 
 from __future__ import annotations
 
 import pytest
 
-from worker.redact import mask_phone, mask_url
+from worker.core.redact import mask_phone, mask_url
 
 
 @pytest.mark.parametrize(

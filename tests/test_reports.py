@@ -12,19 +12,19 @@ from sqlalchemy import Engine
 
 from config import Settings
 from tests.conftest import make_messages
-from worker import reports
-from worker.db import get_engine, utcnow
-from worker.html_report import render_html
-from worker.models import messages
-from worker.producer import row_for, store
-from worker.reports import (
+from worker.core.validation import validate_message
+from worker.flows.producer import row_for, store
+from worker.ops import reports
+from worker.ops.html_report import render_html
+from worker.ops.reports import (
     OUTCOME_COLUMNS,
     UNKNOWN_CURRENCY_NOTE,
     campaign_report,
     deliveries_over_time,
     message_outcomes,
 )
-from worker.validation import validate_message
+from worker.store.db import get_engine, utcnow
+from worker.store.models import messages
 
 T0 = datetime(2025, 1, 1, 10, 0, tzinfo=UTC)
 SUBMITTED = T0 + timedelta(seconds=2.5)

@@ -22,9 +22,9 @@ from celery import Celery
 
 from config import Settings
 from tests.conftest import FAST, REDIS, SIMULATOR_DEFAULTS, claim_redis_db, release_redis_db
-from worker.db import get_engine
-from worker.reports import campaign_summary
-from worker.stack import free_port, spawn, start_api, start_simulator, wait_for, workers
+from worker.dev.stack import free_port, spawn, start_api, start_simulator, wait_for, workers
+from worker.ops.reports import campaign_summary
+from worker.store.db import get_engine
 
 SECRETS = {
     "SMSBAT_API_KEY": "smsbat-key-Xk41",

@@ -22,11 +22,11 @@ from sqlalchemy import select
 
 from config import Settings
 from tests.conftest import REDIS, claim_redis_db, release_redis_db
-from worker.api import create_app
-from worker.db import get_engine
-from worker.models import messages, provider_reports
-from worker.signing import sign
-from worker.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER
+from worker.core.signing import sign
+from worker.http.app import create_app
+from worker.http.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER
+from worker.store.db import get_engine
+from worker.store.models import messages, provider_reports
 
 ROOT = Path(__file__).resolve().parent.parent
 API_TOKEN = "api-token-0123456789"
@@ -263,16 +263,16 @@ SECRET_WORDS = re.compile(r"token|secret|signature|password|api_?key|credential|
 # for the provider in tests and demos; it is not an authentication boundary of ours.
 NOT_SECRETS = re.compile(r"claim_token")
 AUTH_FUNCTIONS = {
-    "worker/api.py": ["require_token"],
-    "worker/webhooks.py": ["_check_token", "_check_signature"],
-    "worker/signing.py": ["verify_signature"],
+    "worker/http/app.py": ["require_token"],
+    "worker/http/webhooks.py": ["_check_token", "_check_signature"],
+    "worker/core/signing.py": ["verify_signature"],
 }
 
 
 def _sources() -> Iterator[tuple[str, ast.Module]]:
-    for path in sorted([*ROOT.glob("worker/*.py"), *ROOT.glob("config/*.py")]):
+    for path in sorted([*ROOT.glob("worker/**/*.py"), *ROOT.glob("config/*.py")]):
         relative = str(path.relative_to(ROOT))
-        if relative != "worker/simulator.py":
+        if relative != "worker/dev/simulator.py":
             yield relative, ast.parse(path.read_text())
 
 

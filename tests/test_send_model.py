@@ -48,15 +48,15 @@ from sqlalchemy import delete, select
 
 from config import Settings
 from tests.conftest import make_messages
-from worker import dispatcher
-from worker.db import get_engine
-from worker.models import campaigns, events, messages
-from worker.producer import row_for, store
-from worker.sendpolicy import request_bound
-from worker.smsbat import SendClient
-from worker.states import FINAL, State
-from worker.sweeper import give_up, recover_stale_claims
-from worker.validation import validate_message
+from worker.core.sendpolicy import request_bound
+from worker.core.states import FINAL, State
+from worker.core.validation import validate_message
+from worker.flows import dispatcher
+from worker.flows.producer import row_for, store
+from worker.flows.sweeper import give_up, recover_stale_claims
+from worker.provider.smsbat import SendClient
+from worker.store.db import get_engine
+from worker.store.models import campaigns, events, messages
 
 BATCH = 16
 ENV = {
@@ -105,7 +105,7 @@ class Clock:
 
 
 class MemoryPacing:
-    """`dispatcher.SendPacing` on the injected clock, as `worker.pacing.Pacing` keeps it."""
+    """`dispatcher.SendPacing` on the injected clock, as `worker.store.pacing.Pacing` keeps it."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock

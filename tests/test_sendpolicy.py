@@ -1,4 +1,4 @@
-"""The send policy's pure decisions (worker/sendpolicy.py), called directly."""
+"""The send policy's pure decisions (worker/core/sendpolicy.py), called directly."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from config import Settings
-from worker.sendpolicy import (
+from worker.core.sendpolicy import (
     Current,
     Held,
     Isolate,
@@ -29,8 +29,8 @@ from worker.sendpolicy import (
     split,
     suspects,
 )
-from worker.smsbat import BadRequest, OutcomeUnknown, Throttled, Unauthorized, Unavailable
-from worker.states import State
+from worker.core.states import State
+from worker.provider.smsbat import BadRequest, OutcomeUnknown, Throttled, Unauthorized, Unavailable
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 SETTINGS = Settings(

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import uvicorn
 
-from worker.simulator import SimulatorConfig, create_app
+from worker.dev.simulator import SimulatorConfig, create_app
 
 SEND = "/api/CascadeMessage/send_message/async"
 SEND_TG_VIBER = "/api/CascadeMessage/send_message/tg-viber/async"

@@ -29,8 +29,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tests.test_simulator import KEY, SEND, batch, running_simulator, stats
-from worker import cli
-from worker.simulator import SimulatorConfig
+from worker.dev.simulator import SimulatorConfig
+from worker.ops import cli
 
 PRAGUE = ZoneInfo("Europe/Prague")
 DLR_DATE = re.compile(r"^\d{10};\d{10}$")
@@ -425,7 +425,9 @@ def test_cli_options_reach_the_config_and_tokens_stay_hidden(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     served: list[SimulatorConfig] = []
-    monkeypatch.setattr("worker.simulator.serve", lambda host, port, config: served.append(config))
+    monkeypatch.setattr(
+        "worker.dev.simulator.serve", lambda host, port, config: served.append(config)
+    )
     args = [
         "simulator",
         "--webhook-url=http://127.0.0.1:8000/webhooks/smsbat?token=url-secret",

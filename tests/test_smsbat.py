@@ -1,4 +1,4 @@
-"""The SMSBAT client (worker/smsbat.py): answer parsing, and the HTTP edge over MockTransport."""
+"""The SMSBAT client (worker/provider/smsbat.py): answers parsed, the HTTP edge (MockTransport)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import orjson
 import pytest
 
 from config import Settings
-from worker.smsbat import (
+from worker.core.states import State
+from worker.provider.smsbat import (
     ROUTE_PATHS,
     BadRequest,
     NotFound,
@@ -32,7 +33,6 @@ from worker.smsbat import (
     parse_send_answer,
     parse_status,
 )
-from worker.states import State
 
 API_KEY = "sk-live-0123456789abcdef"
 VIBER = "viber-token-secret-42"

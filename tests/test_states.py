@@ -1,4 +1,4 @@
-"""The message state machine (worker/states.py): pure, no I/O."""
+"""The message state machine (worker/core/states.py): pure, no I/O."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.states import (
+from worker.core.states import (
     FINAL,
     PROVIDER_STATES,
     State,
@@ -37,7 +37,7 @@ def test_final_set_is_exactly_the_terminal_states() -> None:
         State.EXPIRED,
         State.CANCELLED,
         State.TIMEOUT,
-        State.SUPPRESSED,  # the recipient opted out before it was sent (worker/consent.py)
+        State.SUPPRESSED,  # the recipient opted out before it was sent (worker/flows/consent.py)
     }
     assert expected == FINAL
 

@@ -10,10 +10,10 @@ from sqlalchemy import select
 
 from config import Settings
 from tests.test_claims import _fill
-from worker import sweeper
-from worker.db import get_engine, utcnow
-from worker.dispatcher import claim
-from worker.models import events, messages
+from worker.flows import sweeper
+from worker.flows.dispatcher import claim
+from worker.store.db import get_engine, utcnow
+from worker.store.models import events, messages
 
 
 def _settings(url: str, **extra: str) -> Settings:

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import Stack, make_messages
 from worker.celery import app
-from worker.ticks import tick_tasks
+from worker.observe.ticks import tick_tasks
 
 TICK_LINES = ("Task cascade.dispatch[", "Task cascade.poll_sweep[", "Sending due task")
 

@@ -1,4 +1,4 @@
-"""Unit tests for worker.validation: the cascade API's message rules, accept and refuse."""
+"""Unit tests for worker.core.validation: the cascade API's message rules, accept and refuse."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.validation import (
+from worker.core.validation import (
     MESSAGE_TYPES,
     ROUTES,
     URGENT_TYPES,

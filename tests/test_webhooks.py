@@ -20,12 +20,13 @@ from tests.conftest import REDIS
 from tests.test_claims import _fill
 from tests.test_dlr import SEED_PAYLOAD
 from tests.test_inbox import _history, _message, _submit
-from worker import producer, webhooks
 from worker.celery import POLL_QUEUE
-from worker.db import get_engine
-from worker.inbox import apply_pending
-from worker.models import events, inbound_messages, messages, provider_reports
-from worker.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature, wake_reports
+from worker.flows import wake
+from worker.flows.inbox import apply_pending
+from worker.http import webhooks
+from worker.http.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature, wake_reports
+from worker.store.db import get_engine
+from worker.store.models import events, inbound_messages, messages, provider_reports
 
 TOKEN = "s3cret-token"
 SECRET = "signing-secret"
@@ -450,7 +451,7 @@ def test_logs_never_show_tokens_or_whole_phone_numbers(
 
 
 def test_a_burst_of_wakes_queues_one_apply_task_and_one_trailing(redis_db: str) -> None:
-    producer._last_run.clear()  # this DB index may have been another test's a moment ago
+    wake._last_run.clear()  # this DB index may have been another test's a moment ago
     for _ in range(20):  # a burst of webhooks, one report each
         wake_reports(redis_db)
 
@@ -461,18 +462,18 @@ def test_a_burst_of_wakes_queues_one_apply_task_and_one_trailing(redis_db: str) 
 
 def test_wakes_are_coalesced_per_task_and_broker() -> None:
     key = ("redis://b/0", "cascade.apply_reports")
-    assert producer.wake_delay(key, 100.0) == 0.0
-    assert producer.wake_delay(key, 100.1) == pytest.approx(0.4)  # a run at 100.5
-    assert producer.wake_delay(key, 100.2) is None  # covered by it
-    assert producer.wake_delay(key, 100.45) is None
-    assert producer.wake_delay(("redis://b/0", "cascade.dispatch"), 100.2) == 0.0
-    assert producer.wake_delay(("redis://other/0", "cascade.apply_reports"), 100.2) == 0.0
-    assert producer.wake_delay(key, 100.6) == pytest.approx(0.4)  # after 100.5: one at 101.0
-    assert producer.wake_delay(key, 101.7) == 0.0  # quiet for a gap since: at once again
+    assert wake.wake_delay(key, 100.0) == 0.0
+    assert wake.wake_delay(key, 100.1) == pytest.approx(0.4)  # a run at 100.5
+    assert wake.wake_delay(key, 100.2) is None  # covered by it
+    assert wake.wake_delay(key, 100.45) is None
+    assert wake.wake_delay(("redis://b/0", "cascade.dispatch"), 100.2) == 0.0
+    assert wake.wake_delay(("redis://other/0", "cascade.apply_reports"), 100.2) == 0.0
+    assert wake.wake_delay(key, 100.6) == pytest.approx(0.4)  # after 100.5: one at 101.0
+    assert wake.wake_delay(key, 101.7) == 0.0  # quiet for a gap since: at once again
 
 
 def test_a_broker_that_is_down_is_harmless_and_quick(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="worker.webhooks")
+    caplog.set_level(logging.WARNING, logger="worker.http.webhooks")
     started = time.monotonic()
 
     wake_reports("redis://127.0.0.1:1/0")

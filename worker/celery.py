@@ -17,9 +17,9 @@ from kombu import Queue
 from sqlalchemy.exc import OperationalError
 
 from config import Settings, get_settings
-from worker import polling
-from worker.db import NoSchema, require_schema
-from worker.ticks import QuietTicksAMQP, quiet_ticks
+from worker.core.backoff import POLL_TIME_LIMIT_SHARE
+from worker.observe.ticks import QuietTicksAMQP, quiet_ticks
+from worker.store.db import NoSchema, require_schema
 
 INTAKE_QUEUE = "cascade-intake"
 SEND_QUEUE = "cascade-send"
@@ -36,7 +36,7 @@ def create_app(settings: Settings) -> Celery:
     )
     send_limit = settings.send_lease_seconds * 0.9  # a claim must outlive its task
     # Else a second task polls the same rows.
-    poll_limit = settings.poll_lease_seconds * polling.TIME_LIMIT_SHARE
+    poll_limit = settings.poll_lease_seconds * POLL_TIME_LIMIT_SHARE
     transport = {"visibility_timeout": VISIBILITY_TIMEOUT}
     app.conf.update(
         task_serializer="json",
@@ -146,8 +146,8 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 for _name, _value in flower_environment(get_settings()).items():
     os.environ.setdefault(_name, _value)
 
-# Observability: JSON logs when LOG_FORMAT=json, and beat's tick for /healthz (worker.health).
-from worker import health as _health  # noqa: E402, F401
-from worker import logs as _logs  # noqa: E402
+# Observability: JSON logs when LOG_FORMAT=json, and beat's tick for /healthz (observe/health.py).
+from worker.observe import health as _health  # noqa: E402, F401
+from worker.observe import logs as _logs  # noqa: E402
 
 _logs.connect_celery()

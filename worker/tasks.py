@@ -17,14 +17,15 @@ from kombu.transport.redis import Channel as RedisChannel
 from sqlalchemy import Engine
 
 from config import Settings, get_settings
-from worker import callbacks, dispatcher, gauges, inbox, metrics, polling, producer, sweeper
 from worker.celery import POLL_QUEUE, SEND_QUEUE, app
-from worker.db import get_engine, utcnow
-from worker.pacing import Pacing, get_pacing
-from worker.redact import mask_url
-from worker.smsbat import SendClient, StatusClient
-from worker.states import FINAL
-from worker.validation import ROUTES
+from worker.core.redact import mask_url
+from worker.core.states import FINAL
+from worker.core.validation import ROUTES
+from worker.flows import callbacks, campaigns, dispatcher, inbox, polling, producer, sweeper
+from worker.observe import gauges, metrics
+from worker.provider.smsbat import SendClient, StatusClient
+from worker.store.db import get_engine, utcnow
+from worker.store.pacing import Pacing, get_pacing
 
 log = logging.getLogger(__name__)
 
@@ -242,12 +243,9 @@ def sweep() -> dict[str, int]:
 def enforce_holds() -> dict[str, int]:
     """Hold what came back to the queue of a held or paused campaign (a failed send that was
     in flight when it was paused); release metered campaigns' messages within their limits."""
-    from worker.campaigns import enforce_holds as hold
-    from worker.campaigns import meter
-
     res = resources()
-    held = hold(res.engine)
-    released = meter(
+    held = campaigns.enforce_holds(res.engine)
+    released = campaigns.meter(
         res.engine,
         res.settings.dispatch_interval_seconds,
         retry_for=res.settings.send_retry_for_seconds,

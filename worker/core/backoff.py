@@ -9,6 +9,10 @@ from email.utils import parsedate_to_datetime
 # Growth stops mattering long before this; beyond it a float power would overflow.
 _MAX_EXPONENT = 64
 
+# A poll task's hard time limit as a share of its claim's lease (worker/celery.py sets the
+# limit, worker/flows/polling.py relies on it).
+POLL_TIME_LIMIT_SHARE = 0.9
+
 
 def send_retry_delay(
     attempts: int, *, base: float, cap: float, rng: random.Random | None = None

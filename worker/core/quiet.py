@@ -25,10 +25,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 from phonenumbers import timezone as phone_timezone
-from sqlalchemy import Engine, select, update
 
 from config import Settings
-from worker.models import campaigns
 
 OFF = "off"
 WINDOWED_TYPES: tuple[str, ...] = ("promo", "viber_survey")  # SEND_WINDOW applies to these
@@ -89,7 +87,7 @@ def parse_by_type(
     text: str | None, setting: str = "SEND_WINDOW_BY_TYPE"
 ) -> dict[str, Window | None]:
     """`promo=09:00-20:00;viber_survey=off` → {type: window or None}."""
-    from worker.validation import MESSAGE_TYPES
+    from worker.core.validation import MESSAGE_TYPES
 
     chosen: dict[str, Window | None] = {}
     if not text:
@@ -201,29 +199,6 @@ def next_window_open(
 WAITING_DETAIL = "TTL runs out before the recipient's send window opens"
 
 
-def campaign_window(engine: Engine, campaign: str | None, given: str | None) -> str | None:
-    """The campaign's own window: `given` is checked and stored on the campaign (its row
-    exists: `ensure_campaign` ran), else what was stored before, if anything."""
-    if campaign is None:
-        return given if given is None else _checked(given)
-    with engine.begin() as conn:
-        if given is not None:
-            conn.execute(
-                update(campaigns)
-                .where(campaigns.c.name == campaign)
-                .values(send_window=_checked(given))
-            )
-            return given.strip().lower() if given.strip().lower() == OFF else given.strip()
-        return conn.execute(
-            select(campaigns.c.send_window).where(campaigns.c.name == campaign)
-        ).scalar()
-
-
-def _checked(text: str) -> str:
-    parse_window(text, "send window")
-    return text.strip()
-
-
 def place(
     row: dict[str, Any],
     window: Window | None,
@@ -233,8 +208,6 @@ def place(
     """Fit a new messages row to its send window: when it is outside, `available_at` (and a
     `scheduledSent` outside it) move to the window's next opening and `window_at` says so.
     Answers True when its TTL would run out first: the caller ends it `expired`."""
-    from worker.producer import available_at
-
     if window is None:
         return False
     scheduled = row["scheduled_sent"]
@@ -254,42 +227,14 @@ def place(
     return False
 
 
-def preview(
-    engine: Engine, valid: list[Any], campaign: str | None, settings: Settings
-) -> dict[str, int]:
-    """What a dry run would meet: messages the suppression list refuses, and those quiet
-    hours hold (or expire), for `campaign launch --dry-run`."""
-    from worker.consent import listed
-    from worker.db import utcnow
-
-    now = utcnow()
-    types = settings.suppressed_types
-    with engine.connect() as conn:
-        on = listed(conn, (m.to_phone for m in valid if m.message_type in types))
-        own = None
-        if campaign is not None:
-            own = conn.execute(
-                select(campaigns.c.send_window).where(campaigns.c.name == campaign)
-            ).scalar()
-    counts = {"suppressed": 0, "waiting_for_window": 0, "expired_by_window": 0}
-    windows = settings.windows
-    for message in valid:
-        if message.message_type in types and message.to_phone in on:
-            counts["suppressed"] += 1
-            continue
-        row = {
-            "to_phone": message.to_phone,
-            "scheduled_sent": message.scheduled_sent,
-            "expires_at": None,
-            "available_at": now,
-            "window_at": None,
-        }
-        start = max(now, message.scheduled_sent) if message.scheduled_sent else now
-        if message.ttl:
-            row["expires_at"] = start + timedelta(seconds=message.ttl)
-        window = windows.for_message(message.message_type, own)
-        if place(row, window, now, settings):
-            counts["expired_by_window"] += 1
-        elif row["window_at"] is not None:
-            counts["waiting_for_window"] += 1
-    return counts
+def available_at(
+    scheduled: datetime | None, now: datetime, hold_ahead: float, lead: float
+) -> datetime:
+    """When a message may be claimed: now, or for one scheduled further ahead than
+    `hold_ahead` seconds, `lead` seconds before its time, so that until then it is still
+    ours to cancel or pause (the provider cannot recall a message it has)."""
+    if scheduled is None or hold_ahead <= 0:
+        return now
+    if (scheduled - now).total_seconds() <= hold_ahead:
+        return now
+    return scheduled - timedelta(seconds=lead)

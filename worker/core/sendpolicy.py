@@ -1,6 +1,6 @@
 """The send policy, as pure functions: what each row of a batch becomes after one answer.
 
-The loop around it (`worker.dispatcher`) only claims rows, posts them and writes what
+The loop around it (`worker.flows.dispatcher`) only claims rows, posts them and writes what
 these functions decide. Everything here takes the clock and the randomness it needs as
 arguments, so tests call it directly and a model-checking test drives it through any
 interleaving of provider answers.
@@ -23,8 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from config import Settings
-from worker.backoff import poll_deadline, send_retry_delay
-from worker.smsbat import (
+from worker.core.answers import (
     BadRequest,
     OutcomeUnknown,
     ProviderError,
@@ -32,7 +31,8 @@ from worker.smsbat import (
     Unauthorized,
     Unavailable,
 )
-from worker.states import State
+from worker.core.backoff import poll_deadline, send_retry_delay
+from worker.core.states import State
 
 # --- answers -------------------------------------------------------------------------
 

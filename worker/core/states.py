@@ -26,7 +26,7 @@ class State(StrEnum):
     CANCELLED = "cancelled"
     TIMEOUT = "timeout"
     # The recipient opted out (a STOP reply, `cascade optout add`) while a promo or survey
-    # to them was still unsent: never sent, final (worker/consent.py).
+    # to them was still unsent: never sent, final (worker/flows/consent.py).
     SUPPRESSED = "suppressed"
 
 

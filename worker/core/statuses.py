@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from worker.states import FINAL, State, advance
+from worker.core.states import FINAL, State, advance
 
 SOURCES = ("poll", "webhook", "dlr")
 

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import phonenumbers
 
-from worker.redact import mask_url
+from worker.core.redact import mask_url
 
 MESSAGE_TYPES = ("transaction", "promo", "viber_survey", "flashcall")
 ROUTES = ("standard", "tg-viber")

@@ -12,10 +12,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from config import Settings
-from worker.db import get_engine
-from worker.producer import enqueue
-from worker.reports import campaign_report, campaign_summary
-from worker.stack import start_simulator, workers
+from worker.dev.stack import start_simulator, workers
+from worker.flows.producer import enqueue
+from worker.ops.reports import campaign_report, campaign_summary
+from worker.store.db import get_engine
+from worker.store.migrate import upgrade_database
 
 TYPES = {"transaction": 0.6, "promo": 0.3, "viber_survey": 0.05, "flashcall": 0.05}
 
@@ -39,8 +40,6 @@ def demo_messages(count: int, prefix: str, rng: random.Random) -> list[dict[str,
 
 
 def run_demo(settings: Settings, count: int, name: str | None, console: Console) -> dict[str, Any]:
-    from worker.cli import upgrade_database
-
     try:
         redis.Redis.from_url(settings.broker_url, socket_timeout=3).ping()
     except redis.RedisError as exc:

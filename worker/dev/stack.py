@@ -23,7 +23,7 @@ from typing import IO
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: worker/dev/stack.py
 
 
 def free_port() -> int:
@@ -97,7 +97,16 @@ def start_simulator(
     """`cascade simulator` on a free port; `host` is what it binds, `advertise` its URL's host
     (a worker in a network namespace reaches it over a veth address, not loopback)."""
     port = free_port()
-    args = [sys.executable, "-m", "worker.cli", "simulator", "--host", host, "--port", str(port)]
+    args = [
+        sys.executable,
+        "-m",
+        "worker.ops.cli",
+        "simulator",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     process = spawn("simulator", [*args, "--api-key", api_key, *options], os.environ, logdir)
     url = f"http://{advertise}:{port}"
     wait_for(lambda: httpx.get(url + "/_sim/health").status_code == 200, 20, "simulator")
@@ -181,7 +190,16 @@ def start_api(logdir: Path, env: Mapping[str, str], name: str = "api") -> Api:
     """`cascade api` on a free port, up once /healthz answers at all: a 503 (a broker
     down on purpose) is an API that serves."""
     port = free_port()
-    args = [sys.executable, "-m", "worker.cli", "api", "--host", "127.0.0.1", "--port", str(port)]
+    args = [
+        sys.executable,
+        "-m",
+        "worker.ops.cli",
+        "api",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     process = spawn(name, args, {**os.environ, **env}, logdir)
     url = f"http://127.0.0.1:{port}"
 

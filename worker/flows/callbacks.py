@@ -29,13 +29,13 @@ import orjson
 from sqlalchemy import Connection, Engine, Row, bindparam, insert, select, update
 
 from config import Settings
-from worker.backoff import parse_retry_after, send_retry_delay
-from worker.db import among, claim_rows, utcnow
-from worker.models import callbacks, messages
-from worker.redact import mask_url
-from worker.signing import sign
-from worker.states import FINAL as FINAL_STATES
-from worker.states import State
+from worker.core.backoff import parse_retry_after, send_retry_delay
+from worker.core.redact import mask_url
+from worker.core.signing import sign
+from worker.core.states import FINAL as FINAL_STATES
+from worker.core.states import State
+from worker.store.db import among, claim_rows, utcnow
+from worker.store.models import callbacks, messages
 
 log = logging.getLogger(__name__)
 

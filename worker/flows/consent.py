@@ -20,12 +20,10 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import re
-import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
@@ -41,128 +39,13 @@ from sqlalchemy import (
     update,
 )
 
-from worker.db import among, insert_or_skip, utcnow
-from worker.models import events, inbound_messages, messages, suppression_events, suppressions
-from worker.redact import mask_phone
-from worker.states import State
+from worker.core.keywords import DEFAULT_SUPPRESSED_TYPES, Keywords, phone_problem
+from worker.core.redact import mask_phone
+from worker.core.states import State
+from worker.store.db import among, insert_or_skip, utcnow
+from worker.store.models import events, inbound_messages, messages, suppression_events, suppressions
 
 log = logging.getLogger(__name__)
-
-# Defaults per language of the markets served. English (the CTIA list), Ukrainian, Russian,
-# Polish, Czech and Slovak, Romanian, German. Written as people type them; matching folds
-# case and accents ("odhlasit" matches ODHLÁSIT) and drops spaces ("OPT OUT").
-DEFAULT_OPTOUT: tuple[str, ...] = (
-    # English
-    "STOP", "STOPALL", "STOP ALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPT OUT",
-    # Ukrainian
-    "СТОП", "ВІДПИСАТИСЯ", "ВІДПИСАТИСЬ", "ВІДПИСКА", "ВІДПИШІТЬ",
-    # Russian
-    "ОТПИСАТЬСЯ", "ОТПИСКА", "ОТПИШИТЕ",
-    # Polish
-    "WYPISZ", "REZYGNUJĘ", "REZYGNACJA",
-    # Czech, Slovak
-    "ODHLÁSIT", "ODHLÁSIŤ",
-    # Romanian
-    "DEZABONARE", "DEZABONEAZĂ",
-    # German
-    "ABMELDEN",
-)  # fmt: skip
-DEFAULT_OPTIN: tuple[str, ...] = (
-    "START", "UNSTOP", "SUBSCRIBE",  # English
-    "СТАРТ", "ПІДПИСАТИСЯ", "ПІДПИСАТИСЬ",  # Ukrainian
-    "ПОДПИСАТЬСЯ",  # Russian
-    "ZAPISZ",  # Polish
-    "PŘIHLÁSIT", "PRIHLÁSIŤ",  # Czech, Slovak
-    "ABONARE",  # Romanian
-    "ANMELDEN",  # German
-)  # fmt: skip
-DEFAULT_SUPPRESSED_TYPES: tuple[str, ...] = ("promo", "viber_survey")
-
-Kind = Literal["optout", "optin"]
-
-
-# --- the pure part: keywords ----------------------------------------------------------------
-
-
-def fold(text: str) -> str:
-    """What a reply is compared as: letters and digits only, accents dropped, case folded."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    kept = (c for c in decomposed if not unicodedata.category(c).startswith("M"))
-    return "".join(c for c in "".join(kept).casefold() if c.isalnum())
-
-
-@dataclass(frozen=True)
-class Keywords:
-    optout: frozenset[str]
-    optin: frozenset[str]
-
-    def classify(self, text: str | None) -> Kind | None:
-        """`optout`, `optin` or None: the whole reply, folded, must be one keyword."""
-        if not text:
-            return None
-        folded = fold(text)
-        if folded in self.optout:
-            return "optout"
-        if folded in self.optin:
-            return "optin"
-        return None
-
-
-def parse_keywords(value: str | None, default: Sequence[str], setting: str) -> frozenset[str]:
-    """A comma-separated list (unset: the defaults), folded; an entry with no letter or digit
-    is refused naming the setting and the entry."""
-    if value is None:
-        return frozenset(fold(k) for k in default)
-    folded: set[str] = set()
-    for number, entry in enumerate(value.split(","), 1):
-        key = fold(entry)
-        if not key:
-            raise ValueError(
-                f"{setting}: entry {number} ({entry.strip()!r}) has no letter or digit; "
-                "give keywords separated by commas, like STOP,UNSUBSCRIBE"
-            )
-        folded.add(key)
-    return frozenset(folded)
-
-
-def keywords_from(optout: str | None, optin: str | None) -> Keywords:
-    """Both lists checked: a keyword in both would make a reply mean two things."""
-    out = parse_keywords(optout, DEFAULT_OPTOUT, "OPTOUT_KEYWORDS")
-    back = parse_keywords(optin, DEFAULT_OPTIN, "OPTIN_KEYWORDS")
-    both = sorted(out & back)
-    if both:
-        raise ValueError(
-            f"OPTOUT_KEYWORDS and OPTIN_KEYWORDS both hold {', '.join(both)}: "
-            "a reply must mean one thing"
-        )
-    return Keywords(out, back)
-
-
-def parse_types(value: str, setting: str = "SUPPRESS_MESSAGE_TYPES") -> frozenset[str]:
-    from worker.validation import MESSAGE_TYPES
-
-    chosen = {t.strip() for t in value.split(",") if t.strip()}
-    unknown = sorted(chosen - set(MESSAGE_TYPES))
-    if unknown:  # named only when it could be a mistyped type: else it may be a secret
-        named = [repr(t) for t in unknown if re.fullmatch(r"[a-z_]{1,40}", t)]
-        raise ValueError(
-            f"{setting}: unknown message type {', '.join(named) or '(not shown)'} "
-            f"(known: {', '.join(MESSAGE_TYPES)})"
-        )
-    return frozenset(chosen)
-
-
-def phone_problem(value: object, region: str | None = None) -> tuple[str | None, str | None]:
-    """(the number in E.164, None) or (None, why not): what the door accepts as `toPhone`."""
-    from worker.validation import _phone_problem, with_region
-
-    read = with_region(value.strip() if isinstance(value, str) else value, region)
-    problem = _phone_problem(read, None)
-    if problem is not None:
-        return None, problem
-    assert isinstance(read, str)
-    return read, None
-
 
 # --- the store ------------------------------------------------------------------------------
 
@@ -508,7 +391,7 @@ REFUSED = "is on the suppression list (the recipient opted out): {kind} messages
 def door(engine: Engine, rows: Sequence[dict[str, Any]], types: Iterable[str]) -> dict[str, Any]:
     """Mark new messages rows the list applies to (`needs_consent`); answer the refusals of
     those whose number is listed, by message id (one query per chunk)."""
-    from worker.validation import FieldError
+    from worker.core.validation import FieldError
 
     types = frozenset(types)
     for row in rows:

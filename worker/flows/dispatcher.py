@@ -19,11 +19,7 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine, func, select
 
 from config import Settings
-from worker.campaigns import cancelled_campaigns
-from worker.consent import claimable
-from worker.db import AnyRow, among, bulk_update, claim_rows, insert_rows, utcnow
-from worker.models import events, messages
-from worker.sendpolicy import (
+from worker.core.sendpolicy import (
     Answer,
     Cancelled,
     Current,
@@ -43,9 +39,13 @@ from worker.sendpolicy import (
     provider_failed,
     submitted_values,
 )
-from worker.smsbat import BadRequest, OutcomeUnknown, ProviderError, SendClient
-from worker.states import State
-from worker.validation import OutgoingMessage
+from worker.core.states import State
+from worker.core.validation import OutgoingMessage
+from worker.flows.campaigns import cancelled_campaigns
+from worker.flows.consent import claimable
+from worker.provider.smsbat import BadRequest, OutcomeUnknown, ProviderError, SendClient
+from worker.store.db import AnyRow, among, bulk_update, claim_rows, insert_rows, utcnow
+from worker.store.models import events, messages
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class BatchReport:
 
 
 class SendPacing(Protocol):
-    """What the send path needs of the shared pacing (`worker.pacing.Pacing`)."""
+    """What the send path needs of the shared pacing (`worker.store.pacing.Pacing`)."""
 
     def pause(self, name: str, seconds: float) -> None: ...
     def paused_for(self, name: str) -> float: ...

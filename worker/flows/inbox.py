@@ -30,11 +30,11 @@ from sqlalchemy import (
 )
 
 from config import Settings
-from worker.db import among, bulk_update, insert_or_skip, insert_rows, utcnow
-from worker.dlr import Inbound
-from worker.models import events, inbound_messages, messages, provider_reports
-from worker.states import State
-from worker.statuses import Report, apply
+from worker.core.states import State
+from worker.core.statuses import Report, apply
+from worker.provider.dlr import Inbound
+from worker.store.db import among, bulk_update, insert_or_skip, insert_rows, utcnow
+from worker.store.models import events, inbound_messages, messages, provider_reports
 
 BATCH_SIZE = 500
 MAX_BATCHES = 20  # per run; the next run (beat or a webhook's wake) takes the rest
@@ -103,10 +103,10 @@ def store_inbound(
     A provider retry sends the same SMS again: its key (`inbound_key`) is unique, so two
     pushes of it arriving at once store it once. Answers how many rows were inserted.
     A STOP- or START-type reply changes the suppression list in the same transaction
-    (worker/consent.py), so no promo is claimed after the reply is stored.
+    (worker/flows/consent.py), so no promo is claimed after the reply is stored.
     """
     from config import get_settings
-    from worker.consent import apply_replies
+    from worker.flows.consent import apply_replies
 
     if not items:
         return 0

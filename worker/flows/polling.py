@@ -19,13 +19,12 @@ from typing import Any
 from sqlalchemy import Engine, select, update
 
 from config import Settings
-from worker.backoff import poll_interval
-from worker.db import AnyRow, among, bulk_update, claim_rows, insert_rows, utcnow
-from worker.metrics import count_checks
-from worker.models import events, messages
-from worker.pacing import Pacing
-from worker.sendpolicy import pause_for
-from worker.smsbat import (
+from worker.core.backoff import POLL_TIME_LIMIT_SHARE, poll_interval
+from worker.core.sendpolicy import pause_for
+from worker.core.states import FINAL, State
+from worker.core.statuses import Report, apply
+from worker.observe.metrics import count_checks
+from worker.provider.smsbat import (
     NotFound,
     ProviderError,
     StatusClient,
@@ -34,8 +33,9 @@ from worker.smsbat import (
     Unauthorized,
     Unavailable,
 )
-from worker.states import FINAL, State
-from worker.statuses import Report, apply
+from worker.store.db import AnyRow, among, bulk_update, claim_rows, insert_rows, utcnow
+from worker.store.models import events, messages
+from worker.store.pacing import Pacing
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,6 @@ class PollReport:
     checked: int = 0
     skipped: int = 0
     counts: dict[str, int] = field(default_factory=dict)
-
-
-# A poll task's hard time limit as a share of its claim's lease (set in worker/celery.py).
-TIME_LIMIT_SHARE = 0.9
 
 
 def poll_task_room(queued: int, sending_behind: bool, settings: Settings) -> int:
@@ -101,7 +97,7 @@ def needs_fresh_lease(claimed: datetime, now: datetime, lease: float) -> bool:
     With more of the lease left than the task may run, no sweep can claim its rows before
     it ends, so reading them is enough: an UPDATE per poll was a third of polling's writes.
     """
-    return (claimed - now).total_seconds() < lease * TIME_LIMIT_SHARE
+    return (claimed - now).total_seconds() < lease * POLL_TIME_LIMIT_SHARE
 
 
 def take(engine: Engine, pks: Sequence[int], claimed: datetime, lease: float) -> list[AnyRow]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from collections.abc import Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,12 +18,11 @@ from typing import Any, Literal
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from config import Settings, get_settings
-from worker.campaigns import CampaignCancelled, ensure_campaign
-from worker.db import among, get_engine, insert_new, utcnow
-from worker.models import campaigns, events, messages
-from worker.sendpolicy import send_deadline
-from worker.states import State
-from worker.validation import (
+from worker.core import quiet
+from worker.core.quiet import WAITING_DETAIL, available_at
+from worker.core.sendpolicy import send_deadline
+from worker.core.states import State
+from worker.core.validation import (
     FieldError,
     OutgoingMessage,
     ValidationRules,
@@ -32,6 +30,11 @@ from worker.validation import (
     inherit_callbacks,
     validate_message,
 )
+from worker.flows import consent
+from worker.flows.campaigns import CampaignCancelled, campaign_window, ensure_campaign
+from worker.flows.wake import wake_dispatcher
+from worker.store.db import among, get_engine, insert_new, utcnow
+from worker.store.models import campaigns, events, messages
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ def row_for(
         "state": State.QUEUED,
         "created_at": now,
         "available_at": available_at(message.scheduled_sent, now, *keep),
-        "window_at": None,  # quiet hours (worker/quiet.py) set it when they hold it back
+        "window_at": None,  # quiet hours (worker/core/quiet.py) set it when they hold it back
         "expires_at": start + timedelta(seconds=message.ttl) if message.ttl else None,
         "send_deadline": send_deadline(start, settings),
         "attempts": 0,
@@ -99,19 +102,6 @@ def row_for(
         # Late counts from when the message may go out: a scheduled one is not late before.
         "callback_late_at": start + timedelta(seconds=late) if late else None,
     }
-
-
-def available_at(
-    scheduled: datetime | None, now: datetime, hold_ahead: float, lead: float
-) -> datetime:
-    """When a message may be claimed: now, or for one scheduled further ahead than
-    `hold_ahead` seconds, `lead` seconds before its time, so that until then it is still
-    ours to cancel or pause (the provider cannot recall a message it has)."""
-    if scheduled is None or hold_ahead <= 0:
-        return now
-    if (scheduled - now).total_seconds() <= hold_ahead:
-        return now
-    return scheduled - timedelta(seconds=lead)
 
 
 def check_campaign(campaign: str | None) -> None:
@@ -216,8 +206,6 @@ def _hold_new(conn: Connection, ids: set[str]) -> None:
 
 def _expire_new(conn: Connection, ids: Set[str]) -> None:
     """Messages whose TTL runs out before quiet hours end: expired, never sent at night."""
-    from worker.quiet import WAITING_DETAIL
-
     now = utcnow()
     pks = list(
         conn.execute(
@@ -275,18 +263,16 @@ def enqueue(
     campaign takes no new messages (`CampaignCancelled`). `callback_url`/`callback_task`
     are stored on the campaign (or, without one, apply to this call); messages without
     callbacks of their own inherit the campaign's. `send_window` ("10:00-18:00", "off") is
-    the campaign's quiet hours over SEND_WINDOW (worker/quiet.py). A promo or survey to a
-    number on the suppression list is rejected (worker/consent.py).
+    the campaign's quiet hours over SEND_WINDOW (worker/core/quiet.py). A promo or survey to a
+    number on the suppression list is rejected (worker/flows/consent.py).
     """
-    from worker import consent, quiet
-
     check_campaign(campaign)
     inherited = campaign_callbacks(callback_url, callback_task)
     settings = settings or get_settings()
     engine = get_engine(settings.database_url)
     if campaign is not None:
         inherited = ensure_campaign(engine, campaign, inherited)
-    own_window = quiet.campaign_window(engine, campaign, send_window)
+    own_window = campaign_window(engine, campaign, send_window)
     windows, suppressed_types = settings.windows, settings.suppressed_types
     rules = rules_from(settings)
     results: list[EnqueueResult] = []
@@ -351,53 +337,3 @@ def _refuse(
                 result = EnqueueResult(row["id"], "rejected", errors=(refused[row["id"]],))
         answered.append(result)
     return answered, [row for row in rows if row["id"] not in refused]
-
-
-WAKE_GAP_SECONDS = 0.5
-_last_run: dict[tuple[str, str], float] = {}
-
-
-def wake_delay(key: tuple[str, str], now: float, gap: float = WAKE_GAP_SECONDS) -> float | None:
-    """When to run the task for a wake at `now`: 0 (at once), a countdown, or None (a run
-    already planned covers this one).
-
-    Runs are at least `gap` apart, and a wake between two runs plans the next one: a
-    webhook or an API request per message must not become a task per message, and the last
-    of a burst still gets its run within `gap`.
-    """
-    last = _last_run.get(key)
-    if last is None or now >= last + gap:
-        _last_run[key] = now
-        return 0.0
-    if last > now:
-        return None
-    _last_run[key] = last + gap
-    return last + gap - now
-
-
-def wake(task: Any, broker_url: str) -> None:
-    """Ask for `task` now rather than at the next beat tick; harmless if it fails.
-
-    No connection retries: with Redis down, kombu's default retrying holds the caller ~6 s.
-    """
-    key = (broker_url, task.name)
-    before = _last_run.get(key)
-    delay = wake_delay(key, time.monotonic())
-    if delay is None:
-        return
-    options = {**task.app.conf.broker_transport_options, "max_retries": 0}
-    try:
-        with task.app.connection_for_write(broker_url, transport_options=options) as conn:
-            task.apply_async(retry=False, connection=conn, countdown=delay or None)
-    except Exception as exc:  # beat runs every such task on its own schedule anyway
-        if before is None:  # no run happened: the next wake must not wait for one
-            _last_run.pop(key, None)
-        else:
-            _last_run[key] = before
-        log.warning("could not wake %s (%s); the next beat tick will", task.name, exc)
-
-
-def wake_dispatcher(broker_url: str) -> None:
-    from worker.tasks import dispatch
-
-    wake(dispatch, broker_url)

@@ -4,7 +4,7 @@
   outcome: the request may have reached the provider;
 - a queued message whose TTL ran out is `expired`, one past its send deadline `failed`;
 - a message with the provider and no final status past its deadline is `timeout`;
-- an unsent promo or survey whose number opted out is `suppressed` (worker/consent.py).
+- an unsent promo or survey whose number opted out is `suppressed` (worker/flows/consent.py).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Any
 from sqlalchemy import Engine, insert, select, update
 
 from config import Settings
-from worker.backoff import send_retry_delay
-from worker.campaigns import cancelled_campaigns
-from worker.consent import suppress_queued
-from worker.db import among, bulk_update, insert_rows, utcnow
-from worker.models import events, messages
-from worker.sendpolicy import Current, Unknown, decide
-from worker.states import State
+from worker.core.backoff import send_retry_delay
+from worker.core.sendpolicy import Current, Unknown, decide
+from worker.core.states import State
+from worker.flows.campaigns import cancelled_campaigns
+from worker.flows.consent import suppress_queued
+from worker.store.db import among, bulk_update, insert_rows, utcnow
+from worker.store.models import events, messages
 
 log = logging.getLogger(__name__)
 

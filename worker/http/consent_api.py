@@ -9,18 +9,12 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Path
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from worker import consent
-from worker.api import (
-    PRINTABLE_PATTERN,
-    UNAUTHORIZED,
-    UNAVAILABLE,
-    SettingsDep,
-    ValidationErrorBody,
-    _error,
-    require_token,
-)
-from worker.db import get_engine
-from worker.redact import mask_phone
+from worker.core.keywords import phone_problem
+from worker.core.redact import mask_phone
+from worker.flows import consent
+from worker.http.app import UNAUTHORIZED, UNAVAILABLE, SettingsDep, _error, require_token
+from worker.http.schemas import PRINTABLE_PATTERN, ValidationErrorBody
+from worker.store.db import get_engine
 
 MAX_ITEMS = 10_000
 _UNSTORABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -104,7 +98,7 @@ def add_optouts(
     results: list[dict[str, Any]] = []
     chosen: list[tuple[int, str, str | None]] = []
     for index, item in enumerate(items):
-        phone, problem = consent.phone_problem(item.phone, settings.default_phone_region)
+        phone, problem = phone_problem(item.phone, settings.default_phone_region)
         if phone is None or (item.evidence and _UNSTORABLE.search(item.evidence)):
             reason = f"phone {problem}" if phone is None else "evidence has control characters"
             results.append({"phone": item.phone, "status": "refused", "reason": reason})
@@ -141,7 +135,7 @@ def remove_optout(
     ],
     settings: SettingsDep,
 ) -> Any:
-    number, problem = consent.phone_problem(phone, settings.default_phone_region)
+    number, problem = phone_problem(phone, settings.default_phone_region)
     if number is None:
         raise HTTPException(404, f"not on the list: phone {problem}")
     with get_engine(settings.database_url).begin() as conn:

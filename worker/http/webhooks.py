@@ -26,8 +26,13 @@ from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
 from pydantic import BaseModel
 
 from config import Settings, get_settings
-from worker.db import get_engine, utcnow
-from worker.dlr import (
+from worker.core.redact import mask_phone
+from worker.core.signing import sign as signature
+from worker.core.statuses import Report
+from worker.flows.inbox import store_inbound, store_reports
+from worker.flows.wake import APPLY_REPORTS, wake
+from worker.observe.metrics import WEBHOOK_PUSHES
+from worker.provider.dlr import (
     Inbound,
     Parsed,
     ParseError,
@@ -35,11 +40,7 @@ from worker.dlr import (
     parse_bulkgate_query,
     parse_smsbat_webhook,
 )
-from worker.inbox import store_inbound, store_reports
-from worker.metrics import WEBHOOK_PUSHES
-from worker.redact import mask_phone
-from worker.signing import sign as signature
-from worker.statuses import Report
+from worker.store.db import get_engine, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ router = APIRouter(prefix="/webhooks", tags=["webhooks"], responses=_PROBLEMS)
 
 
 def webhook_settings(request: Request) -> Settings:
-    """The app's own settings (`app.state.settings`, as `worker.api` sets), else the process's."""
+    """The app's own settings (`app.state.settings`, as worker/http/app.py sets), else the
+    process's."""
     return getattr(request.app.state, "settings", None) or get_settings()
 
 
@@ -107,10 +109,7 @@ WakerDep = Annotated[Callable[[str], None], Depends(webhook_waker)]
 
 def wake_reports(broker_url: str) -> None:
     """Ask for `cascade.apply_reports` now; harmless if it fails, beat runs it anyway."""
-    from worker.producer import wake
-    from worker.tasks import apply_reports
-
-    wake(apply_reports, broker_url)
+    wake(APPLY_REPORTS, broker_url)
 
 
 # --- the checks, in order: configured, token, size, signature ----------------------------------

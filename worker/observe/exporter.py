@@ -2,7 +2,7 @@
 
 Behind a bearer token (METRICS_TOKEN, else API_TOKEN): the figures say how much a
 business sends and to how many campaigns. A scrape that cannot read the database or
-Redis answers 503 within seconds (worker.gauges gives up fast), never half a picture.
+Redis answers 503 within seconds (worker.observe.gauges gives up fast), never half a picture.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from config import Settings, get_settings
-from worker import logs
-from worker.gauges import DatabaseCollector
-from worker.metrics import exposition
+from worker.observe import logs
+from worker.observe.gauges import DatabaseCollector
+from worker.observe.metrics import exposition
 
 log = logging.getLogger(__name__)
 

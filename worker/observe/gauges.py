@@ -27,10 +27,10 @@ from sqlalchemy import ColumnElement, Engine, create_engine, func, select
 from sqlalchemy.pool import NullPool
 
 from config import Settings
-from worker.db import among, utcnow
-from worker.models import UTCDateTime, callbacks, messages, provider_reports, suppressions
-from worker.pacing import PREFIX
-from worker.states import FINAL, State
+from worker.core.states import FINAL, State
+from worker.store.db import among, utcnow
+from worker.store.models import UTCDateTime, callbacks, messages, provider_reports, suppressions
+from worker.store.pacing import PREFIX
 
 LIVE_STATES = (
     State.QUEUED,
@@ -42,7 +42,7 @@ LIVE_STATES = (
 POLLED_STATES = (State.SUBMITTED, State.SCHEDULED, State.PROCESSING)
 OTHER_CAMPAIGNS = "other"
 NO_CAMPAIGN = "none"
-# Pause keys of the send path (worker.dispatcher), by the reason shown: a 429's Retry-After,
+# Pause keys of the send path (worker.flows.dispatcher), by the reason shown: a 429's Retry-After,
 # the 401 circuit, and a 5xx circuit once the dispatcher has one.
 SEND_PAUSES = {"throttle": "send:throttle", "circuit": "send:circuit"}
 BEAT_TICK_KEY = "cascade:beat:last-tick"
@@ -91,7 +91,7 @@ def _count(*where: Any, table: Any = messages) -> Any:
 
 
 def backlog_statement(now: datetime) -> Any:
-    """One SELECT of scalar subqueries, each over a partial index (see worker/models.py)."""
+    """One SELECT of scalar subqueries, each over a partial index (see worker/store/models.py)."""
     m = messages.c
     columns = {
         "queued": _count(m.state == State.QUEUED),
@@ -236,7 +236,7 @@ def submit_to_final(engine: Engine, pks: Iterable[int], since: datetime) -> list
 
 
 def send_pauses(client: redis.Redis) -> dict[str, float]:
-    """Seconds left of each send pause, by reason (the same keys worker.pacing sets)."""
+    """Seconds left of each send pause, by reason (the same keys worker.store.pacing sets)."""
     with client.pipeline(transaction=False) as pipe:
         for key in SEND_PAUSES.values():
             pipe.pttl(PREFIX + key)
@@ -248,7 +248,7 @@ def send_pauses(client: redis.Redis) -> dict[str, float]:
 
 
 def beat_last_tick(client: redis.Redis) -> float | None:
-    """Unix time of beat's last published tick (worker.health records it), None if never."""
+    """Unix time of beat's last published tick (worker.observe.health records it), None if never."""
     value = client.get(BEAT_TICK_KEY)
     return float(value) if value else None
 

@@ -16,7 +16,7 @@ from typing import Any
 from celery.signals import beat_embedded_init, beat_init, before_task_publish
 
 from config import get_settings
-from worker.gauges import BEAT_TICK_KEY, beat_last_tick, broker
+from worker.observe.gauges import BEAT_TICK_KEY, beat_last_tick, broker
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Log shippers parse JSON without fragile patterns. Each line carries the fields a
 needs (`message_id`, `campaign`, `batch`, `claim_token`, `route`, the Celery task's
 `task_id` and `task_name`) when the code passes them as `extra=`, and never anything
 else of the record: arguments a caller did not mean to log stay out. Phone numbers stay
-masked: the code masks them before logging (worker.redact), and as a second line of
+masked: the code masks them before logging (worker.core.redact), and as a second line of
 defence anything in the message that still looks like an E.164 number is masked here.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from worker.redact import mask_phone
+from worker.core.redact import mask_phone
 
 # Fields taken from `extra=` (and Celery's task logger) when present; nothing else is.
 FIELDS = ("message_id", "campaign", "batch", "claim_token", "route", "task_id", "task_name")

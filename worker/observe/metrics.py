@@ -5,7 +5,7 @@ mode: with PROMETHEUS_MULTIPROC_DIR set (before this module is imported), every 
 writes its own files there and whoever serves `/metrics` (`cascade api`, `cascade
 metrics`) sums them. Without it, values live in the serving process only (tests, a
 single-process API). Gauges are not counted here: they are read from the database and
-Redis at scrape time (`worker.gauges`), so they say what is true, not what a process saw.
+Redis at scrape time (`worker.observe.gauges`), so they say what is true, not what a process saw.
 
 Label values are fixed vocabularies (outcomes, states, kinds): never a phone, a text or an id.
 """
@@ -29,7 +29,7 @@ from prometheus_client import (
 )
 from prometheus_client.registry import Collector
 
-from worker.smsbat import (
+from worker.provider.smsbat import (
     NotFound,
     ProviderError,
     SendClient,

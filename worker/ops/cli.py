@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from collections.abc import Callable
@@ -9,49 +10,38 @@ from pathlib import Path
 from typing import Any
 
 import click
-import orjson
-from rich.console import Console
 from rich.table import Table
 
-from config import Settings
-
-console = Console(soft_wrap=True)  # paths and ids must stay whole when piped
-
-
-def _settings() -> Settings:
-    from pydantic import ValidationError
-
-    from config import get_settings
-    from config.settings import EnvFileMissing
-
-    try:
-        return get_settings()
-    except ValidationError as exc:
-        lines = [
-            f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
-        ]
-        raise click.ClickException("invalid settings:\n" + "\n".join(lines)) from None
-    except EnvFileMissing as exc:
-        raise click.ClickException(str(exc)) from None
+from worker.ops.common import checked_engine as _engine
+from worker.ops.common import console
+from worker.ops.common import load_settings as _settings
+from worker.ops.common import print_json as _print_json
+from worker.ops.consent_cli import optout
+from worker.store.migrate import upgrade_database
 
 
-def _engine(settings: Settings | None = None) -> Any:
-    """The engine of a database that has our schema, or one line saying it has not."""
-    from worker.db import NoSchema, get_engine, require_schema
+class _Commands(click.Group):
+    """The command group. The development commands (worker/dev/commands.py) are loaded by
+    name when run, so the runtime never imports the simulator, the stack or the demo."""
 
-    url = (settings or _settings()).database_url
-    try:
-        require_schema(url)
-    except NoSchema as exc:
-        raise click.ClickException(str(exc)) from None
-    return get_engine(url)
+    DEV_COMMANDS = {
+        "simulator": "worker.dev.commands:simulator",
+        "demo": "worker.dev.commands:demo",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.DEV_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.DEV_COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module, _, name = self.DEV_COMMANDS[cmd_name].partition(":")
+        command = getattr(importlib.import_module(module), name)
+        assert isinstance(command, click.Command), command
+        return command
 
 
-def _print_json(data: Any) -> None:
-    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
-
-
-@click.group()
+@click.group(cls=_Commands)
 def main() -> None:
     """Cascade delivery worker: batched SMSBAT sends, status tracking, reports."""
 
@@ -72,20 +62,6 @@ def db_upgrade(revision: str) -> None:
     console.print(f"database at revision {revision}")
 
 
-def upgrade_database(url: str, revision: str = "head") -> None:
-    """The migrations ship inside the package, so any install (wheel, image) can migrate."""
-    from importlib.resources import as_file, files
-
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    with as_file(files("worker") / "migrations") as location:
-        config.set_main_option("script_location", str(location).replace("%", "%%"))
-        command.upgrade(config, revision)
-
-
 # --- message -------------------------------------------------------------------------
 
 
@@ -99,7 +75,7 @@ def message() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def message_show(message_id: str, as_json: bool) -> None:
     """Show a message's state, provider fields and events."""
-    from worker.reports import message_detail
+    from worker.ops.reports import message_detail
 
     detail = message_detail(_engine(), message_id)
     if detail is None:
@@ -122,7 +98,7 @@ def message_show(message_id: str, as_json: bool) -> None:
 
 
 def _region_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    from worker.validation import region_problem
+    from worker.core.validation import region_problem
 
     if value is None:
         return None
@@ -195,7 +171,8 @@ def campaign_launch(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from sqlalchemy.exc import DBAPIError
 
-    from worker.campaigns import CampaignError, Defaults, column_mapping, launch
+    from worker.flows.campaigns import CampaignError
+    from worker.flows.launch import Defaults, column_mapping, launch
 
     settings = _settings()
     try:
@@ -309,7 +286,7 @@ def _interrupted(name: str, file: Path, stats: Any, exc: BaseException) -> None:
     """Say what a launch stored before it stopped, and how to finish it; exit non-zero."""
     from sqlalchemy import func, select
 
-    from worker.models import messages
+    from worker.store.models import messages
 
     why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped: {exc!r}"[:300]
     try:
@@ -343,7 +320,7 @@ def _interrupted(name: str, file: Path, stats: Any, exc: BaseException) -> None:
 )
 def campaign_status(name: str, watch: bool, as_json: bool, interval: float) -> None:
     """Progress of a campaign: counts per state, delivery rate, cost, throughput, ETA."""
-    from worker.reports import campaign_summary
+    from worker.ops.reports import campaign_summary
 
     engine = _engine()
     report = campaign_summary(engine, name)
@@ -351,8 +328,8 @@ def campaign_status(name: str, watch: bool, as_json: bool, interval: float) -> N
         raise click.ClickException(f"no campaign named {name!r}")
     control = report.get("control") or {}
     if control.get("status") == "held":  # what approving it would send, and cost
-        from worker.estimate import stored_estimate
-        from worker.states import State
+        from worker.core.states import State
+        from worker.ops.reports import stored_estimate
 
         settings = _settings()
         estimate = stored_estimate(engine, name, settings.rates, (State.HELD,))
@@ -434,7 +411,7 @@ def _control_rows(table: Table, report: dict[str, Any]) -> None:
 def _state_rows(table: Table, report: dict[str, Any], indent: str = "") -> None:
     """Counts per state; `queued` split into ready and scheduled ones waiting for their time."""
     waiting = report.get("waiting_for_time", 0)
-    window = report.get("waiting_for_window", 0)  # quiet hours (worker/quiet.py)
+    window = report.get("waiting_for_window", 0)  # quiet hours (worker/core/quiet.py)
     for state, count in report["states"].items():
         if state == "queued" and (waiting or window):
             table.add_row(f"{indent}queued", f"{count - waiting - window:,}")
@@ -473,7 +450,7 @@ def status_view(report: dict[str, Any], samples: list[tuple[float, int]] | None)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def campaign_cancel(name: str, as_json: bool) -> None:
     """Cancel the messages not yet sent; those already with the provider are left alone."""
-    from worker.campaigns import cancel_campaign
+    from worker.flows.campaigns import cancel_campaign
 
     result = cancel_campaign(_engine(), name)
     if result is None:
@@ -491,7 +468,7 @@ def campaign_cancel(name: str, as_json: bool) -> None:
 
 
 def _control(action: str, name: str, as_json: bool) -> None:
-    from worker import campaigns
+    from worker.flows import campaigns
 
     settings = _settings()
     engine = _engine()
@@ -562,12 +539,12 @@ def campaign_approve(name: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def campaign_limit(name: str, daily_cap: int | None, rate: float | None, as_json: bool) -> None:
     """Cap a campaign's messages per day and its own rate; beyond them messages wait, held."""
-    from worker.campaigns import set_limits
+    from worker.flows.campaigns import set_limits
 
     if daily_cap is None and rate is None:
         raise click.UsageError("give --daily-cap and/or --rate (0 lifts a limit)")
     engine = _engine()
-    from worker.campaigns import campaign_control
+    from worker.flows.campaigns import campaign_control
 
     current = campaign_control(engine, name)["limits"]
     cap = current["daily_cap"] if daily_cap is None else (daily_cap or None)
@@ -604,7 +581,7 @@ def campaign_retry(
     name: str, states: str, route: str | None, new_name: str | None, hold: bool, as_json: bool
 ) -> None:
     """Send again, as a linked campaign with new tracking ids, what did not arrive."""
-    from worker.campaigns import retry_campaign, retry_states
+    from worker.flows.launch import retry_campaign, retry_states
 
     settings = _settings()
     try:
@@ -629,7 +606,7 @@ def campaign_retry(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def campaign_list(as_json: bool) -> None:
     """Every campaign with its size and progress."""
-    from worker.campaigns import list_campaigns
+    from worker.flows.campaigns import list_campaigns
 
     listing = list_campaigns(_engine())
     if as_json:
@@ -662,7 +639,7 @@ def campaign_report_cmd(
     name: str, as_json: bool, csv_file: str | None, html_file: str | None
 ) -> None:
     """Counts per state, delivery rate, cost per currency, channels, latency, errors."""
-    from worker.reports import campaign_report
+    from worker.ops.reports import campaign_report
 
     engine = _engine()
     report = campaign_report(engine, name)
@@ -671,8 +648,8 @@ def campaign_report_cmd(
     if csv_file:
         _write_outcomes(engine, name, csv_file)
     if html_file:
-        from worker.html_report import render_html
-        from worker.reports import deliveries_over_time
+        from worker.ops.html_report import render_html
+        from worker.ops.reports import deliveries_over_time
 
         Path(html_file).write_text(render_html(report, deliveries_over_time(engine, name)))
         if not as_json:
@@ -687,7 +664,7 @@ def _write_outcomes(engine: Any, name: str, target: str) -> None:
     import csv
     from contextlib import nullcontext
 
-    from worker.reports import OUTCOME_COLUMNS, message_outcomes
+    from worker.ops.reports import OUTCOME_COLUMNS, message_outcomes
 
     stream = (
         nullcontext(sys.stdout)
@@ -755,8 +732,8 @@ def inbound() -> None:
 def inbound_list(limit: int, campaign: str | None, since: str | None, as_json: bool) -> None:
     """The newest inbound messages, each linked to the last message we sent that number
     (numbers masked); an opt-out or opt-in reply is marked in `consent`."""
-    from worker.inbox import list_inbound
-    from worker.redact import mask_phone
+    from worker.core.redact import mask_phone
+    from worker.flows.inbox import list_inbound
 
     try:
         after = _since(since)
@@ -778,7 +755,7 @@ def _since(text: str | None) -> Any:
     """`--since`: an ISO time (UTC unless it says) or a span back from now (30m, 2h, 7d)."""
     from datetime import UTC, datetime, timedelta
 
-    from worker.db import utcnow
+    from worker.store.db import utcnow
 
     if text is None:
         return None
@@ -792,9 +769,7 @@ def _since(text: str | None) -> Any:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-from worker.consent_cli import optout  # noqa: E402  (the suppression list's commands)
-
-main.add_command(optout)
+main.add_command(optout)  # the suppression list's commands
 
 
 @main.group()
@@ -808,7 +783,7 @@ def callbacks() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def callbacks_list(dead: bool, limit: int, as_json: bool) -> None:
     """Callbacks with their state, attempts and last error."""
-    from worker.callbacks import list_callbacks
+    from worker.flows.callbacks import list_callbacks
 
     rows = list_callbacks(_engine(), "dead" if dead else None, limit)
     if as_json:
@@ -833,7 +808,7 @@ def callbacks_list(dead: bool, limit: int, as_json: bool) -> None:
 @click.option("--all-dead", is_flag=True, help="Retry every dead callback.")
 def callbacks_retry(pks: tuple[int, ...], all_dead: bool) -> None:
     """Give dead callbacks a new round of attempts."""
-    from worker.callbacks import retry_dead
+    from worker.flows.callbacks import retry_dead
 
     if not pks and not all_dead:
         raise click.UsageError("name callback ids or pass --all-dead")
@@ -849,7 +824,7 @@ def callbacks_retry(pks: tuple[int, ...], all_dead: bool) -> None:
 @click.option("--port", default=None, type=int, help="Default: API_PORT.")
 def api(host: str | None, port: int | None) -> None:
     """Serve the HTTP API: producers, message and campaign views, webhooks, /healthz."""
-    from worker.api import serve
+    from worker.http.app import serve
 
     settings = _settings()
     serve(settings, host or settings.api_host, port or settings.api_port)
@@ -868,7 +843,7 @@ def api(host: str | None, port: int | None) -> None:
 )
 def metrics(host: str, port: int, database: bool) -> None:
     """Serve /metrics (Prometheus) without the API: workers' counters and database gauges."""
-    from worker.exporter import serve
+    from worker.observe.exporter import serve
 
     serve(_settings(), host, port, database=database)
 
@@ -882,7 +857,7 @@ def health() -> None:
 @click.option("--max-age", type=float, default=None, help="Default: HEALTH_BEAT_MAX_AGE_SECONDS.")
 def health_beat(max_age: float | None) -> None:
     """Exit 0 when beat sent a periodic task within --max-age seconds, else 1."""
-    from worker.health import beat_health
+    from worker.observe.health import beat_health
 
     settings = _settings()
     limit = max_age if max_age is not None else settings.health_beat_max_age_seconds
@@ -891,98 +866,6 @@ def health_beat(max_age: float | None) -> None:
     click.echo(f"beat {beat.status}: last tick {age} (limit {limit:g} s)")
     if beat.status != "ok":
         sys.exit(1)
-
-
-# --- simulator and demo --------------------------------------------------------------
-
-
-@main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8090, show_default=True, type=int)
-@click.option("--api-key", default="test-key", show_default=True)
-@click.option("--username", default="user", show_default=True)
-@click.option("--password", default="pass", show_default=True)
-@click.option("--delay-min", default=5.0, show_default=True, help="Seconds to a final state.")
-@click.option("--delay-max", default=30.0, show_default=True)
-@click.option("--delivered", default=0.9, show_default=True, help="Share delivered.")
-@click.option("--undeliverable", default=0.07, show_default=True)
-@click.option("--permanenterror", default=0.03, show_default=True)
-@click.option("--latency-ms", default=0.0, show_default=True)
-@click.option("--error-rate", default=0.0, show_default=True, help="Share of 500 answers.")
-@click.option("--throttle-next", default=0, show_default=True, help="Answer 429 to N sends.")
-@click.option("--retry-after", default="1", show_default=True)
-@click.option("--webhook-url", default=None, help="POST SMSBAT status webhooks here.")
-@click.option(
-    "--webhook-token",
-    default=None,
-    envvar="SIMULATOR_WEBHOOK_TOKEN",
-    help="Send pushes with 'Authorization: Bearer TOKEN'.",
-)
-@click.option(
-    "--webhook-secret",
-    default=None,
-    envvar="SIMULATOR_WEBHOOK_SECRET",
-    help="Sign pushes (X-Cascade-Timestamp, X-Cascade-Signature).",
-)
-@click.option("--dlr-url", default=None, help="Send BulkGate delivery reports here.")
-@click.option(
-    "--dlr-form",
-    default="json",
-    show_default=True,
-    type=click.Choice(["json", "query"]),
-    help="POSTed JSON arrays, or one GET with query parameters per report.",
-)
-@click.option(
-    "--inbound-rate",
-    default=0.0,
-    show_default=True,
-    type=click.FloatRange(0, 1),
-    help="Share of delivered messages answered by an inbound SMS (status 10).",
-)
-@click.option(
-    "--push-duplicates",
-    default=0.0,
-    show_default=True,
-    type=click.FloatRange(0, 1),
-    help="Share of pushes sent twice.",
-)
-@click.option("--push-reorder", is_flag=True, help="Let finals overtake intermediate pushes.")
-@click.option("--push-early", is_flag=True, help="Push before answering the send request.")
-@click.option(
-    "--push-drop",
-    default=0.0,
-    show_default=True,
-    type=click.FloatRange(0, 1),
-    help="Share of pushes silently lost.",
-)
-@click.option("--seed", default=None, type=int)
-def simulator(**options: Any) -> None:
-    """Serve the SMSBAT cascade and status endpoints on loopback for demos and tests."""
-    from worker.simulator import SimulatorConfig, push_targets, serve
-
-    host, port = options.pop("host"), options.pop("port")
-    mix = {k: options.pop(k) for k in ("delivered", "undeliverable", "permanenterror")}
-    try:
-        config = SimulatorConfig(mix=mix, **options)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    console.print(f"simulator on http://{host}:{port} (api key {'*' * 4})")
-    for line in push_targets(config):
-        console.print(line)
-    serve(host, port, config)
-
-
-@main.command()
-@click.option("--messages", "count", default=2000, show_default=True, type=int)
-@click.option("--campaign", "name", default=None, help="Campaign name (default: demo-<time>).")
-def demo(count: int, name: str | None) -> None:
-    """Run a campaign end to end: simulator, worker and beat, enqueue, track to all-final."""
-    from worker.demo import run_demo
-
-    report = run_demo(_settings(), count, name, console)
-    print_report(report)
-    if not report["all_final"]:
-        raise click.ClickException("demo ended before every message was final")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`cascade optout …`: the suppression list for operators (worker/consent.py)."""
+"""`cascade optout …`: the suppression list for operators (worker/flows/consent.py)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,17 @@ from rich.table import Table
 from sqlalchemy import Engine
 
 from config import Settings
-from worker.redact import mask_phone
+from worker.core.keywords import phone_problem
+from worker.core.redact import mask_phone
+from worker.ops.common import checked_engine, console, load_settings, print_json
 
 
 def _context() -> tuple[Settings, Engine]:
-    from worker.cli import _engine, _settings
-
-    settings = _settings()
-    return settings, _engine(settings)
+    settings = load_settings()
+    return settings, checked_engine(settings)
 
 
 def _number(value: str, region: str | None) -> str:
-    from worker.consent import phone_problem
-
     phone, problem = phone_problem(value, region)
     if phone is None:
         raise click.ClickException(f"PHONE {problem}")
@@ -48,7 +46,7 @@ def optout() -> None:
 @_REGION
 def optout_add(phone: str, note: str | None, region: str | None) -> None:
     """Add PHONE; its unsent promo and surveys end as suppressed at once."""
-    from worker import consent
+    from worker.flows import consent
 
     settings, engine = _context()
     number = _number(phone, region or settings.default_phone_region)
@@ -70,7 +68,7 @@ def optout_add(phone: str, note: str | None, region: str | None) -> None:
 @_REGION
 def optout_remove(phone: str, note: str | None, region: str | None) -> None:
     """Take PHONE off the list (its suppressed messages stay suppressed)."""
-    from worker import consent
+    from worker.flows import consent
 
     settings, engine = _context()
     number = _number(phone, region or settings.default_phone_region)
@@ -86,13 +84,12 @@ def optout_remove(phone: str, note: str | None, region: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def optout_list(limit: int, as_json: bool) -> None:
     """The newest entries first, numbers masked (`export` gives them whole)."""
-    from worker import consent
-    from worker.cli import _print_json, console
+    from worker.flows import consent
 
     _, engine = _context()
     rows = consent.list_numbers(engine, limit)
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
     table = Table("phone", "added", "source", "evidence")
     for row in rows:
@@ -107,7 +104,7 @@ def optout_list(limit: int, as_json: bool) -> None:
 def optout_import(file: Path, region: str | None) -> None:
     """Add every number of FILE: a CSV with a `phone` column (and optionally `evidence`), or
     one number per line. A row that is not a number is refused with its line and reason."""
-    from worker import consent
+    from worker.flows import consent
 
     settings, engine = _context()
     with file.open(encoding="utf-8", newline="") as lines:
@@ -131,7 +128,7 @@ def optout_import(file: Path, region: str | None) -> None:
 @click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 def optout_export(file: Path | None) -> None:
     """The whole list as CSV (phone in E.164, added_at, source, evidence), to FILE or stdout."""
-    from worker import consent
+    from worker.flows import consent
 
     _, engine = _context()
     lines = consent.export_csv(engine)

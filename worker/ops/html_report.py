@@ -12,7 +12,7 @@ from datetime import datetime
 from html import escape
 from typing import Any
 
-from worker.reports import NO_CHANNEL, NOT_REPORTED, UNKNOWN_CURRENCY
+from worker.ops.reports import NO_CHANNEL, NOT_REPORTED, UNKNOWN_CURRENCY
 
 # Final states first, in the same colours as the timeline; unlisted states fall back to grey.
 STATE_COLOURS: dict[str, str] = {

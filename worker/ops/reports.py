@@ -34,11 +34,14 @@ from sqlalchemy import (
     select,
 )
 
-from worker.campaigns import campaign_control
-from worker.db import AnyRow, utcnow
-from worker.models import UTCDateTime, events, messages
-from worker.redact import mask_phone
-from worker.states import FINAL, State
+from config.rates import RateCard
+from worker.core.estimate import Estimate
+from worker.core.redact import mask_phone
+from worker.core.states import FINAL, State
+from worker.core.validation import OutgoingMessage
+from worker.flows.campaigns import campaign_control
+from worker.store.db import AnyRow, utcnow
+from worker.store.models import UTCDateTime, events, messages
 
 # Final states the provider itself reported: the only ones with a delivery latency.
 PROVIDER_FINAL: tuple[State, ...] = (State.DELIVERED, State.UNDELIVERABLE, State.PERMANENTERROR)
@@ -394,7 +397,7 @@ def message_outcomes(engine: Engine, campaign: str) -> Iterator[dict[str, Any]]:
     """Every message of a campaign, one dict per message (keys: OUTCOME_COLUMNS), streamed.
 
     Read in pages by primary key, each in a short transaction of its own: on SQLite every
-    transaction is BEGIN IMMEDIATE (worker.db), so one long cursor would hold the write
+    transaction is BEGIN IMMEDIATE (worker.store.db), so one long cursor would hold the write
     lock and stall the workers for the whole export. Listing every state lets SQLite walk
     the (campaign, state) index in pk order per state and stop at the page size, instead
     of sorting the rest of the campaign for every page; a message changing state while
@@ -569,3 +572,40 @@ def _timeline(
             for i, counts in enumerate(series)
         ],
     }
+
+
+def stored_estimate(engine: Any, campaign: str, card: RateCard | None, states: Any) -> Estimate:
+    """The estimate over a campaign's stored messages in `states` (a held campaign before it
+    is approved), read in pages by primary key."""
+    estimate = Estimate()
+    after = 0
+    columns = (
+        messages.c.pk,
+        messages.c.message_type,
+        messages.c.route,
+        messages.c.to_phone,
+        messages.c.text,
+    )
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(*columns)
+                .where(
+                    messages.c.campaign == campaign,
+                    messages.c.state.in_(list(states)),
+                    messages.c.pk > after,
+                )
+                .order_by(messages.c.pk)
+                .limit(5000)
+            ).all()
+        for pk, message_type, route, phone, text in rows:
+            after = pk
+            estimate.add(
+                OutgoingMessage(
+                    id="", from_name="", to_phone=phone, message_type=message_type,
+                    text=text, ttl=None, scheduled_sent=None, survey_options=None, route=route,
+                ),
+                card,
+            )  # fmt: skip
+        if len(rows) < 5000:
+            return estimate

@@ -2,7 +2,7 @@
 
 Pure (no I/O). A push may carry many reports, and the provider will not resend the good
 ones because one was bad, so every element gets its own result: a `Report` for the one
-status path (`worker.statuses.apply`), an `Inbound` SMS, or a `ParseError` naming the
+status path (`worker.core.statuses.apply`), an `Inbound` SMS, or a `ParseError` naming the
 element and the field. The parsers never raise on any JSON value.
 
 BulkGate times (`date`, "yymmddHHMM;yymmddHHMM") are local time in Prague (CET/CEST); they
@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
-from worker.states import FINAL, PROVIDER_STATES, State
-from worker.statuses import Report
+from worker.core.states import FINAL, PROVIDER_STATES, State
+from worker.core.statuses import Report
 
 T = TypeVar("T")
 

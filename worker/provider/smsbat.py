@@ -29,8 +29,15 @@ import httpx
 import orjson
 
 from config import Settings
-from worker.backoff import parse_retry_after
-from worker.states import PROVIDER_STATES, State
+from worker.core.answers import BadRequest as BadRequest
+from worker.core.answers import NotFound as NotFound
+from worker.core.answers import OutcomeUnknown as OutcomeUnknown
+from worker.core.answers import ProviderError as ProviderError
+from worker.core.answers import Throttled as Throttled
+from worker.core.answers import Unauthorized as Unauthorized
+from worker.core.answers import Unavailable as Unavailable
+from worker.core.backoff import parse_retry_after
+from worker.core.states import PROVIDER_STATES, State
 
 # What httpx.Client sends, which the send client does: the provider sees one agent.
 USER_AGENT = f"python-httpx/{httpx.__version__}"
@@ -38,38 +45,6 @@ ROUTE_PATHS = {
     "standard": "/api/CascadeMessage/send_message/async",
     "tg-viber": "/api/CascadeMessage/send_message/tg-viber/async",
 }
-
-
-class ProviderError(Exception):
-    pass
-
-
-class BadRequest(ProviderError):
-    def __init__(self, code: str, message: str, field: str | None) -> None:
-        super().__init__(f"{code}: {message}" + (f" (field {field})" if field else ""))
-        self.code, self.message, self.field = code, message, field
-
-
-class Unauthorized(ProviderError):
-    pass
-
-
-class Throttled(ProviderError):
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(f"throttled, retry after {retry_after:.1f}s")
-        self.retry_after = retry_after
-
-
-class NotFound(ProviderError):
-    pass
-
-
-class Unavailable(ProviderError):
-    pass
-
-
-class OutcomeUnknown(ProviderError):
-    pass
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,7 +102,7 @@ def require_schema(url: str) -> None:
     from sqlalchemy import inspect
     from sqlalchemy.engine import make_url
 
-    from worker.redact import mask_url
+    from worker.core.redact import mask_url
 
     problem = NoSchema(f"{mask_url(url)} has no cascade schema; run `cascade db upgrade`")
     file = make_url(url).database if url.startswith("sqlite") else None

@@ -340,7 +340,7 @@ class Callback(Base):
 
 
 class Suppression(Base):
-    """A number that opted out of promo and surveys (worker/consent.py): E.164 only."""
+    """A number that opted out of promo and surveys (worker/flows/consent.py): E.164 only."""
 
     __tablename__ = "suppressions"
 

@@ -11,8 +11,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection
 
-from worker.db import make_engine
-from worker.models import Base
+from worker.store.db import make_engine
+from worker.store.models import Base
 
 config = context.config
 if config.config_file_name is not None:

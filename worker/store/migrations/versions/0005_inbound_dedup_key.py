@@ -10,7 +10,7 @@ from datetime import UTC
 import sqlalchemy as sa
 from alembic import op
 
-from worker.inbox import inbound_key
+from worker.flows.inbox import inbound_key
 
 revision: str = "0005"
 down_revision: str | None = "0004"

@@ -1,0 +1,1 @@
+"""What operators watch: metrics, gauges read from the database, /metrics, health, logs."""

@@ -1,0 +1,1 @@
+"""Operator tooling: the `cascade` command line and the campaign reports."""
