@@ -10,7 +10,8 @@ if ! command -v promtool >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get 
     apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
         || echo "promtool could not be installed: the alert rules get the schema test only" >&2
 fi
-# Types first: strict mypy for worker/ and config/ (pyproject.toml [tool.mypy]); an error
-# fails the run before the suite starts.
+# Types and layers first: strict mypy for worker/ and config/ (pyproject.toml [tool.mypy]),
+# then the import contracts (.importlinter); either failing fails the run before the suite.
 .venv/bin/mypy
+.venv/bin/lint-imports
 exec .venv/bin/pytest "$@"
