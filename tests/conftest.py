@@ -44,10 +44,29 @@ from worker.store.migrate import upgrade_database  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Start the redis-server where tests run: not in pytest-xdist's controller."""
+    """Start the redis-server where tests run: not in pytest-xdist's controller, and not for
+    `-m unit` (pure tests: a unit test that reached for Redis would fail, as it should)."""
+    if config.getoption("markexpr", "") == "unit":
+        return
     if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
         REDIS_SERVER.logdir = Path(tempfile.mkdtemp(prefix="cascade-tests-redis-"))
         REDIS_SERVER.start()
+
+
+# Fixtures that start or reach services: a test using one is not a unit test.
+SERVICE_FIXTURES = frozenset({"redis_db", "database_factory", "stack", "sim"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep the `unit` marker honest: a unit test may not use a service fixture."""
+    wrong = [
+        item.nodeid
+        for item in items
+        if item.get_closest_marker("unit")
+        and SERVICE_FIXTURES & set(getattr(item, "fixturenames", ()))
+    ]
+    if wrong:
+        raise pytest.UsageError(f"marked unit but uses a service fixture: {', '.join(wrong)}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

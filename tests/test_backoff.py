@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from worker.core.backoff import parse_retry_after, poll_deadline, poll_interval, send_retry_delay
 
+pytestmark = pytest.mark.unit
+
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 # --- send_retry_delay ----------------------------------------------------------------

@@ -29,7 +29,7 @@ from sqlalchemy import delete, func, select
 
 from config import Settings
 from tests.conftest import REDIS, claim_redis_db, release_redis_db
-from tests.test_validation import JSON_VALUES, valid_messages
+from tests.helpers import JSON_VALUES, valid_messages
 from worker.core.validation import FIELDS, OutgoingMessage, validate_message
 from worker.flows.campaigns import CampaignError
 from worker.flows.launch import Defaults, launch, rejected_path

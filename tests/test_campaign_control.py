@@ -364,10 +364,13 @@ def test_a_daily_cap_releases_that_many_a_day_and_holds_the_rest(settings: Setti
     assert meter(engine, now=day1, retry_for=3600) == 10  # beat's next tick
     assert states(settings, "cap") == {"held": 15, "queued": 10}
     with engine.connect() as conn:  # the wait for a cap never counts against the deadline
-        deadlines = conn.execute(
-            select(messages.c.send_deadline).where(messages.c.state == "queued")
-        ).scalars()
-        assert all(d >= day1 + timedelta(seconds=3600) for d in deadlines)
+        deadlines = list(
+            conn.execute(
+                select(messages.c.send_deadline).where(messages.c.state == "queued")
+            ).scalars()
+        )
+    assert len(deadlines) == 10
+    assert all(d >= day1 + timedelta(seconds=3600) for d in deadlines)
     assert meter(engine, now=day1) == 0  # the same UTC day: the cap is reached
     after = campaign_control(engine, "cap")
     assert after["status"] == "capped" and "daily cap of 10 reached" in after["pause_reason"]

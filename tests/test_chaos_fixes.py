@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 
 from config import Settings
 from tests.conftest import make_messages
-from tests.test_simulator import KEY, SEND, batch, running_simulator
+from tests.helpers import KEY, SEND, batch, running_simulator
 from worker.core.states import State
 from worker.dev.simulator import SimulatorConfig
 from worker.flows import polling

@@ -13,23 +13,11 @@ import redis
 from sqlalchemy import func, select
 
 from config import Settings
-from tests.conftest import make_messages
-from worker.core.validation import validate_message
+from tests.helpers import fill_messages
 from worker.flows import polling
 from worker.flows.dispatcher import claim
-from worker.flows.producer import row_for, store
 from worker.store.db import get_engine, utcnow
 from worker.store.models import messages
-
-
-def _fill(url: str, count: int, prefix: str, **overrides: object) -> None:
-    now, settings = utcnow(), Settings()
-    rows = []
-    for raw in make_messages(count, prefix, **overrides):
-        checked = validate_message(raw, now=now)
-        assert not isinstance(checked, list), checked
-        rows.append(row_for(checked, prefix, now, settings))
-    store(get_engine(url), rows)
 
 
 def _run_claimers(work: Callable[[], list[int]], threads: int) -> list[int]:
@@ -54,7 +42,7 @@ def test_concurrent_send_claims_take_each_message_once(
     backend: str, database_factory: Callable[[str], str]
 ) -> None:
     url = database_factory(backend)
-    _fill(url, 3000, "claims")
+    fill_messages(url, 3000, "claims")
     engine = get_engine(url)
 
     def work() -> list[int]:
@@ -77,8 +65,8 @@ def test_urgent_types_are_claimed_first(
     backend: str, database_factory: Callable[[str], str]
 ) -> None:
     url = database_factory(backend)
-    _fill(url, 20, "promo", messageType="promo")
-    _fill(url, 5, "otp")
+    fill_messages(url, 20, "promo", messageType="promo")
+    fill_messages(url, 5, "otp")
     engine = get_engine(url)
 
     rows = claim(engine, "standard", utcnow(), 5, 60, "t")
@@ -91,7 +79,7 @@ def test_concurrent_poll_claims_take_each_message_once(
     backend: str, database_factory: Callable[[str], str]
 ) -> None:
     url = database_factory(backend)
-    _fill(url, 2000, "polls")
+    fill_messages(url, 2000, "polls")
     engine = get_engine(url)
     with engine.begin() as conn:
         conn.execute(
@@ -119,7 +107,7 @@ def test_a_fresh_poll_task_reads_its_rows_and_a_late_one_leases_them_again(
     backend: str, database_factory: Callable[[str], str]
 ) -> None:
     url = database_factory(backend)
-    _fill(url, 20, "take")
+    fill_messages(url, 20, "take")
     engine = get_engine(url)
     with engine.begin() as conn:
         conn.execute(
@@ -132,20 +120,23 @@ def test_a_fresh_poll_task_reads_its_rows_and_a_late_one_leases_them_again(
 
     fresh_at = utcnow()
     fresh = polling.claim_due(engine, fresh_at, 10, 60)
+    assert len(fresh) == 10  # else the comparisons below hold for nothing taken
     taken = polling.take(engine, fresh, polling.lease_end(fresh_at, 60), 60)
     assert sorted(r.pk for r in taken) == sorted(fresh)
     assert polling.lease_end(fresh_at, 60) in marks()  # read, not written
 
     late_at = utcnow() - timedelta(seconds=30)  # sat in the queue for half its lease
     late = polling.claim_due(engine, late_at, 10, 60)
+    assert len(late) == 10 and not set(late) & set(fresh)  # the other ten, still due
     before = utcnow()
     retaken = polling.take(engine, late, polling.lease_end(late_at, 60), 60)
     assert sorted(r.pk for r in retaken) == sorted(late)
     with engine.connect() as conn:
-        leased = conn.execute(
-            select(messages.c.next_poll_at).where(messages.c.pk.in_(late))
-        ).scalars()
-        assert all(mark >= polling.lease_end(before, 60) for mark in leased)  # afresh from now
+        leased = list(
+            conn.execute(select(messages.c.next_poll_at).where(messages.c.pk.in_(late))).scalars()
+        )
+    assert len(leased) == 10
+    assert all(mark >= polling.lease_end(before, 60) for mark in leased)  # afresh from now
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -154,7 +145,6 @@ def test_sending_is_behind_while_a_full_batch_is_ready_and_sending_is_free(
 ) -> None:
     from types import SimpleNamespace
 
-    from config import Settings
     from worker.flows.dispatcher import THROTTLE
     from worker.store.pacing import PREFIX, Pacing
     from worker.tasks import sending_behind
@@ -167,9 +157,9 @@ def test_sending_is_behind_while_a_full_batch_is_ready_and_sending_is_free(
         settings = Settings(DATABASE_URL=url, SEND_BATCH_MAX=100, **overrides)  # type: ignore[call-arg]
         return sending_behind(SimpleNamespace(engine=engine, settings=settings, pacing=pacing))  # type: ignore[arg-type]
 
-    _fill(url, 99, "almost")
+    fill_messages(url, 99, "almost")
     assert not behind()
-    _fill(url, 1, "full")
+    fill_messages(url, 1, "full")
     assert behind()
     # Held to a rate, or paused by the provider: a backlog is expected, checks cost nothing.
     assert not behind(SEND_MESSAGES_PER_SECOND=500)
@@ -185,14 +175,13 @@ def test_sending_is_behind_while_a_full_batch_is_ready_and_sending_is_free(
 def test_outcomes_are_written_only_to_rows_that_still_carry_the_claim(
     backend: str, database_factory: Callable[[str], str]
 ) -> None:
-    from config import Settings
     from worker.flows.dispatcher import Retry, Submitted, record
     from worker.store.models import events
 
     url = database_factory(backend)
     engine = get_engine(url)
     settings = Settings(DATABASE_URL=url)  # type: ignore[call-arg]
-    _fill(url, 6, "held")
+    fill_messages(url, 6, "held")
     token = uuid.uuid4().hex
     rows = claim(engine, "standard", utcnow(), 10, 60, token)
     pks = sorted(r.pk for r in rows)

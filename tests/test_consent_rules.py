@@ -21,6 +21,8 @@ from worker.core.quiet import (
     zones_for,
 )
 
+pytestmark = pytest.mark.unit
+
 KEYWORDS = keywords_from(None, None)
 DETERMINISTIC = hypothesis_settings(derandomize=True, max_examples=300, deadline=None)
 

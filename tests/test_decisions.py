@@ -14,6 +14,8 @@ from worker.flows.dispatcher import batch_limit, provider_payload, should_flush
 from worker.flows.polling import _next, poll_task_room
 from worker.provider.smsbat import NotFound, StatusReport, Throttled, Unavailable
 
+pytestmark = pytest.mark.unit
+
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 

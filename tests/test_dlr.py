@@ -9,6 +9,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from tests.helpers import SEED_PAYLOAD
 from worker.core.states import FINAL, PROVIDER_STATES, State, rank
 from worker.core.statuses import SOURCES, Report, apply
 from worker.provider.dlr import (
@@ -23,6 +24,8 @@ from worker.provider.dlr import (
     parse_smsbat_webhook,
     prague_pair,
 )
+
+pytestmark = pytest.mark.unit
 
 
 def _utc(*args: int) -> datetime:
@@ -112,13 +115,6 @@ def test_smsbat_single_object_and_arrays_give_per_element_results() -> None:
 
 
 # --- BulkGate ------------------------------------------------------------------------------------
-
-# The seed's example payload, without the trailing comma that makes it invalid JSON.
-SEED_PAYLOAD = [
-    {"status": "1", "smsID": "3t2563af3ff285", "price": "0.71", "date": "1904111007;1904111011"},
-    {"status": "2", "smsID": "2t2563af3ff285", "price": "0.71", "date": "1904111007;1904111011"},
-    {"status": "10", "from": "420777777777", "text": "text odpovědi"},
-]
 
 
 def test_the_seed_example_parses_to_two_reports_and_an_inbound_sms() -> None:

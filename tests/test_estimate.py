@@ -12,6 +12,7 @@ from worker.core.estimate import rate_for, sms_parts
 from worker.flows.launch import Defaults, launch
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -35,6 +36,7 @@ def test_sms_parts_follow_gsm_03_38(text: str | None, expected: tuple[str, int, 
     assert sms_parts(text) == expected
 
 
+@pytest.mark.unit
 def test_the_longest_prefix_with_the_channel_wins_then_the_catch_all() -> None:
     card = parse_rate_card("380:sms=0.95,viber=0.45; 38067:sms=0.8; *:sms=1.5; +48:sms=0.2")
     assert card["48"] == {"sms": 0.2}
@@ -45,6 +47,7 @@ def test_the_longest_prefix_with_the_channel_wins_then_the_catch_all() -> None:
     assert rate_for(card, "+14155552671", "flashcall") is None
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("card", "problem"),
     [
@@ -65,6 +68,7 @@ def test_a_bad_rate_card_is_refused_naming_the_entry(card: str, problem: str) ->
         Settings(RATE_CARD=card, RATE_CARD_CURRENCY="UAH")  # type: ignore[call-arg]
 
 
+@pytest.mark.unit
 def test_a_rate_card_needs_its_currency() -> None:
     with pytest.raises(ValueError, match="RATE_CARD needs RATE_CARD_CURRENCY"):
         Settings(RATE_CARD="380:sms=1")  # type: ignore[call-arg]

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Engine, select, update
 
 from config import Settings
-from tests.test_claims import _fill
+from tests.helpers import event_history, fill_messages, mark_submitted, stored_message
 from worker.core.states import FINAL, State
 from worker.core.statuses import Report, apply
 from worker.flows import inbox
@@ -34,45 +34,11 @@ def _report(message_id: str, state: State, source: str = "webhook", **fields: An
     return Report(message_id, state, source, {"deliverystatus": state.value, **fields}, f"{state}")
 
 
-def _submit(engine: Engine, ids: dict[str, str]) -> None:
-    """What a 200 send answer does: the message is with the provider under its messageId."""
-    now = utcnow()
-    with engine.begin() as conn:
-        for our_id, provider_id in ids.items():
-            conn.execute(
-                update(messages)
-                .where(messages.c.id == our_id)
-                .values(
-                    state=State.SUBMITTED,
-                    provider_message_id=provider_id,
-                    submitted_at=now,
-                    next_poll_at=now + timedelta(minutes=10),
-                    claim_token=None,
-                )
-            )
-
-
 def _submitted(url: str, count: int, prefix: str) -> Engine:
-    _fill(url, count, prefix)
+    fill_messages(url, count, prefix)
     engine = get_engine(url)
-    _submit(engine, {f"{prefix}-{i}": f"pm-{prefix}-{i}" for i in range(count)})
+    mark_submitted(engine, {f"{prefix}-{i}": f"pm-{prefix}-{i}" for i in range(count)})
     return engine
-
-
-def _message(engine: Engine, our_id: str) -> Any:
-    with engine.connect() as conn:
-        return conn.execute(select(messages).where(messages.c.id == our_id)).one()
-
-
-def _history(engine: Engine, our_id: str) -> list[tuple[str, str, str, str | None]]:
-    stmt = (
-        select(events.c.source, events.c.from_state, events.c.to_state, events.c.detail)
-        .join(messages, messages.c.pk == events.c.message_pk)
-        .where(messages.c.id == our_id)
-        .order_by(events.c.pk)
-    )
-    with engine.connect() as conn:
-        return [tuple(row) for row in conn.execute(stmt)]
 
 
 def _outcomes(engine: Engine) -> list[str | None]:
@@ -120,7 +86,7 @@ def test_a_pushed_final_status_finishes_the_message(
     counts = apply_pending(engine, _settings(url))
 
     assert counts == {"applied": 1, "ignored": 0, "orphan": 0, "parked": 0}
-    row = _message(engine, "push-0")
+    row = stored_message(engine, "push-0")
     assert (row.state, row.cost, row.deliverystatus, row.final_source) == (
         "delivered",
         0.05,
@@ -128,7 +94,7 @@ def test_a_pushed_final_status_finishes_the_message(
         "webhook",
     )
     assert row.final_at is not None and row.next_poll_at is None
-    assert _history(engine, "push-0") == [("webhook", "submitted", "delivered", "delivered")]
+    assert event_history(engine, "push-0") == [("webhook", "submitted", "delivered", "delivered")]
     assert _outcomes(engine) == ["applied"]
 
 
@@ -152,11 +118,11 @@ def test_reports_for_one_message_apply_in_order_of_arrival(
     counts = apply_pending(engine, _settings(url))
 
     assert (counts["applied"], counts["ignored"]) == (3, 1)
-    assert [h[:3] for h in _history(engine, "order-0")] == [
+    assert [h[:3] for h in event_history(engine, "order-0")] == [
         ("dlr", "submitted", "processing"),
         ("webhook", "processing", "delivered"),
     ]
-    assert [h[:3] for h in _history(engine, "order-1")] == [("dlr", "submitted", "delivered")]
+    assert [h[:3] for h in event_history(engine, "order-1")] == [("dlr", "submitted", "delivered")]
     assert _outcomes(engine) == ["applied", "applied", "applied", "ignored"]
 
 
@@ -175,8 +141,8 @@ def test_duplicates_and_replays_from_any_source_are_harmless(
 
     assert counts["ignored"] == 1
     assert _outcomes(engine) == ["applied", "ignored", "ignored", "ignored"]
-    assert len(_history(engine, "dup-0")) == 1
-    assert _message(engine, "dup-0").state == "undeliverable"
+    assert len(event_history(engine, "dup-0")) == 1
+    assert stored_message(engine, "dup-0").state == "undeliverable"
 
 
 @BACKENDS
@@ -198,8 +164,8 @@ def test_a_later_cost_is_stored_without_a_state_event(
     apply_pending(engine, _settings(url))
 
     assert _outcomes(engine) == ["applied", "applied", "ignored"]
-    assert _message(engine, "cost-0").cost == 0.3
-    assert len(_history(engine, "cost-0")) == 1
+    assert stored_message(engine, "cost-0").cost == 0.3
+    assert len(event_history(engine, "cost-0")) == 1
 
 
 @BACKENDS
@@ -219,10 +185,10 @@ def test_a_final_state_is_never_changed_by_a_report(
 
     apply_pending(engine, _settings(url))
 
-    row = _message(engine, "fin-0")
+    row = stored_message(engine, "fin-0")
     assert (row.state, row.cost) == (final, None)
     assert _outcomes(engine) == ["ignored", "ignored"]
-    assert _history(engine, "fin-0") == []
+    assert event_history(engine, "fin-0") == []
 
 
 @BACKENDS
@@ -234,7 +200,8 @@ def test_a_stored_field_that_is_no_message_column_is_dropped(
     store_reports(engine, [_report("pm-odd-0", State.DELIVERED, nonsense=1, cost=0.1)], utcnow())
 
     assert apply_pending(engine, _settings(url))["applied"] == 1
-    assert (_message(engine, "odd-0").state, _message(engine, "odd-0").cost) == ("delivered", 0.1)
+    odd = stored_message(engine, "odd-0")
+    assert (odd.state, odd.cost) == ("delivered", 0.1)
 
 
 # --- parking and orphans ---------------------------------------------------------------------
@@ -245,7 +212,7 @@ def test_a_report_before_our_send_answer_is_parked_then_applied(
     backend: str, database_factory: Callable[[str], str]
 ) -> None:
     url = database_factory(backend)
-    _fill(url, 1, "early")
+    fill_messages(url, 1, "early")
     engine = get_engine(url)
     settings = _settings(url)
     store_reports(engine, [_report("pm-early", State.DELIVERED, "dlr")], utcnow())
@@ -253,7 +220,7 @@ def test_a_report_before_our_send_answer_is_parked_then_applied(
     assert apply_pending(engine, settings)["parked"] == 1  # still queued
     claim(engine, "standard", utcnow(), 10, 60, "token")
     assert apply_pending(engine, settings)["parked"] == 1  # sending: the answer is not in yet
-    _submit(engine, {"early-0": "pm-early"})
+    mark_submitted(engine, {"early-0": "pm-early"})
 
     assert apply_pending(engine, settings) == {
         "applied": 1,
@@ -261,8 +228,8 @@ def test_a_report_before_our_send_answer_is_parked_then_applied(
         "orphan": 0,
         "parked": 0,
     }
-    assert _message(engine, "early-0").state == "delivered"
-    assert [h[:3] for h in _history(engine, "early-0")] == [("dlr", "submitted", "delivered")]
+    assert stored_message(engine, "early-0").state == "delivered"
+    assert [h[:3] for h in event_history(engine, "early-0")] == [("dlr", "submitted", "delivered")]
 
 
 @BACKENDS
@@ -271,7 +238,7 @@ def test_a_message_still_sending_never_loses_its_report(
 ) -> None:
     """Even with its messageId already written, a `sending` message's report waits."""
     url = database_factory(backend)
-    _fill(url, 1, "race")
+    fill_messages(url, 1, "race")
     engine = get_engine(url)
     claim(engine, "standard", utcnow(), 10, 60, "token")
     with engine.begin() as conn:
@@ -280,7 +247,7 @@ def test_a_message_still_sending_never_loses_its_report(
 
     assert apply_pending(engine, _settings(url))["parked"] == 1
     assert _outcomes(engine) == [None]
-    assert _message(engine, "race-0").state == "sending"
+    assert stored_message(engine, "race-0").state == "sending"
 
 
 @BACKENDS
@@ -308,7 +275,7 @@ def test_parked_reports_are_tried_again_later_the_longer_they_wait(
     """A run joins only the parked reports that are due, so a pile of another sender's
     reports on the account does not cost every run a join over all of them."""
     url = database_factory(backend)
-    _fill(url, 3, "late")
+    fill_messages(url, 3, "late")
     engine = get_engine(url)
     now = utcnow()
     ages = {"pm-late-0": 10, "pm-late-1": 300, "pm-late-2": 7200}  # seconds parked
@@ -326,14 +293,14 @@ def test_parked_reports_are_tried_again_later_the_longer_they_wait(
     assert now + timedelta(seconds=29) < retry["pm-late-1"] <= utcnow() + timedelta(seconds=30)
     assert now + timedelta(seconds=599) < retry["pm-late-2"] <= utcnow() + timedelta(seconds=600)
 
-    _submit(engine, {f"late-{i}": f"pm-late-{i}" for i in range(3)})
+    mark_submitted(engine, {f"late-{i}": f"pm-late-{i}" for i in range(3)})
     counts = apply_pending(engine, _settings(url))  # the older two are not tried: not due
     assert counts == {"applied": 1, "ignored": 0, "orphan": 0, "parked": 0}
-    assert _message(engine, "late-1").state == "submitted"
+    assert stored_message(engine, "late-1").state == "submitted"
     with engine.begin() as conn:  # their time comes
         conn.execute(update(provider_reports).values(retry_at=utcnow() - timedelta(seconds=1)))
     assert apply_pending(engine, _settings(url))["applied"] == 2
-    assert {_message(engine, f"late-{i}").state for i in range(3)} == {"delivered"}
+    assert {stored_message(engine, f"late-{i}").state for i in range(3)} == {"delivered"}
 
 
 @BACKENDS
@@ -357,19 +324,19 @@ def test_a_report_past_the_limit_whose_message_came_is_applied_not_orphaned(
 ) -> None:
     """Its message was submitted while it waited out a backoff past the orphan cutoff."""
     url = database_factory(backend)
-    _fill(url, 1, "slow")
+    fill_messages(url, 1, "slow")
     engine = get_engine(url)
     store_reports(engine, [_report("pm-slow-0", State.DELIVERED)], utcnow() - timedelta(hours=2))
     settings = _settings(url, REPORT_PARK_MAX_SECONDS=3600)
     assert apply_pending(engine, _settings(url))["parked"] == 1  # put off 10 minutes
-    _submit(engine, {"slow-0": "pm-slow-0"})
+    mark_submitted(engine, {"slow-0": "pm-slow-0"})
 
     counts = apply_pending(engine, settings)  # past the limit, not due, but its message is in
     assert counts == {"applied": 0, "ignored": 0, "orphan": 0, "parked": 0}
     with engine.begin() as conn:
         conn.execute(update(provider_reports).values(retry_at=utcnow() - timedelta(seconds=1)))
     assert apply_pending(engine, settings)["applied"] == 1
-    assert _message(engine, "slow-0").state == "delivered"
+    assert stored_message(engine, "slow-0").state == "delivered"
 
 
 @BACKENDS
@@ -434,8 +401,8 @@ def test_shuffled_reports_end_where_applying_them_in_order_would(
 
     for i in range(40):
         mine = [r for r in arrivals if r.message_id == f"pm-mix-{i}"]
-        history = _history(engine, f"mix-{i}")
-        assert _message(engine, f"mix-{i}").state == _fold(mine)
+        history = event_history(engine, f"mix-{i}")
+        assert stored_message(engine, f"mix-{i}").state == _fold(mine)
         assert [h[2] for h in history] == sorted({h[2] for h in history}, key=states.index)
         assert sum(h[2] in FINAL for h in history) <= 1
 
@@ -492,7 +459,7 @@ def test_an_inbound_sms_links_to_the_last_message_sent_to_that_number(
     url = database_factory(backend)
     engine = get_engine(url)
     for prefix in ("a", "b", "c", "d", "e", "f"):
-        _fill(url, 2, prefix)  # each prefix sends to +380670000000 and +380670000001
+        fill_messages(url, 2, prefix)  # each prefix sends to +380670000000 and +380670000001
     _set_states(
         engine,
         {

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,6 +21,8 @@ from worker.core.states import FINAL, PROVIDER_STATES, State, rank
 from worker.flows.callbacks import DEAD, DELIVERED, PENDING, Result, decide, judge
 from worker.flows.polling import _next
 from worker.provider.smsbat import NotFound, StatusReport, Throttled, Unauthorized, Unavailable
+
+pytestmark = pytest.mark.unit
 
 NOW = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
 SETTINGS = Settings(

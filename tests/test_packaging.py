@@ -115,6 +115,7 @@ def test_the_installed_wheel_migrates_postgresql(installed: Path, tmp_path: Path
         drop_postgres_database(name)
 
 
+@pytest.mark.unit
 def test_postgresql_without_the_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """psycopg is the `postgres` extra: a SQLite install without it is told what to add."""
     from pydantic import ValidationError
@@ -140,6 +141,7 @@ def pins(lock: str) -> dict[str, str]:
     return found
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("lock", "extras"),
     [
@@ -163,6 +165,7 @@ def test_the_locks_pin_every_dependency(lock: str, extras: list[str]) -> None:
     assert stale == [], f"{lock} is stale, refresh it: {stale}"
 
 
+@pytest.mark.unit
 def test_the_dev_lock_keeps_the_runtime_pins() -> None:
     runtime, dev = pins("requirements.lock"), pins("requirements-dev.lock")
     assert {name: dev.get(name) for name in runtime} == runtime

@@ -6,6 +6,8 @@ import pytest
 
 from worker.core.redact import mask_phone, mask_url
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     ("phone", "expected"),

@@ -276,6 +276,7 @@ def _sources() -> Iterator[tuple[str, ast.Module]]:
             yield relative, ast.parse(path.read_text())
 
 
+@pytest.mark.unit
 def test_no_secret_is_compared_with_equality() -> None:
     """`==`, `!=` and `in` stop at the first differing byte: timing tells the prefix."""
     found = []
@@ -295,6 +296,7 @@ def test_no_secret_is_compared_with_equality() -> None:
     assert found == []
 
 
+@pytest.mark.unit
 def test_every_credential_check_uses_compare_digest_and_nothing_else() -> None:
     for name, module in _sources():
         for node in ast.walk(module):

@@ -32,6 +32,8 @@ from worker.core.sendpolicy import (
 from worker.core.states import State
 from worker.provider.smsbat import BadRequest, OutcomeUnknown, Throttled, Unauthorized, Unavailable
 
+pytestmark = pytest.mark.unit
+
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 SETTINGS = Settings(
     SMSBAT_API_KEY="k",
@@ -92,17 +94,20 @@ def test_answers_that_are_not_about_the_messages_spend_no_attempt(
     answer: Any, counts: bool, delay: float
 ) -> None:
     got = run(batch(2), answer)
+    assert [o.pk for o in got] == [1, 2]
     assert all(isinstance(o, Retry) and o.counts is counts and o.delay == delay for o in got)
 
 
 def test_a_5xx_is_an_attempt_with_one_backoff_for_the_whole_request() -> None:
     got = run(batch(4), Unavailable("HTTP 503"))
+    assert [o.pk for o in got] == [1, 2, 3, 4]
     assert all(isinstance(o, Retry) and o.counts for o in got)
     assert len({o.delay for o in got}) == 1 and got[0].delay > 0
 
 
 def test_a_lost_answer_is_an_unknown_outcome() -> None:
     got = run(batch(2), OutcomeUnknown("ReadTimeout after the request was written"))
+    assert [o.pk for o in got] == [1, 2]
     assert all(isinstance(o, Unknown) for o in got)
 
 

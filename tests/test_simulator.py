@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import base64
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -16,38 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from worker.dev.simulator import SimulatorConfig, create_app
+from tests.helpers import KEY, SEND, batch, running_simulator, stats
+from worker.dev.simulator import SimulatorConfig
 
-SEND = "/api/CascadeMessage/send_message/async"
 SEND_TG_VIBER = "/api/CascadeMessage/send_message/tg-viber/async"
-KEY = {"X-Authorization-Key": "test-key"}
-
-
-@contextmanager
-def running_simulator(config: SimulatorConfig) -> Iterator[httpx.Client]:
-    """Serve the simulator from a background thread on a free port; yield a client for it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    uv_config = uvicorn.Config(
-        create_app(config), log_level="warning", access_log=False, timeout_graceful_shutdown=1
-    )
-    server = uvicorn.Server(uv_config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 5
-    while not server.started:
-        assert time.monotonic() < deadline, "simulator did not start"
-        time.sleep(0.01)
-    base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        with httpx.Client(base_url=base_url, timeout=5) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(5)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -70,30 +40,11 @@ def start(simulator: httpx.Client) -> Callable[..., httpx.Client]:
     return _start
 
 
-def batch(n: int, prefix: str = "m", **extra: Any) -> list[dict[str, Any]]:
-    """``n`` valid transactional messages with ids ``{prefix}0..``."""
-    return [
-        {
-            "id": f"{prefix}{i}",
-            "fromName": "Shop",
-            "toPhone": f"+38067000{i:04d}",
-            "messageType": "transaction",
-            "text": "Your code is 1234",
-            **extra,
-        }
-        for i in range(n)
-    ]
-
-
 def send_one(client: httpx.Client, **extra: Any) -> str:
     """Send one message and return its messageId."""
     answer = client.post(SEND, json=batch(1, **extra), headers=KEY)
     assert answer.status_code == 200
     return answer.json()[0]["messageId"]
-
-
-def stats(client: httpx.Client) -> dict[str, Any]:
-    return client.get("/_sim/stats").json()
 
 
 def basic(user: str, password: str) -> dict[str, str]:

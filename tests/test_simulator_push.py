@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.test_simulator import KEY, SEND, batch, running_simulator, stats
+from tests.helpers import KEY, SEND, batch, running_simulator, stats
 from worker.dev.simulator import SimulatorConfig
 from worker.ops import cli
 
@@ -256,6 +256,7 @@ def test_dlr_json_arrays_with_prague_dates(env: Env) -> None:
     after = time.time()
 
     hits = env.hits("bulkgate")
+    assert hits, "no delivery report request reached the receiver"
     assert all(hit.method == "POST" and hit.query == {"token": "dlr-token"} for hit in hits)
     assert all(isinstance(hit.json(), list) for hit in hits)
     assert max(len(hit.json()) for hit in hits) > 1, "reports come batched in arrays"

@@ -34,6 +34,8 @@ from worker.provider.smsbat import (
     parse_status,
 )
 
+pytestmark = pytest.mark.unit
+
 API_KEY = "sk-live-0123456789abcdef"
 VIBER = "viber-token-secret-42"
 TG = "tg-bot-secret-99"

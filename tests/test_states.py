@@ -19,6 +19,8 @@ from worker.core.states import (
     rank,
 )
 
+pytestmark = pytest.mark.unit
+
 PRE_SUBMIT = (State.QUEUED, State.SENDING)
 LIVE = (State.SUBMITTED, State.SCHEDULED, State.PROCESSING)
 PROVIDER = tuple(PROVIDER_STATES.values())

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from config import Settings
-from tests.test_claims import _fill
+from tests.helpers import fill_messages
 from worker.flows import sweeper
 from worker.flows.dispatcher import claim
 from worker.store.db import get_engine, utcnow
@@ -30,7 +30,7 @@ def test_a_claim_whose_worker_died_is_resent_and_counted(
     backend: str, database_factory: Callable[[str], str]
 ) -> None:
     url = database_factory(backend)
-    _fill(url, 10, "dead")
+    fill_messages(url, 10, "dead")
     engine = get_engine(url)
     claim(engine, "standard", utcnow(), 10, -1, "gone")  # lease already over
 
@@ -49,7 +49,7 @@ def test_fail_policy_fails_a_dead_claim_instead(
     backend: str, database_factory: Callable[[str], str]
 ) -> None:
     url = database_factory(backend)
-    _fill(url, 3, "dead")
+    fill_messages(url, 3, "dead")
     engine = get_engine(url)
     claim(engine, "standard", utcnow(), 10, -1, "gone")
 
@@ -63,7 +63,7 @@ def test_live_claims_and_fresh_messages_are_left_alone(
     backend: str, database_factory: Callable[[str], str]
 ) -> None:
     url = database_factory(backend)
-    _fill(url, 4, "live")
+    fill_messages(url, 4, "live")
     engine = get_engine(url)
     claim(engine, "standard", utcnow(), 2, 60, "alive")
 
@@ -80,8 +80,8 @@ def test_live_claims_and_fresh_messages_are_left_alone(
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_expiry_and_timeout(backend: str, database_factory: Callable[[str], str]) -> None:
     url = database_factory(backend)
-    _fill(url, 2, "ttl", ttl=60)
-    _fill(url, 2, "late")
+    fill_messages(url, 2, "ttl", ttl=60)
+    fill_messages(url, 2, "late")
     engine = get_engine(url)
     past = utcnow() - timedelta(hours=1)
     with engine.begin() as conn:
@@ -117,7 +117,7 @@ def test_a_message_kept_from_the_provider_past_its_deadline_fails_saying_so(
 ) -> None:
     """However it was kept queued (an open circuit never claims it), it does not wait forever."""
     url = database_factory(backend)
-    _fill(url, 2, "kept")
+    fill_messages(url, 2, "kept")
     engine = get_engine(url)
     with engine.begin() as conn:
         conn.execute(
@@ -142,7 +142,7 @@ def test_a_dead_claim_of_an_isolation_part_stays_that_part(
 ) -> None:
     """The halving's progress survives the worker: the part is resent alone."""
     url = database_factory(backend)
-    _fill(url, 3, "part")
+    fill_messages(url, 3, "part")
     engine = get_engine(url)
     with engine.begin() as conn:
         conn.execute(messages.update().values(isolation="p-7"))

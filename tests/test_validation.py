@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import JSON_VALUES, NOW, PHONE, valid_messages
 from worker.core.validation import (
     MESSAGE_TYPES,
     ROUTES,
@@ -20,8 +21,8 @@ from worker.core.validation import (
     validate_message,
 )
 
-NOW = datetime(2025, 1, 20, 12, 0, 0, tzinfo=UTC)
-PHONE = "+380671234567"
+pytestmark = pytest.mark.unit
+
 ABSENT = object()
 
 
@@ -563,13 +564,6 @@ def test_null_optional_fields_are_absent() -> None:
 
 # --- property: never raises ----------------------------------------------------------------
 
-JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
-    lambda children: (
-        st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=12), children, max_size=6)
-    ),
-    max_leaves=20,
-)
 FIELDS = (
     "id",
     "fromName",
@@ -582,36 +576,6 @@ FIELDS = (
     "route",
     "phoneRegion",
 )
-VISIBLE_TEXT = st.text(
-    st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=85
-).filter(lambda value: not value.isspace())
-ZONES = st.sampled_from([UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-5.5))])
-
-
-@st.composite
-def valid_messages(draw: st.DrawFn) -> dict[str, Any]:
-    """Messages built from valid values only, so the accept path is explored too."""
-    message_type = draw(st.sampled_from(MESSAGE_TYPES))
-    raw: dict[str, Any] = {
-        "id": draw(st.from_regex(r"[A-Za-z0-9._-]{1,254}", fullmatch=True)),
-        "fromName": draw(VISIBLE_TEXT.filter(lambda value: len(value) <= 64)),
-        "toPhone": draw(st.sampled_from([PHONE, "+14155552671", "+447911123456"])),
-        "messageType": message_type,
-    }
-    if message_type != "flashcall" or draw(st.booleans()):
-        raw["text"] = draw(VISIBLE_TEXT)
-    if message_type == "viber_survey":
-        raw["surveyOptions"] = draw(st.lists(VISIBLE_TEXT, min_size=2, max_size=5, unique=True))
-    if draw(st.booleans()):
-        raw["ttl"] = draw(st.integers(1, 2_678_400))
-    if draw(st.booleans()):
-        ahead = timedelta(seconds=draw(st.integers(-60, 30 * 86400)))
-        raw["scheduledSent"] = (NOW + ahead).astimezone(draw(ZONES)).isoformat()
-    if draw(st.booleans()):
-        raw["route"] = draw(st.sampled_from(ROUTES))
-    return raw
-
-
 ANY_INPUT = (
     JSON_VALUES
     | valid_messages()

@@ -17,9 +17,13 @@ from sqlalchemy import Engine, delete, select
 
 from config import Settings
 from tests.conftest import REDIS
-from tests.test_claims import _fill
-from tests.test_dlr import SEED_PAYLOAD
-from tests.test_inbox import _history, _message, _submit
+from tests.helpers import (
+    SEED_PAYLOAD,
+    event_history,
+    fill_messages,
+    mark_submitted,
+    stored_message,
+)
 from worker.celery import POLL_QUEUE
 from worker.flows import wake
 from worker.flows.inbox import apply_pending
@@ -177,8 +181,8 @@ def test_inbound_sms_alone_wakes_nothing(hook: Hook) -> None:
 
 def test_pushed_reports_reach_the_message_through_apply_pending(hook: Hook) -> None:
     settings = hook.configure()
-    _fill(hook.url, 2, "e2e")
-    _submit(hook.engine, {"e2e-0": "pm-e2e-0", "e2e-1": "pm-e2e-1"})
+    fill_messages(hook.url, 2, "e2e")
+    mark_submitted(hook.engine, {"e2e-0": "pm-e2e-0", "e2e-1": "pm-e2e-1"})
     hook.client.post(
         "/webhooks/smsbat",
         json=[
@@ -195,15 +199,13 @@ def test_pushed_reports_reach_the_message_through_apply_pending(hook: Hook) -> N
 
     assert apply_pending(hook.engine, settings)["applied"] == 3
 
-    assert (_message(hook.engine, "e2e-0").state, _message(hook.engine, "e2e-0").cost) == (
-        "delivered",
-        0.05,
-    )
-    assert [h[:3] for h in _history(hook.engine, "e2e-0")] == [
+    first = stored_message(hook.engine, "e2e-0")
+    assert (first.state, first.cost) == ("delivered", 0.05)
+    assert [h[:3] for h in event_history(hook.engine, "e2e-0")] == [
         ("webhook", "submitted", "processing"),
         ("webhook", "processing", "delivered"),
     ]
-    [(source, _, to_state, detail)] = _history(hook.engine, "e2e-1")
+    [(source, _, to_state, detail)] = event_history(hook.engine, "e2e-1")
     assert (source, to_state) == ("dlr", "undeliverable")
     assert detail == (
         "BulkGate status 3: not delivered, unknown or unreachable recipient; "
@@ -216,8 +218,8 @@ def test_pushed_reports_reach_the_message_through_apply_pending(hook: Hook) -> N
 
 def test_a_signed_push_is_accepted_and_a_replay_is_harmless(hook: Hook) -> None:
     settings = hook.configure(WEBHOOK_SIGNING_SECRET=SECRET)
-    _fill(hook.url, 1, "sig")
-    _submit(hook.engine, {"sig-0": "pm-1"})
+    fill_messages(hook.url, 1, "sig")
+    mark_submitted(hook.engine, {"sig-0": "pm-1"})
     body = json.dumps(DELIVERED).encode()
     headers = {**BEARER, **_signed(body), "Content-Type": "application/json"}
 
@@ -231,7 +233,7 @@ def test_a_signed_push_is_accepted_and_a_replay_is_harmless(hook: Hook) -> None:
         "orphan": 0,
         "parked": 0,
     }
-    assert len(_history(hook.engine, "sig-0")) == 1
+    assert len(event_history(hook.engine, "sig-0")) == 1
 
 
 def test_a_signed_query_covers_the_query_string(hook: Hook) -> None:

@@ -1,0 +1,175 @@
+"""What several test modules share, so no test module imports another: filling a database
+with messages, reading one back, a simulator on a loopback socket, and the strategies and
+payloads of the property tests."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import httpx
+import uvicorn
+from hypothesis import strategies as st
+from sqlalchemy import Engine, select, update
+
+from config import Settings
+from tests.conftest import make_messages
+from worker.core.states import State
+from worker.core.validation import MESSAGE_TYPES, ROUTES, validate_message
+from worker.dev.simulator import SimulatorConfig, create_app
+from worker.flows.producer import row_for, store
+from worker.store.db import get_engine, utcnow
+from worker.store.models import events, messages
+
+# --- a database with messages --------------------------------------------------------------
+
+
+def fill_messages(url: str, count: int, prefix: str, **overrides: object) -> None:
+    """Store `count` valid messages `{prefix}-0…` as the intake would, under campaign `prefix`."""
+    now, settings = utcnow(), Settings()
+    rows = []
+    for raw in make_messages(count, prefix, **overrides):
+        checked = validate_message(raw, now=now)
+        assert not isinstance(checked, list), checked
+        rows.append(row_for(checked, prefix, now, settings))
+    store(get_engine(url), rows)
+
+
+def mark_submitted(engine: Engine, ids: dict[str, str]) -> None:
+    """What a 200 send answer does: the message is with the provider under its messageId."""
+    now = utcnow()
+    with engine.begin() as conn:
+        for our_id, provider_id in ids.items():
+            conn.execute(
+                update(messages)
+                .where(messages.c.id == our_id)
+                .values(
+                    state=State.SUBMITTED,
+                    provider_message_id=provider_id,
+                    submitted_at=now,
+                    next_poll_at=now + timedelta(minutes=10),
+                    claim_token=None,
+                )
+            )
+
+
+def stored_message(engine: Engine, our_id: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(select(messages).where(messages.c.id == our_id)).one()
+
+
+def event_history(engine: Engine, our_id: str) -> list[tuple[str, str, str, str | None]]:
+    """(source, from state, to state, detail) of each of the message's events, in order."""
+    stmt = (
+        select(events.c.source, events.c.from_state, events.c.to_state, events.c.detail)
+        .join(messages, messages.c.pk == events.c.message_pk)
+        .where(messages.c.id == our_id)
+        .order_by(events.c.pk)
+    )
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(stmt)]
+
+
+# --- the simulator ---------------------------------------------------------------------------
+
+SEND = "/api/CascadeMessage/send_message/async"
+KEY = {"X-Authorization-Key": "test-key"}
+
+
+@contextmanager
+def running_simulator(config: SimulatorConfig) -> Iterator[httpx.Client]:
+    """Serve the simulator from a background thread on a free port; yield a client for it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    uv_config = uvicorn.Config(
+        create_app(config), log_level="warning", access_log=False, timeout_graceful_shutdown=1
+    )
+    server = uvicorn.Server(uv_config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not server.started:
+        assert time.monotonic() < deadline, "simulator did not start"
+        time.sleep(0.01)
+    base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        with httpx.Client(base_url=base_url, timeout=5) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(5)
+        sock.close()
+
+
+def batch(n: int, prefix: str = "m", **extra: Any) -> list[dict[str, Any]]:
+    """``n`` valid transactional messages with ids ``{prefix}0..``."""
+    return [
+        {
+            "id": f"{prefix}{i}",
+            "fromName": "Shop",
+            "toPhone": f"+38067000{i:04d}",
+            "messageType": "transaction",
+            "text": "Your code is 1234",
+            **extra,
+        }
+        for i in range(n)
+    ]
+
+
+def stats(client: httpx.Client) -> dict[str, Any]:
+    return client.get("/_sim/stats").json()
+
+
+# --- pushed reports --------------------------------------------------------------------------
+
+# The seed's example payload, without the trailing comma that makes it invalid JSON.
+SEED_PAYLOAD = [
+    {"status": "1", "smsID": "3t2563af3ff285", "price": "0.71", "date": "1904111007;1904111011"},
+    {"status": "2", "smsID": "2t2563af3ff285", "price": "0.71", "date": "1904111007;1904111011"},
+    {"status": "10", "from": "420777777777", "text": "text odpovědi"},
+]
+
+# --- property tests' inputs ------------------------------------------------------------------
+
+NOW = datetime(2025, 1, 20, 12, 0, 0, tzinfo=UTC)
+PHONE = "+380671234567"
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda children: (
+        st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=12), children, max_size=6)
+    ),
+    max_leaves=20,
+)
+VISIBLE_TEXT = st.text(
+    st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=85
+).filter(lambda value: not value.isspace())
+ZONES = st.sampled_from([UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-5.5))])
+
+
+@st.composite
+def valid_messages(draw: st.DrawFn) -> dict[str, Any]:
+    """Messages built from valid values only, so the accept path is explored too."""
+    message_type = draw(st.sampled_from(MESSAGE_TYPES))
+    raw: dict[str, Any] = {
+        "id": draw(st.from_regex(r"[A-Za-z0-9._-]{1,254}", fullmatch=True)),
+        "fromName": draw(VISIBLE_TEXT.filter(lambda value: len(value) <= 64)),
+        "toPhone": draw(st.sampled_from([PHONE, "+14155552671", "+447911123456"])),
+        "messageType": message_type,
+    }
+    if message_type != "flashcall" or draw(st.booleans()):
+        raw["text"] = draw(VISIBLE_TEXT)
+    if message_type == "viber_survey":
+        raw["surveyOptions"] = draw(st.lists(VISIBLE_TEXT, min_size=2, max_size=5, unique=True))
+    if draw(st.booleans()):
+        raw["ttl"] = draw(st.integers(1, 2_678_400))
+    if draw(st.booleans()):
+        ahead = timedelta(seconds=draw(st.integers(-60, 30 * 86400)))
+        raw["scheduledSent"] = (NOW + ahead).astimezone(draw(ZONES)).isoformat()
+    if draw(st.booleans()):
+        raw["route"] = draw(st.sampled_from(ROUTES))
+    return raw
