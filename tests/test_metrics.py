@@ -196,6 +196,13 @@ def test_a_wrong_or_missing_token_is_refused(monitored: tuple[Stack, Api]) -> No
 
 def test_healthz_reports_beat_and_the_queue(monitored: tuple[Stack, Api]) -> None:
     _, api = monitored
+    # Beat's first tick comes a moment after the stack starts; this test may be the first
+    # the module runs (a pytest-xdist worker of its own): wait for the tick, do not race it.
+    wait_for(
+        lambda: httpx.get(api.url + "/healthz", timeout=10).json()["beat"] == "ok",
+        30,
+        "beat's first tick on /healthz",
+    )
     response = httpx.get(api.url + "/healthz", timeout=10)
     assert response.status_code == 200, response.text
     body = response.json()
