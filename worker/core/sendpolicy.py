@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Literal, TypedDict
 
 from config import Settings
 from worker.core.answers import (
@@ -284,7 +284,28 @@ def request_bound(queued: int, parts: int, refused: int, batch_max: int) -> int:
 
 # --- column values -----------------------------------------------------------------------
 
-_RELEASE = {"claim_token": None, "lease_until": None}
+
+class MessageChange(TypedDict, total=False):
+    """The columns a send decision writes to its message's row: only those it changes."""
+
+    state: State
+    claim_token: None  # the claim released
+    lease_until: None
+    isolation: str | None
+    attempts: int
+    unknown_outcomes: int
+    available_at: datetime
+    provider_message_id: str
+    submitted_at: datetime
+    next_poll_at: datetime
+    poll_deadline: datetime
+    error_code: str
+    error_message: str
+    final_at: datetime
+    final_source: str
+
+
+_RELEASE: MessageChange = {"claim_token": None, "lease_until": None}
 
 
 def first_poll_delay(settings: Settings) -> float:
@@ -300,7 +321,7 @@ def submitted_values(
     scheduled_sent: datetime | None,
     settings: Settings,
     now: datetime,
-) -> dict[str, Any]:
+) -> MessageChange:
     """Column values of a message the provider accepted."""
     start = max(now, scheduled_sent) if scheduled_sent else now
     return {
@@ -328,7 +349,7 @@ class Current:
     send_deadline: datetime | None
 
 
-def _final(state: State, code: str, message: str, now: datetime) -> dict[str, Any]:
+def _final(state: State, code: str, message: str, now: datetime) -> MessageChange:
     return {
         **_RELEASE,
         "state": state,
@@ -347,13 +368,14 @@ def decide(
     now: datetime,
     *,
     resend_unknown: bool,
-) -> tuple[dict[str, Any], State, str]:
+) -> tuple[MessageChange, State, str]:
     """(column values, new state, event detail) for an outcome other than submitted.
 
     A message fails only for what is its own: a refusal isolated to it is `rejected`;
     `failed` is kept for an answer lost too often to resend blind again, and for a
     message that could not be sent before its `send_deadline`.
     """
+    values: MessageChange
     if isinstance(outcome, Rejected):
         values = _final(State.REJECTED, outcome.code, outcome.message, now)
         return values, State.REJECTED, f"{outcome.code}: {outcome.message}"

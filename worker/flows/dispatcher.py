@@ -27,6 +27,7 @@ from worker.core.sendpolicy import (
     Held,
     Isolate,
     Item,
+    MessageChange,
     Outcome,
     Retry,
     Submitted,
@@ -273,7 +274,7 @@ def record(
         ours = _locked_claim(conn, token, [o.pk for o in others]) if others else {}
         requeued = {ours[o.pk].campaign for o in others if _requeues(o) and o.pk in ours}
         stopped = cancelled_campaigns(conn, requeued - {None})
-        changes: dict[int, dict[str, Any]] = {}
+        changes: dict[int, MessageChange] = {}
         for outcome in others:
             row = ours.get(outcome.pk)
             if row is None:

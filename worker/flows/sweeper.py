@@ -17,7 +17,7 @@ from sqlalchemy import Engine, insert, select, update
 
 from config import Settings
 from worker.core.backoff import send_retry_delay
-from worker.core.sendpolicy import Current, Unknown, decide
+from worker.core.sendpolicy import Current, MessageChange, Unknown, decide
 from worker.core.states import State
 from worker.flows.campaigns import cancelled_campaigns
 from worker.flows.consent import suppress_queued
@@ -68,7 +68,7 @@ def recover_stale_claims(engine: Engine, settings: Settings, now: datetime | Non
             1, base=settings.send_backoff_base_seconds, cap=settings.send_backoff_max_seconds
         )
         lapsed = Unknown(0, "send claim expired: the worker stopped mid-batch", delay)
-        changes: dict[int, dict[str, Any]] = {}
+        changes: dict[int, MessageChange] = {}
         journal = []
         for row in rows:
             current = Current(row.attempts, row.unknown_outcomes, row.send_deadline)
