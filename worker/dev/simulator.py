@@ -555,8 +555,9 @@ def _basic_credentials(header: str | None) -> tuple[str, str] | None:
     return (user, password) if sep else None
 
 
-class _Simulator:
-    """Recorded state and counters, plus the synchronous request logic."""
+class _Records:
+    """The simulator's configuration, what it recorded and its counters; what both the send
+    and the status endpoints answer alike (a 429, transport faults)."""
 
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
@@ -622,25 +623,12 @@ class _Simulator:
             self.rng.seed(self.config.seed)
             self.push_rng.seed(_push_seed(self.config.seed))
 
-    # --- sends -------------------------------------------------------------------------
-
-    def send(self, headers: Headers, body: bytes, route: str, now: float) -> _Answer:
-        """Answer one send request and record it."""
-        self.send_requests += 1
-        self.first_send_at = self.first_send_at or now
-        self.last_send_at = now
-        if self.send_throttled_at + IN_FLIGHT_GRACE < now < self.send_retry_at:
-            self.early_after_429 += 1
-        batch = _load(body)
-        size = len(batch) if isinstance(batch, list) else 0
-        self.max_batch = max(self.max_batch, size)
-        decided = self._send_answer(headers, batch, route, now)
-        answer = self._transport_faults(decided)
-        if answer.code == 200 and answer.unread:
-            self._answer_lost(decided.body)
-        self.send_status[answer.code] = self.send_status.get(answer.code, 0) + 1
-        self.requests.append((now, "send", answer.code, size))
-        return answer
+    def _throttled(self, now: float) -> tuple[_Answer, float]:
+        """A 429 and the time before which a polite client does not come back."""
+        value = self.config.retry_after
+        answer = _error(429, "TOO_MANY_REQUESTS", "Too many requests")
+        answered_at = now + self.config.latency_ms / 1000
+        return answer._replace(headers={"Retry-After": value}), _retry_deadline(value, answered_at)
 
     def _transport_faults(self, answer: _Answer) -> _Answer:
         """After the provider decided: a late answer, a dropped connection, a cut-off 200.
@@ -659,240 +647,10 @@ class _Simulator:
             return answer._replace(body=answer.body[: len(answer.body) // 2], cut=True)
         return answer
 
-    def _answer_lost(self, body: bytes) -> None:
-        """Sends accepted here whose answer the client never read: unknown outcomes to it.
 
-        ``body`` is the whole answer as decided, so messages dropped from it do not count.
-        """
-        for item in orjson.loads(body):
-            self.answers_lost += 1
-            self.lost_answer_ids.add(item["trackinId"])
-
-    def _send_answer(self, headers: Headers, batch: Any, route: str, now: float) -> _Answer:
-        """Checks in the provider's order: auth, injected faults, validation, acceptance."""
-        self.auth_headers_seen.update(AUTH_HEADERS[k] for k in headers if k in AUTH_HEADERS)
-        if headers.get("x-authorization-key") != self.config.api_key:
-            return _UNAUTHORIZED
-        fault = self._send_fault(now)
-        if fault is not None:
-            return fault
-        problem = _check_batch(batch, frozenset(self.config.reject_phones))
-        if problem is not None:
-            if not self.config.refusal_hints and problem.code == 400:
-                return _error(400, "INVALID_PHONE", "Invalid phone number format", "toPhone")
-            return problem
-        return self._accept(batch, route, now)
-
-    def _send_fault(self, now: float) -> _Answer | None:
-        """Injected 500/429 for sends; countdowns first, then the random error rate."""
-        config = self.config
-        if now < self.outage_until:
-            return _UNAVAILABLE
-        if config.fail_next_sends > 0:
-            config.fail_next_sends -= 1
-            return _SERVER_ERROR
-        if config.throttle_every and self.send_requests % config.throttle_every == 0:
-            answer, self.send_retry_at = self._throttled(now)
-            self.send_throttled_at = now
-            return answer
-        if config.throttle_next > 0:
-            config.throttle_next -= 1
-            answer, self.send_retry_at = self._throttled(now)
-            self.send_throttled_at = now
-            return answer
-        if config.error_rate and self.rng.random() < config.error_rate:
-            return _SERVER_ERROR
-        return None
-
-    def _throttled(self, now: float) -> tuple[_Answer, float]:
-        """A 429 and the time before which a polite client does not come back."""
-        value = self.config.retry_after
-        answer = _error(429, "TOO_MANY_REQUESTS", "Too many requests")
-        answered_at = now + self.config.latency_ms / 1000
-        return answer._replace(headers={"Retry-After": value}), _retry_deadline(value, answered_at)
-
-    def _accept(self, batch: list[dict[str, Any]], route: str, now: float) -> _Answer:
-        """Record the batch's messages and answer ``[{messageId, trackinId}]``."""
-        config, rng = self.config, self.rng
-        self.batches += 1
-        states, weights = zip(*config.mix.items(), strict=True)
-        finals = rng.choices(states, weights, k=len(batch))
-        channels = rng.choices(CHANNELS, k=len(batch))
-        # push_early: the provider finishes the first message (and pushes its reports)
-        # before it answers, so the reports can beat the client's commit of the answer.
-        early = config.push_early and bool(config.webhook_url or config.dlr_url)
-        answer: list[dict[str, str]] = []
-        for message, final, channel in zip(batch, finals, channels, strict=True):
-            if config.drop_answers and rng.random() < config.drop_answers:
-                self.messages_dropped += 1
-                continue
-            instant = early and not answer
-            message_id = self._record(message, final, channel, route, now, instant)
-            answer.append({"messageId": message_id, "trackinId": message["id"]})
-        if config.shuffle:
-            rng.shuffle(answer)
-        hold = EARLY_HOLD if early and answer else 0.0
-        if config.hang_next_sends > 0:
-            config.hang_next_sends -= 1
-            hold += config.hang_seconds
-        elif config.hang_rate and rng.random() < config.hang_rate:
-            hold += config.hang_seconds
-        return _Answer(200, orjson.dumps(answer), hold=hold)
-
-    def _record(
-        self,
-        message: dict[str, Any],
-        final: str,
-        channel: str,
-        route: str,
-        now: float,
-        instant: bool,
-    ) -> str:
-        """Plan one message's timeline from now, or from its future ``scheduledSent``."""
-        config, rng = self.config, self.rng
-        scheduled = _scheduled_at(message.get("scheduledSent"))
-        start = now if scheduled is None else max(now, scheduled)
-        delay = rng.uniform(config.delay_min, config.delay_max)
-        if instant:
-            delay = 0.0
-        message_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-        track = self._track(message["id"], route)
-        record = _Message(
-            message_id,
-            self.batches,
-            message["toPhone"],
-            start,
-            start + config.processing_at * delay,
-            start + delay,
-            final,
-            channel,
-            _parts(message.get("text")),
-            track,
-        )
-        track.message_ids.append(message_id)
-        self.messages[message_id] = record
-        self.messages_accepted += 1
-        self._plan_pushes(record, now)
-        return message_id
-
-    def _track(self, tracking_id: str, route: str) -> _Track:
-        """The trackinId's record, counting a second acceptance as a duplicate."""
-        track = self.tracks.get(tracking_id)
-        if track is None:
-            track = self.tracks[tracking_id] = _Track(tracking_id, route)
-        track.sends += 1
-        track.route = route
-        if track.sends == 2:
-            self.duplicate_tracking_ids += 1
-        return track
-
-    # --- status ------------------------------------------------------------------------
-
-    def status(self, headers: Headers, message_id: str, now: float) -> _Answer:
-        """Answer one status GET and record it."""
-        self.status_requests += 1
-        if now < self.status_retry_at:
-            self.status_early_after_429 += 1
-        message = self.messages.get(message_id)
-        answer = self._transport_faults(self._status_answer(headers, message_id, now))
-        if message is not None:
-            # What the client was told last: a poll after a final it could read is the
-            # client's fault; one after a 5xx, a reset or a cut-off answer is not.
-            message.final_seen = answer.final and not answer.unread
-            message.final_seen_at = now if message.final_seen else None
-        self.status_by_code[answer.code] = self.status_by_code.get(answer.code, 0) + 1
-        self.requests.append((now, "status", answer.code, 1))
-        return answer
-
-    def _status_answer(self, headers: Headers, message_id: str, now: float) -> _Answer:
-        """Auth, poll bookkeeping, injected faults, then the message's current state."""
-        if not self._status_authorized(headers):
-            return _UNAUTHORIZED
-        message = self.messages.get(message_id)
-        if message is not None:
-            self._note_poll(message, now)
-        fault = self._status_fault(now)
-        if fault is not None:
-            return fault
-        if message is None:
-            return _error(404, "NOT_FOUND", f"Message {message_id} not found")
-        body = self._status_body(message, now)
-        return _Answer(200, orjson.dumps(body), final=body["deliverystatus"] in FINAL_STATES)
-
-    def _status_authorized(self, headers: Headers) -> bool:
-        """Any of: the API key header, Basic user:password, Basic ``@:api_key``."""
-        config = self.config
-        if headers.get("x-authorization-key") == config.api_key:
-            return True
-        credentials = _basic_credentials(headers.get("authorization"))
-        return credentials in ((config.username, config.password), ("@", config.api_key))
-
-    def _note_poll(self, message: _Message, now: float) -> None:
-        """Count the polling habits the provider asks clients to avoid."""
-        message.track.polls += 1
-        tracking_id = message.track.tracking_id
-        if message.final_seen:
-            self.polls_after_final += 1
-            self.poll_anomalies.append(
-                {
-                    "kind": "after_final",
-                    "trackinId": tracking_id,
-                    "at": now,
-                    "final_seen_at": message.final_seen_at,
-                }
-            )
-        if message.last_poll is not None:
-            gap = now - message.last_poll
-            if gap < POLL_GAP:
-                self.polls_within_1s += 1
-                self.poll_anomalies.append(
-                    {"kind": "within_1s", "trackinId": tracking_id, "at": now, "gap": gap}
-                )
-            if self.min_poll_gap is None or gap < self.min_poll_gap:
-                self.min_poll_gap = gap
-        message.last_poll = now
-
-    def _status_fault(self, now: float) -> _Answer | None:
-        """Injected 429/500 for status GETs."""
-        config = self.config
-        if config.status_throttle_next > 0:
-            config.status_throttle_next -= 1
-            answer, self.status_retry_at = self._throttled(now)
-            return answer
-        if config.error_rate and self.rng.random() < config.error_rate:
-            return _SERVER_ERROR
-        return None
-
-    def _status_body(self, message: _Message, now: float) -> dict[str, Any]:
-        """The state the timeline has reached; early states carry only two fields."""
-        if now < message.t_processing:
-            return {"deliverystatus": "scheduled", "partscount": message.parts}
-        if now < message.t_final:
-            return {"deliverystatus": "processing", "partscount": message.parts}
-        return self._final_body(message)
-
-    def _final_body(self, message: _Message) -> dict[str, Any]:
-        """Final answer with its cost, and the cascade's details when fallbacks are on."""
-        cost = _cost(message)
-        body: dict[str, Any] = {
-            "messagelistId": message.batch_id,
-            "messageId": message.message_id,
-            "deliverystatus": message.final,
-            "partscount": message.parts,
-            "cost": cost,
-        }
-        if self.config.fallbacks:
-            body.update(_EXTENDED[message.channel, message.final])
-            body.update(
-                rate=RATE,
-                rateAmount=RATE,
-                rateCurrency=CURRENCY,
-                billAmount=cost,
-                billCurrency=CURRENCY,
-            )
-        return body
-
-    # --- pushes ------------------------------------------------------------------------
+class _Pushes(_Records):
+    """What the simulator pushes: SMSBAT status webhooks and BulkGate DLRs, planned per
+    accepted message and handed to the delivery workers (`_Pusher`) when due."""
 
     def _plan_pushes(self, message: _Message, now: float) -> None:
         """Queue the reports the configured receivers will get about this message."""
@@ -1029,7 +787,261 @@ class _Simulator:
         else:
             self.pushes_failed += 1
 
-    # --- admin reports -----------------------------------------------------------------
+
+class _Checks(_Records):
+    """What the status endpoint serves: one message's state, and the polls recorded."""
+
+    def status(self, headers: Headers, message_id: str, now: float) -> _Answer:
+        """Answer one status GET and record it."""
+        self.status_requests += 1
+        if now < self.status_retry_at:
+            self.status_early_after_429 += 1
+        message = self.messages.get(message_id)
+        answer = self._transport_faults(self._status_answer(headers, message_id, now))
+        if message is not None:
+            # What the client was told last: a poll after a final it could read is the
+            # client's fault; one after a 5xx, a reset or a cut-off answer is not.
+            message.final_seen = answer.final and not answer.unread
+            message.final_seen_at = now if message.final_seen else None
+        self.status_by_code[answer.code] = self.status_by_code.get(answer.code, 0) + 1
+        self.requests.append((now, "status", answer.code, 1))
+        return answer
+
+    def _status_answer(self, headers: Headers, message_id: str, now: float) -> _Answer:
+        """Auth, poll bookkeeping, injected faults, then the message's current state."""
+        if not self._status_authorized(headers):
+            return _UNAUTHORIZED
+        message = self.messages.get(message_id)
+        if message is not None:
+            self._note_poll(message, now)
+        fault = self._status_fault(now)
+        if fault is not None:
+            return fault
+        if message is None:
+            return _error(404, "NOT_FOUND", f"Message {message_id} not found")
+        body = self._status_body(message, now)
+        return _Answer(200, orjson.dumps(body), final=body["deliverystatus"] in FINAL_STATES)
+
+    def _status_authorized(self, headers: Headers) -> bool:
+        """Any of: the API key header, Basic user:password, Basic ``@:api_key``."""
+        config = self.config
+        if headers.get("x-authorization-key") == config.api_key:
+            return True
+        credentials = _basic_credentials(headers.get("authorization"))
+        return credentials in ((config.username, config.password), ("@", config.api_key))
+
+    def _note_poll(self, message: _Message, now: float) -> None:
+        """Count the polling habits the provider asks clients to avoid."""
+        message.track.polls += 1
+        tracking_id = message.track.tracking_id
+        if message.final_seen:
+            self.polls_after_final += 1
+            self.poll_anomalies.append(
+                {
+                    "kind": "after_final",
+                    "trackinId": tracking_id,
+                    "at": now,
+                    "final_seen_at": message.final_seen_at,
+                }
+            )
+        if message.last_poll is not None:
+            gap = now - message.last_poll
+            if gap < POLL_GAP:
+                self.polls_within_1s += 1
+                self.poll_anomalies.append(
+                    {"kind": "within_1s", "trackinId": tracking_id, "at": now, "gap": gap}
+                )
+            if self.min_poll_gap is None or gap < self.min_poll_gap:
+                self.min_poll_gap = gap
+        message.last_poll = now
+
+    def _status_fault(self, now: float) -> _Answer | None:
+        """Injected 429/500 for status GETs."""
+        config = self.config
+        if config.status_throttle_next > 0:
+            config.status_throttle_next -= 1
+            answer, self.status_retry_at = self._throttled(now)
+            return answer
+        if config.error_rate and self.rng.random() < config.error_rate:
+            return _SERVER_ERROR
+        return None
+
+    def _status_body(self, message: _Message, now: float) -> dict[str, Any]:
+        """The state the timeline has reached; early states carry only two fields."""
+        if now < message.t_processing:
+            return {"deliverystatus": "scheduled", "partscount": message.parts}
+        if now < message.t_final:
+            return {"deliverystatus": "processing", "partscount": message.parts}
+        return self._final_body(message)
+
+    def _final_body(self, message: _Message) -> dict[str, Any]:
+        """Final answer with its cost, and the cascade's details when fallbacks are on."""
+        cost = _cost(message)
+        body: dict[str, Any] = {
+            "messagelistId": message.batch_id,
+            "messageId": message.message_id,
+            "deliverystatus": message.final,
+            "partscount": message.parts,
+            "cost": cost,
+        }
+        if self.config.fallbacks:
+            body.update(_EXTENDED[message.channel, message.final])
+            body.update(
+                rate=RATE,
+                rateAmount=RATE,
+                rateCurrency=CURRENCY,
+                billAmount=cost,
+                billCurrency=CURRENCY,
+            )
+        return body
+
+
+class _Sends(_Pushes):
+    """What the send endpoints serve: batches answered (or faulted) and their messages
+    recorded, each accepted one's pushes planned."""
+
+    def send(self, headers: Headers, body: bytes, route: str, now: float) -> _Answer:
+        """Answer one send request and record it."""
+        self.send_requests += 1
+        self.first_send_at = self.first_send_at or now
+        self.last_send_at = now
+        if self.send_throttled_at + IN_FLIGHT_GRACE < now < self.send_retry_at:
+            self.early_after_429 += 1
+        batch = _load(body)
+        size = len(batch) if isinstance(batch, list) else 0
+        self.max_batch = max(self.max_batch, size)
+        decided = self._send_answer(headers, batch, route, now)
+        answer = self._transport_faults(decided)
+        if answer.code == 200 and answer.unread:
+            self._answer_lost(decided.body)
+        self.send_status[answer.code] = self.send_status.get(answer.code, 0) + 1
+        self.requests.append((now, "send", answer.code, size))
+        return answer
+
+    def _answer_lost(self, body: bytes) -> None:
+        """Sends accepted here whose answer the client never read: unknown outcomes to it.
+
+        ``body`` is the whole answer as decided, so messages dropped from it do not count.
+        """
+        for item in orjson.loads(body):
+            self.answers_lost += 1
+            self.lost_answer_ids.add(item["trackinId"])
+
+    def _send_answer(self, headers: Headers, batch: Any, route: str, now: float) -> _Answer:
+        """Checks in the provider's order: auth, injected faults, validation, acceptance."""
+        self.auth_headers_seen.update(AUTH_HEADERS[k] for k in headers if k in AUTH_HEADERS)
+        if headers.get("x-authorization-key") != self.config.api_key:
+            return _UNAUTHORIZED
+        fault = self._send_fault(now)
+        if fault is not None:
+            return fault
+        problem = _check_batch(batch, frozenset(self.config.reject_phones))
+        if problem is not None:
+            if not self.config.refusal_hints and problem.code == 400:
+                return _error(400, "INVALID_PHONE", "Invalid phone number format", "toPhone")
+            return problem
+        return self._accept(batch, route, now)
+
+    def _send_fault(self, now: float) -> _Answer | None:
+        """Injected 500/429 for sends; countdowns first, then the random error rate."""
+        config = self.config
+        if now < self.outage_until:
+            return _UNAVAILABLE
+        if config.fail_next_sends > 0:
+            config.fail_next_sends -= 1
+            return _SERVER_ERROR
+        if config.throttle_every and self.send_requests % config.throttle_every == 0:
+            answer, self.send_retry_at = self._throttled(now)
+            self.send_throttled_at = now
+            return answer
+        if config.throttle_next > 0:
+            config.throttle_next -= 1
+            answer, self.send_retry_at = self._throttled(now)
+            self.send_throttled_at = now
+            return answer
+        if config.error_rate and self.rng.random() < config.error_rate:
+            return _SERVER_ERROR
+        return None
+
+    def _accept(self, batch: list[dict[str, Any]], route: str, now: float) -> _Answer:
+        """Record the batch's messages and answer ``[{messageId, trackinId}]``."""
+        config, rng = self.config, self.rng
+        self.batches += 1
+        states, weights = zip(*config.mix.items(), strict=True)
+        finals = rng.choices(states, weights, k=len(batch))
+        channels = rng.choices(CHANNELS, k=len(batch))
+        # push_early: the provider finishes the first message (and pushes its reports)
+        # before it answers, so the reports can beat the client's commit of the answer.
+        early = config.push_early and bool(config.webhook_url or config.dlr_url)
+        answer: list[dict[str, str]] = []
+        for message, final, channel in zip(batch, finals, channels, strict=True):
+            if config.drop_answers and rng.random() < config.drop_answers:
+                self.messages_dropped += 1
+                continue
+            instant = early and not answer
+            message_id = self._record(message, final, channel, route, now, instant)
+            answer.append({"messageId": message_id, "trackinId": message["id"]})
+        if config.shuffle:
+            rng.shuffle(answer)
+        hold = EARLY_HOLD if early and answer else 0.0
+        if config.hang_next_sends > 0:
+            config.hang_next_sends -= 1
+            hold += config.hang_seconds
+        elif config.hang_rate and rng.random() < config.hang_rate:
+            hold += config.hang_seconds
+        return _Answer(200, orjson.dumps(answer), hold=hold)
+
+    def _record(
+        self,
+        message: dict[str, Any],
+        final: str,
+        channel: str,
+        route: str,
+        now: float,
+        instant: bool,
+    ) -> str:
+        """Plan one message's timeline from now, or from its future ``scheduledSent``."""
+        config, rng = self.config, self.rng
+        scheduled = _scheduled_at(message.get("scheduledSent"))
+        start = now if scheduled is None else max(now, scheduled)
+        delay = rng.uniform(config.delay_min, config.delay_max)
+        if instant:
+            delay = 0.0
+        message_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        track = self._track(message["id"], route)
+        record = _Message(
+            message_id,
+            self.batches,
+            message["toPhone"],
+            start,
+            start + config.processing_at * delay,
+            start + delay,
+            final,
+            channel,
+            _parts(message.get("text")),
+            track,
+        )
+        track.message_ids.append(message_id)
+        self.messages[message_id] = record
+        self.messages_accepted += 1
+        self._plan_pushes(record, now)
+        return message_id
+
+    def _track(self, tracking_id: str, route: str) -> _Track:
+        """The trackinId's record, counting a second acceptance as a duplicate."""
+        track = self.tracks.get(tracking_id)
+        if track is None:
+            track = self.tracks[tracking_id] = _Track(tracking_id, route)
+        track.sends += 1
+        track.route = route
+        if track.sends == 2:
+            self.duplicate_tracking_ids += 1
+        return track
+
+
+class _Simulator(_Sends, _Checks):
+    """The provider as the routes see it: sends, status checks and pushes, plus the
+    reports the admin endpoints read."""
 
     def stats(self) -> dict[str, Any]:
         """Counters for tests and benchmarks."""
