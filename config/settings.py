@@ -11,10 +11,10 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MAX_SECONDS = 366 * 24 * 3600.0
 _TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]+")
@@ -142,6 +142,16 @@ class Settings(BaseSettings):
     # Past its deadline a message times out only on an answer; with the status endpoint down
     # it is checked on for this long before it times out unanswered.
     poll_outage_grace_seconds: float = Field(21600.0, ge=0, alias="POLL_OUTAGE_GRACE_SECONDS")
+    # Checks timed from the route's recent latencies (README: Status checks): one message in
+    # POLL_LEARN_EVERY is checked every POLL_LEARN_STEP_SECONDS to learn them (0: the fixed
+    # schedule only); the others at these quantiles of what those showed.
+    poll_learn_every: int = Field(100, ge=0, alias="POLL_LEARN_EVERY")
+    poll_learn_step_seconds: float = Field(5.0, ge=1, alias="POLL_LEARN_STEP_SECONDS")
+    poll_learn_until_seconds: float = Field(180.0, gt=0, alias="POLL_LEARN_UNTIL_SECONDS")
+    poll_learn_quantiles: Annotated[tuple[float, ...], NoDecode] = Field(
+        (0.8, 0.99), alias="POLL_LEARN_QUANTILES"
+    )
+    poll_learn_min_samples: int = Field(50, ge=1, alias="POLL_LEARN_MIN_SAMPLES")
 
     # --- HTTP API and pushed reports --------------------------------------------------------
     api_token: SecretStr | None = Field(None, alias="API_TOKEN")
@@ -222,6 +232,23 @@ class Settings(BaseSettings):
         if value is not None:
             parse_rate_card(value, echo=False)  # names the entry by position, never its text
         return value
+
+    @field_validator("poll_learn_quantiles", mode="before")
+    @classmethod
+    def _quantile_list(cls, value: object) -> object:
+        """`0.8,0.99`, `[0.8,0.99]` or a lone `0.9`."""
+        if isinstance(value, int | float):
+            return (value,)
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.strip("[] ").split(",") if part.strip())
+        return value
+
+    @field_validator("poll_learn_quantiles")
+    @classmethod
+    def _quantiles(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(not 0 < q <= 1 for q in value):
+            raise ValueError("must be one or more quantiles above 0 and at most 1, e.g. [0.8,0.99]")
+        return tuple(sorted(value))
 
     @model_validator(mode="after")
     def _consent(self) -> Settings:

@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,8 +46,10 @@ from config import Settings  # noqa: E402
 from worker.celery import SEND_QUEUE, app  # noqa: E402
 from worker.cli import upgrade_database  # noqa: E402
 from worker.db import get_engine, make_engine  # noqa: E402
+from worker.keepalive import KeepAliveTransport  # noqa: E402
 from worker.models import messages  # noqa: E402
 from worker.producer import enqueue, wake_dispatcher  # noqa: E402
+from worker.smsbat import StatusClient  # noqa: E402
 from worker.stack import (  # noqa: E402
     Process,
     Simulator,
@@ -72,8 +76,8 @@ class Result:
     rss: list[float] = field(default_factory=list)  # peak MB of each worker process
 
 
-def bench_messages(n: int, prefix: str) -> Iterator[dict[str, Any]]:
-    for i in range(n):
+def bench_messages(n: int, prefix: str, start: int = 0) -> Iterator[dict[str, Any]]:
+    for i in range(start, start + n):
         yield {
             "id": f"{prefix}-{i}",
             "fromName": "Bench",
@@ -153,12 +157,18 @@ def run_ours(
     *,
     webhooks: bool = False,
     profile: bool = False,
+    overlap: bool = False,
+    chunk: int = 10_000,
 ) -> Result:
     """Fill the outbox with sending held, then let the workers send and follow every message.
 
     Workers start on every queue but sends (`-Q`) and take the send queue on by remote
     control once the campaign is stored, so send throughput measures sending alone, as the
     floor's does; launch to all-final still counts from the first message enqueued.
+
+    `overlap`: as users run it instead. Workers take every queue from the start and the
+    campaign goes to `enqueue` in chunks of `chunk`, each waking the dispatcher, so sends
+    overlap intake; "end to end" is the first enqueue call to the last message submitted.
     """
     env = {
         "DATABASE_URL": url,
@@ -170,25 +180,33 @@ def run_ours(
         env |= {"WEBHOOKS_ENABLED": "true", "WEBHOOK_TOKEN": WEBHOOK_TOKEN, "API_TOKEN": API_KEY}
     settings = Settings(**env)  # type: ignore[arg-type]
     engine = get_engine(url)
-    result = Result("ours + webhooks" if webhooks else "ours", n)
+    name = "ours, overlapped" if overlap else "ours + webhooks" if webhooks else "ours"
+    result = Result(name, n)
     nodes = [f"ours{i}@{socket.gethostname()}" for i in range(n_workers)]
     app.conf.broker_url = broker  # remote control below goes through this app
     with workers(env, logdir) as group:
         for i in range(n_workers):
-            group.start(f"ours{i}", beat=i == 0, queues=HELD_BACK)
+            group.start(f"ours{i}", beat=i == 0, queues=() if overlap else HELD_BACK)
         api = start_api(logdir, group.env) if webhooks else None
         if api is not None:
             sim.configure(webhook_url=f"{api.url}/webhooks/smsbat", webhook_token=WEBHOOK_TOKEN)
         _wait_for_nodes(nodes)
         started = time.time()
         campaign = f"bench-{uuid.uuid4().hex[:6]}"
-        enqueue(bench_messages(n, campaign), campaign, settings=settings, kick=False)
+        spies = [_spy(p, logdir) for p in group.processes] if profile and overlap else []
+        if overlap:
+            for start in range(0, n, chunk):
+                part = bench_messages(min(chunk, n - start), campaign, start)
+                enqueue(part, campaign, settings=settings)
+        else:
+            enqueue(bench_messages(n, campaign), campaign, settings=settings, kick=False)
         enqueued = time.time()
-        spies = [_spy(p, logdir) for p in group.processes] if profile else []
-        replies = app.control.add_consumer(SEND_QUEUE, destination=nodes, reply=True, timeout=5)
-        if {name for reply in replies for name in reply} != set(nodes):
-            raise RuntimeError(f"not every worker took the send queue on: {replies}")
-        wake_dispatcher(broker)
+        if not overlap:
+            spies = [_spy(p, logdir) for p in group.processes] if profile else []
+            replies = app.control.add_consumer(SEND_QUEUE, destination=nodes, reply=True, timeout=5)
+            if {name for reply in replies for name in reply} != set(nodes):
+                raise RuntimeError(f"not every worker took the send queue on: {replies}")
+            wake_dispatcher(broker)
         while _finals(engine, campaign) < n:
             time.sleep(1)
         for spy in spies:
@@ -205,6 +223,7 @@ def run_ours(
     result.figures = {
         "enqueue rate (msg/s)": n / (enqueued - started),
         "send throughput (msg/s)": _rate(n, stats["first_send_at"], last_submit.timestamp()),
+        "end to end (msg/s)": _rate(n, started, last_submit.timestamp()),
         "launch to all-final (s)": last_final.timestamp() - started,
         "send requests / message": stats["send_requests"] / n,
         "status polls / message": stats["status_requests"] / n,
@@ -360,37 +379,19 @@ def run_naive(
 
 
 def run_floor(n: int, url: str, sim: Simulator) -> Result:
-    engine = make_engine(url)
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "CREATE TABLE floor_messages "
-                "(id VARCHAR(254) PRIMARY KEY, body TEXT, message_id VARCHAR(64))"
-            )
-        )
+    """The fastest plain code doing the unavoidable work: the messages stored (COPY on
+    PostgreSQL), POSTed in 1000-message batches, each answer's ids written back with one
+    set-based UPDATE. No queue, no claims, no polling, no history."""
     batch = list(bench_messages(n, "floor"))
+    postgres = url.startswith("postgresql")
     started = time.time()
-    with engine.begin() as conn:
-        conn.execute(
-            text("INSERT INTO floor_messages (id, body) VALUES (:id, :body)"),
-            [{"id": m["id"], "body": orjson.dumps(m).decode()} for m in batch],
-        )
-    inserted = time.time()
     with httpx.Client(
         base_url=sim.url, headers={"X-Authorization-Key": API_KEY}, timeout=60
     ) as client:
-        for start in range(0, n, 1000):
-            chunk = batch[start : start + 1000]
-            answer = client.post(
-                "/api/CascadeMessage/send_message/async",
-                content=orjson.dumps(chunk),
-                headers={"Content-Type": "application/json"},
-            ).json()
-            with engine.begin() as conn:
-                conn.execute(
-                    text("UPDATE floor_messages SET message_id = :m WHERE id = :i"),
-                    [{"m": a["messageId"], "i": a["trackinId"]} for a in answer],
-                )
+        if postgres:
+            inserted = _floor_postgres(url, batch, client)
+        else:
+            inserted = _floor_sqlite(url, batch, client)
     sent = time.time()
     return Result(
         "floor",
@@ -398,6 +399,7 @@ def run_floor(n: int, url: str, sim: Simulator) -> Result:
         {
             "enqueue rate (msg/s)": n / (inserted - started),
             "send throughput (msg/s)": n / (sent - inserted),
+            "end to end (msg/s)": n / (sent - started),
             "launch to all-final (s)": None,
             "send requests / message": sim.stats()["send_requests"] / n,
             "status polls / message": 0.0,
@@ -405,6 +407,85 @@ def run_floor(n: int, url: str, sim: Simulator) -> Result:
             "database bytes / message": None,
         },
     )
+
+
+_FLOOR_TABLE = "CREATE TABLE floor_messages (id TEXT PRIMARY KEY, body TEXT, message_id TEXT)"
+
+
+def _post(client: httpx.Client, chunk: list[dict[str, Any]]) -> list[dict[str, str]]:
+    answer: list[dict[str, str]] = client.post(
+        "/api/CascadeMessage/send_message/async",
+        content=orjson.dumps(chunk),
+        headers={"Content-Type": "application/json"},
+    ).json()
+    return answer
+
+
+def _floor_postgres(url: str, batch: list[dict[str, Any]], client: httpx.Client) -> float:
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        conn.execute(_FLOOR_TABLE)
+        with conn.cursor().copy("COPY floor_messages (id, body) FROM STDIN") as copy:
+            for m in batch:
+                copy.write_row((m["id"], orjson.dumps(m).decode()))
+        conn.commit()
+        inserted = time.time()
+        for start in range(0, len(batch), 1000):
+            answer = _post(client, batch[start : start + 1000])
+            conn.execute(
+                "UPDATE floor_messages f SET message_id = v.m "
+                "FROM unnest(%s::text[], %s::text[]) AS v(i, m) WHERE f.id = v.i",
+                ([a["trackinId"] for a in answer], [a["messageId"] for a in answer]),
+            )
+            conn.commit()
+    return inserted
+
+
+def _floor_sqlite(url: str, batch: list[dict[str, Any]], client: httpx.Client) -> float:
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(_FLOOR_TABLE))
+        conn.execute(
+            text("INSERT INTO floor_messages (id, body) VALUES (:id, :body)"),
+            [{"id": m["id"], "body": orjson.dumps(m).decode()} for m in batch],
+        )
+    inserted = time.time()
+    for start in range(0, len(batch), 1000):
+        answer = _post(client, batch[start : start + 1000])
+        with engine.begin() as conn:
+            conn.execute(
+                text("UPDATE floor_messages SET message_id = :m WHERE id = :i"),
+                [{"m": a["messageId"], "i": a["trackinId"]} for a in answer],
+            )
+    return inserted
+
+
+def check_cost(sim: Simulator, n: int = 4000) -> list[str]:
+    """Worker CPU per status check, httpx's own transport beside worker/keepalive.py, on one
+    thread and on POLL_CONCURRENCY's 16 (client side only: the simulator has its own)."""
+    sim.admin("/_sim/reset", {})
+    with httpx.Client(base_url=sim.url, headers={"X-Authorization-Key": API_KEY}) as poster:
+        ids = [a["messageId"] for a in _post(poster, list(bench_messages(100, "cost")))]
+    settings = Settings(SMSBAT_BASE_URL=sim.url, SMSBAT_API_KEY=API_KEY)  # type: ignore[call-arg]
+    lines = []
+    for name, transport in (
+        ("httpx HTTPTransport", httpx.HTTPTransport(limits=httpx.Limits(max_connections=16))),
+        ("worker/keepalive.py", KeepAliveTransport(httpx.URL(sim.url))),
+    ):
+        client = StatusClient(settings, transport=transport)
+        for threads in (1, 16):
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(client.status, ids))
+                samples = []
+                for _ in range(5):
+                    cpu = time.process_time()
+                    list(pool.map(client.status, (ids[i % len(ids)] for i in range(n))))
+                    samples.append((time.process_time() - cpu) / n * 1e6)
+            lines.append(
+                f"  {name:22} {threads:2} thread(s): {statistics.median(samples):5.0f} µs "
+                f"of CPU per check (median of 5 rounds of {n:,})"
+            )
+        client.close()
+    return lines
 
 
 # --- the table ---------------------------------------------------------------------------
@@ -433,6 +514,10 @@ def print_table(results: list[Result], meta: str) -> None:
         print(f"send throughput ours / naive: {by['ours'] / by['naive']:.1f}x")
     if by.get("ours") and by.get("floor"):
         print(f"send throughput ours / floor: {by['ours'] / by['floor']:.2f}")
+    ends = {r.name: r.figures.get("end to end (msg/s)") for r in results}
+    for name in ("ours", "ours, overlapped"):
+        if ends.get(name) and ends.get("floor"):
+            print(f"end to end {name} / floor: {ends[name] / ends['floor']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,11 +531,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive-timeout", type=float, default=1800)
     parser.add_argument("--webhooks-n", type=int, default=None, help="default: min(n, 20000)")
     parser.add_argument(
-        "--skip", action="append", default=[], choices=["naive", "floor", "webhooks"]
+        "--skip",
+        action="append",
+        default=[],
+        choices=["naive", "floor", "webhooks", "overlapped", "check-cost"],
     )
     parser.add_argument(
         "--profile", action="store_true", help="py-spy on our workers; prints where time went"
     )
+    parser.add_argument("--check-n", type=int, default=4000, help="checks per check-cost round")
     parser.add_argument("--delay-min", type=float, default=5.0)
     parser.add_argument("--delay-max", type=float, default=30.0)
     parser.add_argument("--broker", default=DEFAULT_BROKER, help="a Redis DB of its own (flushed)")
@@ -466,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         api_key=API_KEY,
     )
     results: list[Result] = []
+    costs: list[str] = []
     urls: list[str] = []
     try:
         url = new_database(args.db, workdir)
@@ -473,6 +563,14 @@ def main(argv: list[str] | None = None) -> int:
         results.append(
             run_ours(args.n, args.workers, url, args.broker, sim, workdir, profile=args.profile)
         )
+        if "overlapped" not in args.skip:
+            sim.admin("/_sim/reset", {})
+            redis.Redis.from_url(args.broker).flushdb()
+            overlapped = new_database(args.db, workdir)
+            urls.append(overlapped)
+            results.append(
+                run_ours(args.n, args.workers, overlapped, args.broker, sim, workdir, overlap=True)
+            )
         if "webhooks" not in args.skip:
             sim.admin("/_sim/reset", {})
             redis.Redis.from_url(args.broker).flushdb()
@@ -493,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         if "floor" not in args.skip:
             sim.admin("/_sim/reset", {})
             results.append(run_floor(args.n, url, sim))
+        if "check-cost" not in args.skip:
+            costs = check_cost(sim, args.check_n)
     finally:
         sim.process.stop()
         for url in urls:
@@ -502,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.delay_max:g}s, {os.cpu_count()} cores"
     )
     print_table(results, meta)
+    if costs:
+        print("status check cost:")
+        print("\n".join(costs))
     if args.profile:
         print("where our workers spent their samples (inclusive), sending and polling:")
         print("\n".join(profile_summary(workdir)))

@@ -11,7 +11,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bench_prints_the_three_columns(redis_db: str) -> None:
-    args = "--n 300 --naive-n 20 --db sqlite --delay-min 0.5 --delay-max 1 --naive-timeout 120"
+    args = (
+        "--n 300 --naive-n 20 --db sqlite --delay-min 0.5 --delay-max 1 --naive-timeout 120"
+        " --check-n 40"
+    )
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), *args.split(), "--broker", redis_db],
         capture_output=True,
@@ -25,7 +28,11 @@ def test_bench_prints_the_three_columns(redis_db: str) -> None:
     for row in ("enqueue rate", "send throughput", "launch to all-final", "status polls"):
         assert row in table
     assert "ours (n=300)" in table and "naive (n=20)" in table and "floor (n=300)" in table
-    assert "ours + webhooks (n=300)" in table
+    assert "ours + webhooks (n=300)" in table and "ours, overlapped (n=300)" in table
+    assert "end to end (msg/s)" in table and "end to end ours, overlapped / floor:" in table
+    costs = table.split("status check cost:")[1]
+    assert "httpx HTTPTransport" in costs and "worker/keepalive.py" in costs
+    assert costs.count("µs of CPU per check") == 4
     assert "send throughput ours / naive:" in table and "send throughput ours / floor:" in table
     each = next(line for line in table.splitlines() if line.startswith("peak RSS of each"))
     assert len(each.split(":")[1].split(",")) >= 2  # every worker process, not just the largest

@@ -49,6 +49,7 @@ from sqlalchemy import delete, select
 from config import Settings
 from tests.conftest import make_messages
 from worker import dispatcher
+from worker.backoff import NO_PLAN, CheckPlan
 from worker.db import get_engine
 from worker.models import campaigns, events, messages
 from worker.producer import row_for, store
@@ -151,6 +152,9 @@ class MemoryPacing:
 
     def acquire(self, name: str, per_second: int, cost: int = 1) -> None:
         return None
+
+    def check_plan(self, route: str, settings: Settings) -> CheckPlan:
+        return NO_PLAN
 
 
 class ModelProvider:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine, Row, func, select
 
 from config import Settings
+from worker.backoff import NO_PLAN, CheckPlan
 from worker.campaigns import cancelled_campaigns
 from worker.consent import claimable
 from worker.db import among, bulk_update, claim_rows, insert_rows, utcnow
@@ -77,6 +78,7 @@ class SendPacing(Protocol):
     def answered(self, name: str) -> None: ...
     def release_probe(self, name: str) -> None: ...
     def acquire(self, name: str, per_second: int, cost: int = 1) -> None: ...
+    def check_plan(self, route: str, settings: Settings) -> CheckPlan: ...
 
 
 # --- decisions -----------------------------------------------------------------------
@@ -245,8 +247,10 @@ def record(
     claimed: dict[int, Row[Any]],
     settings: Settings,
     now: datetime | None = None,
+    plan: CheckPlan = NO_PLAN,
 ) -> dict[str, int]:
-    """Write every outcome of one claim, and its event, in one transaction.
+    """Write every outcome of one claim, and its event, in one transaction; `plan` times
+    the submitted messages' first status checks.
 
     A submitted message's new values depend on nothing in its row, so they are written
     straight to the rows that still carry the claim token. Other outcomes read the row
@@ -259,7 +263,13 @@ def record(
     with engine.begin() as conn:
         sent = {
             pk: submitted_values(
-                outcome.message_id, claimed[pk].ttl, claimed[pk].scheduled_sent, settings, now
+                pk,
+                outcome.message_id,
+                claimed[pk].ttl,
+                claimed[pk].scheduled_sent,
+                settings,
+                now,
+                plan,
             )
             for pk, outcome in submitted.items()
         }
@@ -453,7 +463,12 @@ def send_batch(
         items = [Item(r.pk, r.id, r.to_phone, r.attempts) for r in live]
         done += outcomes(items, answer, settings=settings, rng=rng or random.Random())
         report.isolating |= isinstance(answer, BadRequest)
-    report.counts = record(engine, token, done, {r.pk: r for r in rows}, settings, clock())
+    plan = (
+        pacing.check_plan(route, settings)
+        if any(isinstance(o, Submitted) for o in done)
+        else NO_PLAN
+    )
+    report.counts = record(engine, token, done, {r.pk: r for r in rows}, settings, clock(), plan)
     log.info(
         "batch route=%s claimed=%d part=%s answer=%s%s outcome=%s",
         route,
