@@ -30,6 +30,7 @@ def test_bench_prints_the_three_columns(redis_db: str) -> None:
     assert "ours (n=300)" in table and "naive (n=20)" in table and "floor (n=300)" in table
     assert "ours + webhooks (n=300)" in table and "ours, overlapped (n=300)" in table
     assert "end to end (msg/s)" in table and "end to end ours, overlapped / floor:" in table
+    assert "status checks at launch, ours: fixed schedule (0 latencies known)" in table
     costs = table.split("status check cost:")[1]
     assert "httpx HTTPTransport" in costs and "worker/keepalive.py" in costs
     assert costs.count("µs of CPU per check") == 4
