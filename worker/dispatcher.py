@@ -450,7 +450,7 @@ def send_batch(
             pacing.release_probe(CIRCUIT)
         return report
     live = [r for r in rows if r.expires_at is None or r.expires_at > now]
-    done: list[Outcome] = [Expired(r.pk) for r in rows if r not in live]
+    done: list[Outcome] = [Expired(r.pk) for r in rows if r.expires_at and r.expires_at <= now]
     answer: Answer = {}
     if live:
         answer = post(client, pacing, settings, route, live)
