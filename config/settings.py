@@ -187,6 +187,11 @@ class Settings(BaseSettings):
     # --- metrics, health and logs (Prometheus, /healthz) ---------------------------------------
     # Bearer token for /metrics; API_TOKEN when unset.
     metrics_token: SecretStr | None = Field(None, alias="METRICS_TOKEN")
+    # Opens the live campaign pages (GET /campaigns/NAME) and nothing else; API_TOKEN does too.
+    readonly_token: SecretStr | None = Field(None, alias="READONLY_TOKEN")
+    campaign_page_refresh_seconds: float = Field(
+        5.0, ge=1, le=3600, alias="CAMPAIGN_PAGE_REFRESH_SECONDS"
+    )
     # Counting every message by state and campaign reads the whole table: at most this often.
     metrics_totals_seconds: float = Field(60.0, ge=0, alias="METRICS_TOTALS_SECONDS")
     metrics_top_campaigns: int = Field(20, ge=1, le=500, alias="METRICS_TOP_CAMPAIGNS")
@@ -300,7 +305,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must start with http:// or https://, got {_scheme(value)}")
         return value.rstrip("/") if value else value
 
-    @field_validator("api_token", "webhook_token", "metrics_token")
+    @field_validator("api_token", "webhook_token", "metrics_token", "readonly_token")
     @classmethod
     def _header_safe_token(cls, value: SecretStr | None) -> SecretStr | None:
         """Bearer tokens travel in headers (Latin-1) and URLs: anything but RFC 6750's

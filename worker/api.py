@@ -953,6 +953,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from worker.consent_api import router as consent_router  # it imports this module
 
     app.include_router(consent_router)
+    from worker.live_page import router as pages_router  # it imports this module too
+
+    app.include_router(pages_router)
     app.include_router(probes)
     app.include_router(webhooks.router)
     app.include_router(exporter.router)

@@ -256,8 +256,12 @@ def enforce_holds() -> dict[str, int]:
 def apply_reports() -> dict[str, int]:
     """Apply stored webhook and DLR reports; match parked ones whose message appeared."""
     res = resources()
-    counts = inbox.apply_pending(res.engine, res.settings)
+    started = utcnow()
+    finished: list[int] = []
+    counts = inbox.apply_pending(res.engine, res.settings, finished)
     metrics.count_reports(counts)
+    if finished:  # submit → final, as for a poll
+        metrics.observe_finals(gauges.submit_to_final(res.engine, finished, started))
     return counts
 
 
