@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     rate_card_currency: str | None = Field(
         None, min_length=1, max_length=8, pattern=r"^[A-Za-z]+$", alias="RATE_CARD_CURRENCY"
     )
+    # Global caps over every campaign and message, per UTC day (worker/quota.py): reaching
+    # one pauses sending until 00:00 UTC (messages stay queued, never dropped). The budget
+    # counts each message at its RATE_CARD price, in RATE_CARD_CURRENCY. Unset: no cap.
+    daily_message_cap: int | None = Field(None, ge=1, alias="DAILY_MESSAGE_CAP")
+    daily_spend_budget: float | None = Field(None, gt=0, alias="DAILY_SPEND_BUDGET")
     schedule_hold_ahead_seconds: float = Field(600.0, ge=0, alias="SCHEDULE_HOLD_AHEAD_SECONDS")
     schedule_send_lead_seconds: float = Field(120.0, ge=0, alias="SCHEDULE_SEND_LEAD_SECONDS")
 
@@ -344,6 +349,11 @@ class Settings(BaseSettings):
             raise ValueError("SEND_BATCH_MIN must not exceed SEND_BATCH_MAX")
         if self.rate_card and not self.rate_card_currency:
             raise ValueError("RATE_CARD needs RATE_CARD_CURRENCY (the currency of its prices)")
+        if self.daily_spend_budget is not None and not self.rate_card:
+            raise ValueError(
+                "DAILY_SPEND_BUDGET needs RATE_CARD (and RATE_CARD_CURRENCY): the budget "
+                "counts each message at its price there"
+            )
         if self.schedule_send_lead_seconds > self.schedule_hold_ahead_seconds > 0:
             raise ValueError(
                 "SCHEDULE_SEND_LEAD_SECONDS must not exceed SCHEDULE_HOLD_AHEAD_SECONDS"

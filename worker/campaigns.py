@@ -336,11 +336,12 @@ def campaign_control(engine: Engine, name: str) -> dict[str, Any]:
             select(func.count()).where(messages.c.campaign == name, messages.c.state == State.HELD)
         ).scalar_one()
     if row is None:  # messages stored under a name without a campaign row (older data)
+        stopped = _globally_capped(engine, name)
         return {
-            "status": "running",
+            "status": "capped" if stopped else "running",
             "held_since": None,
             "paused_since": None,
-            "pause_reason": None,
+            "pause_reason": stopped,
             "held_messages": held,
             "limits": {"daily_cap": None, "rate": None, "released_today": 0},
         }
@@ -364,6 +365,8 @@ def campaign_control(engine: Engine, name: str) -> dict[str, Any]:
             f"daily cap of {row.daily_cap:,} reached; {held:,} messages wait for "
             "00:00 UTC (held, not dropped)"
         )
+    elif status == "running" and (stopped := _globally_capped(engine, name)):
+        status, reason = "capped", stopped
     return {
         "status": status,
         "held_since": _iso(row.held_at),
@@ -376,6 +379,23 @@ def campaign_control(engine: Engine, name: str) -> dict[str, Any]:
             "released_today": released_today,
         },
     }
+
+
+def _globally_capped(engine: Engine, name: str) -> str | None:
+    """The global cap that stops sending today (worker/quota.py), when this campaign has
+    queued messages it keeps waiting."""
+    from worker.quota import stored_reason
+
+    with engine.connect() as conn:
+        why = stored_reason(conn)
+        if why is None:
+            return None
+        waiting = conn.execute(
+            select(func.count()).where(
+                messages.c.campaign == name, messages.c.state == State.QUEUED
+            )
+        ).scalar_one()
+    return why if waiting else None
 
 
 # --- caps and per-campaign rate --------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine, Row, func, select
 
 from config import Settings
+from worker import quota
 from worker.campaigns import cancelled_campaigns
 from worker.consent import claimable
 from worker.db import among, bulk_update, claim_rows, insert_rows, utcnow
@@ -63,6 +64,7 @@ class BatchReport:
     answers: dict[str, int] = field(default_factory=dict)
     paused: float = 0.0
     isolating: bool = False  # the claim was an isolation part, or split into parts
+    capped: str | None = None  # a global daily cap stopped sending (worker/quota.py)
 
 
 class SendPacing(Protocol):
@@ -410,6 +412,9 @@ def send_batch(
     report.paused = send_paused(pacing)
     if report.paused:
         return report
+    report.capped = quota.stopped(engine, settings, clock())
+    if report.capped:  # the messages stay queued for 00:00 UTC or a raised limit
+        return report
     probing = pacing.half_open(CIRCUIT)
     if probing and not pacing.take_probe(CIRCUIT, probe_lease(settings)):
         return report
@@ -433,6 +438,8 @@ def send_batch(
             rows = claim(engine, route, now, limit, lease, token)
     if not rows and probing:
         rows = claim_part(engine, route, now, settings.send_batch_max, lease, token)
+    if rows:  # within the global daily cap and budget; the rest goes back to the queue
+        rows, report.capped = quota.admit(engine, settings, rows, token, now)
     report.isolating = bool(rows) and rows[0].isolation is not None
     report.claimed = len(rows)
     if not rows:
