@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import httpx
 import pytest
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
@@ -475,3 +476,47 @@ def test_the_api_takes_a_campaign_window_and_refuses_a_bad_one_naming_it(
     at, stored = _windows(get_engine(url))
     assert at == {"p-1": opening, "p-2": opening, "q-1": None}
     assert stored == {"p": spec, "q": "off"}
+
+
+@BACKENDS
+def test_a_promo_approved_after_its_window_closed_waits_at_the_claim_for_the_next_opening(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    """Enqueued inside its window, held, approved hours later when the window has closed:
+    the claim puts it back until the next opening instead of sending it at night."""
+    from tests.test_quota import ENV, Clock, NoPacing, Provider
+    from worker import dispatcher
+    from worker.campaigns import approve_campaign, hold_campaign
+    from worker.smsbat import SendClient
+
+    url = database_factory(backend)
+    spec, opened = _window_opening_in(-30)  # open since half an hour, for half an hour more
+    settings, engine = _settings(url, **ENV, SEND_WINDOW=spec), get_engine(url)
+    hold_campaign(engine, "night", create=True)
+    enqueue(
+        [_message("n-promo", PHONE, ttl=3 * 86400), _message("n-tx", OTHER, "transaction")],
+        "night",
+        settings=settings,
+        kick=False,
+    )
+    assert _states(engine, "n-") == {"n-promo": State.HELD, "n-tx": State.HELD}
+    approve_campaign(engine, "night")
+    clock, provider = Clock(), Provider()
+    clock.now += timedelta(hours=2)  # the window has closed
+    client = SendClient(settings, transport=httpx.MockTransport(provider.handle))
+
+    def send() -> None:
+        dispatcher.send_batch(engine, client, NoPacing(), settings, "standard", clock=clock)
+
+    send()
+    assert provider.sent == ["n-tx"]
+    tomorrow = opened + timedelta(days=1)
+    with engine.connect() as conn:
+        row = conn.execute(select(messages).where(messages.c.id == "n-promo")).one()
+    assert (row.state, row.available_at, row.window_at) == (State.QUEUED, tomorrow, tomorrow)
+    assert campaign_summary(engine, "night")["waiting_for_window"] == 1  # type: ignore[index]
+    send()
+    assert provider.sent == ["n-tx"]  # not due before the opening
+    clock.now = tomorrow
+    send()
+    assert provider.sent == ["n-tx", "n-promo"]

@@ -24,6 +24,7 @@ from worker.campaigns import cancelled_campaigns
 from worker.consent import claimable
 from worker.db import among, bulk_update, claim_rows, insert_rows, utcnow
 from worker.models import events, messages
+from worker.quiet import hold_outside_window
 from worker.sendpolicy import (
     Answer,
     Cancelled,
@@ -438,7 +439,9 @@ def send_batch(
             rows = claim(engine, route, now, limit, lease, token)
     if not rows and probing:
         rows = claim_part(engine, route, now, settings.send_batch_max, lease, token)
-    if rows:  # within the global daily cap and budget; the rest goes back to the queue
+    if rows:  # inside their send window now (an approval at night), then within the
+        # global daily cap and budget; the rest goes back to the queue
+        rows = hold_outside_window(engine, settings, rows, token, now)
         rows, report.capped = quota.admit(engine, settings, rows, token, now)
     report.isolating = bool(rows) and rows[0].isolation is not None
     report.claimed = len(rows)

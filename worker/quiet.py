@@ -303,3 +303,63 @@ def preview(
         elif row["window_at"] is not None:
             counts["waiting_for_window"] += 1
     return counts
+
+
+# --- the claim's side -----------------------------------------------------------------------
+
+
+def hold_outside_window(
+    engine: Engine, settings: Settings, rows: list[Any], token: str, now: datetime
+) -> list[Any]:
+    """Of one claim's rows, those inside their send window now; the others go back to the
+    queue until their window's next opening (`available_at`, `window_at`).
+
+    The producer placed each message in its window when it was enqueued; this catches the
+    ones that come due outside it later: a campaign approved or resumed at night, a metered
+    release, a send retried after a provider error. A message whose TTL runs out before the
+    opening then ends `expired` when it is claimed again, as any expired message does.
+    """
+    from worker.db import among
+    from worker.models import messages
+    from worker.states import State
+
+    windows = settings.windows
+    by_type = windows.by_type or {}
+    subject = [r for r in rows if r.message_type in WINDOWED_TYPES or by_type.get(r.message_type)]
+    if not subject:
+        return rows
+    names = {r.campaign for r in subject if r.campaign is not None}
+    own: dict[str, str | None] = {}
+    if names:
+        with engine.connect() as conn:
+            own = dict(
+                conn.execute(
+                    select(campaigns.c.name, campaigns.c.send_window).where(
+                        among(conn, campaigns.c.name, sorted(names))
+                    )
+                ).all()
+            )
+    later: dict[int, datetime] = {}
+    for row in subject:
+        window = windows.for_message(row.message_type, own.get(row.campaign))
+        opening = next_window_open(
+            row.to_phone, now, window, settings.send_window_fallback_timezone
+        )
+        if opening > now:
+            later[row.pk] = opening
+    if not later:
+        return rows
+    with engine.begin() as conn:
+        for pk, opening in later.items():
+            conn.execute(
+                update(messages)
+                .where(messages.c.pk == pk, messages.c.claim_token == token)
+                .values(
+                    state=State.QUEUED,
+                    claim_token=None,
+                    lease_until=None,
+                    available_at=opening,
+                    window_at=opening,
+                )
+            )
+    return [r for r in rows if r.pk not in later]
