@@ -16,12 +16,14 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import ValidationError
+from rich.console import Console
 from sqlalchemy import func, select
 
 from config import Settings
 from tests.conftest import make_messages
 from worker import dispatcher, quota
 from worker.campaigns import campaign_control
+from worker.cli import status_view
 from worker.db import get_engine, utcnow
 from worker.models import messages
 from worker.producer import row_for, store
@@ -144,6 +146,9 @@ def test_the_global_daily_cap_pauses_sending_and_drops_nothing(
     assert "messages stay queued, not dropped" in control["pause_reason"]
     report = campaign_report(get_engine(url), "g")
     assert report and report["control"]["status"] == "capped"
+    shown = Console(record=True, width=300)
+    shown.print(status_view(report, None))
+    assert f"capped: {why}" in shown.export_text()  # what `cascade campaign status` prints
     assert quota.today(get_engine(url), settings, clock())["messages"] == 25
 
     # Hours later, past their send deadline: the sweeper must not fail them while capped.

@@ -205,7 +205,7 @@ def render_live_page(
             f"this page reloads every {refresh_seconds:g} s."
         )
     if control.get("pause_reason"):
-        state_line += f" Paused: {control['pause_reason']}."
+        state_line += f" {status.capitalize()}: {control['pause_reason']}."
     stamp = now.strftime("%Y-%m-%d %H:%M:%S")
     body = "".join(
         [
