@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     rate_card_currency: str | None = Field(
         None, min_length=1, max_length=8, pattern=r"^[A-Za-z]+$", alias="RATE_CARD_CURRENCY"
     )
+    # Global caps over every campaign and message, per UTC day (worker/quota.py): reaching
+    # one pauses sending until 00:00 UTC (messages stay queued, never dropped). The budget
+    # counts each message at its RATE_CARD price, in RATE_CARD_CURRENCY. Unset: no cap.
+    daily_message_cap: int | None = Field(None, ge=1, alias="DAILY_MESSAGE_CAP")
+    daily_spend_budget: float | None = Field(None, gt=0, alias="DAILY_SPEND_BUDGET")
     schedule_hold_ahead_seconds: float = Field(600.0, ge=0, alias="SCHEDULE_HOLD_AHEAD_SECONDS")
     schedule_send_lead_seconds: float = Field(120.0, ge=0, alias="SCHEDULE_SEND_LEAD_SECONDS")
 
@@ -197,6 +202,11 @@ class Settings(BaseSettings):
     # --- metrics, health and logs (Prometheus, /healthz) ---------------------------------------
     # Bearer token for /metrics; API_TOKEN when unset.
     metrics_token: SecretStr | None = Field(None, alias="METRICS_TOKEN")
+    # Opens the live campaign pages (GET /campaigns/NAME) and nothing else; API_TOKEN does too.
+    readonly_token: SecretStr | None = Field(None, alias="READONLY_TOKEN")
+    campaign_page_refresh_seconds: float = Field(
+        5.0, ge=1, le=3600, alias="CAMPAIGN_PAGE_REFRESH_SECONDS"
+    )
     # Counting every message by state and campaign reads the whole table: at most this often.
     metrics_totals_seconds: float = Field(60.0, ge=0, alias="METRICS_TOTALS_SECONDS")
     metrics_top_campaigns: int = Field(20, ge=1, le=500, alias="METRICS_TOP_CAMPAIGNS")
@@ -327,7 +337,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must start with http:// or https://, got {_scheme(value)}")
         return value.rstrip("/") if value else value
 
-    @field_validator("api_token", "webhook_token", "metrics_token")
+    @field_validator("api_token", "webhook_token", "metrics_token", "readonly_token")
     @classmethod
     def _header_safe_token(cls, value: SecretStr | None) -> SecretStr | None:
         """Bearer tokens travel in headers (Latin-1) and URLs: anything but RFC 6750's
@@ -366,6 +376,11 @@ class Settings(BaseSettings):
             raise ValueError("SEND_BATCH_MIN must not exceed SEND_BATCH_MAX")
         if self.rate_card and not self.rate_card_currency:
             raise ValueError("RATE_CARD needs RATE_CARD_CURRENCY (the currency of its prices)")
+        if self.daily_spend_budget is not None and not self.rate_card:
+            raise ValueError(
+                "DAILY_SPEND_BUDGET needs RATE_CARD (and RATE_CARD_CURRENCY): the budget "
+                "counts each message at its price there"
+            )
         if self.schedule_send_lead_seconds > self.schedule_hold_ahead_seconds > 0:
             raise ValueError(
                 "SCHEDULE_SEND_LEAD_SECONDS must not exceed SCHEDULE_HOLD_AHEAD_SECONDS"

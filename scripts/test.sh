@@ -10,4 +10,10 @@ if ! command -v promtool >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get 
     apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
         || echo "promtool could not be installed: the alert rules get the schema test only" >&2
 fi
+# tests/test_live_page.py renders the live campaign page in headless Chromium (Debian's
+# chromium package); without it that one test is skipped.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+        || echo "chromium could not be installed: the live page's browser test is skipped" >&2
+fi
 exec .venv/bin/pytest "$@"

@@ -574,6 +574,18 @@ async def post_messages(
             "sent until POST /v1/campaign-actions/approve/{campaign}. Needs `campaign`."
         ),
     ] = False,
+    send_window: Annotated[
+        str | None,
+        Query(
+            alias="sendWindow",
+            max_length=32,
+            pattern=r"^\s*([Oo][Ff][Ff]|[Nn][Oo][Nn][Ee]|\d{1,2}:\d{2}\s*-\s*\d{1,2}:\d{2})\s*$",
+            description="The campaign's quiet hours for promo and surveys, `HH:MM-HH:MM` in "
+            "the recipient's local time (over SEND_WINDOW and SEND_WINDOW_BY_TYPE), or "
+            "`none`/`off` for none; stored with the campaign. Needs `campaign`.",
+            examples=["09:00-20:00"],
+        ),
+    ] = None,
     dry_run: Annotated[
         bool,
         Query(
@@ -590,7 +602,7 @@ async def post_messages(
     callbacks = (callback_url, callback_task)
     if dry_run:
         return await run_in_threadpool(dry_intake, body, settings)
-    return await run_in_threadpool(intake, body, campaign, callbacks, settings, hold)
+    return await run_in_threadpool(intake, body, campaign, callbacks, settings, hold, send_window)
 
 
 @producers.get(
@@ -760,6 +772,7 @@ def intake(
     callbacks: tuple[str | None, str | None],
     settings: Settings,
     hold: bool = False,
+    send_window: str | None = None,
 ) -> list[dict[str, Any]]:
     """Parse and enqueue, off the event loop: both are CPU or database work."""
     messages = parse_messages(body)
@@ -767,8 +780,19 @@ def intake(
         check_campaign(campaign)
     except ValueError as exc:
         raise _invalid(["query", "campaign"], str(exc), "value_error") from None
+    problem: dict[str, str] | None = None
     if hold and campaign is None:  # each message refused (a 422 would fail schema-valid input)
         problem = {"field": "hold", "problem": "needs ?campaign=NAME: a campaign to approve"}
+    elif send_window is not None:  # the same
+        from worker.quiet import checked_window
+
+        try:
+            send_window = checked_window(send_window, "sendWindow")
+        except ValueError as exc:
+            problem = {"field": "sendWindow", "problem": str(exc)}
+        if problem is None and campaign is None:
+            problem = {"field": "sendWindow", "problem": "needs ?campaign=NAME: it is stored there"}
+    if problem is not None:
         return [
             _answerable(
                 {
@@ -793,7 +817,12 @@ def intake(
 
             hold_campaign(get_engine(settings.database_url), campaign, create=True)
         results = enqueue(
-            messages, campaign, settings=settings, callback_url=url, callback_task=task
+            messages,
+            campaign,
+            settings=settings,
+            callback_url=url,
+            callback_task=task,
+            send_window=send_window,
         )
     except CampaignCancelled as exc:
         raise HTTPException(409, str(exc)) from None
@@ -953,6 +982,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from worker.consent_api import router as consent_router  # it imports this module
 
     app.include_router(consent_router)
+    from worker.live_page import router as pages_router  # it imports this module too
+
+    app.include_router(pages_router)
     app.include_router(probes)
     app.include_router(webhooks.router)
     app.include_router(exporter.router)

@@ -336,11 +336,12 @@ def campaign_control(engine: Engine, name: str) -> dict[str, Any]:
             select(func.count()).where(messages.c.campaign == name, messages.c.state == State.HELD)
         ).scalar_one()
     if row is None:  # messages stored under a name without a campaign row (older data)
+        stopped = _globally_capped(engine, name)
         return {
-            "status": "running",
+            "status": "capped" if stopped else "running",
             "held_since": None,
             "paused_since": None,
-            "pause_reason": None,
+            "pause_reason": stopped,
             "held_messages": held,
             "limits": {"daily_cap": None, "rate": None, "released_today": 0},
         }
@@ -364,6 +365,8 @@ def campaign_control(engine: Engine, name: str) -> dict[str, Any]:
             f"daily cap of {row.daily_cap:,} reached; {held:,} messages wait for "
             "00:00 UTC (held, not dropped)"
         )
+    elif status == "running" and (stopped := _globally_capped(engine, name)):
+        status, reason = "capped", stopped
     return {
         "status": status,
         "held_since": _iso(row.held_at),
@@ -376,6 +379,23 @@ def campaign_control(engine: Engine, name: str) -> dict[str, Any]:
             "released_today": released_today,
         },
     }
+
+
+def _globally_capped(engine: Engine, name: str) -> str | None:
+    """The global cap that stops sending today (worker/quota.py), when this campaign has
+    queued messages it keeps waiting."""
+    from worker.quota import stored_reason
+
+    with engine.connect() as conn:
+        why = stored_reason(conn)
+        if why is None:
+            return None
+        waiting = conn.execute(
+            select(func.count()).where(
+                messages.c.campaign == name, messages.c.state == State.QUEUED
+            )
+        ).scalar_one()
+    return why if waiting else None
 
 
 # --- caps and per-campaign rate --------------------------------------------------------
@@ -552,6 +572,8 @@ class Defaults:
     region: str | None = None  # `--default-region UA`: national numbers read as Ukrainian
     columns: tuple[tuple[str, str], ...] = ()  # `--column phone=toPhone`: header -> field
     dedupe: bool = False  # `--dedupe`: skip a phone already in the campaign (or the file)
+    # `--send-window 09:00-20:00` (or `off`/`none`): the campaign's quiet hours, stored with it
+    send_window: str | None = None
 
 
 def column_mapping(specs: Iterable[str]) -> tuple[tuple[str, str], ...]:
@@ -912,12 +934,18 @@ def launch(
 
     check_campaign(name)
     campaign_callbacks(defaults.callback_url, defaults.callback_task)  # refuse bad flags first
+    window = send_window_option(defaults.send_window)
     layout, rows = read_rows(path, defaults)
     if hold and not dry_run:
         hold_campaign(get_engine(settings.database_url), name, create=True)
     if limits != (None, None) and not dry_run:  # metered from its first message on
         ensure_campaign(get_engine(settings.database_url), name)
         set_limits(get_engine(settings.database_url), name, *limits)
+    if window is not None and not dry_run:  # stored before the first row: every row has it
+        from worker.quiet import campaign_window
+
+        ensure_campaign(get_engine(settings.database_url), name)
+        campaign_window(get_engine(settings.database_url), name, window, "--send-window")
     from worker.estimate import Estimate
 
     stats = LaunchStats(ignored_columns=layout.ignored, estimate=Estimate())
@@ -955,14 +983,28 @@ def launch(
     return stats
 
 
-def _consent_preview(stats: LaunchStats, valid: list[Any], name: str, settings: Settings) -> None:
+def send_window_option(text: str | None) -> str | None:
+    """`--send-window` checked and normalised (`none` is `off`); CampaignError names it."""
+    from worker.quiet import checked_window
+
+    if text is None:
+        return None
+    try:
+        return checked_window(text, "--send-window")
+    except ValueError as exc:
+        raise CampaignError(str(exc)) from None
+
+
+def _consent_preview(
+    stats: LaunchStats, valid: list[Any], name: str, settings: Settings, window: str | None
+) -> None:
     from sqlalchemy.exc import DBAPIError
 
     from worker.db import get_engine
     from worker.quiet import preview
 
     try:
-        counts = preview(get_engine(settings.database_url), valid, name, settings)
+        counts = preview(get_engine(settings.database_url), valid, name, settings, window)
     except DBAPIError:  # a dry run needs no database: without one, nothing to count
         return
     stats.suppressed += counts["suppressed"]
@@ -1043,7 +1085,8 @@ def _settle(
         for valid in checked:
             if not isinstance(valid, list):
                 stats.estimate.add(valid, card)
-        _consent_preview(stats, [c for c in checked if not isinstance(c, list)], name, settings)
+        valid = [c for c in checked if not isinstance(c, list)]
+        _consent_preview(stats, valid, name, settings, send_window_option(defaults.send_window))
     else:
         answered = enqueue(
             messages_,

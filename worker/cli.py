@@ -171,6 +171,13 @@ def campaign() -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="At most R messages/s for this campaign (beneath SEND_MESSAGES_PER_SECOND).",
 )
+@click.option(
+    "--send-window",
+    metavar="HH:MM-HH:MM",
+    help="Quiet hours for this campaign's promo and surveys, in the recipient's local time "
+    "(over SEND_WINDOW and SEND_WINDOW_BY_TYPE); 'none' (or 'off') sends at any hour. "
+    "Stored with the campaign.",
+)
 def campaign_launch(
     file: Path,
     name: str,
@@ -188,19 +195,30 @@ def campaign_launch(
     dedupe: bool,
     daily_cap: int | None,
     rate: float | None,
+    send_window: str | None,
 ) -> None:
     """Enqueue a campaign from a CSV or .xlsx file (headers: the cascade API's field names,
     or mapped with --column)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from sqlalchemy.exc import DBAPIError
 
-    from worker.campaigns import CampaignError, Defaults, column_mapping, launch
+    from worker.campaigns import (
+        CampaignError,
+        Defaults,
+        column_mapping,
+        launch,
+        send_window_option,
+    )
 
     settings = _settings()
     try:
         mapping = column_mapping(columns)
     except CampaignError as exc:
         raise click.BadParameter(str(exc), param_hint="--column") from None
+    try:
+        send_window = send_window_option(send_window)
+    except CampaignError as exc:
+        raise click.UsageError(str(exc)) from None
     defaults = Defaults(
         from_name,
         message_type,
@@ -212,6 +230,7 @@ def campaign_launch(
         region=default_region or settings.default_phone_region,
         columns=mapping,
         dedupe=dedupe,
+        send_window=send_window,
     )
     columns = (
         SpinnerColumn(),
@@ -278,6 +297,9 @@ def campaign_launch(
         console.print(f"{stats.deduped:,} rows skipped: their phone is already in {name}")
     if stats.estimate is not None and stats.estimate.messages:
         console.print(estimate_line(stats.estimate.as_dict(settings.rate_card_currency)))
+    if send_window is not None:
+        shown = "none (any hour)" if send_window == "off" else f"{send_window} recipient's time"
+        console.print(f"send window of {name}'s promo and surveys: {shown}")
     if hold and not dry_run:
         console.print(f"{name} is held: nothing is sent until `cascade campaign approve {name}`")
 

@@ -19,11 +19,13 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine, Row, func, select
 
 from config import Settings
+from worker import quota
 from worker.backoff import NO_PLAN, CheckPlan
 from worker.campaigns import cancelled_campaigns
 from worker.consent import claimable
 from worker.db import among, bulk_update, claim_rows, insert_rows, utcnow
 from worker.models import events, messages
+from worker.quiet import hold_outside_window
 from worker.sendpolicy import (
     Answer,
     Cancelled,
@@ -64,6 +66,7 @@ class BatchReport:
     answers: dict[str, int] = field(default_factory=dict)
     paused: float = 0.0
     isolating: bool = False  # the claim was an isolation part, or split into parts
+    capped: str | None = None  # a global daily cap stopped sending (worker/quota.py)
 
 
 class SendPacing(Protocol):
@@ -420,6 +423,9 @@ def send_batch(
     report.paused = send_paused(pacing)
     if report.paused:
         return report
+    report.capped = quota.stopped(engine, settings, clock())
+    if report.capped:  # the messages stay queued for 00:00 UTC or a raised limit
+        return report
     probing = pacing.half_open(CIRCUIT)
     if probing and not pacing.take_probe(CIRCUIT, probe_lease(settings)):
         return report
@@ -443,6 +449,10 @@ def send_batch(
             rows = claim(engine, route, now, limit, lease, token)
     if not rows and probing:
         rows = claim_part(engine, route, now, settings.send_batch_max, lease, token)
+    if rows:  # inside their send window now (an approval at night), then within the
+        # global daily cap and budget; the rest goes back to the queue
+        rows = hold_outside_window(engine, settings, rows, token, now)
+        rows, report.capped = quota.admit(engine, settings, rows, token, now)
     report.isolating = bool(rows) and rows[0].isolation is not None
     report.claimed = len(rows)
     if not rows:

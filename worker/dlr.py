@@ -129,11 +129,11 @@ def parse_bulkgate_item(item: Any) -> Report | Inbound:
     if price is not None:
         fields["cost"] = price
     detail = f"BulkGate status {code}: {meaning}"
-    if times:
-        detail += f"; sent {_iso(times[0])}"
+    if times:  # to the minute, as BulkGate gives them: never a made-up :00 before our send
+        detail += f"; sent {_minute(times[0])}"
         if times[1] is not None:
-            detail += f", status at {_iso(times[1])}"
-        detail += " (provider time)"
+            detail += f", status at {_minute(times[1])}"
+        detail += " (provider time, to the minute)"
     return Report(message_id, state, "dlr", fields, detail)
 
 
@@ -328,6 +328,12 @@ def _timestamp(data: dict[str, Any], key: str) -> datetime | None:
 
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _minute(moment: datetime) -> str:
+    """A minute-precision time as such (`2025-07-01T10:01Z`): written with `:00` seconds it
+    would claim a status at 10:01:00 for a message we sent at 10:01:40."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
 def _kind(value: Any) -> str:

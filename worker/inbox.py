@@ -33,7 +33,7 @@ from config import Settings
 from worker.db import among, bulk_update, insert_or_skip, insert_rows, utcnow
 from worker.dlr import Inbound
 from worker.models import events, inbound_messages, messages, provider_reports
-from worker.states import State
+from worker.states import FINAL, State
 from worker.statuses import Report, apply
 
 BATCH_SIZE = 500
@@ -162,18 +162,21 @@ class _Batch:
     outcomes: dict[str, list[int]]
 
 
-def apply_pending(engine: Engine, settings: Settings) -> dict[str, int]:
+def apply_pending(
+    engine: Engine, settings: Settings, made_final: list[int] | None = None
+) -> dict[str, int]:
     """Apply the due reports whose message is with the provider; orphan the too-old parked
     ones; put off the rest.
 
     Answers counts: `applied` (something changed), `ignored` (duplicate, late, after a
     final state), `orphan`, and `parked` (tried this run, still waiting for their message).
+    `made_final`, when given, receives the pks of the messages these reports made final.
     """
     counts = {"applied": 0, "ignored": 0, "orphan": 0, "parked": 0}
     started = utcnow()
     finished = False
     for _ in range(MAX_BATCHES):
-        finished = _apply_batch(engine, utcnow(), counts) < BATCH_SIZE
+        finished = _apply_batch(engine, utcnow(), counts, made_final) < BATCH_SIZE
         if finished:
             break
     cutoff = started - timedelta(seconds=settings.report_park_max_seconds)
@@ -190,7 +193,9 @@ def apply_pending(engine: Engine, settings: Settings) -> dict[str, int]:
     return counts
 
 
-def _apply_batch(engine: Engine, now: datetime, counts: dict[str, int]) -> int:
+def _apply_batch(
+    engine: Engine, now: datetime, counts: dict[str, int], made_final: list[int] | None = None
+) -> int:
     """Claim one batch of matchable reports, apply them in arrival order; answer how many."""
     with engine.begin() as conn:
         claimed = [(row.pk, _as_report(row)) for row in conn.execute(_claim_stmt(now))]
@@ -201,6 +206,8 @@ def _apply_batch(engine: Engine, now: datetime, counts: dict[str, int]) -> int:
         _write(conn, batch, now)
     for outcome, pks in batch.outcomes.items():
         counts[outcome] += len(pks)
+    if made_final is not None:
+        made_final.extend(pk for pk, ch in batch.updates.items() if ch.get("state") in FINAL)
     return len(claimed)
 
 

@@ -368,6 +368,22 @@ class SuppressionEvent(Base):
     )
 
 
+class SendDay(Base):
+    """What the workers handed to the provider on one UTC day, against the global caps
+    (DAILY_MESSAGE_CAP, DAILY_SPEND_BUDGET; worker/quota.py): one row a day."""
+
+    __tablename__ = "send_days"
+
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)  # 2026-12-07 (UTC)
+    messages: Mapped[int] = mapped_column(Integer)  # messages claimed and admitted
+    spend: Mapped[float] = mapped_column(Float)  # their rate-card estimate, RATE_CARD_CURRENCY
+    # Why sending stopped for the day (a cap or the budget reached), null while it goes on;
+    # in words, and the budget in force then, so a raised budget lets it go again.
+    capped: Mapped[str | None] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    spend_budget: Mapped[float | None] = mapped_column(Float)
+
+
 campaigns = Campaign.__table__
 messages = Message.__table__
 events = MessageEvent.__table__
@@ -376,3 +392,4 @@ inbound_messages = InboundMessage.__table__
 callbacks = Callback.__table__
 suppressions = Suppression.__table__
 suppression_events = SuppressionEvent.__table__
+send_days = SendDay.__table__

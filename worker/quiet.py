@@ -9,7 +9,8 @@ reason, instead of going at night.
 
 Windows: `SEND_WINDOW=09:00-20:00` for promo and viber_survey; `SEND_WINDOW_BY_TYPE=
 "viber_survey=10:00-18:00;transaction=off"` per message type; a campaign's own window
-(`campaign launch --send-window`, `?sendWindow=`) over both. `off` means no window. A window
+(`campaign launch --send-window`, `?sendWindow=`) over both, stored with the campaign for
+its later messages too. `off` (or `none`) means no window. A window
 may wrap midnight (`22:00-06:00`); `24:00` is allowed as an end.
 """
 
@@ -31,6 +32,7 @@ from config import Settings
 from worker.models import campaigns
 
 OFF = "off"
+NONE = "none"  # the same as `off` (`--send-window none`)
 WINDOWED_TYPES: tuple[str, ...] = ("promo", "viber_survey")  # SEND_WINDOW applies to these
 _SPEC = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 _DAY = 24 * 60
@@ -69,7 +71,7 @@ def _shown(text: str) -> str:
 def parse_window(text: str, setting: str = "SEND_WINDOW") -> Window | None:
     """`09:00-20:00` → Window; `off` → None; anything else names the setting (and the value,
     when it is only digits, colons and dashes)."""
-    if text.strip().lower() == OFF:
+    if text.strip().lower() in (OFF, NONE):
         return None
     match = _SPEC.match(text)
     if not match:
@@ -201,27 +203,30 @@ def next_window_open(
 WAITING_DETAIL = "TTL runs out before the recipient's send window opens"
 
 
-def campaign_window(engine: Engine, campaign: str | None, given: str | None) -> str | None:
-    """The campaign's own window: `given` is checked and stored on the campaign (its row
-    exists: `ensure_campaign` ran), else what was stored before, if anything."""
+def campaign_window(
+    engine: Engine, campaign: str | None, given: str | None, option: str = "send window"
+) -> str | None:
+    """The campaign's own window: `given` is checked (a ValueError names `option`) and
+    stored on the campaign (its row exists: `ensure_campaign` ran), else what was stored
+    before, if anything."""
     if campaign is None:
-        return given if given is None else _checked(given)
+        return given if given is None else checked_window(given, option)
     with engine.begin() as conn:
         if given is not None:
+            value = checked_window(given, option)
             conn.execute(
-                update(campaigns)
-                .where(campaigns.c.name == campaign)
-                .values(send_window=_checked(given))
+                update(campaigns).where(campaigns.c.name == campaign).values(send_window=value)
             )
-            return given.strip().lower() if given.strip().lower() == OFF else given.strip()
+            return value
         return conn.execute(
             select(campaigns.c.send_window).where(campaigns.c.name == campaign)
         ).scalar()
 
 
-def _checked(text: str) -> str:
-    parse_window(text, "send window")
-    return text.strip()
+def checked_window(text: str, option: str = "send window") -> str:
+    """A campaign's window as stored: `09:00-20:00` stripped, or `off` (also for `none`);
+    anything else is a ValueError naming `option` (`--send-window`, `sendWindow`)."""
+    return OFF if parse_window(text, option) is None else text.strip()
 
 
 def place(
@@ -255,10 +260,15 @@ def place(
 
 
 def preview(
-    engine: Engine, valid: list[Any], campaign: str | None, settings: Settings
+    engine: Engine,
+    valid: list[Any],
+    campaign: str | None,
+    settings: Settings,
+    window: str | None = None,
 ) -> dict[str, int]:
     """What a dry run would meet: messages the suppression list refuses, and those quiet
-    hours hold (or expire), for `campaign launch --dry-run`."""
+    hours hold (or expire), for `campaign launch --dry-run`; `window` is the campaign's
+    window the launch would set (else the one it has)."""
     from worker.consent import listed
     from worker.db import utcnow
 
@@ -266,8 +276,8 @@ def preview(
     types = settings.suppressed_types
     with engine.connect() as conn:
         on = listed(conn, (m.to_phone for m in valid if m.message_type in types))
-        own = None
-        if campaign is not None:
+        own = window
+        if campaign is not None and window is None:
             own = conn.execute(
                 select(campaigns.c.send_window).where(campaigns.c.name == campaign)
             ).scalar()
@@ -293,3 +303,63 @@ def preview(
         elif row["window_at"] is not None:
             counts["waiting_for_window"] += 1
     return counts
+
+
+# --- the claim's side -----------------------------------------------------------------------
+
+
+def hold_outside_window(
+    engine: Engine, settings: Settings, rows: list[Any], token: str, now: datetime
+) -> list[Any]:
+    """Of one claim's rows, those inside their send window now; the others go back to the
+    queue until their window's next opening (`available_at`, `window_at`).
+
+    The producer placed each message in its window when it was enqueued; this catches the
+    ones that come due outside it later: a campaign approved or resumed at night, a metered
+    release, a send retried after a provider error. A message whose TTL runs out before the
+    opening then ends `expired` when it is claimed again, as any expired message does.
+    """
+    from worker.db import among
+    from worker.models import messages
+    from worker.states import State
+
+    windows = settings.windows
+    by_type = windows.by_type or {}
+    subject = [r for r in rows if r.message_type in WINDOWED_TYPES or by_type.get(r.message_type)]
+    if not subject:
+        return rows
+    names = {r.campaign for r in subject if r.campaign is not None}
+    own: dict[str, str | None] = {}
+    if names:
+        with engine.connect() as conn:
+            own = dict(
+                conn.execute(
+                    select(campaigns.c.name, campaigns.c.send_window).where(
+                        among(conn, campaigns.c.name, sorted(names))
+                    )
+                ).all()
+            )
+    later: dict[int, datetime] = {}
+    for row in subject:
+        window = windows.for_message(row.message_type, own.get(row.campaign))
+        opening = next_window_open(
+            row.to_phone, now, window, settings.send_window_fallback_timezone
+        )
+        if opening > now:
+            later[row.pk] = opening
+    if not later:
+        return rows
+    with engine.begin() as conn:
+        for pk, opening in later.items():
+            conn.execute(
+                update(messages)
+                .where(messages.c.pk == pk, messages.c.claim_token == token)
+                .values(
+                    state=State.QUEUED,
+                    claim_token=None,
+                    lease_until=None,
+                    available_at=opening,
+                    window_at=opening,
+                )
+            )
+    return [r for r in rows if r.pk not in later]

@@ -16,7 +16,17 @@ from celery.worker.request import Request
 from sqlalchemy import Engine
 
 from config import Settings, get_settings
-from worker import callbacks, dispatcher, gauges, inbox, metrics, polling, producer, sweeper
+from worker import (
+    callbacks,
+    dispatcher,
+    gauges,
+    inbox,
+    metrics,
+    polling,
+    producer,
+    quota,
+    sweeper,
+)
 from worker.celery import POLL_QUEUE, SEND_QUEUE, app
 from worker.db import get_engine, utcnow
 from worker.pacing import Pacing, get_pacing
@@ -180,7 +190,7 @@ def sending_behind(res: Resources) -> bool:
     settings = res.settings
     if settings.send_messages_per_second or settings.send_requests_per_second:
         return False
-    if dispatcher.send_paused(res.pacing):
+    if dispatcher.send_paused(res.pacing) or quota.stopped(res.engine, settings):
         return False
     limit = dispatcher.batch_limit(settings)
     now = utcnow()
@@ -232,7 +242,8 @@ def poll_batch(pks: list[int], claimed: str | None = None) -> dict[str, Any]:
 @app.task(name="cascade.sweep")
 def sweep() -> dict[str, int]:
     res = resources()
-    return sweeper.sweep(res.engine, res.settings)
+    kept = quota.keep_waiting(res.engine, res.settings)  # before a capped day fails them
+    return sweeper.sweep(res.engine, res.settings) | ({"kept_for_cap": kept} if kept else {})
 
 
 @app.task(name="cascade.enforce_holds")
@@ -256,8 +267,12 @@ def enforce_holds() -> dict[str, int]:
 def apply_reports() -> dict[str, int]:
     """Apply stored webhook and DLR reports; match parked ones whose message appeared."""
     res = resources()
-    counts = inbox.apply_pending(res.engine, res.settings)
+    started = utcnow()
+    finished: list[int] = []
+    counts = inbox.apply_pending(res.engine, res.settings, finished)
     metrics.count_reports(counts)
+    if finished:  # submit → final, as for a poll
+        metrics.observe_finals(gauges.submit_to_final(res.engine, finished, started))
     return counts
 
 
