@@ -1,0 +1,152 @@
+"""Group commit for pushed reports: concurrent webhook requests share one INSERT and one commit.
+
+A push is answered 200 only once its reports are committed (a crash after the answer loses
+nothing). Committing each request on its own cost a transaction, a pooled connection and a
+thread per push, which bounded intake at a few hundred pushes/s. Here every request hands
+its parsed reports to the committer of its event loop and database, and waits: a single
+writer takes everything waiting, writes it in one transaction (COPY on PostgreSQL, one
+executemany on SQLite) in a thread off the event loop, then answers each request. While it
+writes, the next requests gather, so the group grows with the load by itself.
+
+A group that fails is written again request by request, each in its own transaction: a
+request whose own rows cannot be stored gets the error (a 5xx: the provider retries), the
+others commit. When the database is down every request of the group gets its error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+
+from worker.db import insert_rows
+from worker.inbox import report_rows
+from worker.models import provider_reports
+from worker.statuses import Report
+
+log = logging.getLogger(__name__)
+
+# Rows per transaction at most: a backlog after a stall is written in groups of this size.
+MAX_GROUP_ROWS = 20_000
+
+
+@dataclass
+class Job:
+    """One request's reports, stored as received at `received_at`."""
+
+    reports: Sequence[Report]
+    received_at: datetime
+    wake: Callable[[str], None] | None = None
+    broker_url: str = ""
+    done: asyncio.Future[None] = field(default=None)  # type: ignore[assignment]
+
+
+def write_reports(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Append report rows in the caller's transaction: COPY on PostgreSQL."""
+    insert_rows(conn, provider_reports, rows)
+
+
+class GroupCommitter:
+    """The writer of one event loop and one database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.waiting: deque[Job] = deque()
+        self.writer: asyncio.Task[None] | None = None
+        self.groups = 0  # committed groups, for tests and logs
+
+    async def store(self, job: Job) -> None:
+        """Return once the job's reports are committed; raise what stopped them."""
+        loop = asyncio.get_running_loop()
+        job.done = loop.create_future()
+        self.waiting.append(job)
+        if self.writer is None or self.writer.done():
+            self.writer = loop.create_task(self._drain())
+        # Shielded: a caller that goes away (client disconnect) must not cancel a write
+        # that other requests of the group wait on; the future is only its own.
+        await asyncio.shield(job.done)
+
+    async def _drain(self) -> None:
+        """Write groups until nothing waits; the task ends then (a new one starts later)."""
+        loop = asyncio.get_running_loop()
+        while self.waiting:
+            group, rows = [self.waiting.popleft()], 0
+            rows = len(group[0].reports)
+            while self.waiting and rows + len(self.waiting[0].reports) <= MAX_GROUP_ROWS:
+                group.append(self.waiting.popleft())
+                rows += len(group[-1].reports)
+            try:
+                outcomes = await loop.run_in_executor(None, self._write, group)
+            except BaseException as exc:  # every waiter must hear of it
+                outcomes = [exc] * len(group)
+            for job, outcome in zip(group, outcomes, strict=True):
+                if job.done.done():
+                    continue
+                if outcome is None:
+                    job.done.set_result(None)
+                else:
+                    job.done.set_exception(outcome)
+
+    def _write(self, group: list[Job]) -> list[BaseException | None]:
+        """In a thread: the group in one transaction, else each job in its own."""
+        try:
+            rows = [row for job in group for row in report_rows(job.reports, job.received_at)]
+            with self.engine.begin() as conn:
+                write_reports(conn, rows)
+            outcomes: list[BaseException | None] = [None] * len(group)
+        except Exception as exc:
+            if len(group) == 1:
+                return [exc]
+            log.warning(
+                "webhook intake: a group of %d requests failed (%s); writing each alone",
+                len(group),
+                type(exc).__name__,
+            )
+            outcomes = [self._write_one(job) for job in group]
+        self.groups += 1
+        _wake([job for job, failed in zip(group, outcomes, strict=True) if failed is None])
+        return outcomes
+
+    def _write_one(self, job: Job) -> BaseException | None:
+        try:
+            with self.engine.begin() as conn:
+                write_reports(conn, report_rows(job.reports, job.received_at))
+        except Exception as exc:
+            return exc
+        return None
+
+
+def _wake(stored: Sequence[Job]) -> None:
+    """Wake the applier once per waker and broker of the jobs stored (wakes are coalesced)."""
+    seen: set[tuple[int, str]] = set()
+    for job in stored:
+        key = (id(job.wake), job.broker_url)
+        if job.wake is None or not job.reports or key in seen:
+            continue
+        seen.add(key)
+        try:
+            job.wake(job.broker_url)
+        except Exception as exc:  # beat runs the applier anyway
+            log.warning("webhook intake: waking the applier failed: %s", exc)
+
+
+_committers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, GroupCommitter]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def committer(engine: Engine) -> GroupCommitter:
+    """The committer of the running event loop for this engine's database."""
+    loop = asyncio.get_running_loop()
+    by_url = _committers.setdefault(loop, {})
+    key = str(engine.url)
+    if key not in by_url or by_url[key].engine is not engine:
+        by_url[key] = GroupCommitter(engine)
+    return by_url[key]
