@@ -1005,9 +1005,18 @@ def _documentation(app: FastAPI) -> None:
         )
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
-    """Run the API under uvicorn. Without API_TOKEN no producer could ever be let in,
-    so refuse to start rather than serve an API that answers 401 to everyone."""
+def serving_app() -> FastAPI:
+    """The app of one of `cascade api --workers N`'s processes (uvicorn imports it there);
+    the settings come from the environment, as the parent's did."""
+    settings = get_settings()
+    logs.configure(settings.log_format)
+    return create_app(settings)
+
+
+def serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
+    """Run the API under uvicorn, in `workers` processes sharing the port. Without
+    API_TOKEN no producer could ever be let in, so refuse to start rather than serve an
+    API that answers 401 to everyone."""
     logs.configure(settings.log_format)
     if not _secret(settings.api_token):
         raise SystemExit(
@@ -1024,7 +1033,9 @@ def serve(settings: Settings, host: str, port: int) -> None:
         log.warning("WEBHOOK_TOKEN is not set: provider webhooks cannot be authenticated")
     # No access log: BulkGate can only send its token in the URL (?token=…).
     uvicorn.run(
-        create_app(settings),
+        create_app(settings) if workers == 1 else "worker.api:serving_app",
+        factory=workers > 1,
+        workers=workers if workers > 1 else None,
         host=host,
         port=port,
         log_level="info",
