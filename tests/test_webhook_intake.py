@@ -213,10 +213,10 @@ def test_concurrent_requests_share_a_transaction_and_a_bad_one_fails_alone(
 ) -> None:
     write = intake.write_reports
 
-    def refusing_poison(conn: Any, rows: Any) -> None:
-        if any(row["provider_message_id"] == "poison" for row in rows):
+    def refusing_poison(conn: Any, jobs: list[intake.Job]) -> None:
+        if any(r.message_id == "poison" for job in jobs for r in job.reports):
             raise ValueError("poison")
-        write(conn, rows)
+        write(conn, jobs)
 
     monkeypatch.setattr(intake, "write_reports", refusing_poison)
     ids = [f"c-{i}" for i in range(100)]

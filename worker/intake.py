@@ -22,11 +22,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
+import orjson
 from sqlalchemy import Connection, Engine
 
-from worker.db import insert_rows
+from worker.db import _raw_cursor, insert_rows
 from worker.inbox import report_rows
 from worker.models import provider_reports
 from worker.statuses import Report
@@ -48,9 +48,30 @@ class Job:
     done: asyncio.Future[None] = field(default=None)  # type: ignore[assignment]
 
 
-def write_reports(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    """Append report rows in the caller's transaction: COPY on PostgreSQL."""
-    insert_rows(conn, provider_reports, rows)
+# What COPY writes per report; processed_at and outcome stay NULL (unprocessed).
+_COPY = (
+    "COPY provider_reports (received_at, source, provider_message_id, state, payload, retry_at)"
+    " FROM STDIN"
+)
+
+
+def write_reports(conn: Connection, jobs: Sequence[Job]) -> None:
+    """Append the jobs' reports in the caller's transaction, unprocessed and due at once.
+
+    PostgreSQL: one COPY of plain tuples; building a dict per row and converting it column
+    by column (`insert_rows`) took a quarter of the API's CPU on BulkGate arrays (measured).
+    """
+    if conn.dialect.name != "postgresql":
+        rows = [row for job in jobs for row in report_rows(job.reports, job.received_at)]
+        insert_rows(conn, provider_reports, rows)
+        return
+    dumps = orjson.dumps
+    with _raw_cursor(conn, "COPY provider_reports") as cursor, cursor.copy(_COPY) as copy:
+        for job in jobs:
+            at = job.received_at
+            for r in job.reports:
+                payload = dumps({"fields": r.fields, "detail": r.detail}).decode()
+                copy.write_row((at, r.source, r.message_id, str(r.state), payload, at))
 
 
 class GroupCommitter:
@@ -97,9 +118,8 @@ class GroupCommitter:
     def _write(self, group: list[Job]) -> list[BaseException | None]:
         """In a thread: the group in one transaction, else each job in its own."""
         try:
-            rows = [row for job in group for row in report_rows(job.reports, job.received_at)]
             with self.engine.begin() as conn:
-                write_reports(conn, rows)
+                write_reports(conn, group)
             outcomes: list[BaseException | None] = [None] * len(group)
         except Exception as exc:
             if len(group) == 1:
@@ -117,7 +137,7 @@ class GroupCommitter:
     def _write_one(self, job: Job) -> BaseException | None:
         try:
             with self.engine.begin() as conn:
-                write_reports(conn, report_rows(job.reports, job.received_at))
+                write_reports(conn, [job])
         except Exception as exc:
             return exc
         return None
