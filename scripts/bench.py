@@ -8,6 +8,11 @@
   message posting a one-element array, then a countdown poll task every 5 s until final.
 - floor: the same messages bulk-inserted, then POSTed in 1000-message batches from this one
   process with their answers written back; no queue, no polling.
+- webhook intake (needs Debian's `wrk`): `cascade api [--workers N]` taking SMSBAT pushes
+  (one report each, every messageId new) from wrk -t2 -c64 for --intake-seconds, then
+  BulkGate arrays of 100; a Celery worker with beat applies them to submitted messages.
+  Medians of --intake-runs runs; `--skip ours --skip naive --skip floor --skip webhooks`
+  runs it alone.
 
 Uses Redis DB 15 (flushed) and a fresh PostgreSQL database (or SQLite file) per run.
 """
@@ -722,6 +727,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 drop_database(intake_url)
             intake = median_result(runs)
+            for i, run in enumerate(runs, 1):
+                f = run.figures
+                print(
+                    f"intake run {i}: {f['pushes/s (answered 200)']:,.0f} pushes/s, p99 "
+                    f"{f['push latency p99 (ms)']:.0f} ms, applied p99 "
+                    f"{f['receipt to applied p99 (s)'] or float('nan'):.2f} s, BulkGate "
+                    f"{f['BulkGate reports/s (x100 arrays)']:,.0f} reports/s, "
+                    f"load average {f['load average at start']:.2f}"
+                )
     finally:
         sim.process.stop()
         for url in urls:
