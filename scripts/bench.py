@@ -572,6 +572,7 @@ def run_intake(
         api = start_api(logdir, group.env, extra=options)
         load = os.getloadavg()[0]
         pushed = run_wrk(api.url, "/webhooks/smsbat", prefix, 1, seconds, logdir)
+        load_after = os.getloadavg()[0]
         stored, applied, waits = applied_latencies(url, prefix, 60)
         arrays = run_wrk(api.url, "/webhooks/bulkgate", prefix + "g", 100, seconds, logdir)
         rss = peak_rss_mb([api.process.popen.pid])
@@ -592,6 +593,7 @@ def run_intake(
         "BulkGate array p99 (ms)": arrays["p99_ms"],
         "peak API RSS (MB, max)": max(rss) if rss else None,
         "load average at start": load,
+        "load average after pushes": load_after,
     }
     result.rss = rss
     return result
@@ -734,7 +736,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{f['push latency p99 (ms)']:.0f} ms, applied p99 "
                     f"{f['receipt to applied p99 (s)'] or float('nan'):.2f} s, BulkGate "
                     f"{f['BulkGate reports/s (x100 arrays)']:,.0f} reports/s, "
-                    f"load average {f['load average at start']:.2f}"
+                    f"load average {f['load average at start']:.2f} -> "
+                    f"{f['load average after pushes']:.2f}"
                 )
     finally:
         sim.process.stop()
