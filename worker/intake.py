@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 
 import orjson
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.pool import SingletonThreadPool
 
-from worker.db import _raw_cursor, insert_rows
+from worker.db import _raw_cursor, insert_rows, is_sqlite, sqlite_begin, sqlite_connect
 from worker.inbox import report_rows
 from worker.models import provider_reports
 from worker.statuses import Report
@@ -79,6 +83,11 @@ class GroupCommitter:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # SQLite: one connection kept open in one thread. Its engine opens a connection per
+        # transaction (NullPool), and closing the last one checkpoints the whole WAL: half
+        # the writer's time at 2,500 pushes/s (measured).
+        self.executor = _sqlite_writer() if is_sqlite(engine) else None
+        self.writes = _held_engine(str(engine.url)) if is_sqlite(engine) else engine
         self.waiting: deque[Job] = deque()
         self.writer: asyncio.Task[None] | None = None
         self.groups = 0  # committed groups, for tests and logs
@@ -104,7 +113,7 @@ class GroupCommitter:
                 group.append(self.waiting.popleft())
                 rows += len(group[-1].reports)
             try:
-                outcomes = await loop.run_in_executor(None, self._write, group)
+                outcomes = await loop.run_in_executor(self.executor, self._write, group)
             except BaseException as exc:  # every waiter must hear of it
                 outcomes = [exc] * len(group)
             for job, outcome in zip(group, outcomes, strict=True):
@@ -118,7 +127,7 @@ class GroupCommitter:
     def _write(self, group: list[Job]) -> list[BaseException | None]:
         """In a thread: the group in one transaction, else each job in its own."""
         try:
-            with self.engine.begin() as conn:
+            with self.writes.begin() as conn:
                 write_reports(conn, group)
             outcomes: list[BaseException | None] = [None] * len(group)
         except Exception as exc:
@@ -136,7 +145,7 @@ class GroupCommitter:
 
     def _write_one(self, job: Job) -> BaseException | None:
         try:
-            with self.engine.begin() as conn:
+            with self.writes.begin() as conn:
                 write_reports(conn, [job])
         except Exception as exc:
             return exc
@@ -160,6 +169,31 @@ def _wake(stored: Sequence[Job]) -> None:
 _committers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, GroupCommitter]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+@lru_cache(maxsize=8)
+def _held_engine_for(url: str, pid: int) -> Engine:
+    engine = create_engine(
+        url, poolclass=SingletonThreadPool, connect_args={"timeout": 60}, hide_parameters=True
+    )
+    event.listen(engine, "connect", sqlite_connect)
+    event.listen(engine, "begin", sqlite_begin)
+    return engine
+
+
+def _held_engine(url: str) -> Engine:
+    """A SQLite engine that keeps its connection (one per thread: the writer's thread)."""
+    return _held_engine_for(url, os.getpid())
+
+
+@lru_cache(maxsize=1)
+def _sqlite_writer_for(pid: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake-sqlite")
+
+
+def _sqlite_writer() -> ThreadPoolExecutor:
+    """The one thread that writes SQLite intake in this process (SQLite has one writer)."""
+    return _sqlite_writer_for(os.getpid())
 
 
 def committer(engine: Engine) -> GroupCommitter:
