@@ -106,16 +106,23 @@ class GroupCommitter:
     async def _drain(self) -> None:
         """Write groups until nothing waits; the task ends then (a new one starts later)."""
         loop = asyncio.get_running_loop()
+        try:
+            await self._write_while_waiting(loop)
+        finally:  # a finished task holds its loop: let a loop that is done be collected
+            self.writer = None
+
+    async def _write_while_waiting(self, loop: asyncio.AbstractEventLoop) -> None:
         while self.waiting:
-            group, rows = [self.waiting.popleft()], 0
+            group = [self.waiting.popleft()]
             rows = len(group[0].reports)
             while self.waiting and rows + len(self.waiting[0].reports) <= MAX_GROUP_ROWS:
                 group.append(self.waiting.popleft())
                 rows += len(group[-1].reports)
+            stopped: BaseException | None = None
             try:
                 outcomes = await loop.run_in_executor(self.executor, self._write, group)
             except BaseException as exc:  # every waiter must hear of it
-                outcomes = [exc] * len(group)
+                outcomes, stopped = [exc] * len(group), exc
             for job, outcome in zip(group, outcomes, strict=True):
                 if job.done.done():
                     continue
@@ -123,6 +130,8 @@ class GroupCommitter:
                     job.done.set_result(None)
                 else:
                     job.done.set_exception(outcome)
+            if isinstance(stopped, asyncio.CancelledError):  # the loop is shutting down
+                raise stopped
 
     def _write(self, group: list[Job]) -> list[BaseException | None]:
         """In a thread: the group in one transaction, else each job in its own."""
