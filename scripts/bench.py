@@ -8,6 +8,11 @@
   message posting a one-element array, then a countdown poll task every 5 s until final.
 - floor: the same messages bulk-inserted, then POSTed in 1000-message batches from this one
   process with their answers written back; no queue, no polling.
+- webhook intake (needs Debian's `wrk`): `cascade api [--workers N]` taking SMSBAT pushes
+  (one report each, every messageId new) from wrk -t2 -c64 for --intake-seconds, then
+  BulkGate arrays of 100; a Celery worker with beat applies them to submitted messages.
+  Medians of --intake-runs runs; `--skip ours --skip naive --skip floor --skip webhooks`
+  runs it alone.
 
 Uses Redis DB 15 (flushed) and a fresh PostgreSQL database (or SQLite file) per run.
 """
@@ -44,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from config import Settings  # noqa: E402
 from worker.backoff import learn_plan  # noqa: E402
-from worker.celery import SEND_QUEUE, app  # noqa: E402
+from worker.celery import POLL_QUEUE, SEND_QUEUE, app  # noqa: E402
 from worker.cli import upgrade_database  # noqa: E402
 from worker.db import get_engine, make_engine  # noqa: E402
 from worker.keepalive import KeepAliveTransport  # noqa: E402
@@ -514,6 +519,206 @@ def check_cost(sim: Simulator, n: int = 4000) -> list[str]:
     return lines
 
 
+# --- webhook intake ------------------------------------------------------------------------
+#
+# wrk (Debian's `wrk`) pushes to a `cascade api` over 64 connections, every request with a
+# messageId of its own; a Celery worker (beat + the poll queue) applies what was stored.
+
+WRK_SCRIPT = r"""
+-- each thread numbers its own requests: messageIds <prefix>-<thread>-<n>, never repeated
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+local n = 0
+local path = os.getenv("WRK_PATH")
+local prefix = os.getenv("WRK_PREFIX")
+local batch = tonumber(os.getenv("WRK_BATCH") or "1")
+wrk.method = "POST"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("WRK_TOKEN")
+wrk.headers["Content-Type"] = "application/json"
+function request()
+  local parts = {}
+  for i = 1, batch do
+    n = n + 1
+    local id = prefix .. "-" .. tid .. "-" .. n
+    if batch == 1 then
+      parts[i] = '{"messageId":"' .. id .. '","deliverystatus":"delivered",'
+        .. '"timestamp":"2026-12-07T07:40:00.123Z","cost":0.0432}'
+    else
+      parts[i] = '{"status":"1","smsID":"' .. id .. '","price":"0.71",'
+        .. '"date":"2612070740;2612070741"}'
+    end
+  end
+  local body = parts[1]
+  if batch > 1 then body = "[" .. table.concat(parts, ",") .. "]" end
+  return wrk.format(nil, path, nil, body)
+end
+function done(summary, latency, requests)
+  io.write(string.format("WRK requests=%d non2xx=%d errors=%d seconds=%.3f p50=%d p99=%d\n",
+    summary.requests, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write
+      + summary.errors.timeout,
+    summary.duration / 1e6, latency:percentile(50), latency:percentile(99)))
+end
+"""
+WRK_THREADS = 2
+WRK_CONNECTIONS = 64
+
+
+def run_wrk(url: str, path: str, prefix: str, batch: int, seconds: float, workdir: Path) -> dict:
+    """One wrk run; its counts and latencies (ms) as parsed from the script's last line."""
+    script = workdir / "intake.lua"
+    script.write_text(WRK_SCRIPT)
+    env = {
+        **os.environ,
+        "WRK_PATH": path,
+        "WRK_PREFIX": prefix,
+        "WRK_BATCH": str(batch),
+        "WRK_TOKEN": WEBHOOK_TOKEN,
+    }
+    args = ["wrk", "-t", str(WRK_THREADS), "-c", str(WRK_CONNECTIONS), "-d", f"{seconds:g}s"]
+    args += ["--timeout", "10s", "-s", str(script), url]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("WRK ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout}{out.stderr}")
+    found = dict(part.split("=") for part in line.split()[1:])
+    return {
+        "requests": int(found["requests"]),
+        "non2xx": int(found["non2xx"]),
+        "errors": int(found["errors"]),
+        "seconds": float(found["seconds"]),
+        "p50_ms": int(found["p50"]) / 1000,
+        "p99_ms": int(found["p99"]) / 1000,
+    }
+
+
+def submitted_messages(url: str, prefix: str, per_thread: int) -> None:
+    """Messages already with the provider, one per messageId wrk will push (threads 1..T)."""
+    from worker.db import insert_rows, utcnow
+
+    now = utcnow()
+    rows = [
+        {
+            "id": f"{prefix}-{t}-{i}",
+            "from_name": "Bench",
+            "to_phone": "+380670000000",
+            "message_type": "transaction",
+            "route": "sms",
+            "priority": 0,
+            "state": "submitted",
+            "created_at": now,
+            "available_at": now,
+            "attempts": 1,
+            "unknown_outcomes": 0,
+            "polls": 0,
+            "provider_message_id": f"{prefix}-{t}-{i}",
+            "submitted_at": now,
+        }
+        for t in range(1, WRK_THREADS + 1)
+        for i in range(1, per_thread + 1)
+    ]
+    engine = get_engine(url)
+    for start in range(0, len(rows), 50_000):
+        with engine.begin() as conn:
+            insert_rows(conn, messages, rows[start : start + 50_000])
+
+
+def applied_latencies(url: str, prefix: str, settle: float) -> tuple[int, int, list[float]]:
+    """(stored, applied, receipt→applied seconds of each applied report), once nothing
+    matched is left unapplied or `settle` seconds passed."""
+    from worker.models import provider_reports as reports
+
+    engine = get_engine(url)
+    ours = reports.c.provider_message_id.like(f"{prefix}-%")
+    deadline = time.monotonic() + settle
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            waiting = conn.execute(
+                select(func.count())
+                .select_from(reports)
+                .join(messages, messages.c.provider_message_id == reports.c.provider_message_id)
+                .where(ours, reports.c.processed_at.is_(None))
+            ).scalar_one()
+        if not waiting:
+            break
+        time.sleep(0.5)
+    with engine.connect() as conn:
+        stored = conn.execute(select(func.count()).where(ours)).scalar_one()
+        rows = conn.execute(
+            select(reports.c.received_at, reports.c.processed_at).where(
+                ours, reports.c.outcome == "applied"
+            )
+        ).all()
+    return stored, len(rows), sorted((p - r).total_seconds() for r, p in rows)
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+
+def run_intake(
+    url: str, broker: str, logdir: Path, *, seconds: float, api_workers: int, rate_guess: int
+) -> Result:
+    """SMSBAT pushes (one report each) then BulkGate arrays of 100, each by wrk for `seconds`."""
+    env = {
+        "DATABASE_URL": url,
+        "BROKER_URL": broker,
+        "WEBHOOK_TOKEN": WEBHOOK_TOKEN,
+        "API_TOKEN": API_KEY,
+        "SMSBAT_API_KEY": API_KEY,
+    }
+    prefix = f"in{uuid.uuid4().hex[:4]}"
+    submitted_messages(url, prefix, int(rate_guess * seconds / WRK_THREADS) + 1000)
+    result = Result(f"intake, {api_workers} API", 0)
+    with workers(env, logdir) as group:
+        group.start("intake0", beat=True, queues=[POLL_QUEUE])
+        options = ["--workers", str(api_workers)] if api_workers != 1 else []
+        api = start_api(logdir, group.env, extra=options)
+        load = os.getloadavg()[0]
+        pushed = run_wrk(api.url, "/webhooks/smsbat", prefix, 1, seconds, logdir)
+        load_after = os.getloadavg()[0]
+        stored, applied, waits = applied_latencies(url, prefix, 60)
+        arrays = run_wrk(api.url, "/webhooks/bulkgate", prefix + "g", 100, seconds, logdir)
+        rss = peak_rss_mb([api.process.popen.pid])
+        api.process.stop()
+    ok = pushed["requests"] - pushed["non2xx"]
+    result.n = pushed["requests"]
+    result.figures = {
+        "pushes/s (answered 200)": ok / pushed["seconds"],
+        "push latency p50 (ms)": pushed["p50_ms"],
+        "push latency p99 (ms)": pushed["p99_ms"],
+        "pushes refused or failed": pushed["non2xx"] + pushed["errors"],
+        "pushes stored": stored,
+        "pushes applied": applied,
+        "receipt to applied p99 (s)": _quantile(waits, 0.99),
+        "BulkGate reports/s (x100 arrays)": (arrays["requests"] - arrays["non2xx"])
+        * 100
+        / arrays["seconds"],
+        "BulkGate array p99 (ms)": arrays["p99_ms"],
+        "peak API RSS (MB, max)": max(rss) if rss else None,
+        "load average at start": load,
+        "load average after pushes": load_after,
+    }
+    result.rss = rss
+    return result
+
+
+def median_result(runs: list[Result]) -> Result:
+    """Each figure's median over the runs (peak RSS: the largest)."""
+    import statistics
+
+    figures: dict[str, float | None] = {}
+    for name in runs[0].figures:
+        values = [r.figures[name] for r in runs if r.figures.get(name) is not None]
+        figures[name] = statistics.median(values) if values else None
+    rss = [max(mb for r in runs for mb in r.rss)] if any(r.rss for r in runs) else []
+    name = runs[0].name + (f", median of {len(runs)}" if len(runs) > 1 else "")
+    return Result(name, int(statistics.median(r.n for r in runs)), figures, rss)
+
+
 # --- the table ---------------------------------------------------------------------------
 
 
@@ -563,7 +768,13 @@ def main(argv: list[str] | None = None) -> int:
         "--skip",
         action="append",
         default=[],
-        choices=["naive", "floor", "webhooks", "overlapped", "check-cost"],
+        choices=["ours", "naive", "floor", "webhooks", "overlapped", "check-cost", "intake"],
+    )
+    parser.add_argument("--intake-seconds", type=float, default=10, help="per wrk run")
+    parser.add_argument("--intake-api-workers", type=int, default=1, help="cascade api --workers")
+    parser.add_argument("--intake-runs", type=int, default=3, help="the table shows medians")
+    parser.add_argument(
+        "--intake-rate", type=int, default=10_000, help="pushes/s to have messages ready for"
     )
     parser.add_argument(
         "--profile", action="store_true", help="py-spy on our workers; prints where time went"
@@ -585,13 +796,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     results: list[Result] = []
     costs: list[str] = []
+    intake: Result | None = None
     urls: list[str] = []
     try:
         url = new_database(args.db, workdir)
         urls.append(url)
-        results.append(
-            run_ours(args.n, args.workers, url, args.broker, sim, workdir, profile=args.profile)
-        )
+        if "ours" not in args.skip:
+            results.append(
+                run_ours(args.n, args.workers, url, args.broker, sim, workdir, profile=args.profile)
+            )
         if "overlapped" not in args.skip:
             sim.admin("/_sim/reset", {})
             reset_broker(args.broker)
@@ -622,6 +835,36 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_floor(args.n, url, sim))
         if "check-cost" not in args.skip:
             costs = check_cost(sim, args.check_n)
+        if "intake" not in args.skip and shutil.which("wrk") is None:
+            print("webhook intake column skipped: wrk is not installed (apt-get install wrk)")
+        elif "intake" not in args.skip:
+            runs = []
+            for _ in range(args.intake_runs):
+                redis.Redis.from_url(args.broker).flushdb()
+                intake_url = new_database(args.db, workdir)
+                urls.append(intake_url)
+                runs.append(
+                    run_intake(
+                        intake_url,
+                        args.broker,
+                        workdir,
+                        seconds=args.intake_seconds,
+                        api_workers=args.intake_api_workers,
+                        rate_guess=args.intake_rate,
+                    )
+                )
+                drop_database(intake_url)
+            intake = median_result(runs)
+            for i, run in enumerate(runs, 1):
+                f = run.figures
+                print(
+                    f"intake run {i}: {f['pushes/s (answered 200)']:,.0f} pushes/s, p99 "
+                    f"{f['push latency p99 (ms)']:.0f} ms, applied p99 "
+                    f"{f['receipt to applied p99 (s)'] or float('nan'):.2f} s, BulkGate "
+                    f"{f['BulkGate reports/s (x100 arrays)']:,.0f} reports/s, "
+                    f"load average {f['load average at start']:.2f} -> "
+                    f"{f['load average after pushes']:.2f}"
+                )
     finally:
         sim.process.stop()
         for url in urls:
@@ -630,10 +873,13 @@ def main(argv: list[str] | None = None) -> int:
         f"cascade bench: db={args.db} workers={args.workers}x2 deliveries {args.delay_min:g}-"
         f"{args.delay_max:g}s, {os.cpu_count()} cores"
     )
-    print_table(results, meta)
+    if results:
+        print_table(results, meta)
     if costs:
         print("status check cost:")
         print("\n".join(costs))
+    if intake is not None:
+        print_table([intake], meta + f", webhook intake: wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS}")
     if args.profile:
         print("where our workers spent their samples (inclusive), sending and polling:")
         print("\n".join(profile_summary(workdir)))

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, WithJsonSchema
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from config import Settings, get_settings
 from worker import exporter, logs, webhooks
@@ -967,8 +968,22 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
 # --- the app -------------------------------------------------------------------------------
 
 
+class CascadeAPI(FastAPI):
+    """FastAPI, with the webhook routes answered on the lean path (`webhooks.serve_lean`):
+    at thousands of pushes a second, routing and dependency solving cost more than the push.
+    With dependency overrides set (tests), every request takes the full path."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.dependency_overrides:
+            handler = webhooks.LEAN_ROUTES.get((scope["method"], scope["path"]))
+            if handler is not None:
+                await webhooks.serve_lean(handler, self.state.settings, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
-    app = FastAPI(
+    app = CascadeAPI(
         title="Cascade delivery worker",
         version=version("cascade-worker"),
         description=DESCRIPTION,
@@ -1022,9 +1037,18 @@ def _documentation(app: FastAPI) -> None:
         )
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
-    """Run the API under uvicorn. Without API_TOKEN no producer could ever be let in,
-    so refuse to start rather than serve an API that answers 401 to everyone."""
+def serving_app() -> FastAPI:
+    """The app of one of `cascade api --workers N`'s processes (uvicorn imports it there);
+    the settings come from the environment, as the parent's did."""
+    settings = get_settings()
+    logs.configure(settings.log_format)
+    return create_app(settings)
+
+
+def serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
+    """Run the API under uvicorn, in `workers` processes sharing the port. Without
+    API_TOKEN no producer could ever be let in, so refuse to start rather than serve an
+    API that answers 401 to everyone."""
     logs.configure(settings.log_format)
     if not _secret(settings.api_token):
         raise SystemExit(
@@ -1041,7 +1065,9 @@ def serve(settings: Settings, host: str, port: int) -> None:
         log.warning("WEBHOOK_TOKEN is not set: provider webhooks cannot be authenticated")
     # No access log: BulkGate can only send its token in the URL (?token=…).
     uvicorn.run(
-        create_app(settings),
+        create_app(settings) if workers == 1 else "worker.api:serving_app",
+        factory=workers > 1,
+        workers=workers if workers > 1 else None,
         host=host,
         port=port,
         log_level="info",

@@ -867,12 +867,19 @@ def callbacks_retry(pks: tuple[int, ...], all_dead: bool) -> None:
 @main.command()
 @click.option("--host", default=None, help="Default: API_HOST.")
 @click.option("--port", default=None, type=int, help="Default: API_PORT.")
-def api(host: str | None, port: int | None) -> None:
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="API processes sharing the port (uvicorn workers); one per core for webhook intake.",
+)
+def api(host: str | None, port: int | None, workers: int) -> None:
     """Serve the HTTP API: producers, message and campaign views, webhooks, /healthz."""
     from worker.api import serve
 
     settings = _settings()
-    serve(settings, host or settings.api_host, port or settings.api_port)
+    serve(settings, host or settings.api_host, port or settings.api_port, workers=workers)
 
 
 @main.command()

@@ -59,11 +59,9 @@ PARK_BACKOFF: tuple[tuple[float, float], ...] = ((60, 30), (600, 120), (3600, 60
 # --- storing --------------------------------------------------------------------------------
 
 
-def store_reports(engine: Engine, reports: Sequence[Report], received_at: datetime) -> int:
-    """Insert reports unprocessed; answer how many were stored."""
-    if not reports:
-        return 0
-    rows = [
+def report_rows(reports: Sequence[Report], received_at: datetime) -> list[dict[str, Any]]:
+    """The provider_reports rows of reports received at `received_at`, due at once."""
+    return [
         {
             "received_at": received_at,
             "source": r.source,
@@ -76,6 +74,14 @@ def store_reports(engine: Engine, reports: Sequence[Report], received_at: dateti
         }
         for r in reports
     ]
+
+
+def store_reports(engine: Engine, reports: Sequence[Report], received_at: datetime) -> int:
+    """Insert reports unprocessed, in a transaction of their own; answer how many were stored.
+    (The webhooks store theirs through `worker.intake`, many requests per transaction.)"""
+    if not reports:
+        return 0
+    rows = report_rows(reports, received_at)
     with engine.begin() as conn:
         conn.execute(insert(provider_reports), rows)
     return len(rows)
