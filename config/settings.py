@@ -11,10 +11,10 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MAX_SECONDS = 366 * 24 * 3600.0
 _TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]+")
@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     rate_card_currency: str | None = Field(
         None, min_length=1, max_length=8, pattern=r"^[A-Za-z]+$", alias="RATE_CARD_CURRENCY"
     )
+    # Global caps over every campaign and message, per UTC day (worker/flows/quota.py): reaching
+    # one pauses sending until 00:00 UTC (messages stay queued, never dropped). The budget
+    # counts each message at its RATE_CARD price, in RATE_CARD_CURRENCY. Unset: no cap.
+    daily_message_cap: int | None = Field(None, ge=1, alias="DAILY_MESSAGE_CAP")
+    daily_spend_budget: float | None = Field(None, gt=0, alias="DAILY_SPEND_BUDGET")
     schedule_hold_ahead_seconds: float = Field(600.0, ge=0, alias="SCHEDULE_HOLD_AHEAD_SECONDS")
     schedule_send_lead_seconds: float = Field(120.0, ge=0, alias="SCHEDULE_SEND_LEAD_SECONDS")
 
@@ -142,6 +147,16 @@ class Settings(BaseSettings):
     # Past its deadline a message times out only on an answer; with the status endpoint down
     # it is checked on for this long before it times out unanswered.
     poll_outage_grace_seconds: float = Field(21600.0, ge=0, alias="POLL_OUTAGE_GRACE_SECONDS")
+    # Checks timed from the route's recent latencies (README: Status checks): one message in
+    # POLL_LEARN_EVERY is checked every POLL_LEARN_STEP_SECONDS to learn them (0: the fixed
+    # schedule only); the others at these quantiles of what those showed.
+    poll_learn_every: int = Field(100, ge=0, alias="POLL_LEARN_EVERY")
+    poll_learn_step_seconds: float = Field(5.0, ge=1, alias="POLL_LEARN_STEP_SECONDS")
+    poll_learn_until_seconds: float = Field(180.0, gt=0, alias="POLL_LEARN_UNTIL_SECONDS")
+    poll_learn_quantiles: Annotated[tuple[float, ...], NoDecode] = Field(
+        (0.8, 0.99), alias="POLL_LEARN_QUANTILES"
+    )
+    poll_learn_min_samples: int = Field(50, ge=1, alias="POLL_LEARN_MIN_SAMPLES")
 
     # --- HTTP API and pushed reports --------------------------------------------------------
     api_token: SecretStr | None = Field(None, alias="API_TOKEN")
@@ -187,6 +202,11 @@ class Settings(BaseSettings):
     # --- metrics, health and logs (Prometheus, /healthz) ---------------------------------------
     # Bearer token for /metrics; API_TOKEN when unset.
     metrics_token: SecretStr | None = Field(None, alias="METRICS_TOKEN")
+    # Opens the live campaign pages (GET /campaigns/NAME) and nothing else; API_TOKEN does too.
+    readonly_token: SecretStr | None = Field(None, alias="READONLY_TOKEN")
+    campaign_page_refresh_seconds: float = Field(
+        5.0, ge=1, le=3600, alias="CAMPAIGN_PAGE_REFRESH_SECONDS"
+    )
     # Counting every message by state and campaign reads the whole table: at most this often.
     metrics_totals_seconds: float = Field(60.0, ge=0, alias="METRICS_TOTALS_SECONDS")
     metrics_top_campaigns: int = Field(20, ge=1, le=500, alias="METRICS_TOP_CAMPAIGNS")
@@ -222,6 +242,23 @@ class Settings(BaseSettings):
         if value is not None:
             parse_rate_card(value, echo=False)  # names the entry by position, never its text
         return value
+
+    @field_validator("poll_learn_quantiles", mode="before")
+    @classmethod
+    def _quantile_list(cls, value: object) -> object:
+        """`0.8,0.99`, `[0.8,0.99]` or a lone `0.9`."""
+        if isinstance(value, int | float):
+            return (value,)
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.strip("[] ").split(",") if part.strip())
+        return value
+
+    @field_validator("poll_learn_quantiles")
+    @classmethod
+    def _quantiles(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(not 0 < q <= 1 for q in value):
+            raise ValueError("must be one or more quantiles above 0 and at most 1, e.g. [0.8,0.99]")
+        return tuple(sorted(value))
 
     @model_validator(mode="after")
     def _consent(self) -> Settings:
@@ -300,7 +337,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must start with http:// or https://, got {_scheme(value)}")
         return value.rstrip("/") if value else value
 
-    @field_validator("api_token", "webhook_token", "metrics_token")
+    @field_validator("api_token", "webhook_token", "metrics_token", "readonly_token")
     @classmethod
     def _header_safe_token(cls, value: SecretStr | None) -> SecretStr | None:
         """Bearer tokens travel in headers (Latin-1) and URLs: anything but RFC 6750's
@@ -339,6 +376,11 @@ class Settings(BaseSettings):
             raise ValueError("SEND_BATCH_MIN must not exceed SEND_BATCH_MAX")
         if self.rate_card and not self.rate_card_currency:
             raise ValueError("RATE_CARD needs RATE_CARD_CURRENCY (the currency of its prices)")
+        if self.daily_spend_budget is not None and not self.rate_card:
+            raise ValueError(
+                "DAILY_SPEND_BUDGET needs RATE_CARD (and RATE_CARD_CURRENCY): the budget "
+                "counts each message at its price there"
+            )
         if self.schedule_send_lead_seconds > self.schedule_hold_ahead_seconds > 0:
             raise ValueError(
                 "SCHEDULE_SEND_LEAD_SECONDS must not exceed SCHEDULE_HOLD_AHEAD_SECONDS"

@@ -8,6 +8,11 @@
   message posting a one-element array, then a countdown poll task every 5 s until final.
 - floor: the same messages bulk-inserted, then POSTed in 1000-message batches from this one
   process with their answers written back; no queue, no polling.
+- webhook intake (needs Debian's `wrk`): `cascade api [--workers N]` taking SMSBAT pushes
+  (one report each, every messageId new) from wrk -t2 -c64 for --intake-seconds, then
+  BulkGate arrays of 100; a Celery worker with beat applies them to submitted messages.
+  Medians of --intake-runs runs; `--skip ours --skip naive --skip floor --skip webhooks`
+  runs it alone.
 
 Uses Redis DB 15 (flushed) and a fresh PostgreSQL database (or SQLite file) per run.
 """
@@ -20,6 +25,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +33,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from config import Settings  # noqa: E402
-from worker.celery import SEND_QUEUE, app  # noqa: E402
+from worker.celery import POLL_QUEUE, SEND_QUEUE, app  # noqa: E402
+from worker.core.backoff import learn_plan  # noqa: E402
 from worker.core.states import FINAL  # noqa: E402
 from worker.dev.stack import (  # noqa: E402
     Process,
@@ -52,9 +60,12 @@ from worker.dev.stack import (  # noqa: E402
     workers,
 )
 from worker.flows.producer import enqueue, wake_dispatcher  # noqa: E402
+from worker.provider.keepalive import KeepAliveTransport  # noqa: E402
+from worker.provider.smsbat import StatusClient  # noqa: E402
 from worker.store.db import get_engine, make_engine  # noqa: E402
 from worker.store.migrate import upgrade_database  # noqa: E402
 from worker.store.models import messages  # noqa: E402
+from worker.store.pacing import LATENCIES  # noqa: E402
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/15"
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -70,10 +81,11 @@ class Result:
     n: int
     figures: dict[str, float | None] = field(default_factory=dict)
     rss: list[float] = field(default_factory=list)  # peak MB of each worker process
+    plan: str | None = None  # the status checks' plan at launch
 
 
-def bench_messages(n: int, prefix: str) -> Iterator[dict[str, Any]]:
-    for i in range(n):
+def bench_messages(n: int, prefix: str, start: int = 0) -> Iterator[dict[str, Any]]:
+    for i in range(start, start + n):
         yield {
             "id": f"{prefix}-{i}",
             "fromName": "Bench",
@@ -86,6 +98,28 @@ def bench_messages(n: int, prefix: str) -> Iterator[dict[str, Any]]:
 
 def _rate(n: int, start: float | None, end: float | None) -> float | None:
     return n / (end - start) if start and end and end > start else None
+
+
+def reset_broker(url: str) -> None:
+    """Empty the broker's Redis DB but the routes' learned check latencies: a deployment
+    keeps them from campaign to campaign, so only the bench's first column starts cold."""
+    client = redis.Redis.from_url(url)
+    kept = {key: client.lrange(key, 0, -1) for key in client.scan_iter(LATENCIES + "*")}
+    client.flushdb()
+    for key, values in kept.items():
+        if values:
+            client.rpush(key, *values)
+
+
+def plan_at_launch(url: str) -> str:
+    """The check plan the workers would use at launch, as the table's footnote says it."""
+    client = redis.Redis.from_url(url)
+    values = [float(v) for v in client.lrange(LATENCIES + "standard", 0, -1)]
+    settings = Settings()
+    plan = learn_plan(values, settings.poll_learn_quantiles, settings.poll_learn_min_samples)
+    if not plan.ages:
+        return f"fixed schedule ({len(values)} latencies known)"
+    return f"checks at {', '.join(f'{a:g}' for a in plan.ages)} s ({len(values)} latencies known)"
 
 
 def new_database(backend: str, workdir: Path) -> str:
@@ -153,12 +187,18 @@ def run_ours(
     *,
     webhooks: bool = False,
     profile: bool = False,
+    overlap: bool = False,
+    chunk: int = 10_000,
 ) -> Result:
     """Fill the outbox with sending held, then let the workers send and follow every message.
 
     Workers start on every queue but sends (`-Q`) and take the send queue on by remote
     control once the campaign is stored, so send throughput measures sending alone, as the
     floor's does; launch to all-final still counts from the first message enqueued.
+
+    `overlap`: as users run it instead. Workers take every queue from the start and the
+    campaign goes to `enqueue` in chunks of `chunk`, each waking the dispatcher, so sends
+    overlap intake; "end to end" is the first enqueue call to the last message submitted.
     """
     env = {
         "DATABASE_URL": url,
@@ -170,25 +210,34 @@ def run_ours(
         env |= {"WEBHOOKS_ENABLED": "true", "WEBHOOK_TOKEN": WEBHOOK_TOKEN, "API_TOKEN": API_KEY}
     settings = Settings(**env)  # type: ignore[arg-type]
     engine = get_engine(url)
-    result = Result("ours + webhooks" if webhooks else "ours", n)
+    name = "ours, overlapped" if overlap else "ours + webhooks" if webhooks else "ours"
+    result = Result(name, n)
+    result.plan = plan_at_launch(broker)
     nodes = [f"ours{i}@{socket.gethostname()}" for i in range(n_workers)]
     app.conf.broker_url = broker  # remote control below goes through this app
     with workers(env, logdir) as group:
         for i in range(n_workers):
-            group.start(f"ours{i}", beat=i == 0, queues=HELD_BACK)
+            group.start(f"ours{i}", beat=i == 0, queues=() if overlap else HELD_BACK)
         api = start_api(logdir, group.env) if webhooks else None
         if api is not None:
             sim.configure(webhook_url=f"{api.url}/webhooks/smsbat", webhook_token=WEBHOOK_TOKEN)
         _wait_for_nodes(nodes)
         started = time.time()
         campaign = f"bench-{uuid.uuid4().hex[:6]}"
-        enqueue(bench_messages(n, campaign), campaign, settings=settings, kick=False)
+        spies = [_spy(p, logdir) for p in group.processes] if profile and overlap else []
+        if overlap:
+            for start in range(0, n, chunk):
+                part = bench_messages(min(chunk, n - start), campaign, start)
+                enqueue(part, campaign, settings=settings)
+        else:
+            enqueue(bench_messages(n, campaign), campaign, settings=settings, kick=False)
         enqueued = time.time()
-        spies = [_spy(p, logdir) for p in group.processes] if profile else []
-        replies = app.control.add_consumer(SEND_QUEUE, destination=nodes, reply=True, timeout=5)
-        if {name for reply in replies for name in reply} != set(nodes):
-            raise RuntimeError(f"not every worker took the send queue on: {replies}")
-        wake_dispatcher(broker)
+        if not overlap:
+            spies = [_spy(p, logdir) for p in group.processes] if profile else []
+            replies = app.control.add_consumer(SEND_QUEUE, destination=nodes, reply=True, timeout=5)
+            if {name for reply in replies for name in reply} != set(nodes):
+                raise RuntimeError(f"not every worker took the send queue on: {replies}")
+            wake_dispatcher(broker)
         while _finals(engine, campaign) < n:
             time.sleep(1)
         for spy in spies:
@@ -205,6 +254,7 @@ def run_ours(
     result.figures = {
         "enqueue rate (msg/s)": n / (enqueued - started),
         "send throughput (msg/s)": _rate(n, stats["first_send_at"], last_submit.timestamp()),
+        "end to end (msg/s)": _rate(n, started, last_submit.timestamp()),
         "launch to all-final (s)": last_final.timestamp() - started,
         "send requests / message": stats["send_requests"] / n,
         "status polls / message": stats["status_requests"] / n,
@@ -360,37 +410,19 @@ def run_naive(
 
 
 def run_floor(n: int, url: str, sim: Simulator) -> Result:
-    engine = make_engine(url)
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "CREATE TABLE floor_messages "
-                "(id VARCHAR(254) PRIMARY KEY, body TEXT, message_id VARCHAR(64))"
-            )
-        )
+    """The fastest plain code doing the unavoidable work: the messages stored (COPY on
+    PostgreSQL), POSTed in 1000-message batches, each answer's ids written back with one
+    set-based UPDATE. No queue, no claims, no polling, no history."""
     batch = list(bench_messages(n, "floor"))
+    postgres = url.startswith("postgresql")
     started = time.time()
-    with engine.begin() as conn:
-        conn.execute(
-            text("INSERT INTO floor_messages (id, body) VALUES (:id, :body)"),
-            [{"id": m["id"], "body": orjson.dumps(m).decode()} for m in batch],
-        )
-    inserted = time.time()
     with httpx.Client(
         base_url=sim.url, headers={"X-Authorization-Key": API_KEY}, timeout=60
     ) as client:
-        for start in range(0, n, 1000):
-            chunk = batch[start : start + 1000]
-            answer = client.post(
-                "/api/CascadeMessage/send_message/async",
-                content=orjson.dumps(chunk),
-                headers={"Content-Type": "application/json"},
-            ).json()
-            with engine.begin() as conn:
-                conn.execute(
-                    text("UPDATE floor_messages SET message_id = :m WHERE id = :i"),
-                    [{"m": a["messageId"], "i": a["trackinId"]} for a in answer],
-                )
+        if postgres:
+            inserted = _floor_postgres(url, batch, client)
+        else:
+            inserted = _floor_sqlite(url, batch, client)
     sent = time.time()
     return Result(
         "floor",
@@ -398,6 +430,7 @@ def run_floor(n: int, url: str, sim: Simulator) -> Result:
         {
             "enqueue rate (msg/s)": n / (inserted - started),
             "send throughput (msg/s)": n / (sent - inserted),
+            "end to end (msg/s)": n / (sent - started),
             "launch to all-final (s)": None,
             "send requests / message": sim.stats()["send_requests"] / n,
             "status polls / message": 0.0,
@@ -405,6 +438,285 @@ def run_floor(n: int, url: str, sim: Simulator) -> Result:
             "database bytes / message": None,
         },
     )
+
+
+_FLOOR_TABLE = "CREATE TABLE floor_messages (id TEXT PRIMARY KEY, body TEXT, message_id TEXT)"
+
+
+def _post(client: httpx.Client, chunk: list[dict[str, Any]]) -> list[dict[str, str]]:
+    answer: list[dict[str, str]] = client.post(
+        "/api/CascadeMessage/send_message/async",
+        content=orjson.dumps(chunk),
+        headers={"Content-Type": "application/json"},
+    ).json()
+    return answer
+
+
+def _floor_postgres(url: str, batch: list[dict[str, Any]], client: httpx.Client) -> float:
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        conn.execute(_FLOOR_TABLE)
+        with conn.cursor().copy("COPY floor_messages (id, body) FROM STDIN") as copy:
+            for m in batch:
+                copy.write_row((m["id"], orjson.dumps(m).decode()))
+        conn.commit()
+        inserted = time.time()
+        for start in range(0, len(batch), 1000):
+            answer = _post(client, batch[start : start + 1000])
+            conn.execute(
+                "UPDATE floor_messages f SET message_id = v.m "
+                "FROM unnest(%s::text[], %s::text[]) AS v(i, m) WHERE f.id = v.i",
+                ([a["trackinId"] for a in answer], [a["messageId"] for a in answer]),
+            )
+            conn.commit()
+    return inserted
+
+
+def _floor_sqlite(url: str, batch: list[dict[str, Any]], client: httpx.Client) -> float:
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(_FLOOR_TABLE))
+        conn.execute(
+            text("INSERT INTO floor_messages (id, body) VALUES (:id, :body)"),
+            [{"id": m["id"], "body": orjson.dumps(m).decode()} for m in batch],
+        )
+    inserted = time.time()
+    for start in range(0, len(batch), 1000):
+        answer = _post(client, batch[start : start + 1000])
+        with engine.begin() as conn:
+            conn.execute(
+                text("UPDATE floor_messages SET message_id = :m WHERE id = :i"),
+                [{"m": a["messageId"], "i": a["trackinId"]} for a in answer],
+            )
+    return inserted
+
+
+def check_cost(sim: Simulator, n: int = 4000) -> list[str]:
+    """Worker CPU per status check, httpx's own transport beside worker/provider/keepalive.py,
+    on one thread and on POLL_CONCURRENCY's 16 (client side only: the simulator has its own)."""
+    sim.admin("/_sim/reset", {})
+    with httpx.Client(base_url=sim.url, headers={"X-Authorization-Key": API_KEY}) as poster:
+        ids = [a["messageId"] for a in _post(poster, list(bench_messages(100, "cost")))]
+    settings = Settings(SMSBAT_BASE_URL=sim.url, SMSBAT_API_KEY=API_KEY)  # type: ignore[call-arg]
+    lines = []
+    for name, transport in (
+        ("httpx HTTPTransport", httpx.HTTPTransport(limits=httpx.Limits(max_connections=16))),
+        ("worker/provider/keepalive.py", KeepAliveTransport(httpx.URL(sim.url))),
+    ):
+        client = StatusClient(settings, transport=transport)
+        for threads in (1, 16):
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(client.status, ids))
+                samples = []
+                for _ in range(5):
+                    cpu = time.process_time()
+                    list(pool.map(client.status, (ids[i % len(ids)] for i in range(n))))
+                    samples.append((time.process_time() - cpu) / n * 1e6)
+            lines.append(
+                f"  {name:22} {threads:2} thread(s): {statistics.median(samples):5.0f} µs "
+                f"of CPU per check (median of 5 rounds of {n:,})"
+            )
+        client.close()
+    return lines
+
+
+# --- webhook intake ------------------------------------------------------------------------
+#
+# wrk (Debian's `wrk`) pushes to a `cascade api` over 64 connections, every request with a
+# messageId of its own; a Celery worker (beat + the poll queue) applies what was stored.
+
+WRK_SCRIPT = r"""
+-- each thread numbers its own requests: messageIds <prefix>-<thread>-<n>, never repeated
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+local n = 0
+local path = os.getenv("WRK_PATH")
+local prefix = os.getenv("WRK_PREFIX")
+local batch = tonumber(os.getenv("WRK_BATCH") or "1")
+wrk.method = "POST"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("WRK_TOKEN")
+wrk.headers["Content-Type"] = "application/json"
+function request()
+  local parts = {}
+  for i = 1, batch do
+    n = n + 1
+    local id = prefix .. "-" .. tid .. "-" .. n
+    if batch == 1 then
+      parts[i] = '{"messageId":"' .. id .. '","deliverystatus":"delivered",'
+        .. '"timestamp":"2026-12-07T07:40:00.123Z","cost":0.0432}'
+    else
+      parts[i] = '{"status":"1","smsID":"' .. id .. '","price":"0.71",'
+        .. '"date":"2612070740;2612070741"}'
+    end
+  end
+  local body = parts[1]
+  if batch > 1 then body = "[" .. table.concat(parts, ",") .. "]" end
+  return wrk.format(nil, path, nil, body)
+end
+function done(summary, latency, requests)
+  io.write(string.format("WRK requests=%d non2xx=%d errors=%d seconds=%.3f p50=%d p99=%d\n",
+    summary.requests, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write
+      + summary.errors.timeout,
+    summary.duration / 1e6, latency:percentile(50), latency:percentile(99)))
+end
+"""
+WRK_THREADS = 2
+WRK_CONNECTIONS = 64
+
+
+def run_wrk(url: str, path: str, prefix: str, batch: int, seconds: float, workdir: Path) -> dict:
+    """One wrk run; its counts and latencies (ms) as parsed from the script's last line."""
+    script = workdir / "intake.lua"
+    script.write_text(WRK_SCRIPT)
+    env = {
+        **os.environ,
+        "WRK_PATH": path,
+        "WRK_PREFIX": prefix,
+        "WRK_BATCH": str(batch),
+        "WRK_TOKEN": WEBHOOK_TOKEN,
+    }
+    args = ["wrk", "-t", str(WRK_THREADS), "-c", str(WRK_CONNECTIONS), "-d", f"{seconds:g}s"]
+    args += ["--timeout", "10s", "-s", str(script), url]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("WRK ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout}{out.stderr}")
+    found = dict(part.split("=") for part in line.split()[1:])
+    return {
+        "requests": int(found["requests"]),
+        "non2xx": int(found["non2xx"]),
+        "errors": int(found["errors"]),
+        "seconds": float(found["seconds"]),
+        "p50_ms": int(found["p50"]) / 1000,
+        "p99_ms": int(found["p99"]) / 1000,
+    }
+
+
+def submitted_messages(url: str, prefix: str, per_thread: int) -> None:
+    """Messages already with the provider, one per messageId wrk will push (threads 1..T)."""
+    from worker.store.db import insert_rows, utcnow
+
+    now = utcnow()
+    rows = [
+        {
+            "id": f"{prefix}-{t}-{i}",
+            "from_name": "Bench",
+            "to_phone": "+380670000000",
+            "message_type": "transaction",
+            "route": "sms",
+            "priority": 0,
+            "state": "submitted",
+            "created_at": now,
+            "available_at": now,
+            "attempts": 1,
+            "unknown_outcomes": 0,
+            "polls": 0,
+            "provider_message_id": f"{prefix}-{t}-{i}",
+            "submitted_at": now,
+        }
+        for t in range(1, WRK_THREADS + 1)
+        for i in range(1, per_thread + 1)
+    ]
+    engine = get_engine(url)
+    for start in range(0, len(rows), 50_000):
+        with engine.begin() as conn:
+            insert_rows(conn, messages, rows[start : start + 50_000])
+
+
+def applied_latencies(url: str, prefix: str, settle: float) -> tuple[int, int, list[float]]:
+    """(stored, applied, receipt→applied seconds of each applied report), once nothing
+    matched is left unapplied or `settle` seconds passed."""
+    from worker.store.models import provider_reports as reports
+
+    engine = get_engine(url)
+    ours = reports.c.provider_message_id.like(f"{prefix}-%")
+    deadline = time.monotonic() + settle
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            waiting = conn.execute(
+                select(func.count())
+                .select_from(reports)
+                .join(messages, messages.c.provider_message_id == reports.c.provider_message_id)
+                .where(ours, reports.c.processed_at.is_(None))
+            ).scalar_one()
+        if not waiting:
+            break
+        time.sleep(0.5)
+    with engine.connect() as conn:
+        stored = conn.execute(select(func.count()).where(ours)).scalar_one()
+        rows = conn.execute(
+            select(reports.c.received_at, reports.c.processed_at).where(
+                ours, reports.c.outcome == "applied"
+            )
+        ).all()
+    return stored, len(rows), sorted((p - r).total_seconds() for r, p in rows)
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+
+def run_intake(
+    url: str, broker: str, logdir: Path, *, seconds: float, api_workers: int, rate_guess: int
+) -> Result:
+    """SMSBAT pushes (one report each) then BulkGate arrays of 100, each by wrk for `seconds`."""
+    env = {
+        "DATABASE_URL": url,
+        "BROKER_URL": broker,
+        "WEBHOOK_TOKEN": WEBHOOK_TOKEN,
+        "API_TOKEN": API_KEY,
+        "SMSBAT_API_KEY": API_KEY,
+    }
+    prefix = f"in{uuid.uuid4().hex[:4]}"
+    submitted_messages(url, prefix, int(rate_guess * seconds / WRK_THREADS) + 1000)
+    result = Result(f"intake, {api_workers} API", 0)
+    with workers(env, logdir) as group:
+        group.start("intake0", beat=True, queues=[POLL_QUEUE])
+        options = ["--workers", str(api_workers)] if api_workers != 1 else []
+        api = start_api(logdir, group.env, extra=options)
+        load = os.getloadavg()[0]
+        pushed = run_wrk(api.url, "/webhooks/smsbat", prefix, 1, seconds, logdir)
+        load_after = os.getloadavg()[0]
+        stored, applied, waits = applied_latencies(url, prefix, 60)
+        arrays = run_wrk(api.url, "/webhooks/bulkgate", prefix + "g", 100, seconds, logdir)
+        rss = peak_rss_mb([api.process.popen.pid])
+        api.process.stop()
+    ok = pushed["requests"] - pushed["non2xx"]
+    result.n = pushed["requests"]
+    result.figures = {
+        "pushes/s (answered 200)": ok / pushed["seconds"],
+        "push latency p50 (ms)": pushed["p50_ms"],
+        "push latency p99 (ms)": pushed["p99_ms"],
+        "pushes refused or failed": pushed["non2xx"] + pushed["errors"],
+        "pushes stored": stored,
+        "pushes applied": applied,
+        "receipt to applied p99 (s)": _quantile(waits, 0.99),
+        "BulkGate reports/s (x100 arrays)": (arrays["requests"] - arrays["non2xx"])
+        * 100
+        / arrays["seconds"],
+        "BulkGate array p99 (ms)": arrays["p99_ms"],
+        "peak API RSS (MB, max)": max(rss) if rss else None,
+        "load average at start": load,
+        "load average after pushes": load_after,
+    }
+    result.rss = rss
+    return result
+
+
+def median_result(runs: list[Result]) -> Result:
+    """Each figure's median over the runs (peak RSS: the largest)."""
+    import statistics
+
+    figures: dict[str, float | None] = {}
+    for name in runs[0].figures:
+        values = [r.figures[name] for r in runs if r.figures.get(name) is not None]
+        figures[name] = statistics.median(values) if values else None
+    rss = [max(mb for r in runs for mb in r.rss)] if any(r.rss for r in runs) else []
+    name = runs[0].name + (f", median of {len(runs)}" if len(runs) > 1 else "")
+    return Result(name, int(statistics.median(r.n for r in runs)), figures, rss)
 
 
 # --- the table ---------------------------------------------------------------------------
@@ -428,11 +740,18 @@ def print_table(results: list[Result], meta: str) -> None:
         if r.rss:
             shown = ", ".join(f"{mb:.0f}" for mb in sorted(r.rss, reverse=True))
             print(f"peak RSS of each worker process, {r.name} (MB): {shown}")
+    for r in results:
+        if r.plan:
+            print(f"status checks at launch, {r.name}: {r.plan}")
     by = {r.name: r.figures.get("send throughput (msg/s)") for r in results}
     if by.get("ours") and by.get("naive"):
         print(f"send throughput ours / naive: {by['ours'] / by['naive']:.1f}x")
     if by.get("ours") and by.get("floor"):
         print(f"send throughput ours / floor: {by['ours'] / by['floor']:.2f}")
+    ends = {r.name: r.figures.get("end to end (msg/s)") for r in results}
+    for name in ("ours", "ours, overlapped"):
+        if ends.get(name) and ends.get("floor"):
+            print(f"end to end {name} / floor: {ends[name] / ends['floor']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,11 +765,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive-timeout", type=float, default=1800)
     parser.add_argument("--webhooks-n", type=int, default=None, help="default: min(n, 20000)")
     parser.add_argument(
-        "--skip", action="append", default=[], choices=["naive", "floor", "webhooks"]
+        "--skip",
+        action="append",
+        default=[],
+        choices=["ours", "naive", "floor", "webhooks", "overlapped", "check-cost", "intake"],
+    )
+    parser.add_argument("--intake-seconds", type=float, default=10, help="per wrk run")
+    parser.add_argument("--intake-api-workers", type=int, default=1, help="cascade api --workers")
+    parser.add_argument("--intake-runs", type=int, default=3, help="the table shows medians")
+    parser.add_argument(
+        "--intake-rate", type=int, default=10_000, help="pushes/s to have messages ready for"
     )
     parser.add_argument(
         "--profile", action="store_true", help="py-spy on our workers; prints where time went"
     )
+    parser.add_argument("--check-n", type=int, default=4000, help="checks per check-cost round")
     parser.add_argument("--delay-min", type=float, default=5.0)
     parser.add_argument("--delay-max", type=float, default=30.0)
     parser.add_argument("--broker", default=DEFAULT_BROKER, help="a Redis DB of its own (flushed)")
@@ -466,16 +795,27 @@ def main(argv: list[str] | None = None) -> int:
         api_key=API_KEY,
     )
     results: list[Result] = []
+    costs: list[str] = []
+    intake: Result | None = None
     urls: list[str] = []
     try:
         url = new_database(args.db, workdir)
         urls.append(url)
-        results.append(
-            run_ours(args.n, args.workers, url, args.broker, sim, workdir, profile=args.profile)
-        )
+        if "ours" not in args.skip:
+            results.append(
+                run_ours(args.n, args.workers, url, args.broker, sim, workdir, profile=args.profile)
+            )
+        if "overlapped" not in args.skip:
+            sim.admin("/_sim/reset", {})
+            reset_broker(args.broker)
+            overlapped = new_database(args.db, workdir)
+            urls.append(overlapped)
+            results.append(
+                run_ours(args.n, args.workers, overlapped, args.broker, sim, workdir, overlap=True)
+            )
         if "webhooks" not in args.skip:
             sim.admin("/_sim/reset", {})
-            redis.Redis.from_url(args.broker).flushdb()
+            reset_broker(args.broker)
             hooked = new_database(args.db, workdir)
             urls.append(hooked)
             hooked_n = args.webhooks_n or min(args.n, 20_000)
@@ -485,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
             sim.configure(webhook_url=None)
         if "naive" not in args.skip:
             sim.admin("/_sim/reset", {})
-            redis.Redis.from_url(args.broker).flushdb()
+            reset_broker(args.broker)
             naive_n = args.naive_n or min(args.n, 20_000)
             results.append(
                 run_naive(naive_n, args.workers, url, args.broker, sim, workdir, args.naive_timeout)
@@ -493,6 +833,38 @@ def main(argv: list[str] | None = None) -> int:
         if "floor" not in args.skip:
             sim.admin("/_sim/reset", {})
             results.append(run_floor(args.n, url, sim))
+        if "check-cost" not in args.skip:
+            costs = check_cost(sim, args.check_n)
+        if "intake" not in args.skip and shutil.which("wrk") is None:
+            print("webhook intake column skipped: wrk is not installed (apt-get install wrk)")
+        elif "intake" not in args.skip:
+            runs = []
+            for _ in range(args.intake_runs):
+                redis.Redis.from_url(args.broker).flushdb()
+                intake_url = new_database(args.db, workdir)
+                urls.append(intake_url)
+                runs.append(
+                    run_intake(
+                        intake_url,
+                        args.broker,
+                        workdir,
+                        seconds=args.intake_seconds,
+                        api_workers=args.intake_api_workers,
+                        rate_guess=args.intake_rate,
+                    )
+                )
+                drop_database(intake_url)
+            intake = median_result(runs)
+            for i, run in enumerate(runs, 1):
+                f = run.figures
+                print(
+                    f"intake run {i}: {f['pushes/s (answered 200)']:,.0f} pushes/s, p99 "
+                    f"{f['push latency p99 (ms)']:.0f} ms, applied p99 "
+                    f"{f['receipt to applied p99 (s)'] or float('nan'):.2f} s, BulkGate "
+                    f"{f['BulkGate reports/s (x100 arrays)']:,.0f} reports/s, "
+                    f"load average {f['load average at start']:.2f} -> "
+                    f"{f['load average after pushes']:.2f}"
+                )
     finally:
         sim.process.stop()
         for url in urls:
@@ -501,7 +873,13 @@ def main(argv: list[str] | None = None) -> int:
         f"cascade bench: db={args.db} workers={args.workers}x2 deliveries {args.delay_min:g}-"
         f"{args.delay_max:g}s, {os.cpu_count()} cores"
     )
-    print_table(results, meta)
+    if results:
+        print_table(results, meta)
+    if costs:
+        print("status check cost:")
+        print("\n".join(costs))
+    if intake is not None:
+        print_table([intake], meta + f", webhook intake: wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS}")
     if args.profile:
         print("where our workers spent their samples (inclusive), sending and polling:")
         print("\n".join(profile_summary(workdir)))

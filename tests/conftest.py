@@ -89,6 +89,9 @@ FAST = {
     "SEND_LEASE_SECONDS": "20",
     "CIRCUIT_OPEN_SECONDS": "2",
     "HTTP_READ_TIMEOUT_SECONDS": "2",
+    # Checks on the fixed schedule above: a learned plan carries from test to test on a
+    # shared stack (tests/test_check_plan.py turns it on).
+    "POLL_LEARN_EVERY": "0",
 }
 SIMULATOR_DEFAULTS = {
     "api_key": "test-key",

@@ -4,13 +4,18 @@ from replies, the door, the claim's guard, the sweeper's backstop, send windows.
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import httpx
 import pytest
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
@@ -27,7 +32,7 @@ from worker.flows.sweeper import sweep
 from worker.ops.reports import campaign_summary
 from worker.provider.dlr import Inbound
 from worker.store.db import get_engine, utcnow
-from worker.store.models import events, messages, suppression_events, suppressions
+from worker.store.models import campaigns, events, messages, suppression_events, suppressions
 
 BACKENDS = pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 PHONE = "+380671110001"
@@ -366,3 +371,152 @@ def test_a_campaign_window_overrides_the_setting_and_off_turns_it_off(
     assert at == {"o-1": None, "o-2": None, "k-1": mine_opening}
     with pytest.raises(ValueError, match="send window"):
         enqueue([_message("k-2", PHONE)], "k", settings=settings, send_window="9-5")
+
+
+# --- a campaign's own window from the command line and the API ----------------------------------
+
+
+def _launch(url: str, broker: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", "campaign", "launch", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DATABASE_URL": url, "BROKER_URL": broker, **env},
+        timeout=120,
+    )
+
+
+def _windows(engine: Engine) -> tuple[dict[str, Any], dict[str, Any]]:
+    """window_at by message id; send_window by campaign."""
+    with engine.connect() as conn:
+        at = dict(conn.execute(select(messages.c.id, messages.c.window_at)).all())
+        stored = dict(conn.execute(select(campaigns.c.name, campaigns.c.send_window)).all())
+    return at, stored
+
+
+@BACKENDS
+def test_launch_send_window_is_stored_with_the_campaign_and_none_turns_it_off(
+    backend: str, database_factory: Callable[[str], str], redis_db: str, tmp_path: Path
+) -> None:
+    url = database_factory(backend)
+    engine = get_engine(url)
+    spec, opening = _window_opening_in(60)
+    rows = tmp_path / "list.csv"
+    rows.write_text(
+        f"id,toPhone,messageType\na-1,{PHONE},promo\na-2,{OTHER},promo\na-3,{PHONE},transaction\n"
+    )
+    common = ("--from-name", "Shop", "--text", "Hi")
+
+    bad = _launch(url, redis_db, str(rows), "--name", "a", *common, "--send-window", "9-5")
+    assert bad.returncode == 2 and "--send-window: '9-5' is not a window" in bad.stderr
+    assert _windows(engine) == ({}, {})  # refused before anything was stored
+
+    dry = _launch(
+        url, redis_db, str(rows), "--name", "a", *common, "--send-window", spec, "--dry-run"
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert "2 would be held for the recipient's send window" in dry.stdout
+    assert _windows(engine) == ({}, {})
+
+    done = _launch(url, redis_db, str(rows), "--name", "a", *common, "--send-window", spec)
+    assert done.returncode == 0, done.stderr
+    assert f"send window of a's promo and surveys: {spec}" in done.stdout
+    at, stored = _windows(engine)
+    assert at == {"a-1": opening, "a-2": opening, "a-3": None} and stored == {"a": spec}
+
+    # A later launch into the campaign keeps its window; `none` on another campaign turns
+    # SEND_WINDOW off for it.
+    more = tmp_path / "more.csv"
+    more.write_text(f"id,toPhone,messageType\na-4,{OTHER},promo\n")
+    assert _launch(url, redis_db, str(more), "--name", "a", *common).returncode == 0
+    other = tmp_path / "other.csv"
+    other.write_text(f"id,toPhone,messageType\nn-1,{PHONE},promo\n")
+    setting = {"SEND_WINDOW": _window_opening_in(180)[0]}
+    off = _launch(
+        url, redis_db, str(other), "--name", "n", *common, "--send-window", "none", **setting
+    )
+    assert off.returncode == 0, off.stderr
+    assert "send window of n's promo and surveys: none (any hour)" in off.stdout
+    at, stored = _windows(engine)
+    assert at["a-4"] == opening and at["n-1"] is None
+    assert stored == {"a": spec, "n": "off"}
+
+
+@BACKENDS
+def test_the_api_takes_a_campaign_window_and_refuses_a_bad_one_naming_it(
+    backend: str, database_factory: Callable[[str], str], redis_db: str
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from worker.http.app import create_app
+
+    url = database_factory(backend)
+    settings = Settings(DATABASE_URL=url, BROKER_URL=redis_db, API_TOKEN="t")  # type: ignore[call-arg]
+    spec, opening = _window_opening_in(60)
+    auth = {"Authorization": "Bearer t"}
+    with TestClient(create_app(settings)) as api:
+
+        def post(i: str, **query: str) -> Any:
+            answer = api.post("/v1/messages", params=query, json=[_message(i, PHONE)], headers=auth)
+            return answer.status_code, answer.json()
+
+        assert post("p-1", campaign="p", sendWindow=spec)[1][0]["status"] == "accepted"
+        assert post("p-2", campaign="p")[1][0]["status"] == "accepted"  # stored: still on
+        assert post("q-1", campaign="q", sendWindow="None")[1][0]["status"] == "accepted"
+        for query, problem in (
+            ({"campaign": "p", "sendWindow": "25:00-26:00"}, "sendWindow: '25:00-26:00' has a"),
+            ({"sendWindow": spec}, "needs ?campaign=NAME"),
+        ):
+            status, body = post("r-1", **query)
+            assert status == 200 and body[0]["status"] == "rejected"
+            assert body[0]["errors"][0]["field"] == "sendWindow"
+            assert body[0]["errors"][0]["problem"].startswith(problem)
+        status, body = post("r-1", campaign="p", sendWindow="after lunch")
+        assert status == 422 and body["detail"][0]["loc"] == ["query", "sendWindow"]
+    at, stored = _windows(get_engine(url))
+    assert at == {"p-1": opening, "p-2": opening, "q-1": None}
+    assert stored == {"p": spec, "q": "off"}
+
+
+@BACKENDS
+def test_a_promo_approved_after_its_window_closed_waits_at_the_claim_for_the_next_opening(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    """Enqueued inside its window, held, approved hours later when the window has closed:
+    the claim puts it back until the next opening instead of sending it at night."""
+    from tests.test_quota import ENV, Clock, NoPacing, Provider
+    from worker.flows import dispatcher
+    from worker.flows.campaigns import approve_campaign, hold_campaign
+    from worker.provider.smsbat import SendClient
+
+    url = database_factory(backend)
+    spec, opened = _window_opening_in(-30)  # open since half an hour, for half an hour more
+    settings, engine = _settings(url, **ENV, SEND_WINDOW=spec), get_engine(url)
+    hold_campaign(engine, "night", create=True)
+    enqueue(
+        [_message("n-promo", PHONE, ttl=3 * 86400), _message("n-tx", OTHER, "transaction")],
+        "night",
+        settings=settings,
+        kick=False,
+    )
+    assert _states(engine, "n-") == {"n-promo": State.HELD, "n-tx": State.HELD}
+    approve_campaign(engine, "night")
+    clock, provider = Clock(), Provider()
+    clock.now += timedelta(hours=2)  # the window has closed
+    client = SendClient(settings, transport=httpx.MockTransport(provider.handle))
+
+    def send() -> None:
+        dispatcher.send_batch(engine, client, NoPacing(), settings, "standard", clock=clock)
+
+    send()
+    assert provider.sent == ["n-tx"]
+    tomorrow = opened + timedelta(days=1)
+    with engine.connect() as conn:
+        row = conn.execute(select(messages).where(messages.c.id == "n-promo")).one()
+    assert (row.state, row.available_at, row.window_at) == (State.QUEUED, tomorrow, tomorrow)
+    assert campaign_summary(engine, "night")["waiting_for_window"] == 1  # type: ignore[index]
+    send()
+    assert provider.sent == ["n-tx"]  # not due before the opening
+    clock.now = tomorrow
+    send()
+    assert provider.sent == ["n-tx", "n-promo"]

@@ -148,6 +148,9 @@ def poll_row(**overrides: Any) -> SimpleNamespace:
         "last_polled_at": None,
         "poll_deadline": NOW + timedelta(hours=2),
         "next_poll_at": NOW,
+        "route": "cascade",
+        "submitted_at": NOW - timedelta(seconds=10),
+        "scheduled_sent": None,
     }
     values.update(overrides)
     return SimpleNamespace(**values)

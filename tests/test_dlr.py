@@ -125,8 +125,8 @@ def test_the_seed_example_parses_to_two_reports_and_an_inbound_sms() -> None:
         State.DELIVERED,
         "dlr",
         {"deliverystatus": "delivered", "cost": 0.71},
-        "BulkGate status 1: delivered; sent 2019-04-11T08:07:00Z, "
-        "status at 2019-04-11T08:11:00Z (provider time)",
+        "BulkGate status 1: delivered; sent 2019-04-11T08:07Z, "
+        "status at 2019-04-11T08:11Z (provider time, to the minute)",
     )
     assert buffered.state == State.PROCESSING and "not final" in buffered.detail
     assert inbound == Inbound("+420777777777", "text odpovědi", None, SEED_PAYLOAD[2])
@@ -268,7 +268,7 @@ def test_the_query_form_is_one_report() -> None:
         State.UNDELIVERABLE,
         0.5,
     )
-    assert "sent 2025-07-01T10:00:00Z" in report.detail
+    assert "sent 2025-07-01T10:00Z" in report.detail
     assert _one(parse_bulkgate_query({})) == ParseError(
         0, "status: required, a number as an integer or a string, got None"
     )
@@ -302,11 +302,11 @@ def test_the_query_form_is_one_report() -> None:
 def test_prague_local_times_become_utc(date: str, sent: datetime, done: datetime | None) -> None:
     report = _one(parse_bulkgate([{"status": "1", "smsID": "a", "date": date}]))
 
-    assert f"sent {sent.isoformat().replace('+00:00', 'Z')}" in report.detail
+    assert f"sent {sent:%Y-%m-%dT%H:%M}Z" in report.detail
     if done is None:
         assert "status at" not in report.detail
     else:
-        assert f"status at {done.isoformat().replace('+00:00', 'Z')}" in report.detail
+        assert f"status at {done:%Y-%m-%dT%H:%M}Z" in report.detail
 
 
 _LOCAL = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2099, 12, 31, 23, 59)).map(

@@ -69,6 +69,9 @@ def test_status_checks_keep_progress_and_never_time_out_early(
         last_polled_at=None,
         poll_deadline=deadline,
         next_poll_at=NOW,
+        route="cascade",
+        submitted_at=NOW,
+        scheduled_sent=None,
     )
     now = NOW
     for wait, answer in steps:

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.conftest import Stack, make_messages, make_stack
-from worker.dev.stack import Api, start_api
+from worker.dev.stack import Api, start_api, wait_for
 from worker.flows.inbox import list_inbound
 from worker.store.models import messages
 
@@ -22,8 +22,12 @@ TOKEN = "hook-token"
 
 
 @pytest.fixture(scope="module")
-def pushed(database_factory: Callable[[str], str]) -> Iterator[tuple[Stack, Api]]:
+def pushed(
+    database_factory: Callable[[str], str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Stack, Api]]:
     env = {
+        # The workers count in multiprocess mode; the API's /metrics sums what they counted.
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path_factory.mktemp("prometheus-push")),
         "WEBHOOK_TOKEN": TOKEN,
         "API_TOKEN": "api-token",
         "WEBHOOKS_ENABLED": "true",
@@ -37,6 +41,23 @@ def pushed(database_factory: Callable[[str], str]) -> Iterator[tuple[Stack, Api]
             yield stack, api
         finally:
             api.process.stop()
+
+
+def _finals_observed(api: Api) -> float:
+    """cascade_submit_to_final_seconds_count as the API's /metrics serves it."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = httpx.get(
+        api.url + "/metrics", headers={"Authorization": "Bearer api-token"}, timeout=30
+    )
+    assert answer.status_code == 200, answer.text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+        if sample.name == "cascade_submit_to_final_seconds_count"
+    )
 
 
 def _final_states(stack: Stack, campaign: str) -> dict[str, str]:
@@ -66,10 +87,14 @@ def test_status_webhooks_deliver_every_final_without_polling(pushed, campaign: s
         push_drop=0.0,
     )
 
+    before = _finals_observed(api)
     stack.enqueue(make_messages(200, campaign), campaign)
     report = stack.wait_final(campaign, 200, timeout=60)
 
     assert report["finals_by_source"] == {"webhook": 200}
+    # Finished by webhooks, not polls: each still counts in the submit → final histogram.
+    wait_for(lambda: _finals_observed(api) - before >= 200, 30, "the latency histogram")
+    assert _finals_observed(api) - before == 200
     at_provider = sim.admin("/_sim/messages")
     assert _final_states(stack, campaign) == {k: v["final"] for k, v in at_provider.items()}
     stats = sim.stats()

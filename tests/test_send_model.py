@@ -48,6 +48,7 @@ from sqlalchemy import delete, select
 
 from config import Settings
 from tests.conftest import make_messages
+from worker.core.backoff import NO_PLAN, CheckPlan
 from worker.core.sendpolicy import request_bound
 from worker.core.states import FINAL, State
 from worker.core.validation import validate_message
@@ -151,6 +152,9 @@ class MemoryPacing:
 
     def acquire(self, name: str, per_second: int, cost: int = 1) -> None:
         return None
+
+    def check_plan(self, route: str, settings: Settings) -> CheckPlan:
+        return NO_PLAN
 
 
 class ModelProvider:

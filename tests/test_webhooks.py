@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -209,8 +211,37 @@ def test_pushed_reports_reach_the_message_through_apply_pending(hook: Hook) -> N
     assert (source, to_state) == ("dlr", "undeliverable")
     assert detail == (
         "BulkGate status 3: not delivered, unknown or unreachable recipient; "
-        "sent 2025-07-01T10:00:00Z, status at 2025-07-01T10:01:00Z (provider time)"
+        "sent 2025-07-01T10:00Z, status at 2025-07-01T10:01Z (provider time, to the minute)"
     )
+
+
+def test_a_dlr_in_the_minute_of_the_send_never_shows_a_status_before_it(hook: Hook) -> None:
+    """BulkGate's times are to the minute: a delivery in the minute we sent (10:01 for a
+    send at 10:01:40) is shown as that minute, never as 10:01:00, before the send."""
+    from zoneinfo import ZoneInfo
+
+    from worker.ops.reports import message_detail
+
+    settings = hook.configure()
+    fill_messages(hook.url, 1, "minute")
+    mark_submitted(hook.engine, {"minute-0": "pm-minute-0"})
+    sent = stored_message(hook.engine, "minute-0").submitted_at
+    local = sent.astimezone(ZoneInfo("Europe/Prague")).strftime("%y%m%d%H%M")
+    hook.client.post(
+        "/webhooks/bulkgate",
+        json=[{"status": "1", "smsID": "pm-minute-0", "date": f"{local};{local}"}],
+        headers=BEARER,
+    )
+    assert apply_pending(hook.engine, settings)["applied"] == 1
+
+    detail = message_detail(hook.engine, "minute-0")
+    assert detail is not None and detail["state"] == "delivered"
+    [event] = [e for e in detail["events"] if e["source"] == "dlr"]
+    minute = sent.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
+    assert f"sent {minute}, status at {minute} (provider time, to the minute)" in event["detail"]
+    assert not re.search(r"T\d\d:\d\d:\d\d", event["detail"])  # no seconds it never had
+    when = {k: datetime.fromisoformat(detail[k]) for k in ("submittedAt", "finalAt")}
+    assert datetime.fromisoformat(event["at"]) >= when["submittedAt"] <= when["finalAt"]
 
 
 # --- signatures that pass -----------------------------------------------------------------------

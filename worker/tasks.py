@@ -21,7 +21,16 @@ from worker.celery import POLL_QUEUE, SEND_QUEUE, app
 from worker.core.redact import mask_url
 from worker.core.states import FINAL
 from worker.core.validation import ROUTES
-from worker.flows import callbacks, campaigns, dispatcher, inbox, polling, producer, sweeper
+from worker.flows import (
+    callbacks,
+    campaigns,
+    dispatcher,
+    inbox,
+    polling,
+    producer,
+    quota,
+    sweeper,
+)
 from worker.observe import gauges, metrics
 from worker.provider.smsbat import SendClient, StatusClient
 from worker.store.db import get_engine, utcnow
@@ -184,7 +193,7 @@ def sending_behind(res: Resources) -> bool:
     settings = res.settings
     if settings.send_messages_per_second or settings.send_requests_per_second:
         return False
-    if dispatcher.send_paused(res.pacing):
+    if dispatcher.send_paused(res.pacing) or quota.stopped(res.engine, settings):
         return False
     limit = dispatcher.batch_limit(settings)
     now = utcnow()
@@ -236,7 +245,8 @@ def poll_batch(pks: list[int], claimed: str | None = None) -> dict[str, Any]:
 @app.task(name="cascade.sweep")
 def sweep() -> dict[str, int]:
     res = resources()
-    return sweeper.sweep(res.engine, res.settings)
+    kept = quota.keep_waiting(res.engine, res.settings)  # before a capped day fails them
+    return sweeper.sweep(res.engine, res.settings) | ({"kept_for_cap": kept} if kept else {})
 
 
 @app.task(name="cascade.enforce_holds")
@@ -257,8 +267,12 @@ def enforce_holds() -> dict[str, int]:
 def apply_reports() -> dict[str, int]:
     """Apply stored webhook and DLR reports; match parked ones whose message appeared."""
     res = resources()
-    counts = inbox.apply_pending(res.engine, res.settings)
+    started = utcnow()
+    finished: list[int] = []
+    counts = inbox.apply_pending(res.engine, res.settings, finished)
     metrics.count_reports(counts)
+    if finished:  # submit → final, as for a poll
+        metrics.observe_finals(gauges.submit_to_final(res.engine, finished, started))
     return counts
 
 

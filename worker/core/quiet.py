@@ -9,7 +9,8 @@ reason, instead of going at night.
 
 Windows: `SEND_WINDOW=09:00-20:00` for promo and viber_survey; `SEND_WINDOW_BY_TYPE=
 "viber_survey=10:00-18:00;transaction=off"` per message type; a campaign's own window
-(`campaign launch --send-window`, `?sendWindow=`) over both. `off` means no window. A window
+(`campaign launch --send-window`, `?sendWindow=`) over both, stored with the campaign for
+its later messages too. `off` (or `none`) means no window. A window
 may wrap midnight (`22:00-06:00`); `24:00` is allowed as an end.
 """
 
@@ -29,6 +30,7 @@ from phonenumbers import timezone as phone_timezone
 from config import Settings
 
 OFF = "off"
+NONE = "none"  # the same as `off` (`--send-window none`)
 WINDOWED_TYPES: tuple[str, ...] = ("promo", "viber_survey")  # SEND_WINDOW applies to these
 _SPEC = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 _DAY = 24 * 60
@@ -67,7 +69,7 @@ def _shown(text: str) -> str:
 def parse_window(text: str, setting: str = "SEND_WINDOW") -> Window | None:
     """`09:00-20:00` → Window; `off` → None; anything else names the setting (and the value,
     when it is only digits, colons and dashes)."""
-    if text.strip().lower() == OFF:
+    if text.strip().lower() in (OFF, NONE):
         return None
     match = _SPEC.match(text)
     if not match:
@@ -197,6 +199,12 @@ def next_window_open(
 # --- the producer's side --------------------------------------------------------------------
 
 WAITING_DETAIL = "TTL runs out before the recipient's send window opens"
+
+
+def checked_window(text: str, option: str = "send window") -> str:
+    """A campaign's window as stored: `09:00-20:00` stripped, or `off` (also for `none`);
+    anything else is a ValueError naming `option` (`--send-window`, `sendWindow`)."""
+    return OFF if parse_window(text, option) is None else text.strip()
 
 
 def place(

@@ -31,7 +31,14 @@ from worker.core.answers import (
     Unauthorized,
     Unavailable,
 )
-from worker.core.backoff import poll_deadline, send_retry_delay
+from worker.core.backoff import (
+    CheckPlan,
+    explores,
+    learned_delay,
+    poll_deadline,
+    poll_interval,
+    send_retry_delay,
+)
 from worker.core.states import State
 
 # --- answers -------------------------------------------------------------------------
@@ -308,19 +315,64 @@ class MessageChange(TypedDict, total=False):
 _RELEASE: MessageChange = {"claim_token": None, "lease_until": None}
 
 
-def first_poll_delay(settings: Settings) -> float:
-    """With webhooks reporting, polling only reconciles what they missed: start it later."""
+def learn_every(settings: Settings) -> int:
+    """One message in how many explores latencies; 0 (none) where webhooks report: then
+    checks only reconcile what they missed, and start late."""
+    return 0 if settings.webhooks_enabled else settings.poll_learn_every
+
+
+def check_delay(
+    age: float,
+    polls: int,
+    pk: int,
+    plan: CheckPlan,
+    settings: Settings,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds from a check made `age` s after submit (its `polls`-th) to the next one:
+    on the route's learned plan, or the fixed schedule while too little is known."""
+    explorer = explores(pk, learn_every(settings))
+    if not (explorer or plan.ages):
+        return poll_interval(
+            polls,
+            first=settings.poll_first_delay_seconds,
+            factor=settings.poll_backoff_factor,
+            cap=settings.poll_max_interval_seconds,
+            jitter=settings.poll_jitter,
+            min_gap=settings.poll_min_gap_seconds,
+            rng=rng,
+        )
+    return learned_delay(
+        age,
+        plan,
+        explorer=explorer,
+        step=settings.poll_learn_step_seconds,
+        explore_until=settings.poll_learn_until_seconds,
+        factor=settings.poll_backoff_factor,
+        cap=settings.poll_max_interval_seconds,
+        jitter=settings.poll_jitter,
+        min_gap=settings.poll_min_gap_seconds,
+        rng=rng,
+    )
+
+
+def first_check_delay(pk: int, plan: CheckPlan, settings: Settings) -> float:
+    """Seconds from submit (or the scheduled time) to a message's first status check."""
     if settings.webhooks_enabled:
         return settings.poll_first_delay_with_webhooks_seconds
-    return settings.poll_first_delay_seconds
+    if not (plan.ages or explores(pk, learn_every(settings))):
+        return settings.poll_first_delay_seconds
+    return check_delay(0.0, 0, pk, plan, settings)
 
 
 def submitted_values(
+    pk: int,
     message_id: str,
     ttl: int | None,
     scheduled_sent: datetime | None,
     settings: Settings,
     now: datetime,
+    plan: CheckPlan,
 ) -> MessageChange:
     """Column values of a message the provider accepted."""
     start = max(now, scheduled_sent) if scheduled_sent else now
@@ -330,7 +382,7 @@ def submitted_values(
         "isolation": None,
         "provider_message_id": message_id,
         "submitted_at": now,
-        "next_poll_at": start + timedelta(seconds=first_poll_delay(settings)),
+        "next_poll_at": start + timedelta(seconds=first_check_delay(pk, plan, settings)),
         "poll_deadline": poll_deadline(
             start,
             ttl,

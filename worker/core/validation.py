@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import phonenumbers
 
+from worker.core.phones import surely_valid
 from worker.core.redact import mask_url
 
 MESSAGE_TYPES = ("transaction", "promo", "viber_survey", "flashcall")
@@ -488,6 +489,8 @@ def _phone_shape_problem(value: str) -> str:
 def _phone_number_problem(value: str) -> str | None:
     """Ask phonenumbers whether the number exists in its country's numbering plan, and refuse
     forms it only accepts by rewriting them (a trunk '0' after the country code)."""
+    if surely_valid(value):  # the same answer, a tenth of the time (worker/core/phones.py)
+        return None
     try:
         number = phonenumbers.parse(value)
     except phonenumbers.NumberParseException:

@@ -186,9 +186,11 @@ class Api:
     process: Process
 
 
-def start_api(logdir: Path, env: Mapping[str, str], name: str = "api") -> Api:
-    """`cascade api` on a free port, up once /healthz answers at all: a 503 (a broker
-    down on purpose) is an API that serves."""
+def start_api(
+    logdir: Path, env: Mapping[str, str], name: str = "api", extra: Sequence[str] = ()
+) -> Api:
+    """`cascade api` on a free port (`extra`: more options, e.g. `--workers 2`), up once
+    /healthz answers at all: a 503 (a broker down on purpose) is an API that serves."""
     port = free_port()
     args = [
         sys.executable,
@@ -199,6 +201,7 @@ def start_api(logdir: Path, env: Mapping[str, str], name: str = "api") -> Api:
         "127.0.0.1",
         "--port",
         str(port),
+        *extra,
     ]
     process = spawn(name, args, {**os.environ, **env}, logdir)
     url = f"http://127.0.0.1:{port}"

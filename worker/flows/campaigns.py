@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, func, insert, or_, select, update
 
-from worker.core.quiet import OFF, parse_window
+from config import Settings
+from worker.core.quiet import WINDOWED_TYPES, checked_window, next_window_open
 from worker.core.states import FINAL, State
 from worker.core.validation import NO_CALLBACKS, Callbacks
+from worker.flows.quota import stored_reason
 from worker.flows.wake import wake_dispatcher
-from worker.store.db import among, insert_or_skip, utcnow
+from worker.store.db import AnyRow, among, insert_or_skip, utcnow
 from worker.store.models import campaigns, events, messages
 
 log = logging.getLogger(__name__)
@@ -70,27 +72,25 @@ def ensure_campaign(engine: Engine, name: str, callbacks: Callbacks = NO_CALLBAC
     return callbacks
 
 
-def campaign_window(engine: Engine, campaign: str | None, given: str | None) -> str | None:
-    """The campaign's own window: `given` is checked and stored on the campaign (its row
-    exists: `ensure_campaign` ran), else what was stored before, if anything."""
+def campaign_window(
+    engine: Engine, campaign: str | None, given: str | None, option: str = "send window"
+) -> str | None:
+    """The campaign's own window: `given` is checked (a ValueError names `option`) and
+    stored on the campaign (its row exists: `ensure_campaign` ran), else what was stored
+    before, if anything."""
     if campaign is None:
-        return given if given is None else _checked(given)
+        return given if given is None else checked_window(given, option)
     with engine.begin() as conn:
         if given is not None:
+            value = checked_window(given, option)
             conn.execute(
-                update(campaigns)
-                .where(campaigns.c.name == campaign)
-                .values(send_window=_checked(given))
+                update(campaigns).where(campaigns.c.name == campaign).values(send_window=value)
             )
-            return given.strip().lower() if given.strip().lower() == OFF else given.strip()
-        return conn.execute(
+            return value
+        found: str | None = conn.execute(
             select(campaigns.c.send_window).where(campaigns.c.name == campaign)
         ).scalar()
-
-
-def _checked(text: str) -> str:
-    parse_window(text, "send window")
-    return text.strip()
+        return found
 
 
 def cancelled_campaigns(conn: Connection, names: Iterable[str]) -> set[str]:
@@ -346,11 +346,12 @@ def campaign_control(engine: Engine, name: str) -> dict[str, Any]:
             select(func.count()).where(messages.c.campaign == name, messages.c.state == State.HELD)
         ).scalar_one()
     if row is None:  # messages stored under a name without a campaign row (older data)
+        stopped = _globally_capped(engine, name)
         return {
-            "status": "running",
+            "status": "capped" if stopped else "running",
             "held_since": None,
             "paused_since": None,
-            "pause_reason": None,
+            "pause_reason": stopped,
             "held_messages": held,
             "limits": {"daily_cap": None, "rate": None, "released_today": 0},
         }
@@ -374,6 +375,8 @@ def campaign_control(engine: Engine, name: str) -> dict[str, Any]:
             f"daily cap of {row.daily_cap:,} reached; {held:,} messages wait for "
             "00:00 UTC (held, not dropped)"
         )
+    elif status == "running" and (stopped := _globally_capped(engine, name)):
+        status, reason = "capped", stopped
     return {
         "status": status,
         "held_since": _iso(row.held_at),
@@ -386,6 +389,21 @@ def campaign_control(engine: Engine, name: str) -> dict[str, Any]:
             "released_today": released_today,
         },
     }
+
+
+def _globally_capped(engine: Engine, name: str) -> str | None:
+    """The global cap that stops sending today (worker/flows/quota.py), when this campaign
+    has queued messages it keeps waiting."""
+    with engine.connect() as conn:
+        why = stored_reason(conn)
+        if why is None:
+            return None
+        waiting = conn.execute(
+            select(func.count()).where(
+                messages.c.campaign == name, messages.c.state == State.QUEUED
+            )
+        ).scalar_one()
+    return why if waiting else None
 
 
 # --- caps and per-campaign rate --------------------------------------------------------
@@ -543,3 +561,60 @@ def list_campaigns(engine: Engine) -> list[dict[str, Any]]:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+# --- the claim's side of send windows ----------------------------------------------------
+
+
+def hold_outside_window(
+    engine: Engine, settings: Settings, rows: Sequence[AnyRow], token: str, now: datetime
+) -> list[AnyRow]:
+    """Of one claim's rows, those inside their send window now; the others go back to the
+    queue until their window's next opening (`available_at`, `window_at`).
+
+    The producer placed each message in its window when it was enqueued; this catches the
+    ones that come due outside it later: a campaign approved or resumed at night, a metered
+    release, a send retried after a provider error. A message whose TTL runs out before the
+    opening then ends `expired` when it is claimed again, as any expired message does.
+    """
+    windows = settings.windows
+    by_type = windows.by_type or {}
+    subject = [r for r in rows if r.message_type in WINDOWED_TYPES or by_type.get(r.message_type)]
+    if not subject:
+        return list(rows)
+    names = {r.campaign for r in subject if r.campaign is not None}
+    own: dict[str, str | None] = {}
+    if names:
+        with engine.connect() as conn:
+            own = {
+                name: window
+                for name, window in conn.execute(
+                    select(campaigns.c.name, campaigns.c.send_window).where(
+                        among(conn, campaigns.c.name, sorted(names))
+                    )
+                ).all()
+            }
+    later: dict[int, datetime] = {}
+    for row in subject:
+        window = windows.for_message(row.message_type, own.get(row.campaign))
+        opening = next_window_open(
+            row.to_phone, now, window, settings.send_window_fallback_timezone
+        )
+        if opening > now:
+            later[row.pk] = opening
+    if not later:
+        return list(rows)
+    with engine.begin() as conn:
+        for pk, opening in later.items():
+            conn.execute(
+                update(messages)
+                .where(messages.c.pk == pk, messages.c.claim_token == token)
+                .values(
+                    state=State.QUEUED,
+                    claim_token=None,
+                    lease_until=None,
+                    available_at=opening,
+                    window_at=opening,
+                )
+            )
+    return [r for r in rows if r.pk not in later]

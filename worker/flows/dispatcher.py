@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine, func, select
 
 from config import Settings
+from worker.core.backoff import NO_PLAN, CheckPlan
 from worker.core.sendpolicy import (
     Answer,
     Cancelled,
@@ -42,7 +43,8 @@ from worker.core.sendpolicy import (
 )
 from worker.core.states import State
 from worker.core.validation import OutgoingMessage
-from worker.flows.campaigns import cancelled_campaigns
+from worker.flows import quota
+from worker.flows.campaigns import cancelled_campaigns, hold_outside_window
 from worker.flows.consent import claimable
 from worker.provider.smsbat import BadRequest, OutcomeUnknown, ProviderError, SendClient
 from worker.store.db import AnyRow, among, bulk_update, claim_rows, insert_rows, utcnow
@@ -64,6 +66,7 @@ class BatchReport:
     answers: dict[str, int] = field(default_factory=dict)
     paused: float = 0.0
     isolating: bool = False  # the claim was an isolation part, or split into parts
+    capped: str | None = None  # a global daily cap stopped sending (worker/flows/quota.py)
 
 
 class SendPacing(Protocol):
@@ -78,6 +81,7 @@ class SendPacing(Protocol):
     def answered(self, name: str) -> None: ...
     def release_probe(self, name: str) -> None: ...
     def acquire(self, name: str, per_second: int, cost: int = 1) -> None: ...
+    def check_plan(self, route: str, settings: Settings) -> CheckPlan: ...
 
 
 # --- decisions -----------------------------------------------------------------------
@@ -246,8 +250,10 @@ def record(
     claimed: dict[int, AnyRow],
     settings: Settings,
     now: datetime | None = None,
+    plan: CheckPlan = NO_PLAN,
 ) -> dict[str, int]:
-    """Write every outcome of one claim, and its event, in one transaction.
+    """Write every outcome of one claim, and its event, in one transaction; `plan` times
+    the submitted messages' first status checks.
 
     A submitted message's new values depend on nothing in its row, so they are written
     straight to the rows that still carry the claim token. Other outcomes read the row
@@ -260,7 +266,13 @@ def record(
     with engine.begin() as conn:
         sent = {
             pk: submitted_values(
-                outcome.message_id, claimed[pk].ttl, claimed[pk].scheduled_sent, settings, now
+                pk,
+                outcome.message_id,
+                claimed[pk].ttl,
+                claimed[pk].scheduled_sent,
+                settings,
+                now,
+                plan,
             )
             for pk, outcome in submitted.items()
         }
@@ -411,6 +423,9 @@ def send_batch(
     report.paused = send_paused(pacing)
     if report.paused:
         return report
+    report.capped = quota.stopped(engine, settings, clock())
+    if report.capped:  # the messages stay queued for 00:00 UTC or a raised limit
+        return report
     probing = pacing.half_open(CIRCUIT)
     if probing and not pacing.take_probe(CIRCUIT, probe_lease(settings)):
         return report
@@ -434,6 +449,10 @@ def send_batch(
             rows = claim(engine, route, now, limit, lease, token)
     if not rows and probing:
         rows = claim_part(engine, route, now, settings.send_batch_max, lease, token)
+    if rows:  # inside their send window now (an approval at night), then within the
+        # global daily cap and budget; the rest goes back to the queue
+        rows = hold_outside_window(engine, settings, rows, token, now)
+        rows, report.capped = quota.admit(engine, settings, rows, token, now)
     report.isolating = bool(rows) and rows[0].isolation is not None
     report.claimed = len(rows)
     if not rows:
@@ -441,7 +460,7 @@ def send_batch(
             pacing.release_probe(CIRCUIT)
         return report
     live = [r for r in rows if r.expires_at is None or r.expires_at > now]
-    done: list[Outcome] = [Expired(r.pk) for r in rows if r not in live]
+    done: list[Outcome] = [Expired(r.pk) for r in rows if r.expires_at and r.expires_at <= now]
     answer: Answer = {}
     if live:
         answer = post(client, pacing, settings, route, live)
@@ -454,7 +473,12 @@ def send_batch(
         items = [Item(r.pk, r.id, r.to_phone, r.attempts) for r in live]
         done += outcomes(items, answer, settings=settings, rng=rng or random.Random())
         report.isolating |= isinstance(answer, BadRequest)
-    report.counts = record(engine, token, done, {r.pk: r for r in rows}, settings, clock())
+    plan = (
+        pacing.check_plan(route, settings)
+        if any(isinstance(o, Submitted) for o in done)
+        else NO_PLAN
+    )
+    report.counts = record(engine, token, done, {r.pk: r for r in rows}, settings, clock(), plan)
     log.info(
         "batch route=%s claimed=%d part=%s answer=%s%s outcome=%s",
         route,

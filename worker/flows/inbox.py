@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 
 from config import Settings
-from worker.core.states import State
+from worker.core.states import FINAL, State
 from worker.core.statuses import Report, apply
 from worker.provider.dlr import Inbound
 from worker.store.db import among, bulk_update, insert_or_skip, insert_rows, utcnow
@@ -59,11 +59,9 @@ PARK_BACKOFF: tuple[tuple[float, float], ...] = ((60, 30), (600, 120), (3600, 60
 # --- storing --------------------------------------------------------------------------------
 
 
-def store_reports(engine: Engine, reports: Sequence[Report], received_at: datetime) -> int:
-    """Insert reports unprocessed; answer how many were stored."""
-    if not reports:
-        return 0
-    rows = [
+def report_rows(reports: Sequence[Report], received_at: datetime) -> list[dict[str, Any]]:
+    """The provider_reports rows of reports received at `received_at`, due at once."""
+    return [
         {
             "received_at": received_at,
             "source": r.source,
@@ -76,6 +74,14 @@ def store_reports(engine: Engine, reports: Sequence[Report], received_at: dateti
         }
         for r in reports
     ]
+
+
+def store_reports(engine: Engine, reports: Sequence[Report], received_at: datetime) -> int:
+    """Insert reports unprocessed, in a transaction of their own; answer how many were stored.
+    (The webhooks store theirs through `worker.intake`, many requests per transaction.)"""
+    if not reports:
+        return 0
+    rows = report_rows(reports, received_at)
     with engine.begin() as conn:
         conn.execute(insert(provider_reports), rows)
     return len(rows)
@@ -162,18 +168,21 @@ class _Batch:
     outcomes: dict[str, list[int]]
 
 
-def apply_pending(engine: Engine, settings: Settings) -> dict[str, int]:
+def apply_pending(
+    engine: Engine, settings: Settings, made_final: list[int] | None = None
+) -> dict[str, int]:
     """Apply the due reports whose message is with the provider; orphan the too-old parked
     ones; put off the rest.
 
     Answers counts: `applied` (something changed), `ignored` (duplicate, late, after a
     final state), `orphan`, and `parked` (tried this run, still waiting for their message).
+    `made_final`, when given, receives the pks of the messages these reports made final.
     """
     counts = {"applied": 0, "ignored": 0, "orphan": 0, "parked": 0}
     started = utcnow()
     finished = False
     for _ in range(MAX_BATCHES):
-        finished = _apply_batch(engine, utcnow(), counts) < BATCH_SIZE
+        finished = _apply_batch(engine, utcnow(), counts, made_final) < BATCH_SIZE
         if finished:
             break
     cutoff = started - timedelta(seconds=settings.report_park_max_seconds)
@@ -190,7 +199,9 @@ def apply_pending(engine: Engine, settings: Settings) -> dict[str, int]:
     return counts
 
 
-def _apply_batch(engine: Engine, now: datetime, counts: dict[str, int]) -> int:
+def _apply_batch(
+    engine: Engine, now: datetime, counts: dict[str, int], made_final: list[int] | None = None
+) -> int:
     """Claim one batch of matchable reports, apply them in arrival order; answer how many."""
     with engine.begin() as conn:
         claimed = [(row.pk, _as_report(row)) for row in conn.execute(_claim_stmt(now))]
@@ -201,6 +212,8 @@ def _apply_batch(engine: Engine, now: datetime, counts: dict[str, int]) -> int:
         _write(conn, batch, now)
     for outcome, pks in batch.outcomes.items():
         counts[outcome] += len(pks)
+    if made_final is not None:
+        made_final.extend(pk for pk, ch in batch.updates.items() if ch.get("state") in FINAL)
     return len(claimed)
 
 

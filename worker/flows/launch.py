@@ -23,7 +23,7 @@ from sqlalchemy import Engine, select, update
 
 from config import Settings
 from worker.core.estimate import Estimate
-from worker.core.quiet import place
+from worker.core.quiet import checked_window, place
 from worker.core.states import State
 from worker.core.validation import (
     FIELDS,
@@ -34,6 +34,7 @@ from worker.core.validation import (
 )
 from worker.flows.campaigns import (
     CampaignError,
+    campaign_window,
     ensure_campaign,
     hold_campaign,
     set_limits,
@@ -69,6 +70,8 @@ class Defaults:
     region: str | None = None  # `--default-region UA`: national numbers read as Ukrainian
     columns: tuple[tuple[str, str], ...] = ()  # `--column phone=toPhone`: header -> field
     dedupe: bool = False  # `--dedupe`: skip a phone already in the campaign (or the file)
+    # `--send-window 09:00-20:00` (or `off`/`none`): the campaign's quiet hours, stored with it
+    send_window: str | None = None
 
 
 def column_mapping(specs: Iterable[str]) -> tuple[tuple[str, str], ...]:
@@ -376,7 +379,7 @@ class LaunchStats:
     estimate: Any = None  # worker.core.estimate.Estimate over the accepted messages
     ignored_columns: list[str] = field(default_factory=list)
     rejected_file: str | None = None
-    # Consent (worker/consent.py, worker/quiet.py): refused by the suppression list, held
+    # Consent (worker/flows/consent.py, worker/core/quiet.py): refused by the suppression list, held
     # for the recipient's send window, expired because the window opens after their TTL.
     suppressed: int = 0
     waiting_for_window: int = 0
@@ -426,13 +429,16 @@ def launch(
 
     check_campaign(name)
     campaign_callbacks(defaults.callback_url, defaults.callback_task)  # refuse bad flags first
+    window = send_window_option(defaults.send_window)
     layout, rows = read_rows(path, defaults)
     if hold and not dry_run:
         hold_campaign(get_engine(settings.database_url), name, create=True)
     if limits != (None, None) and not dry_run:  # metered from its first message on
         ensure_campaign(get_engine(settings.database_url), name)
         set_limits(get_engine(settings.database_url), name, *limits)
-
+    if window is not None and not dry_run:  # stored before the first row: every row has it
+        ensure_campaign(get_engine(settings.database_url), name)
+        campaign_window(get_engine(settings.database_url), name, window, "--send-window")
     stats = LaunchStats(ignored_columns=layout.ignored, estimate=Estimate())
     if progress:
         progress(stats)  # the caller holds the figures even if the first chunk is cut short
@@ -469,16 +475,21 @@ def launch(
 
 
 def preview(
-    engine: Engine, valid: list[Any], campaign: str | None, settings: Settings
+    engine: Engine,
+    valid: list[Any],
+    campaign: str | None,
+    settings: Settings,
+    window: str | None = None,
 ) -> dict[str, int]:
     """What a dry run would meet: messages the suppression list refuses, and those quiet
-    hours hold (or expire), for `campaign launch --dry-run`."""
+    hours hold (or expire), for `campaign launch --dry-run`; `window` is the campaign's
+    window the launch would set (else the one it has)."""
     now = utcnow()
     types = settings.suppressed_types
     with engine.connect() as conn:
         on = listed(conn, (m.to_phone for m in valid if m.message_type in types))
-        own = None
-        if campaign is not None:
+        own = window
+        if campaign is not None and window is None:
             own = conn.execute(
                 select(campaigns.c.send_window).where(campaigns.c.name == campaign)
             ).scalar()
@@ -498,19 +509,31 @@ def preview(
         start = max(now, message.scheduled_sent) if message.scheduled_sent else now
         if message.ttl:
             row["expires_at"] = start + timedelta(seconds=message.ttl)
-        window = windows.for_message(message.message_type, own)
-        if place(row, window, now, settings):
+        rule = windows.for_message(message.message_type, own)
+        if place(row, rule, now, settings):
             counts["expired_by_window"] += 1
         elif row["window_at"] is not None:
             counts["waiting_for_window"] += 1
     return counts
 
 
-def _consent_preview(stats: LaunchStats, valid: list[Any], name: str, settings: Settings) -> None:
+def send_window_option(text: str | None) -> str | None:
+    """`--send-window` checked and normalised (`none` is `off`); CampaignError names it."""
+    if text is None:
+        return None
+    try:
+        return checked_window(text, "--send-window")
+    except ValueError as exc:
+        raise CampaignError(str(exc)) from None
+
+
+def _consent_preview(
+    stats: LaunchStats, valid: list[Any], name: str, settings: Settings, window: str | None
+) -> None:
     from sqlalchemy.exc import DBAPIError
 
     try:
-        counts = preview(get_engine(settings.database_url), valid, name, settings)
+        counts = preview(get_engine(settings.database_url), valid, name, settings, window)
     except DBAPIError:  # a dry run needs no database: without one, nothing to count
         return
     stats.suppressed += counts["suppressed"]
@@ -587,7 +610,9 @@ def _settle(
         for valid in checked:
             if not isinstance(valid, list):
                 stats.estimate.add(valid, card)
-        _consent_preview(stats, [c for c in checked if not isinstance(c, list)], name, settings)
+        accepted = [c for c in checked if not isinstance(c, list)]
+        window = send_window_option(defaults.send_window)
+        _consent_preview(stats, accepted, name, settings, window)
     else:
         answered = enqueue(
             messages_,

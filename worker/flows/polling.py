@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,8 +19,8 @@ from typing import Any
 from sqlalchemy import Engine, select, update
 
 from config import Settings
-from worker.core.backoff import POLL_TIME_LIMIT_SHARE, poll_interval
-from worker.core.sendpolicy import pause_for
+from worker.core.backoff import NO_PLAN, POLL_TIME_LIMIT_SHARE, CheckPlan, explores
+from worker.core.sendpolicy import check_delay, learn_every, pause_for
 from worker.core.states import FINAL, State
 from worker.core.statuses import Report, apply
 from worker.observe.metrics import count_checks
@@ -85,6 +85,7 @@ def claim_due(engine: Engine, now: datetime, limit: int, lease: float) -> list[i
 # What deciding whether a message is due for a check needs.
 _CHECK_COLUMNS = (
     messages.c.pk,
+    messages.c.route,
     messages.c.state,
     messages.c.provider_message_id,
     messages.c.last_polled_at,
@@ -213,7 +214,12 @@ def poll_batch(
         report.checked = len(results)
         count_checks(results.values())
     paused = max(paused, heed(pacing, settings, [answer for _, answer in results.values()]))
-    report.counts = record_polls(engine, settings, [r.pk for r in rows], results, paused)
+    plans = {route: pacing.check_plan(route, settings) for route in {r.route for r in rows}}
+    report.counts, learned = record_polls(
+        engine, settings, [r.pk for r in rows], results, paused, plans
+    )
+    for route, latencies in learned.items():
+        pacing.note_latencies(route, latencies)
     return report
 
 
@@ -238,10 +244,15 @@ def record_polls(
     pks: Sequence[int],
     results: dict[str, Checked],
     paused: float,
-) -> dict[str, int]:
-    """Apply answers forward-only, schedule the next check of every unfinished message."""
+    plans: Mapping[str, CheckPlan] | None = None,
+) -> tuple[dict[str, int], dict[str, list[float]]]:
+    """Apply answers forward-only, schedule the next check of every unfinished message on
+    its route's plan; answer the counts of new states and, by route, the latencies the
+    exploring messages that became final showed."""
     now = utcnow()
     counts: dict[str, int] = {}
+    learned: dict[str, list[float]] = {}
+    every = learn_every(settings)
     changes: dict[int, dict[str, Any]] = {}
     journal: list[dict[str, Any]] = []
     with engine.begin() as conn:
@@ -254,6 +265,9 @@ def record_polls(
                 messages.c.last_polled_at,
                 messages.c.poll_deadline,
                 messages.c.next_poll_at,
+                messages.c.route,
+                messages.c.submitted_at,
+                messages.c.scheduled_sent,
             )
             .where(among(conn, messages.c.pk, pks))
             .order_by(messages.c.pk)  # one lock order everywhere: no deadlocks with webhooks
@@ -261,7 +275,8 @@ def record_polls(
         )
         for row in rows:
             checked = results.get(row.provider_message_id)
-            change = _next(row, checked, settings, now)
+            plan = (plans or {}).get(row.route, NO_PLAN)
+            change = _next(row, checked, settings, now, plan)
             if paused and change.get("next_poll_at"):
                 change["next_poll_at"] = max(
                     change["next_poll_at"], now + timedelta(seconds=paused)
@@ -270,6 +285,11 @@ def record_polls(
             if new_state != row.state:
                 counts[new_state] = counts.get(new_state, 0) + 1
                 timed_out = new_state == State.TIMEOUT
+                start = _start(row)
+                learn = new_state in FINAL and not timed_out and explores(row.pk, every)
+                if learn and checked is not None and start is not None:
+                    latency = (checked[0] - start).total_seconds()
+                    learned.setdefault(row.route, []).append(max(0.0, latency))
                 journal.append(
                     {
                         "message_pk": row.pk,
@@ -285,7 +305,7 @@ def record_polls(
             changes[row.pk] = change
         bulk_update(conn, messages, changes)
         insert_rows(conn, events, journal)
-    return counts
+    return counts, learned
 
 
 def as_report(status: StatusReport) -> Report:
@@ -304,11 +324,21 @@ def _describe(result: Answer | None) -> str | None:
     return None
 
 
+def _start(row: AnyRow) -> datetime | None:
+    """When a message's latency starts: its submit, or its scheduled time if later."""
+    submitted: datetime | None = row.submitted_at
+    scheduled: datetime | None = row.scheduled_sent
+    if submitted is None or scheduled is None:
+        return submitted
+    return max(submitted, scheduled)
+
+
 def _next(
     row: AnyRow,
     checked: Checked | None,
     settings: Settings,
     now: datetime,
+    plan: CheckPlan = NO_PLAN,
 ) -> dict[str, Any]:
     """Column changes for one message after a round of checks (pure)."""
     if row.state in FINAL:
@@ -335,15 +365,9 @@ def _next(
             "error_message": "no final status before the deadline",
         }
     last = polled_at or row.last_polled_at
-    delay = poll_interval(
-        polls,
-        first=settings.poll_first_delay_seconds,
-        factor=settings.poll_backoff_factor,
-        cap=settings.poll_max_interval_seconds,
-        jitter=settings.poll_jitter,
-        min_gap=settings.poll_min_gap_seconds,
-    )
-    next_at = (last or now) + timedelta(seconds=delay)
+    start = _start(row)
+    age = ((last or now) - start).total_seconds() if start else 0.0
+    next_at = (last or now) + timedelta(seconds=check_delay(age, polls, row.pk, plan, settings))
     if row.poll_deadline is not None and now < row.poll_deadline:
         next_at = min(next_at, row.poll_deadline)
     return change | {"next_poll_at": max(next_at, now + timedelta(seconds=0.05))}

@@ -30,8 +30,10 @@ from pydantic import BaseModel, SecretStr
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from config import Settings, get_settings
+from worker.core.quiet import checked_window
 from worker.core.validation import (
     MAX_CALLBACK_TASK_LENGTH,
     MAX_CALLBACK_URL_LENGTH,
@@ -202,6 +204,18 @@ async def post_messages(
             "sent until POST /v1/campaign-actions/approve/{campaign}. Needs `campaign`."
         ),
     ] = False,
+    send_window: Annotated[
+        str | None,
+        Query(
+            alias="sendWindow",
+            max_length=32,
+            pattern=r"^\s*([Oo][Ff][Ff]|[Nn][Oo][Nn][Ee]|\d{1,2}:\d{2}\s*-\s*\d{1,2}:\d{2})\s*$",
+            description="The campaign's quiet hours for promo and surveys, `HH:MM-HH:MM` in "
+            "the recipient's local time (over SEND_WINDOW and SEND_WINDOW_BY_TYPE), or "
+            "`none`/`off` for none; stored with the campaign. Needs `campaign`.",
+            examples=["09:00-20:00"],
+        ),
+    ] = None,
     dry_run: Annotated[
         bool,
         Query(
@@ -218,7 +232,7 @@ async def post_messages(
     callbacks = (callback_url, callback_task)
     if dry_run:
         return await run_in_threadpool(dry_intake, body, settings)
-    return await run_in_threadpool(intake, body, campaign, callbacks, settings, hold)
+    return await run_in_threadpool(intake, body, campaign, callbacks, settings, hold, send_window)
 
 
 @producers.get(
@@ -389,6 +403,7 @@ def intake(
     callbacks: tuple[str | None, str | None],
     settings: Settings,
     hold: bool = False,
+    send_window: str | None = None,
 ) -> list[dict[str, Any]]:
     """Parse and enqueue, off the event loop: both are CPU or database work."""
     messages = parse_messages(body)
@@ -396,8 +411,17 @@ def intake(
         check_campaign(campaign)
     except ValueError as exc:
         raise _invalid(["query", "campaign"], str(exc), "value_error") from None
+    problem: dict[str, str] | None = None
     if hold and campaign is None:  # each message refused (a 422 would fail schema-valid input)
         problem = {"field": "hold", "problem": "needs ?campaign=NAME: a campaign to approve"}
+    elif send_window is not None:  # the same
+        try:
+            send_window = checked_window(send_window, "sendWindow")
+        except ValueError as exc:
+            problem = {"field": "sendWindow", "problem": str(exc)}
+        if problem is None and campaign is None:
+            problem = {"field": "sendWindow", "problem": "needs ?campaign=NAME: it is stored there"}
+    if problem is not None:
         return [
             _answerable(
                 {
@@ -422,7 +446,12 @@ def intake(
 
             hold_campaign(get_engine(settings.database_url), campaign, create=True)
         results = enqueue(
-            messages, campaign, settings=settings, callback_url=url, callback_task=task
+            messages,
+            campaign,
+            settings=settings,
+            callback_url=url,
+            callback_task=task,
+            send_window=send_window,
         )
     except CampaignCancelled as exc:
         raise HTTPException(409, str(exc)) from None
@@ -568,8 +597,22 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
 # --- the app -------------------------------------------------------------------------------
 
 
+class CascadeAPI(FastAPI):
+    """FastAPI, with the webhook routes answered on the lean path (`webhooks.serve_lean`):
+    at thousands of pushes a second, routing and dependency solving cost more than the push.
+    With dependency overrides set (tests), every request takes the full path."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.dependency_overrides:
+            handler = webhooks.LEAN_ROUTES.get((scope["method"], scope["path"]))
+            if handler is not None:
+                await webhooks.serve_lean(handler, self.state.settings, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
-    app = FastAPI(
+    app = CascadeAPI(
         title="Cascade delivery worker",
         version=version("cascade-worker"),
         description=DESCRIPTION,
@@ -583,6 +626,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from worker.http.consent_api import router as consent_router  # it imports this module
 
     app.include_router(consent_router)
+    from worker.http.live_page import router as pages_router  # it imports this module too
+
+    app.include_router(pages_router)
     app.include_router(probes)
     app.include_router(webhooks.router)
     app.include_router(exporter.router)
@@ -620,9 +666,18 @@ def _documentation(app: FastAPI) -> None:
         )
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
-    """Run the API under uvicorn. Without API_TOKEN no producer could ever be let in,
-    so refuse to start rather than serve an API that answers 401 to everyone."""
+def serving_app() -> FastAPI:
+    """The app of one of `cascade api --workers N`'s processes (uvicorn imports it there);
+    the settings come from the environment, as the parent's did."""
+    settings = get_settings()
+    logs.configure(settings.log_format)
+    return create_app(settings)
+
+
+def serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
+    """Run the API under uvicorn, in `workers` processes sharing the port. Without
+    API_TOKEN no producer could ever be let in, so refuse to start rather than serve an
+    API that answers 401 to everyone."""
     logs.configure(settings.log_format)
     if not _secret(settings.api_token):
         raise SystemExit(
@@ -639,7 +694,9 @@ def serve(settings: Settings, host: str, port: int) -> None:
         log.warning("WEBHOOK_TOKEN is not set: provider webhooks cannot be authenticated")
     # No access log: BulkGate can only send its token in the URL (?token=…).
     uvicorn.run(
-        create_app(settings),
+        create_app(settings) if workers == 1 else "worker.api:serving_app",
+        factory=workers > 1,
+        workers=workers if workers > 1 else None,
         host=host,
         port=port,
         log_level="info",

@@ -80,7 +80,8 @@ PROVIDER_LATENCY = Histogram(
 )
 SUBMIT_TO_FINAL = Histogram(
     "cascade_submit_to_final_seconds",
-    "From the provider's acceptance to the final state, per message finished by a poll.",
+    "From the provider's acceptance to the final state, per message the provider finished "
+    "(by a poll, a status webhook or a delivery report).",
     buckets=FINAL_BUCKETS,
 )
 

@@ -148,6 +148,13 @@ def campaign() -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="At most R messages/s for this campaign (beneath SEND_MESSAGES_PER_SECOND).",
 )
+@click.option(
+    "--send-window",
+    metavar="HH:MM-HH:MM",
+    help="Quiet hours for this campaign's promo and surveys, in the recipient's local time "
+    "(over SEND_WINDOW and SEND_WINDOW_BY_TYPE); 'none' (or 'off') sends at any hour. "
+    "Stored with the campaign.",
+)
 def campaign_launch(
     file: Path,
     name: str,
@@ -165,6 +172,7 @@ def campaign_launch(
     dedupe: bool,
     daily_cap: int | None,
     rate: float | None,
+    send_window: str | None,
 ) -> None:
     """Enqueue a campaign from a CSV or .xlsx file (headers: the cascade API's field names,
     or mapped with --column)."""
@@ -172,13 +180,17 @@ def campaign_launch(
     from sqlalchemy.exc import DBAPIError
 
     from worker.flows.campaigns import CampaignError
-    from worker.flows.launch import Defaults, column_mapping, launch
+    from worker.flows.launch import Defaults, column_mapping, launch, send_window_option
 
     settings = _settings()
     try:
         mapping = column_mapping(columns)
     except CampaignError as exc:
         raise click.BadParameter(str(exc), param_hint="--column") from None
+    try:
+        send_window = send_window_option(send_window)
+    except CampaignError as exc:
+        raise click.UsageError(str(exc)) from None
     defaults = Defaults(
         from_name,
         message_type,
@@ -190,6 +202,7 @@ def campaign_launch(
         region=default_region or settings.default_phone_region,
         columns=mapping,
         dedupe=dedupe,
+        send_window=send_window,
     )
     progress_columns = (
         SpinnerColumn(),
@@ -256,6 +269,9 @@ def campaign_launch(
         console.print(f"{stats.deduped:,} rows skipped: their phone is already in {name}")
     if stats.estimate is not None and stats.estimate.messages:
         console.print(estimate_line(stats.estimate.as_dict(settings.rate_card_currency)))
+    if send_window is not None:
+        shown = "none (any hour)" if send_window == "off" else f"{send_window} recipient's time"
+        console.print(f"send window of {name}'s promo and surveys: {shown}")
     if hold and not dry_run:
         console.print(f"{name} is held: nothing is sent until `cascade campaign approve {name}`")
 
@@ -822,12 +838,19 @@ def callbacks_retry(pks: tuple[int, ...], all_dead: bool) -> None:
 @main.command()
 @click.option("--host", default=None, help="Default: API_HOST.")
 @click.option("--port", default=None, type=int, help="Default: API_PORT.")
-def api(host: str | None, port: int | None) -> None:
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="API processes sharing the port (uvicorn workers); one per core for webhook intake.",
+)
+def api(host: str | None, port: int | None, workers: int) -> None:
     """Serve the HTTP API: producers, message and campaign views, webhooks, /healthz."""
     from worker.http.app import serve
 
     settings = _settings()
-    serve(settings, host or settings.api_host, port or settings.api_port)
+    serve(settings, host or settings.api_host, port or settings.api_port, workers=workers)
 
 
 @main.command()

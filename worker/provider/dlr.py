@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
@@ -31,6 +32,7 @@ INBOUND = "10"
 # A NUL cannot be stored by PostgreSQL (text or JSON) and a lone surrogate not as UTF-8:
 # one such report refused alone, rather than failing the insert of the whole push.
 _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 MAX_DEPTH = 32  # of a field's value; json.dumps would fail on the stored raw report past ~1000
 
 # BulkGate status code → (our state, what it means). 2 (buffered) and 6 (accepted by the
@@ -129,11 +131,11 @@ def parse_bulkgate_item(item: Any) -> Report | Inbound:
     if price is not None:
         fields["cost"] = price
     detail = f"BulkGate status {code}: {meaning}"
-    if times:
-        detail += f"; sent {_iso(times[0])}"
+    if times:  # to the minute, as BulkGate gives them: never a made-up :00 before our send
+        detail += f"; sent {_minute(times[0])}"
         if times[1] is not None:
-            detail += f", status at {_iso(times[1])}"
-        detail += " (provider time)"
+            detail += f", status at {_minute(times[1])}"
+        detail += " (provider time, to the minute)"
     return Report(message_id, state, "dlr", fields, detail)
 
 
@@ -181,6 +183,13 @@ def _dates(data: dict[str, Any]) -> tuple[datetime, datetime | None] | None:
         return None
     if not isinstance(raw, str):
         raise ValueError(f"date: must be a string yymmddHHMM;yymmddHHMM, got {_kind(raw)}")
+    return _prague_dates(raw)
+
+
+@lru_cache(maxsize=4096)
+def _prague_dates(raw: str) -> tuple[datetime, datetime | None]:
+    """Cached: the reports of one push (and of one minute) mostly share their times, and the
+    zone conversion was a tenth of the CPU of a 100-report BulkGate push (measured)."""
     parts = raw.split(";")
     if len(parts) > 2 or not parts[0]:
         raise ValueError(f"date: expected yymmddHHMM;yymmddHHMM, got {_show(raw)}")
@@ -242,6 +251,12 @@ def _refuse_unstorable(item: Any) -> None:
     nesting deeper than MAX_DEPTH (the raw report is stored whole, unknown fields too)."""
     if not isinstance(item, dict):
         return
+    # The usual report, flat, is judged in one search over its strings (the walk below cost
+    # a quarter of the CPU of a 100-report push); the walk then only names the field.
+    if all(type(v) in _SCALARS for v in item.values()):
+        strings = [*item, *(v for v in item.values() if type(v) is str)]
+        if _UNSTORABLE.search("".join(strings)) is None:
+            return
     for key, value in item.items():
         problem = _storable_problem(key) or _storable_problem(value)
         if problem:
@@ -326,8 +341,15 @@ def _timestamp(data: dict[str, Any], key: str) -> datetime | None:
     return moment.astimezone(UTC)
 
 
+@lru_cache(maxsize=4096)
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _minute(moment: datetime) -> str:
+    """A minute-precision time as such (`2025-07-01T10:01Z`): written with `:00` seconds it
+    would claim a status at 10:01:00 for a message we sent at 10:01:40."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
 def _kind(value: Any) -> str:

@@ -38,6 +38,7 @@ from worker.core.answers import Unauthorized as Unauthorized
 from worker.core.answers import Unavailable as Unavailable
 from worker.core.backoff import parse_retry_after
 from worker.core.states import PROVIDER_STATES, State
+from worker.provider.keepalive import KeepAliveTransport
 
 # What httpx.Client sends, which the send client does: the provider sees one agent.
 USER_AGENT = f"python-httpx/{httpx.__version__}"
@@ -305,6 +306,14 @@ class SendClient:
         self._client.close()
 
 
+def _status_transport(base: httpx.URL, settings: Settings) -> httpx.BaseTransport:
+    proxy = environment_proxy(base)
+    if proxy is not None:
+        limits = httpx.Limits(max_connections=settings.poll_concurrency)
+        return httpx.HTTPTransport(limits=limits, proxy=proxy)
+    return KeepAliveTransport(base, max_idle=settings.poll_concurrency)
+
+
 class StatusClient:
     """Checks messages over one keep-alive pool, safe to share between threads.
 
@@ -312,8 +321,8 @@ class StatusClient:
     spent 2.0–3.4 ms of CPU per check (anyio and the async pool's bookkeeping), the
     threaded sync client 0.8–0.9 ms, and checks are CPU-bound on a worker. Requests go to
     the transport itself, not through httpx.Client, whose layers (URL merging, cookies,
-    auth and redirect flows) took 170 of the 570 µs of CPU a check cost on one thread
-    (measured), and which a check does not need.
+    auth and redirect flows) a check does not need, and that transport is the lean
+    `KeepAliveTransport` unless a proxy is in the way (see worker/provider/keepalive.py).
     """
 
     def __init__(self, settings: Settings, transport: httpx.BaseTransport | None = None) -> None:
@@ -324,10 +333,7 @@ class StatusClient:
         )
         self._extensions = {"timeout": _timeout(settings).as_dict()}
         self._retry_after = _retry_after_policy(settings)
-        self._transport = transport or httpx.HTTPTransport(
-            limits=httpx.Limits(max_connections=settings.poll_concurrency),
-            proxy=environment_proxy(base),
-        )
+        self._transport = transport or _status_transport(base, settings)
 
     def status(self, message_id: str) -> StatusReport:
         try:

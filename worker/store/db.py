@@ -51,7 +51,7 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+def sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # Let SQLAlchemy's `begin` event issue BEGIN itself (pysqlite's own is deferred).
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
@@ -62,7 +62,7 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _sqlite_begin(conn: Connection) -> None:
+def sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
@@ -71,8 +71,8 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(
             url, poolclass=NullPool, connect_args={"timeout": 60}, hide_parameters=True
         )
-        event.listen(engine, "connect", _sqlite_connect)
-        event.listen(engine, "begin", _sqlite_begin)
+        event.listen(engine, "connect", sqlite_connect)
+        event.listen(engine, "begin", sqlite_begin)
         return engine
     # hide_parameters: a database error must not carry phone numbers or texts into logs.
     return create_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True, hide_parameters=True)

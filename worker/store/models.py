@@ -369,6 +369,22 @@ class SuppressionEvent(Base):
     )
 
 
+class SendDay(Base):
+    """What the workers handed to the provider on one UTC day, against the global caps
+    (DAILY_MESSAGE_CAP, DAILY_SPEND_BUDGET; worker/flows/quota.py): one row a day."""
+
+    __tablename__ = "send_days"
+
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)  # 2026-12-07 (UTC)
+    messages: Mapped[int] = mapped_column(Integer)  # messages claimed and admitted
+    spend: Mapped[float] = mapped_column(Float)  # their rate-card estimate, RATE_CARD_CURRENCY
+    # Why sending stopped for the day (a cap or the budget reached), null while it goes on;
+    # in words, and the budget in force then, so a raised budget lets it go again.
+    capped: Mapped[str | None] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    spend_budget: Mapped[float | None] = mapped_column(Float)
+
+
 def _table(model: type[Base]) -> Table:
     """The mapped class's Table: SQLAlchemy types `__table__` as any FromClause, and the
     statements and helpers here need the Table (its columns, insert/update)."""
@@ -385,3 +401,4 @@ inbound_messages = _table(InboundMessage)
 callbacks = _table(Callback)
 suppressions = _table(Suppression)
 suppression_events = _table(SuppressionEvent)
+send_days = _table(SendDay)

@@ -1,4 +1,5 @@
-"""Pacing shared by every worker process through Redis: rate limits, pauses, the circuit.
+"""Pacing shared by every worker process through Redis: rate limits, pauses, the circuit,
+and the latencies that time status checks.
 
 A pause is a key with a time to live: a 429's Retry-After or an open circuit (a 401, or
 an outage) stops every worker at once, and ends by itself. After an outage's pause the
@@ -10,12 +11,17 @@ again, which is the safe direction.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from functools import lru_cache
 
 import redis
 from limits import RateLimitItemPerSecond
 from limits.storage import storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
+
+from config import Settings
+from worker.core.backoff import NO_PLAN, CheckPlan, learn_plan
+from worker.core.sendpolicy import learn_every
 
 PREFIX = "cascade:pause:"
 FAILURES = "cascade:failures:"
@@ -25,6 +31,10 @@ PROBE = "cascade:probe:"
 FAILURE_MEMORY_MS = 600_000
 # A circuit opened by an outage stays half-open until answered, or this long at most.
 HALF_OPEN_MS = 24 * 3600 * 1000
+LATENCIES = "cascade:latencies:"
+# Latencies kept per route: enough for a 99th percentile, few enough to read per batch.
+LATENCY_SAMPLES = 1000
+LATENCY_MEMORY_S = 24 * 3600
 # Set the key for ARGV[1] ms unless it already has longer to live.
 _EXTEND = """
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
@@ -82,6 +92,28 @@ class Pacing:
     def answered(self, name: str) -> None:
         """The provider answered: the failure count, half-open state and probe are over."""
         self._redis.delete(FAILURES + name, HALF_OPEN + name, PROBE + name)
+
+    def note_latencies(self, route: str, seconds: Sequence[float]) -> None:
+        """Remember what explored checks showed: the newest LATENCY_SAMPLES of a route."""
+        if not seconds:
+            return
+        key = LATENCIES + route
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.lpush(key, *(f"{value:.3f}" for value in seconds))
+        pipe.ltrim(key, 0, LATENCY_SAMPLES - 1)
+        pipe.expire(key, LATENCY_MEMORY_S)
+        pipe.execute()
+
+    def check_plan(self, route: str, settings: Settings) -> CheckPlan:
+        """The route's check plan from the latencies noted (none while learning is off)."""
+        if not learn_every(settings):
+            return NO_PLAN
+        values = self._redis.lrange(LATENCIES + route, 0, -1)
+        return learn_plan(
+            [float(v) for v in values],
+            settings.poll_learn_quantiles,
+            settings.poll_learn_min_samples,
+        )
 
     def acquire(self, name: str, per_second: int, cost: int = 1) -> None:
         """Block until `cost` units of `name` fit in the shared per-second budget (0 = no limit)."""

@@ -1,0 +1,292 @@
+"""The status checks' lean transport against scripted servers over real sockets."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from config import Settings
+from worker.provider.keepalive import KeepAliveTransport
+from worker.provider.smsbat import NotFound, StatusClient, Throttled, Unavailable
+
+
+class Closing(bytes):
+    """An answer after which the server closes the connection."""
+
+
+# A server's script: given the connection's request number and the request head, what to
+# write back (None: close without answering; "hang": answer nothing, keep the socket).
+Script = Callable[[int, bytes], bytes | str | None]
+
+STATUS = b'{"messageId": "m-1", "deliverystatus": "delivered", "partscount": 1, "cost": 0.05}'
+
+
+def ok(body: bytes = STATUS, *extra: bytes) -> bytes:
+    head = [b"HTTP/1.1 200 OK", b"Content-Type: application/json", *extra]
+    return b"\r\n".join([*head, b"Content-Length: %d" % len(body), b"", body])
+
+
+class Server:
+    """Accepts connections on 127.0.0.1 and answers each request by `script`."""
+
+    def __init__(self, script: Script, context: ssl.SSLContext | None = None) -> None:
+        self.script = script
+        self.context = context
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        if self.context is not None:
+            try:
+                conn = self.context.wrap_socket(conn, server_side=True)
+            except (ssl.SSLError, OSError):
+                conn.close()
+                return
+        buffer = b""
+        number = 0
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    try:
+                        data = conn.recv(65536)
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    buffer += data
+                head, buffer = buffer.split(b"\r\n\r\n", 1)
+                self.requests.append(head)
+                answer = self.script(number, head)
+                number += 1
+                if answer is None:
+                    return
+                if answer == "hang":
+                    self._held.append(conn)
+                    threading.Event().wait(10)
+                    return
+                assert isinstance(answer, bytes)
+                conn.sendall(answer)
+                if isinstance(answer, Closing):
+                    return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Server]]:
+    servers: list[Server] = []
+
+    def start(script: Script, context: ssl.SSLContext | None = None) -> Server:
+        servers.append(Server(script, context))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def client_for(server: Server, scheme: str = "http", **settings: object) -> StatusClient:
+    values = {
+        "SMSBAT_BASE_URL": f"{scheme}://127.0.0.1:{server.port}",
+        "SMSBAT_API_KEY": "k-secret",
+        "HTTP_READ_TIMEOUT_SECONDS": 0.5,
+    } | settings
+    return StatusClient(Settings(**values))  # type: ignore[arg-type]
+
+
+def test_a_check_is_one_get_with_the_key_and_the_connection_is_kept(
+    serve: Callable[..., Server],
+) -> None:
+    server = serve(lambda n, head: ok())
+    client = client_for(server)
+    for _ in range(5):
+        assert client.status("m-1").state == "delivered"
+    assert server.connections == 1
+    head = server.requests[0].decode()
+    assert head.startswith("GET /bat/message/m-1 HTTP/1.1\r\n")
+    assert f"host: 127.0.0.1:{server.port}" in head.lower()
+    assert "x-authorization-key: k-secret" in head.lower()
+
+
+def test_bodies_by_chunks_and_until_close_are_read_whole(serve: Callable[..., Server]) -> None:
+    half = len(STATUS) // 2
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x;ext=1\r\n%s\r\n" % (half, STATUS[:half])
+        + b"%x\r\n%s\r\n" % (len(STATUS) - half, STATUS[half:])
+        + b"0\r\nX-Trailer: t\r\n\r\n"
+    )
+    server = serve(lambda n, head: chunked)
+    client = client_for(server)
+    assert client.status("m-1").state == "delivered"
+    assert client.status("m-1").state == "delivered"
+    assert server.connections == 1  # a chunked answer leaves the connection usable
+
+    closing = serve(lambda n, head: Closing(b"HTTP/1.0 200 OK\r\n\r\n" + STATUS))
+    client = client_for(closing)
+    assert client.status("m-1").state == "delivered"
+    assert client.status("m-1").state == "delivered"
+    assert closing.connections == 2  # read until close: never reused
+
+
+def test_a_connection_closed_while_idle_is_replaced_once(serve: Callable[..., Server]) -> None:
+    # The server answers one request per connection, then closes without saying so.
+    server = serve(lambda n, head: ok() if n == 0 else None)
+    client = client_for(server)
+    for _ in range(4):
+        assert client.status("m-1").state == "delivered"
+    assert server.connections == 4
+
+
+def test_a_fresh_connection_that_closes_unanswered_is_an_outage(
+    serve: Callable[..., Server],
+) -> None:
+    server = serve(lambda n, head: None)
+    with pytest.raises(Unavailable, match="RemoteProtocolError"):
+        client_for(server).status("m-1")
+
+
+def test_connection_close_is_honoured(serve: Callable[..., Server]) -> None:
+    server = serve(lambda n, head: ok(STATUS, b"Connection: close"))
+    client = client_for(server)
+    assert client.status("m-1").state == "delivered"
+    assert client.status("m-1").state == "delivered"
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"HTTP/1.1 429 Too Many\r\nRetry-After: 7\r\nContent-Length: 0\r\n\r\n", Throttled),
+        (b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}", NotFound),
+        (b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n", Unavailable),
+        (b"SMTP ready\r\n\r\n", Unavailable),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n", Unavailable),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", Unavailable),
+        (b"HTTP/1.1 200 OK\r\nbroken header\r\n\r\n", Unavailable),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nnope!", Unavailable),
+    ],
+)
+def test_answers_map_to_the_clients_errors(
+    serve: Callable[..., Server], answer: bytes, error: type[Exception]
+) -> None:
+    server = serve(lambda n, head: answer)
+    with pytest.raises(error) as caught:
+        client_for(server).status("m-1")
+    if isinstance(caught.value, Throttled):
+        assert caught.value.retry_after == 7
+
+
+def test_a_short_body_then_close_is_a_protocol_error(serve: Callable[..., Server]) -> None:
+    server = serve(lambda n, head: Closing(b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{}"))
+    with pytest.raises(Unavailable, match="RemoteProtocolError"):
+        client_for(server).status("m-1")
+
+
+def test_a_silent_server_times_out_on_read(serve: Callable[..., Server]) -> None:
+    server = serve(lambda n, head: "hang")
+    with pytest.raises(Unavailable, match="ReadTimeout"):
+        client_for(server).status("m-1")
+
+
+def test_nothing_listening_is_a_connect_error() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = Settings(SMSBAT_BASE_URL=f"http://127.0.0.1:{port}", SMSBAT_API_KEY="k")  # type: ignore[call-arg]
+    with pytest.raises(Unavailable, match="ConnectError"):
+        StatusClient(settings).status("m-1")
+
+
+def test_other_origins_are_refused() -> None:
+    transport = KeepAliveTransport(httpx.URL("http://127.0.0.1:9"))
+    with pytest.raises(httpx.UnsupportedProtocol):
+        transport.handle_request(httpx.Request("GET", "http://example.invalid/x"))
+    with pytest.raises(ValueError, match="ftp"):
+        KeepAliveTransport(httpx.URL("ftp://127.0.0.1/"))
+
+
+def test_a_proxy_in_the_environment_gets_httpx_own_transport(
+    monkeypatch: pytest.MonkeyPatch, serve: Callable[..., Server]
+) -> None:
+    server = serve(lambda n, head: ok())
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = client_for(server, SMSBAT_BASE_URL="http://provider.invalid")
+    assert client.status("m-1").state == "delivered"
+    assert server.requests[0].startswith(b"GET http://provider.invalid/bat/message/m-1 HTTP/1.1")
+
+
+def test_threads_share_the_pool(serve: Callable[..., Server]) -> None:
+    server = serve(lambda n, head: ok())
+    client = client_for(server, POLL_CONCURRENCY=4)
+    results: list[str] = []
+
+    def work() -> None:
+        for _ in range(50):
+            results.append(client.status("m-1").state)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == ["delivered"] * 400
+    assert server.connections <= 8 + 50  # idle connections kept: at most 4 beyond the busy
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("tls")
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return key, cert
+
+
+def test_tls_with_the_servers_certificate_trusted(
+    serve: Callable[..., Server], certificate: tuple[Path, Path]
+) -> None:
+    key, cert = certificate
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    server = serve(lambda n, head: ok(), server_context)
+    trusted = ssl.create_default_context(cafile=str(cert))
+    origin = httpx.URL(f"https://127.0.0.1:{server.port}")
+    status = StatusClient(
+        Settings(SMSBAT_BASE_URL=str(origin), SMSBAT_API_KEY="k"),  # type: ignore[call-arg]
+        transport=KeepAliveTransport(origin, ssl_context=trusted),
+    )
+    for _ in range(3):
+        assert status.status("m-1").state == "delivered"
+    assert server.connections == 1
+    # Not trusted (the system's roots): refused, as httpx's transport would.
+    with pytest.raises(Unavailable, match="ConnectError"):
+        client_for(server, "https").status("m-1")

@@ -1,0 +1,319 @@
+"""A lean HTTP/1.1 transport for status checks: one small GET after another, kept alive.
+
+Why not httpx's own `HTTPTransport`: a check is a few hundred bytes each way, and
+httpcore's connection pool, its events and its state machine cost ~230 µs of CPU per
+request here, against ~15 µs for writing the request and reading the answer straight
+off a socket (the difference measured by `scripts/bench.py --check-cost`). Checks are the
+workers' main CPU load while a campaign completes, so that is the time to all-final.
+
+It stays an `httpx.BaseTransport`: requests and responses are httpx's, errors are httpx's
+exceptions, and `StatusClient` uses httpx's own transport where this one does not fit (a
+proxy). What it speaks: HTTP/1.1 over TCP or TLS to one origin, bodies by Content-Length,
+chunked or until close; a kept-alive connection the server closed is retried once on a
+fresh one (status checks are idempotent GETs), as httpcore does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+
+import httpx
+
+# Limits on what an answer may be: a status answer is a few hundred bytes.
+MAX_HEAD = 64 * 1024
+MAX_BODY = 16 * 1024 * 1024
+_CHUNK = 65536
+
+
+class KeepAliveTransport(httpx.BaseTransport):
+    """Requests to `origin` over at most `max_idle` idle kept-alive connections (thread-safe)."""
+
+    def __init__(
+        self,
+        origin: httpx.URL,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        max_idle: int = 16,
+    ) -> None:
+        if origin.scheme not in ("http", "https"):
+            raise ValueError(f"KeepAliveTransport speaks http and https, not {origin.scheme!r}")
+        self._scheme = origin.scheme
+        self._host = origin.host
+        self._port = origin.port or (443 if origin.scheme == "https" else 80)
+        self._ssl = (ssl_context or httpx.create_ssl_context()) if self._scheme == "https" else None
+        self._max_idle = max_idle
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        if (url.scheme, url.host, url.port or self._port) != (self._scheme, self._host, self._port):
+            raise httpx.UnsupportedProtocol(f"this transport serves only {self._origin()}")
+        timeouts = request.extensions.get("timeout", {})
+        wire = _request_bytes(request)
+        connection = self._take()
+        if connection is not None:
+            try:
+                return self._exchange(connection, wire, timeouts, request, reused=True)
+            except _StaleConnection:
+                pass  # closed by the server while idle: nothing was read, try once afresh
+        connection = _Connection.open(self._host, self._port, self._ssl, timeouts)
+        return self._exchange(connection, wire, timeouts, request, reused=False)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+    def _origin(self) -> str:
+        return f"{self._scheme}://{self._host}:{self._port}"
+
+    def _take(self) -> _Connection | None:
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                connection = self._idle.pop()
+            if connection.usable():
+                return connection
+            connection.close()
+
+    def _give_back(self, connection: _Connection) -> None:
+        with self._lock:
+            if len(self._idle) < self._max_idle:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def _exchange(
+        self,
+        connection: _Connection,
+        wire: bytes,
+        timeouts: dict[str, float | None],
+        request: httpx.Request,
+        *,
+        reused: bool,
+    ) -> httpx.Response:
+        try:
+            connection.settimeout(timeouts.get("write"))
+            try:
+                connection.sock.sendall(wire)
+            except (BrokenPipeError, ConnectionResetError):
+                if reused:
+                    raise _StaleConnection from None
+                raise httpx.WriteError("connection closed while writing", request=request) from None
+            except TimeoutError:
+                raise httpx.WriteTimeout("request not written in time", request=request) from None
+            connection.settimeout(timeouts.get("read"))
+            status, headers, body, keep = connection.read_response(request.method)
+        except _StaleConnection:
+            connection.close()
+            if reused:
+                raise
+            raise httpx.RemoteProtocolError(
+                "server disconnected without sending a response", request=request
+            ) from None
+        except httpx.TransportError:
+            connection.close()
+            raise
+        except TimeoutError:
+            connection.close()
+            raise httpx.ReadTimeout("no answer within the read timeout", request=request) from None
+        except _Malformed as exc:
+            connection.close()
+            raise httpx.RemoteProtocolError(str(exc), request=request) from None
+        except OSError as exc:
+            connection.close()
+            raise httpx.ReadError(f"{type(exc).__name__}: {exc}", request=request) from None
+        if keep:
+            self._give_back(connection)
+        else:
+            connection.close()
+        return httpx.Response(status, headers=headers, content=body, request=request)
+
+
+def _request_bytes(request: httpx.Request) -> bytes:
+    body = request.read()
+    lines = [f"{request.method} ".encode() + request.url.raw_path + b" HTTP/1.1"]
+    lines += [name + b": " + value for name, value in request.headers.raw]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+class _StaleConnection(Exception):
+    """The server closed the connection before answering a byte."""
+
+
+class _Malformed(Exception):
+    """An answer that is not HTTP/1.x as this transport reads it."""
+
+
+class _Connection:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buffer = bytearray()
+
+    @classmethod
+    def open(
+        cls,
+        host: str,
+        port: int,
+        context: ssl.SSLContext | None,
+        timeouts: dict[str, float | None],
+    ) -> _Connection:
+        try:
+            sock = socket.create_connection((host, port), timeout=timeouts.get("connect"))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if context is not None:
+                sock = context.wrap_socket(sock, server_hostname=host)
+        except TimeoutError:
+            raise httpx.ConnectTimeout(f"no connection to {host}:{port} in time") from None
+        except OSError as exc:
+            raise httpx.ConnectError(f"{type(exc).__name__}: {exc}") from None
+        return cls(sock)
+
+    def settimeout(self, seconds: float | None) -> None:
+        self.sock.settimeout(seconds)
+
+    def usable(self) -> bool:
+        """An idle connection with nothing to read: a readable one was closed (or spoke out
+        of turn) while idle."""
+        if self._buffer:
+            return False
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return False
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def read_response(self, method: str) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
+        """Status, headers, body, and whether the connection may carry another request."""
+        head = self._read_head()
+        status_line, *header_lines = head.split(b"\r\n")
+        version, status = _status(status_line)
+        headers: list[tuple[bytes, bytes]] = []
+        length: int | None = None
+        chunked = False
+        keep = version == b"HTTP/1.1"
+        for line in header_lines:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name != name.strip():
+                raise _Malformed(f"malformed header line {line[:60]!r}")
+            value = value.strip()
+            headers.append((name, value))
+            lower = name.lower()
+            if lower == b"content-length":
+                if not value.isdigit():
+                    raise _Malformed(f"Content-Length {value[:20]!r} is not a number")
+                length = int(value)
+            elif lower == b"transfer-encoding":
+                chunked = value.lower().endswith(b"chunked")
+            elif lower == b"connection":
+                options = {t.strip() for t in value.lower().split(b",")}
+                keep = b"close" not in options and (keep or b"keep-alive" in options)
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            return status, headers, b"", keep
+        if chunked:
+            body = b"".join(self._chunks())
+            # Content-Length is meaningless beside chunked; the answer is what the chunks say.
+            headers = [(n, v) for n, v in headers if n.lower() != b"content-length"]
+        elif length is not None:
+            if length > MAX_BODY:
+                raise _Malformed(f"an answer of {length} bytes is over {MAX_BODY}")
+            body = self._read_exactly(length)
+        else:
+            body = self._read_to_close()
+            keep = False
+        headers = [(n, v) for n, v in headers if n.lower() != b"transfer-encoding"]
+        return status, headers, body, keep
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(_CHUNK)
+        self._buffer += data
+        return bool(data)
+
+    def _read_head(self) -> bytes:
+        received = False
+        while True:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(self._buffer[:end])
+                del self._buffer[: end + 4]
+                return head
+            if len(self._buffer) > MAX_HEAD:
+                raise _Malformed(f"response head over {MAX_HEAD} bytes")
+            try:
+                more = self._fill()
+            except ConnectionResetError:
+                if received:
+                    raise
+                raise _StaleConnection from None
+            if not more:
+                if received:
+                    raise _Malformed("connection closed in the middle of the response head")
+                raise _StaleConnection
+            received = True
+
+    def _read_exactly(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            if not self._fill():
+                raise _Malformed(f"connection closed after {len(self._buffer)} of {n} bytes")
+        body = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return body
+
+    def _read_line(self) -> bytes:
+        while (end := self._buffer.find(b"\r\n")) < 0:
+            if len(self._buffer) > MAX_HEAD:
+                raise _Malformed("chunk header line too long")
+            if not self._fill():
+                raise _Malformed("connection closed in the middle of a chunked body")
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 2]
+        return line
+
+    def _chunks(self) -> Iterator[bytes]:
+        total = 0
+        while True:
+            size_text = self._read_line().split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise _Malformed(f"chunk size {size_text[:20]!r} is not hexadecimal") from None
+            if size == 0:
+                while self._read_line():  # trailers, up to the empty line
+                    pass
+                return
+            total += size
+            if total > MAX_BODY:
+                raise _Malformed(f"a chunked answer over {MAX_BODY} bytes")
+            yield self._read_exactly(size)
+            if self._read_exactly(2) != b"\r\n":
+                raise _Malformed("chunk not followed by CRLF")
+
+    def _read_to_close(self) -> bytes:
+        while self._fill():
+            if len(self._buffer) > MAX_BODY:
+                raise _Malformed(f"an answer over {MAX_BODY} bytes")
+        body = bytes(self._buffer)
+        self._buffer.clear()
+        return body
+
+
+def _status(line: bytes) -> tuple[bytes, int]:
+    version, _, rest = line.partition(b" ")
+    code = rest[:3]
+    if version not in (b"HTTP/1.1", b"HTTP/1.0") or not code.isdigit():
+        raise _Malformed(f"not an HTTP/1.x status line: {line[:60]!r}")
+    return version, int(code)
