@@ -421,6 +421,7 @@ def test_launch_send_window_is_stored_with_the_campaign_and_none_turns_it_off(
     done = _launch(url, redis_db, str(rows), "--name", "a", *common, "--send-window", spec)
     assert done.returncode == 0, done.stderr
     assert f"send window of a's promo and surveys: {spec}" in done.stdout
+    assert "2 held for the recipient's send window" in done.stdout  # as the dry run said
     at, stored = _windows(engine)
     assert at == {"a-1": opening, "a-2": opening, "a-3": None} and stored == {"a": spec}
 

@@ -1012,6 +1012,20 @@ def _consent_preview(
     stats.expired_by_window += counts["expired_by_window"]
 
 
+def _waiting_for_window(settings: Settings, ids: list[Any]) -> int:
+    """Of the messages just stored queued, those the recipient's send window keeps back."""
+    if not ids:
+        return 0
+    from worker.db import get_engine
+
+    with get_engine(settings.database_url).connect() as conn:
+        return conn.execute(
+            select(func.count()).where(
+                among(conn, messages.c.id, ids), messages.c.window_at > utcnow()
+            )
+        ).scalar_one()
+
+
 def _dedupe(
     readable: list[Row],
     messages_: list[dict[str, Any]],
@@ -1109,6 +1123,9 @@ def _settle(
         )
         stats.expired_by_window += sum(
             r.status == "accepted" and r.state == State.EXPIRED for r in answered
+        )
+        stats.waiting_for_window += _waiting_for_window(
+            settings, [r.id for r in answered if r.status == "accepted" and r.state == State.QUEUED]
         )
     stats.renumbered += sum(bool(phone_change(m, settings.default_phone_region)) for m in messages_)
     found = dict(zip((r.line for r in readable), zip(messages_, errors, strict=True), strict=True))
