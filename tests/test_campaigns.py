@@ -108,6 +108,18 @@ def test_header_names_are_matched_case_insensitively_and_extras_reported(tmp_pat
     assert layout.ignored == ["segment"]
 
 
+def test_a_column_the_template_uses_in_another_case_is_not_reported_ignored(
+    tmp_path: Path,
+) -> None:
+    """`--text "Hi {name}"` over a column headed `Name` fills it: it is not ignored."""
+    layout, rows = read_rows(
+        write(tmp_path / "x.csv", "Phone,Name,Segment\n+380671234567,Olena,a\n"),
+        Defaults(text="Hi {name}", columns=(("phone", "toPhone"),)),
+    )
+    assert layout.ignored == ["Segment"]
+    assert to_message(next(rows), Defaults(text="Hi {name}"), "c")["text"] == "Hi Olena"
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -691,7 +691,8 @@ def read_layout(header: list[str], defaults: Defaults, delimiter: str) -> CsvLay
     missing = sorted(u for u in used if u.lower() not in known)
     if missing:
         raise CampaignError(f"--text uses columns the file does not have: {', '.join(missing)}")
-    ignored = [c for c in columns if c and c not in API_COLUMNS and c not in used]
+    used_folded = {u.lower() for u in used}  # `{name}` fills from a column headed `Name`
+    ignored = [c for c in columns if c and c not in API_COLUMNS and c.lower() not in used_folded]
     return CsvLayout(columns, ignored, delimiter, renamed)
 
 
