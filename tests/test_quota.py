@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from config import Settings
 from tests.conftest import make_messages
 from worker import dispatcher, quota
+from worker.backoff import NO_PLAN, CheckPlan
 from worker.campaigns import campaign_control
 from worker.cli import status_view
 from worker.db import get_engine, utcnow
@@ -73,6 +74,8 @@ class NoPacing:
     def release_probe(self, name: str) -> None: ...
     def answered(self, name: str) -> None: ...
     def acquire(self, name: str, per_second: int, cost: int = 1) -> None: ...
+    def check_plan(self, route: str, settings: Settings) -> CheckPlan:
+        return NO_PLAN  # the fixed poll schedule: these tests learn no latencies
 
 
 class Provider:
