@@ -788,9 +788,16 @@ def inbound_list(limit: int, campaign: str | None, since: str | None, as_json: b
     if as_json:
         _print_json(rows)
         return
-    table = Table("received", "from", "text", "reply to")
+    table = Table("received", "from", "text", "meaning", "reply to")
+    meaning = {"optout": "opt-out", "optin": "opt-in"}
     for row in rows:
-        table.add_row(row["receivedAt"], row["from"], row["text"] or "", row["replyTo"] or "")
+        table.add_row(
+            row["receivedAt"],
+            row["from"],
+            row["text"] or "",
+            meaning.get(row.get("consent") or "", ""),
+            row["replyTo"] or "",
+        )
     console.print(table)
 
 
