@@ -290,6 +290,23 @@ def test_dry_run_validates_without_enqueueing(tmp_path: Path, settings: Settings
     assert count(settings.database_url, "dry") == 0
 
 
+def test_a_dry_run_of_a_relaunch_counts_what_is_already_stored_as_known(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """A dry run says what the launch would do: rows already stored are `already known`,
+    not `would enqueue` (it said 'would enqueue 1,199, 0 already known' here)."""
+    full = big_file(tmp_path / "full.csv", 1500, bad_every=1000)
+    lines = full.read_text().splitlines(keepends=True)
+    launch(write(tmp_path / "part.csv", "".join(lines[:1201])), "rel", DEFAULTS, settings)
+
+    dry = launch(full, "rel", DEFAULTS, settings, dry_run=True)
+    done = launch(full, "rel", DEFAULTS, settings)
+
+    assert (dry.accepted, dry.duplicate, dry.rejected) == (1500 - 1 - 1199, 1199, 1)
+    assert (done.accepted, done.duplicate, done.rejected) == (dry.accepted, 1199, 1)
+    assert dry.estimate.messages == done.estimate.messages == dry.accepted
+
+
 def test_an_operator_list_with_a_default_region(tmp_path: Path, settings: Settings) -> None:
     path = write(tmp_path / "people.csv", ("\ufeff" + OPERATOR_LIST).encode())
 

@@ -1013,6 +1013,21 @@ def _consent_preview(
     stats.expired_by_window += counts["expired_by_window"]
 
 
+def _stored_ids(settings: Settings, ids: list[str]) -> set[str]:
+    """Those of `ids` already stored; none when there is no database (a dry run needs none)."""
+    from sqlalchemy.exc import DBAPIError
+
+    from worker.db import get_engine
+
+    if not ids:
+        return set()
+    try:
+        with get_engine(settings.database_url).connect() as conn:
+            return set(conn.scalars(select(messages.c.id).where(among(conn, messages.c.id, ids))))
+    except DBAPIError:
+        return set()
+
+
 def _waiting_for_window(settings: Settings, ids: list[Any]) -> int:
     """Of the messages just stored queued, those the recipient's send window keeps back."""
     if not ids:
@@ -1096,11 +1111,20 @@ def _settle(
     if dry_run:
         checked = [validate_message(m, now=now, rules=rules) for m in messages_]
         errors = [c if isinstance(c, list) else None for c in checked]
-        stats.accepted += sum(e is None for e in errors)
-        for valid in checked:
-            if not isinstance(valid, list):
-                stats.estimate.add(valid, card)
-        valid = [c for c in checked if not isinstance(c, list)]
+        # What the launch would answer `duplicate`: an id already stored (a relaunch), or
+        # one repeated earlier in the chunk. Neither is enqueued, estimated nor counted.
+        known = _stored_ids(settings, [c.id for c in checked if not isinstance(c, list)])
+        valid = []
+        for message in checked:
+            if isinstance(message, list):
+                continue
+            if message.id in known:
+                stats.duplicate += 1
+                continue
+            known.add(message.id)
+            valid.append(message)
+            stats.estimate.add(message, card)
+        stats.accepted += len(valid)
         _consent_preview(stats, valid, name, settings, send_window_option(defaults.send_window))
     else:
         answered = enqueue(
