@@ -517,6 +517,29 @@ def test_an_interrupted_launch_says_what_was_stored_and_how_to_finish(
     assert finished.duplicate == stored and count(url, "cut") == 30_000
 
 
+@pytest.mark.parametrize("hold", [False, True])
+def test_an_interrupted_held_launch_does_not_say_its_messages_will_be_sent(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch, hold: bool
+) -> None:
+    from rich.console import Console
+
+    from worker import cli
+
+    launch(big_file(tmp_path / "h.csv", 10, bad_every=10**9), "h", DEFAULTS, settings, hold=hold)
+    monkeypatch.setattr(cli, "_engine", lambda *_: get_engine(settings.database_url))
+    monkeypatch.setattr(cli, "console", Console(record=True, width=300))
+    with pytest.raises(SystemExit) as stop:
+        cli._interrupted("h", tmp_path / "h.csv", None, KeyboardInterrupt(), hold=hold)
+
+    said = cli.console.export_text()
+    assert stop.value.code == 130 and "10 messages of campaign h are stored" in said
+    if hold:
+        assert "held (sent once `cascade campaign approve h`)" in said
+        assert "will be sent" not in said
+    else:
+        assert "are stored and will be sent" in said
+
+
 def test_dedupe_skips_a_phone_already_in_the_campaign_or_the_file(
     tmp_path: Path, settings: Settings
 ) -> None:

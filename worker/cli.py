@@ -271,7 +271,7 @@ def campaign_launch(
             _engine(settings)  # one line if the schema is missing; else the error stands
         if dry_run:
             raise
-        _interrupted(name, file, seen[0] if seen else None, exc)
+        _interrupted(name, file, seen[0] if seen else None, exc, hold=hold)
     if stats.ignored_columns:
         console.print(f"ignored columns (not API fields): {', '.join(stats.ignored_columns)}")
     if stats.renumbered:
@@ -326,7 +326,9 @@ def estimate_line(estimate: dict[str, Any]) -> str:
     return line
 
 
-def _interrupted(name: str, file: Path, stats: Any, exc: BaseException) -> None:
+def _interrupted(
+    name: str, file: Path, stats: Any, exc: BaseException, *, hold: bool = False
+) -> None:
     """Say what a launch stored before it stopped, and how to finish it; exit non-zero."""
     from sqlalchemy import func, select
 
@@ -339,11 +341,13 @@ def _interrupted(name: str, file: Path, stats: Any, exc: BaseException) -> None:
                 select(func.count()).where(messages.c.campaign == name)
             ).scalar_one()
         counted = f"{stored:,} messages of campaign {name} are stored"
+        if hold:  # `--hold`: stored held, nothing goes before `approve`
+            counted += f" held (sent once `cascade campaign approve {name}`)"
     except Exception as error:
         counted = f"could not count what was stored ({type(error).__name__})"
     read = f" after {stats.rows:,} rows read" if stats else ""
     console.print(
-        f"[red]launch {why}[/]{read}: {counted} and will be sent.\n"
+        f"[red]launch {why}[/]{read}: {counted}{'' if hold else ' and will be sent'}.\n"
         f"To finish, launch the same file under the same name again "
         f"(`cascade campaign launch {file} --name {name} …` with the same options): "
         "rows already stored are skipped, not sent twice."
