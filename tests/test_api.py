@@ -24,6 +24,7 @@ from worker.http.app import MAX_BODY_BYTES, MAX_MESSAGES
 
 TOKEN = "api-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+OPTED = "+380679990123"  # put on the suppression list (and off again) by a dry-run test
 
 
 @pytest.fixture(scope="module")
@@ -338,3 +339,18 @@ def test_a_dry_run_answers_valid_with_sms_parts_and_stores_nothing(
     ]
     assert results[2]["errors"][0]["field"] == "toPhone"
     assert client.get(f"/v1/campaigns/{campaign}").status_code == 404  # nothing stored
+
+    # It answers what the real POST would: a stored id is a duplicate, a repeat in the body
+    # too, and a promo to a number on the suppression list is refused (it said `valid`).
+    stored = client.post("/v1/messages", params={"campaign": campaign}, json=batch[:1])
+    assert stored.json()[0]["status"] == "accepted"
+    promo = {**batch[1], "id": f"{campaign}-promo", "messageType": "promo", "toPhone": OPTED}
+    added = client.post("/v1/optouts/import", json=[{"phone": OPTED, "evidence": "test"}])
+    assert added.status_code == 200, added.text
+    again = client.post(
+        "/v1/messages", params=params, json=[batch[0], batch[1], batch[1], promo]
+    ).json()
+    assert [r["status"] for r in again] == ["duplicate", "valid", "duplicate", "rejected"]
+    assert "suppression list" in again[3]["errors"][0]["problem"]
+    assert again[3]["errors"][0]["field"] == "toPhone"
+    client.delete(f"/v1/optouts/numbers/{OPTED}")

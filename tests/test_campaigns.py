@@ -99,6 +99,18 @@ def test_header_names_are_matched_case_insensitively_and_extras_reported(tmp_pat
     assert layout.ignored == ["segment"]
 
 
+def test_a_column_the_template_uses_in_another_case_is_not_reported_ignored(
+    tmp_path: Path,
+) -> None:
+    """`--text "Hi {name}"` over a column headed `Name` fills it: it is not ignored."""
+    layout, rows = read_rows(
+        write(tmp_path / "x.csv", "Phone,Name,Segment\n+380671234567,Olena,a\n"),
+        Defaults(text="Hi {name}", columns=(("phone", "toPhone"),)),
+    )
+    assert layout.ignored == ["Segment"]
+    assert to_message(next(rows), Defaults(text="Hi {name}"), "c")["text"] == "Hi Olena"
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -267,6 +279,23 @@ def test_dry_run_validates_without_enqueueing(tmp_path: Path, settings: Settings
 
     assert (stats.accepted, stats.rejected) == (180, 20)
     assert count(settings.database_url, "dry") == 0
+
+
+def test_a_dry_run_of_a_relaunch_counts_what_is_already_stored_as_known(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """A dry run says what the launch would do: rows already stored are `already known`,
+    not `would enqueue` (it said 'would enqueue 1,199, 0 already known' here)."""
+    full = big_file(tmp_path / "full.csv", 1500, bad_every=1000)
+    lines = full.read_text().splitlines(keepends=True)
+    launch(write(tmp_path / "part.csv", "".join(lines[:1201])), "rel", DEFAULTS, settings)
+
+    dry = launch(full, "rel", DEFAULTS, settings, dry_run=True)
+    done = launch(full, "rel", DEFAULTS, settings)
+
+    assert (dry.accepted, dry.duplicate, dry.rejected) == (1500 - 1 - 1199, 1199, 1)
+    assert (done.accepted, done.duplicate, done.rejected) == (dry.accepted, 1199, 1)
+    assert dry.estimate.messages == done.estimate.messages == dry.accepted
 
 
 def test_an_operator_list_with_a_default_region(tmp_path: Path, settings: Settings) -> None:
@@ -486,6 +515,29 @@ def test_an_interrupted_launch_says_what_was_stored_and_how_to_finish(
     assert "launch the same file under the same name again" in text
     finished = launch(path, "cut", DEFAULTS, Settings(DATABASE_URL=url))  # type: ignore[call-arg]
     assert finished.duplicate == stored and count(url, "cut") == 30_000
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_an_interrupted_held_launch_does_not_say_its_messages_will_be_sent(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch, hold: bool
+) -> None:
+    from rich.console import Console
+
+    from worker import cli
+
+    launch(big_file(tmp_path / "h.csv", 10, bad_every=10**9), "h", DEFAULTS, settings, hold=hold)
+    monkeypatch.setattr(cli, "_engine", lambda *_: get_engine(settings.database_url))
+    monkeypatch.setattr(cli, "console", Console(record=True, width=300))
+    with pytest.raises(SystemExit) as stop:
+        cli._interrupted("h", tmp_path / "h.csv", None, KeyboardInterrupt(), hold=hold)
+
+    said = cli.console.export_text()
+    assert stop.value.code == 130 and "10 messages of campaign h are stored" in said
+    if hold:
+        assert "held (sent once `cascade campaign approve h`)" in said
+        assert "will be sent" not in said
+    else:
+        assert "are stored and will be sent" in said
 
 
 def test_dedupe_skips_a_phone_already_in_the_campaign_or_the_file(

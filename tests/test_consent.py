@@ -394,6 +394,31 @@ def _windows(engine: Engine) -> tuple[dict[str, Any], dict[str, Any]]:
     return at, stored
 
 
+def test_inbound_list_shows_what_each_reply_meant(
+    database_factory: Callable[[str], str], redis_db: str
+) -> None:
+    """README: `cascade inbound list` shows the replies, masked, "with their meaning"."""
+    url = database_factory("sqlite")
+    settings = _settings(url)
+    engine = get_engine(url)
+    _reply(engine, settings, PHONE, "Stop!")
+    _reply(engine, settings, OTHER, "Who is this?")
+    _reply(engine, settings, PHONE, "start")
+    shown = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "inbound", "list"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DATABASE_URL": url, "BROKER_URL": redis_db, "COLUMNS": "200"},
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    lines = {line.split("│")[3].strip(): line for line in shown.stdout.splitlines() if "│" in line}
+    assert "opt-out" in lines["Stop!"]
+    assert "opt-in" in lines["start"]
+    assert "opt-" not in lines["Who is this?"]
+    assert PHONE not in shown.stdout and OTHER not in shown.stdout
+
+
 @BACKENDS
 def test_launch_send_window_is_stored_with_the_campaign_and_none_turns_it_off(
     backend: str, database_factory: Callable[[str], str], redis_db: str, tmp_path: Path
@@ -421,6 +446,7 @@ def test_launch_send_window_is_stored_with_the_campaign_and_none_turns_it_off(
     done = _launch(url, redis_db, str(rows), "--name", "a", *common, "--send-window", spec)
     assert done.returncode == 0, done.stderr
     assert f"send window of a's promo and surveys: {spec}" in done.stdout
+    assert "2 held for the recipient's send window" in done.stdout  # as the dry run said
     at, stored = _windows(engine)
     assert at == {"a-1": opening, "a-2": opening, "a-3": None} and stored == {"a": spec}
 

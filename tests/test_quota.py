@@ -75,7 +75,7 @@ class NoPacing:
     def answered(self, name: str) -> None: ...
     def acquire(self, name: str, per_second: int, cost: int = 1) -> None: ...
     def check_plan(self, route: str, settings: Settings) -> CheckPlan:
-        return NO_PLAN
+        return NO_PLAN  # the fixed poll schedule: these tests learn no latencies
 
 
 class Provider:

@@ -164,6 +164,22 @@ def test_money_per_currency_bill_first_then_rate(engine: Engine) -> None:
     assert report["cost"] is None and report["cost_currency"] is None
 
 
+def test_status_shows_a_campaign_whose_amounts_are_in_several_currencies(engine: Engine) -> None:
+    """`cascade campaign status` of a campaign priced by polls (UAH) and BulkGate DLRs
+    (unknown) printed a KeyError: the summary had no `money` to list apart."""
+    from rich.console import Console
+
+    from worker.cli import status_view
+
+    summary = reports.campaign_summary(engine, NAME)
+    assert summary is not None and summary["cost"] is None
+    shown = Console(record=True, width=200)
+    shown.print(status_view(summary, None))
+    assert "in several currencies, never added: 3.50 UAH, 1.00 USD, 0.25 unknown" in (
+        shown.export_text()
+    )
+
+
 def test_channels_count_the_delivering_channel_and_none(engine: Engine) -> None:
     report = campaign_report(engine, NAME)
 

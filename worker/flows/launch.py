@@ -19,7 +19,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.exc import DBAPIError
 
 from config import Settings
 from worker.core.estimate import Estimate
@@ -27,6 +28,7 @@ from worker.core.quiet import checked_window, place
 from worker.core.states import State
 from worker.core.validation import (
     FIELDS,
+    OutgoingMessage,
     campaign_callbacks,
     region_problem,
     validate_message,
@@ -189,7 +191,8 @@ def read_layout(header: list[str], defaults: Defaults, delimiter: str) -> CsvLay
     missing = sorted(u for u in used if u.lower() not in known)
     if missing:
         raise CampaignError(f"--text uses columns the file does not have: {', '.join(missing)}")
-    ignored = [c for c in columns if c and c not in API_COLUMNS and c not in used]
+    used_folded = {u.lower() for u in used}  # `{name}` fills from a column headed `Name`
+    ignored = [c for c in columns if c and c not in API_COLUMNS and c.lower() not in used_folded]
     return CsvLayout(columns, ignored, delimiter, renamed)
 
 
@@ -530,8 +533,6 @@ def send_window_option(text: str | None) -> str | None:
 def _consent_preview(
     stats: LaunchStats, valid: list[Any], name: str, settings: Settings, window: str | None
 ) -> None:
-    from sqlalchemy.exc import DBAPIError
-
     try:
         counts = preview(get_engine(settings.database_url), valid, name, settings, window)
     except DBAPIError:  # a dry run needs no database: without one, nothing to count
@@ -539,6 +540,30 @@ def _consent_preview(
     stats.suppressed += counts["suppressed"]
     stats.waiting_for_window += counts["waiting_for_window"]
     stats.expired_by_window += counts["expired_by_window"]
+
+
+def _stored_ids(settings: Settings, ids: list[str]) -> set[str]:
+    """Those of `ids` already stored; none when there is no database (a dry run needs none)."""
+    if not ids:
+        return set()
+    try:
+        with get_engine(settings.database_url).connect() as conn:
+            return set(conn.scalars(select(messages.c.id).where(among(conn, messages.c.id, ids))))
+    except DBAPIError:
+        return set()
+
+
+def _waiting_for_window(settings: Settings, ids: list[Any]) -> int:
+    """Of the messages just stored queued, those the recipient's send window keeps back."""
+    if not ids:
+        return 0
+    with get_engine(settings.database_url).connect() as conn:
+        count: int = conn.execute(
+            select(func.count()).where(
+                among(conn, messages.c.id, ids), messages.c.window_at > utcnow()
+            )
+        ).scalar_one()
+    return count
 
 
 def _dedupe(
@@ -606,11 +631,20 @@ def _settle(
     if dry_run:
         checked = [validate_message(m, now=now, rules=rules) for m in messages_]
         errors = [c if isinstance(c, list) else None for c in checked]
-        stats.accepted += sum(e is None for e in errors)
-        for valid in checked:
-            if not isinstance(valid, list):
-                stats.estimate.add(valid, card)
-        accepted = [c for c in checked if not isinstance(c, list)]
+        # What the launch would answer `duplicate`: an id already stored (a relaunch), or
+        # one repeated earlier in the chunk. Neither is enqueued, estimated nor counted.
+        known = _stored_ids(settings, [c.id for c in checked if not isinstance(c, list)])
+        accepted: list[OutgoingMessage] = []
+        for outcome in checked:
+            if isinstance(outcome, list):
+                continue
+            if outcome.id in known:
+                stats.duplicate += 1
+                continue
+            known.add(outcome.id)
+            accepted.append(outcome)
+            stats.estimate.add(outcome, card)
+        stats.accepted += len(accepted)
         window = send_window_option(defaults.send_window)
         _consent_preview(stats, accepted, name, settings, window)
     else:
@@ -635,6 +669,9 @@ def _settle(
         )
         stats.expired_by_window += sum(
             r.status == "accepted" and r.state == State.EXPIRED for r in answered
+        )
+        stats.waiting_for_window += _waiting_for_window(
+            settings, [r.id for r in answered if r.status == "accepted" and r.state == State.QUEUED]
         )
     stats.renumbered += sum(bool(phone_change(m, settings.default_phone_region)) for m in messages_)
     found = dict(zip((r.line for r in readable), zip(messages_, errors, strict=True), strict=True))

@@ -34,6 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from config import Settings, get_settings
 from worker.core.quiet import checked_window
+from worker.core.states import State
 from worker.core.validation import (
     MAX_CALLBACK_TASK_LENGTH,
     MAX_CALLBACK_URL_LENGTH,
@@ -459,15 +460,51 @@ def intake(
 
 
 def dry_intake(body: bytes, settings: Settings) -> list[dict[str, Any]]:
-    """What POST /v1/messages would answer, with each valid message's SMS parts; no I/O."""
+    """What POST /v1/messages would answer, with each valid message's SMS parts; nothing is
+    stored. Like the real intake it answers `duplicate` for a known id and refuses a promo or
+    survey to a number on the suppression list (two reads)."""
+    from sqlalchemy import select
+
     from worker.core.estimate import sms_parts
-    from worker.core.validation import validate_message
+    from worker.core.validation import FieldError, validate_message
+    from worker.flows.consent import REFUSED, listed
     from worker.flows.producer import rules_from
+    from worker.store.db import among
+    from worker.store.models import messages
 
     now, rules = utcnow(), rules_from(settings)
+    raws = parse_messages(body)
+    all_checked = [validate_message(raw, now=now, rules=rules) for raw in raws]
+    valid = [c for c in all_checked if not isinstance(c, list)]
+    types = settings.suppressed_types
+    with get_engine(settings.database_url).connect() as conn:
+        known = dict(
+            conn.execute(
+                select(messages.c.id, messages.c.state).where(
+                    among(conn, messages.c.id, [c.id for c in valid])
+                )
+            ).all()
+            if valid
+            else []
+        )
+        subject = [c.to_phone for c in valid if c.message_type in types]
+        suppressed = listed(conn, subject) if subject else set()
     results = []
-    for raw in parse_messages(body):
-        checked = validate_message(raw, now=now, rules=rules)
+    seen: set[str] = set()
+    for raw, checked in zip(raws, all_checked, strict=True):
+        # In the real intake's order: a repeat within the body, the list, a stored id.
+        if not isinstance(checked, list):
+            if checked.id in seen:
+                results.append({"id": checked.id, "status": "duplicate", "state": State.QUEUED})
+                continue
+            seen.add(checked.id)
+            if checked.message_type in types and checked.to_phone in suppressed:
+                checked = [FieldError("toPhone", REFUSED.format(kind=checked.message_type))]
+            elif checked.id in known:
+                results.append(
+                    {"id": checked.id, "status": "duplicate", "state": known[checked.id]}
+                )
+                continue
         if isinstance(checked, list):
             raw_id = raw.get("id") if isinstance(raw, dict) else None
             shown = raw_id if isinstance(raw_id, str) else None

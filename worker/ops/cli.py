@@ -243,7 +243,7 @@ def campaign_launch(
             _engine(settings)  # one line if the schema is missing; else the error stands
         if dry_run:
             raise
-        _interrupted(name, file, seen[0] if seen else None, exc)
+        _interrupted(name, file, seen[0] if seen else None, exc, hold=hold)
     if stats.ignored_columns:
         console.print(f"ignored columns (not API fields): {', '.join(stats.ignored_columns)}")
     if stats.renumbered:
@@ -298,7 +298,9 @@ def estimate_line(estimate: dict[str, Any]) -> str:
     return line
 
 
-def _interrupted(name: str, file: Path, stats: Any, exc: BaseException) -> None:
+def _interrupted(
+    name: str, file: Path, stats: Any, exc: BaseException, *, hold: bool = False
+) -> None:
     """Say what a launch stored before it stopped, and how to finish it; exit non-zero."""
     from sqlalchemy import func, select
 
@@ -311,11 +313,13 @@ def _interrupted(name: str, file: Path, stats: Any, exc: BaseException) -> None:
                 select(func.count()).where(messages.c.campaign == name)
             ).scalar_one()
         counted = f"{stored:,} messages of campaign {name} are stored"
+        if hold:  # `--hold`: stored held, nothing goes before `approve`
+            counted += f" held (sent once `cascade campaign approve {name}`)"
     except Exception as error:
         counted = f"could not count what was stored ({type(error).__name__})"
     read = f" after {stats.rows:,} rows read" if stats else ""
     console.print(
-        f"[red]launch {why}[/]{read}: {counted} and will be sent.\n"
+        f"[red]launch {why}[/]{read}: {counted}{'' if hold else ' and will be sent'}.\n"
         f"To finish, launch the same file under the same name again "
         f"(`cascade campaign launch {file} --name {name} …` with the same options): "
         "rows already stored are skipped, not sent twice."
@@ -761,9 +765,16 @@ def inbound_list(limit: int, campaign: str | None, since: str | None, as_json: b
     if as_json:
         _print_json(rows)
         return
-    table = Table("received", "from", "text", "reply to")
+    table = Table("received", "from", "text", "meaning", "reply to")
+    meaning = {"optout": "opt-out", "optin": "opt-in"}
     for row in rows:
-        table.add_row(row["receivedAt"], row["from"], row["text"] or "", row["replyTo"] or "")
+        table.add_row(
+            row["receivedAt"],
+            row["from"],
+            row["text"] or "",
+            meaning.get(row.get("consent") or "", ""),
+            row["replyTo"] or "",
+        )
     console.print(table)
 
 

@@ -205,6 +205,7 @@ def campaign_summary(engine: Engine, campaign: str) -> dict[str, Any] | None:
         # One currency (or none): its total. Several: null, and `money` has each apart.
         "cost": round(sum(row[2] for row in by_state), 4) if len(money) <= 1 else None,
         "cost_currency": next(iter(money)) if len(money) == 1 else None,
+        "money": money,  # per currency: what `status` shows when `cost` is null
         "unknown_outcomes": int(sum(row[3] for row in by_state)),
         "polls": int(sum(row[4] for row in by_state)),
         # Of `queued`: scheduled messages we keep until shortly before their time.
