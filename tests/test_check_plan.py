@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import statistics
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
@@ -12,7 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from worker.core.backoff import NO_PLAN, CheckPlan, explores, learn_plan, learned_delay
+from worker.core.backoff import (
+    NO_PLAN,
+    CheckPlan,
+    explored_latency,
+    explores,
+    learn_plan,
+    learned_delay,
+)
 from worker.core.states import FINAL
 from worker.store.models import messages
 from worker.store.pacing import LATENCIES
@@ -113,7 +121,7 @@ def test_a_stack_learns_its_routes_latency_and_checks_the_rest_about_once(
 ) -> None:
     env = {
         "POLL_LEARN_EVERY": "4",
-        "POLL_LEARN_STEP_SECONDS": "1",
+        "POLL_LEARN_STEP_SECONDS": "2",
         "POLL_LEARN_MIN_SAMPLES": "20",
         "POLL_FIRST_DELAY_SECONDS": "1",
         "POLL_BACKOFF_FACTOR": "2",
@@ -143,3 +151,16 @@ def test_a_stack_learns_its_routes_latency_and_checks_the_rest_about_once(
     # Before: the fixed 1 s ×2 schedule, checks at 1, 3, 7 s. After: at the learned ages.
     assert mean_polls("learn-a") >= 1.8
     assert mean_polls("learn-b") <= 1.4
+
+
+def test_an_explorer_checked_late_teaches_nothing() -> None:
+    """Checks that ran late (a backlog) would teach the plan the workers' own lag."""
+    start = datetime(2026, 12, 7, 8, 0, tzinfo=UTC)
+
+    def at(seconds: float) -> datetime:
+        return start + timedelta(seconds=seconds)
+
+    assert explored_latency(start, None, at(seconds=5), 5.0) == 5.0  # first check, on time
+    assert explored_latency(start, at(seconds=10), at(seconds=15.2), 5.0) == 15.2
+    assert explored_latency(start, None, at(seconds=45), 5.0) is None  # first check 40 s late
+    assert explored_latency(start, at(seconds=10), at(seconds=30), 5.0) is None  # a gap

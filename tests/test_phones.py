@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import phonenumbers
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from worker.core.phones import surely_valid
+
+pytestmark = pytest.mark.unit
 
 CODES = sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
 

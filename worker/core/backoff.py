@@ -109,6 +109,24 @@ def explores(pk: int, every: int) -> bool:
     return every > 0 and pk % every == 0
 
 
+# An explored latency is kept only if the check before the final one was at most this many
+# steps earlier: a check that ran late (workers behind) says only "final by now".
+EXPLORE_SLACK = 1.5
+
+
+def explored_latency(
+    start: datetime, previous: datetime | None, final_seen: datetime, step: float
+) -> float | None:
+    """What an explorer found final at `final_seen` shows of its route's latency: the upper
+    bound (conservative), if the check before it (or the start) was less than
+    `EXPLORE_SLACK` steps earlier, so the bound is tight; else nothing. Learning from late
+    checks would teach the plan the workers' own lag, and time checks later and later."""
+    before = max(previous or start, start)
+    if (final_seen - before).total_seconds() > EXPLORE_SLACK * step:
+        return None
+    return max(0.0, (final_seen - start).total_seconds())
+
+
 def learned_delay(
     age: float,
     plan: CheckPlan,

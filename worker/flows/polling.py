@@ -19,7 +19,13 @@ from typing import Any
 from sqlalchemy import Engine, select, update
 
 from config import Settings
-from worker.core.backoff import NO_PLAN, POLL_TIME_LIMIT_SHARE, CheckPlan, explores
+from worker.core.backoff import (
+    NO_PLAN,
+    POLL_TIME_LIMIT_SHARE,
+    CheckPlan,
+    explored_latency,
+    explores,
+)
 from worker.core.sendpolicy import check_delay, learn_every, pause_for
 from worker.core.states import FINAL, State
 from worker.core.statuses import Report, apply
@@ -288,8 +294,11 @@ def record_polls(
                 start = _start(row)
                 learn = new_state in FINAL and not timed_out and explores(row.pk, every)
                 if learn and checked is not None and start is not None:
-                    latency = (checked[0] - start).total_seconds()
-                    learned.setdefault(row.route, []).append(max(0.0, latency))
+                    latency = explored_latency(
+                        start, row.last_polled_at, checked[0], settings.poll_learn_step_seconds
+                    )
+                    if latency is not None:
+                        learned.setdefault(row.route, []).append(latency)
                 journal.append(
                     {
                         "message_pk": row.pk,
