@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import schemathesis
 
 from tests.conftest import REDIS, Stack, make_messages
 from worker.dev.stack import Api, Simulator, free_port, start_api
 from worker.flows.campaigns import cancel_campaign
-from worker.http.app import MAX_BODY_BYTES, MAX_MESSAGES
+from worker.http.app import MAX_BODY_BYTES, MAX_MESSAGES, dry_intake, estimate_headers
 
 TOKEN = "api-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -339,6 +340,9 @@ def test_a_dry_run_answers_valid_with_sms_parts_and_stores_nothing(
     ]
     assert results[2]["errors"][0]["field"] == "toPhone"
     assert client.get(f"/v1/campaigns/{campaign}").status_code == 404  # nothing stored
+    assert answer.headers["X-Estimate-Messages"] == "2"
+    assert answer.headers["X-Estimate-SMS-Parts"] == "3"
+    assert "X-Estimate-Cost" not in answer.headers  # no RATE_CARD here
 
     # It answers what the real POST would: a stored id is a duplicate, a repeat in the body
     # too, and a promo to a number on the suppression list is refused (it said `valid`).
@@ -354,3 +358,24 @@ def test_a_dry_run_answers_valid_with_sms_parts_and_stores_nothing(
     assert "suppression list" in again[3]["errors"][0]["problem"]
     assert again[3]["errors"][0]["field"] == "toPhone"
     client.delete(f"/v1/optouts/numbers/{OPTED}")
+
+
+def test_a_dry_run_prices_each_message_and_totals_them_by_the_rate_card(
+    stack: Stack, campaign: str
+) -> None:
+    card = {"rate_card": "380:sms=0.95,viber=0.45;*:sms=1.5", "rate_card_currency": "UAH"}
+    settings = stack.settings.model_copy(update=card)
+    batch = make_messages(3, campaign)
+    batch[1]["text"] = "ї" * 71  # UCS-2: two parts
+    batch[2] |= {"toPhone": "+48601234567", "route": "tg-viber"}  # Poland: no viber rate
+
+    results, estimate = dry_intake(orjson.dumps(batch), settings)
+
+    assert [r.get("cost") for r in results] == [0.95, 1.9, None]
+    assert estimate_headers(estimate, settings) == {
+        "X-Estimate-Messages": "3",
+        "X-Estimate-SMS-Parts": "4",
+        "X-Estimate-Unpriced": "1",
+        "X-Estimate-Cost": "2.8500",
+        "X-Estimate-Currency": "UAH",
+    }

@@ -56,6 +56,17 @@ def rate_for(card: RateCard, phone: str, channel: str) -> float | None:
     return fallback.get(channel) if fallback else None
 
 
+def message_cost(message: Any, card: RateCard) -> float | None:
+    """The rate card's price of one validated message (an OutgoingMessage): per SMS part on
+    SMS, per message on other channels; None where the card has no rate for it."""
+    channel = channel_for(message.message_type, message.route)
+    rate = rate_for(card, message.to_phone, channel)
+    if rate is None:
+        return None
+    parts = sms_parts(message.text)[2] if channel == "sms" else 1
+    return rate * parts
+
+
 @dataclass
 class Estimate:
     """Running totals over the accepted messages of a launch."""
@@ -71,8 +82,6 @@ class Estimate:
     def add(self, message: Any, card: RateCard | None) -> None:
         """Count one validated message (an OutgoingMessage)."""
         self.messages += 1
-        channel = channel_for(message.message_type, message.route)
-        parts = 1
         if message.message_type != "flashcall":
             encoding, _, parts = sms_parts(message.text)
             self.encodings[encoding] += 1
@@ -80,12 +89,13 @@ class Estimate:
             self.parts_histogram[parts] += 1
         if card is None:
             return
-        rate = rate_for(card, message.to_phone, channel)
-        if rate is None:
+        cost = message_cost(message, card)
+        if cost is None:
+            channel = channel_for(message.message_type, message.route)
             self.unpriced[f"{message.to_phone[:4]}…/{channel}"] += 1
             return
         self.priced += 1
-        self.cost += rate * (parts if channel == "sms" else 1)
+        self.cost += cost
 
     def as_dict(self, currency: str | None) -> dict[str, Any]:
         return {

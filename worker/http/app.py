@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from config import Settings, get_settings
+from worker.core.estimate import Estimate
 from worker.core.quiet import checked_window
 from worker.core.states import State
 from worker.core.validation import (
@@ -167,6 +168,7 @@ producers = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
 )
 async def post_messages(
     request: Request,
+    response: Response,
     settings: SettingsDep,
     campaign: Annotated[
         str | None,
@@ -221,8 +223,11 @@ async def post_messages(
         bool,
         Query(
             alias="dryRun",
-            description="Validate only: each message is answered `valid` (with its SMS parts "
-            "and encoding) or `rejected`; nothing is stored or sent.",
+            description="Validate only: each message is answered `valid` (with its SMS parts, "
+            "encoding and, with a RATE_CARD, its cost) or `rejected`; nothing is stored or "
+            "sent. The totals come as headers: X-Estimate-Messages, X-Estimate-SMS-Parts, "
+            "X-Estimate-Cost and X-Estimate-Currency (with a RATE_CARD), "
+            "X-Estimate-Unpriced (valid messages the card has no rate for).",
         ),
     ] = False,
 ) -> Any:
@@ -232,7 +237,9 @@ async def post_messages(
     body = await read_body(request)
     callbacks = (callback_url, callback_task)
     if dry_run:
-        return await run_in_threadpool(dry_intake, body, settings)
+        results, estimate = await run_in_threadpool(dry_intake, body, settings)
+        response.headers.update(estimate_headers(estimate, settings))
+        return results
     return await run_in_threadpool(intake, body, campaign, callbacks, settings, hold, send_window)
 
 
@@ -459,13 +466,27 @@ def intake(
     return [_answerable(result.as_dict()) for result in results]
 
 
-def dry_intake(body: bytes, settings: Settings) -> list[dict[str, Any]]:
-    """What POST /v1/messages would answer, with each valid message's SMS parts; nothing is
-    stored. Like the real intake it answers `duplicate` for a known id and refuses a promo or
-    survey to a number on the suppression list (two reads)."""
+def estimate_headers(estimate: Estimate, settings: Settings) -> dict[str, str]:
+    """A dry run's totals, beside its per-message answers (the body stays a list)."""
+    headers = {
+        "X-Estimate-Messages": str(estimate.messages),
+        "X-Estimate-SMS-Parts": str(estimate.parts),
+    }
+    if settings.rates is not None:
+        headers["X-Estimate-Unpriced"] = str(estimate.messages - estimate.priced)
+        headers["X-Estimate-Cost"] = f"{estimate.cost:.4f}"
+        headers["X-Estimate-Currency"] = settings.rate_card_currency or "unknown"
+    return headers
+
+
+def dry_intake(body: bytes, settings: Settings) -> tuple[list[dict[str, Any]], Estimate]:
+    """What POST /v1/messages would answer, with each valid message's SMS parts (and cost
+    by the rate card), and their totals; nothing is stored. Like the real intake it answers
+    `duplicate` for a known id and refuses a promo or survey to a number on the suppression
+    list (two reads)."""
     from sqlalchemy import select
 
-    from worker.core.estimate import sms_parts
+    from worker.core.estimate import message_cost, sms_parts
     from worker.core.validation import FieldError, validate_message
     from worker.flows.consent import REFUSED, listed
     from worker.flows.producer import rules_from
@@ -473,6 +494,7 @@ def dry_intake(body: bytes, settings: Settings) -> list[dict[str, Any]]:
     from worker.store.models import messages
 
     now, rules = utcnow(), rules_from(settings)
+    card, estimate = settings.rates, Estimate()
     raws = parse_messages(body)
     all_checked = [validate_message(raw, now=now, rules=rules) for raw in raws]
     valid = [c for c in all_checked if not isinstance(c, list)]
@@ -517,8 +539,12 @@ def dry_intake(body: bytes, settings: Settings) -> list[dict[str, Any]]:
         result: dict[str, Any] = {"id": checked.id, "status": "valid", "state": None}
         if checked.message_type != "flashcall":
             result |= {"smsParts": parts, "encoding": encoding}
+        if card is not None:
+            cost = message_cost(checked, card)
+            result["cost"] = None if cost is None else round(cost, 4)
+        estimate.add(checked, card)
         results.append(result)
-    return results
+    return results, estimate
 
 
 def _answerable(result: dict[str, Any]) -> dict[str, Any]:

@@ -248,6 +248,11 @@ class EnqueueResult(BaseModel):
         description="`valid`: a dry run (dryRun=true) would accept it; nothing was stored."
     )
     smsParts: int | None = Field(None, description="Dry run: SMS parts the text takes.")
+    cost: float | None = Field(
+        None,
+        description="Dry run with a RATE_CARD: the message's price in RATE_CARD_CURRENCY "
+        "(per SMS part on SMS); null where the card has no rate for it.",
+    )
     encoding: Literal["GSM-7", "UCS-2"] | None = Field(
         None, description="Dry run: GSM-7 (160/153 a part) or UCS-2 (70/67 a part)."
     )
