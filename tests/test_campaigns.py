@@ -523,7 +523,7 @@ def test_an_interrupted_held_launch_does_not_say_its_messages_will_be_sent(
 ) -> None:
     from rich.console import Console
 
-    from worker import cli
+    from worker.ops import cli
 
     launch(big_file(tmp_path / "h.csv", 10, bad_every=10**9), "h", DEFAULTS, settings, hold=hold)
     monkeypatch.setattr(cli, "_engine", lambda *_: get_engine(settings.database_url))

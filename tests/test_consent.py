@@ -378,7 +378,7 @@ def test_a_campaign_window_overrides_the_setting_and_off_turns_it_off(
 
 def _launch(url: str, broker: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", "campaign", "launch", *args],
+        [sys.executable, "-m", "worker.ops.cli", "campaign", "launch", *args],
         capture_output=True,
         text=True,
         env={**os.environ, "DATABASE_URL": url, "BROKER_URL": broker, **env},
@@ -405,7 +405,7 @@ def test_inbound_list_shows_what_each_reply_meant(
     _reply(engine, settings, OTHER, "Who is this?")
     _reply(engine, settings, PHONE, "start")
     shown = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "inbound", "list"],
+        [sys.executable, "-m", "worker.ops.cli", "inbound", "list"],
         capture_output=True,
         text=True,
         env={**os.environ, "DATABASE_URL": url, "BROKER_URL": redis_db, "COLUMNS": "200"},

@@ -169,7 +169,7 @@ def test_status_shows_a_campaign_whose_amounts_are_in_several_currencies(engine:
     (unknown) printed a KeyError: the summary had no `money` to list apart."""
     from rich.console import Console
 
-    from worker.cli import status_view
+    from worker.ops.cli import status_view
 
     summary = reports.campaign_summary(engine, NAME)
     assert summary is not None and summary["cost"] is None

@@ -757,7 +757,7 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
         log.warning("WEBHOOK_TOKEN is not set: provider webhooks cannot be authenticated")
     # No access log: BulkGate can only send its token in the URL (?token=…).
     uvicorn.run(
-        create_app(settings) if workers == 1 else "worker.api:serving_app",
+        create_app(settings) if workers == 1 else "worker.http.app:serving_app",
         factory=workers > 1,
         workers=workers if workers > 1 else None,
         host=host,

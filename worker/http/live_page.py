@@ -12,7 +12,7 @@ else), given one of three ways, since a browser cannot easily send a bearer head
   as an HttpOnly cookie (path /campaigns, SameSite=Lax, Secure over https), so the token
   leaves the address bar, the history of the page and any link copied from it;
 - that cookie, `cascade_page_token`, on every later load and reload.
-Nothing here logs a token, and the API runs without an access log (worker.api.serve).
+Nothing here logs a token, and the API runs without an access log (worker.http.app.serve).
 """
 
 from __future__ import annotations

@@ -257,7 +257,7 @@ async def serve_lean(
     """Answer one webhook request as its route would, straight from the ASGI scope.
 
     FastAPI's routing, middleware and dependency solving cost more CPU than storing a push
-    (measured: over half the API's samples at 2,300 pushes/s); `worker.api` sends the three
+    (measured: over half the API's samples at 2,300 pushes/s); `worker.http.app` sends the three
     webhook routes here. A refusal answers as the route's HTTPException would, a database
     outage 503 (the provider retries).
     """
