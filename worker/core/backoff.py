@@ -46,6 +46,13 @@ def poll_interval(
     ±`jitter`, capped at `cap`, and never under `min_gap` (the provider's 1 s rule).
     """
     base = min(cap, first * factor ** min(polls, _MAX_EXPONENT))
+    return _jittered(base, jitter=jitter, cap=cap, min_gap=min_gap, rng=rng)
+
+
+def _jittered(
+    base: float, *, jitter: float, cap: float, min_gap: float, rng: random.Random | None
+) -> float:
+    """`base` ±`jitter`, kept between `min_gap` and `cap` (the poll schedules' one rule)."""
     spread = (rng or random).uniform(1 - jitter, 1 + jitter)
     return max(min_gap, min(cap, base * spread))
 
@@ -152,5 +159,5 @@ def learned_delay(
     ahead = [a for a in plan.ages if a >= age + min_gap]
     if ahead and not explorer:
         return ahead[0] - age
-    spread = (rng or random).uniform(1 - jitter, 1 + jitter)
-    return max(min_gap, min(cap, max(age, min_gap) * (factor - 1) * spread))
+    base = max(age, min_gap) * (factor - 1)
+    return _jittered(base, jitter=jitter, cap=cap, min_gap=min_gap, rng=rng)
