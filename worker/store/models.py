@@ -176,6 +176,14 @@ class Message(Base):
             postgresql_where=sql_text("state = 'queued' AND isolation IS NOT NULL"),
             sqlite_where=sql_text("state = 'queued' AND isolation IS NOT NULL"),
         ),
+        Index(  # the oldest part of a route, without reading the queue (0014)
+            "ix_messages_parts",
+            "route",
+            "priority",
+            "pk",
+            postgresql_where=sql_text("state = 'queued' AND isolation IS NOT NULL"),
+            sqlite_where=sql_text("state = 'queued' AND isolation IS NOT NULL"),
+        ),
         Index(
             "ix_messages_send_deadline",
             "send_deadline",
