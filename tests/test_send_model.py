@@ -237,6 +237,7 @@ WATCHED = [
         "send_deadline",
         "unknown_outcomes",
         "lease_until",
+        "claim_token",
         "provider_message_id",
         "isolation",
     )
@@ -342,6 +343,8 @@ def send_machine(url: str) -> type[RuleBasedStateMachine]:
                     ), row
                 if self.provider.accepted[row.id] > 1:
                     assert row.unknown_outcomes >= 1, row  # a resend, counted
+                # record() finds a claim's rows by its token alone
+                assert (row.claim_token is not None) == (row.state == State.SENDING), row
                 if row.state == State.SENDING:
                     assert row.lease_until > now, row  # in a live claim
                 elif row.state not in FINAL:

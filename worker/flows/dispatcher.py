@@ -260,7 +260,11 @@ def record(
     (attempts, campaign, deadline) under a lock first.
     """
     now = now or utcnow()
-    held = {"claim_token": token, "state": State.SENDING}
+    # The token alone: only a row in `sending` carries one (ck_messages_claim_token), and a
+    # guard on the state let PostgreSQL walk every entry `ix_messages_sending_lease` ever
+    # had (dead ones too, 900,000 into a campaign of 1,000,000: 157 ms a batch) instead of
+    # looking the 1,000 keys up.
+    held = {"claim_token": token}
     submitted = {o.pk: o for o in outcomes if isinstance(o, Submitted)}
     others = [o for o in outcomes if not isinstance(o, Submitted)]
     with engine.begin() as conn:
@@ -311,7 +315,8 @@ def record(
 
 
 def _locked_claim(conn: Connection, token: str, pks: list[int]) -> dict[int, AnyRow]:
-    """The rows still under this claim, locked in key order (as every writer locks them)."""
+    """The rows still under this claim, locked in key order (as every writer locks them);
+    looked up by key and token, as `record` writes them."""
     rows = conn.execute(
         select(
             messages.c.pk,
@@ -323,7 +328,6 @@ def _locked_claim(conn: Connection, token: str, pks: list[int]) -> dict[int, Any
         .where(
             among(conn, messages.c.pk, pks),
             messages.c.claim_token == token,
-            messages.c.state == State.SENDING,
         )
         .order_by(messages.c.pk)
         .with_for_update()
