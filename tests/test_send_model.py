@@ -286,10 +286,10 @@ def send_machine(url: str) -> type[RuleBasedStateMachine]:
                 rows.append(row_for(checked, "model", now, settings))
             store(engine, rows, "model")
 
-        @rule(fault=st.sampled_from(FAULTS), hint=st.sampled_from(HINTS))
-        def send(self, fault: str, hint: str) -> None:
+        @rule(fault=st.sampled_from(FAULTS), hint=st.sampled_from(HINTS), due=st.booleans())
+        def send(self, fault: str, hint: str, due: bool) -> None:
             self.provider.fault, self.provider.hint = fault, hint
-            self._send()
+            self._send(due)
 
         @rule()
         def worker_dies_before_its_commit(self) -> None:
@@ -303,7 +303,7 @@ def send_machine(url: str) -> type[RuleBasedStateMachine]:
             recover_stale_claims(engine, settings, self.clock())
             give_up(engine, self.clock())
 
-        def _send(self) -> dispatcher.BatchReport:
+        def _send(self, due: bool = False) -> dispatcher.BatchReport:
             try:
                 return dispatcher.send_batch(
                     engine,
@@ -313,6 +313,7 @@ def send_machine(url: str) -> type[RuleBasedStateMachine]:
                     "standard",
                     clock=self.clock,
                     rng=self.rng,
+                    due=due,
                 )
             finally:
                 self.clock.now += timedelta(milliseconds=10)
@@ -411,3 +412,36 @@ def test_the_send_policy_holds_under_any_interleaving(
             conn.exec_driver_sql(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
         get_engine(url).dispose()
     run_state_machine_as_test(send_machine(url), settings=MODEL_SETTINGS)
+
+
+def test_a_batch_chained_after_a_full_one_goes_without_waiting_to_fill(
+    database_factory: Callable[[str], str],
+) -> None:
+    """Three messages, a batch minimum of 10 and a minute's linger: a batch counted first
+    waits; one chained after a full batch (`due`) takes them now."""
+    url = database_factory("postgresql")
+    env = ENV | {"SEND_BATCH_MIN": "10", "SEND_LINGER_SECONDS": "60"}
+    settings = Settings(**env, DATABASE_URL=url)  # type: ignore[arg-type]
+    engine = get_engine(url)
+    clock = Clock()
+    now = clock()
+    rows = []
+    for raw in make_messages(3, "due"):
+        checked = validate_message(raw, now=now)
+        assert not isinstance(checked, list), checked
+        rows.append(row_for(checked, "due", now, settings))
+    store(engine, rows, "due")
+    provider = ModelProvider(random.Random(0), lambda ids: {None})
+    client = SendClient(settings, transport=provider.transport())
+    pacing = MemoryPacing(clock)
+
+    def send(due: bool) -> dispatcher.BatchReport:
+        return dispatcher.send_batch(
+            engine, client, pacing, settings, "standard", clock=clock, due=due
+        )
+
+    assert send(due=False).claimed == 0
+    report = send(due=True)
+    assert report.claimed == 3
+    assert report.counts == {"submitted": 3}
+    client.close()

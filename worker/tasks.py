@@ -172,15 +172,15 @@ def dispatch() -> dict[str, int]:
 
 
 @app.task(name="cascade.send_batch")
-def send_batch(route: str) -> dict[str, Any]:
+def send_batch(route: str, due: bool = False) -> dict[str, Any]:
     """Claim and send one batch; a full batch or an isolation under way means more are
-    waiting, so chain the next."""
+    waiting, so chain the next (`due`: after a full batch, without counting first)."""
     res = resources()
-    report = dispatcher.send_batch(res.engine, res.sender, res.pacing, res.settings, route)
+    report = dispatcher.send_batch(res.engine, res.sender, res.pacing, res.settings, route, due=due)
     metrics.count_send_batch(report)
     full = report.claimed >= dispatcher.batch_limit(res.settings)
     if (full or report.isolating) and not report.paused:
-        send_batch.apply_async((route,))
+        send_batch.apply_async((route,), {"due": full})
     return asdict(report)
 
 

@@ -417,11 +417,15 @@ def send_batch(
     *,
     clock: Callable[[], datetime] = utcnow,
     rng: random.Random | None = None,
+    due: bool = False,
 ) -> BatchReport:
     """One provider request's worth of work: the body of the `cascade.send_batch` task.
 
-    Isolation parts go first, each alone; then a batch of new rows once one is due. While
-    the circuit is half-open only the worker holding the probe sends, and only a few rows.
+    Isolation parts go first, each alone; then a batch of new rows once one is due. `due`:
+    the caller just saw a full batch go, so the rows are claimed without counting them
+    first (a count that walks the queue index's dead entries: 11 ms a batch late in a
+    campaign of 1,000,000). While the circuit is half-open only the worker holding the
+    probe sends, and only a few rows.
     """
     report = BatchReport(route)
     report.paused = send_paused(pacing)
@@ -440,8 +444,10 @@ def send_batch(
     rows = [] if probing else claim_part(engine, route, now, settings.send_batch_max, lease, token)
     if not rows:
         limit = settings.send_probe_size if probing else batch_limit(settings)
-        ready, oldest_wait = ready_summary(
-            engine, route, now, settings.send_batch_min, settings.send_batch_min
+        ready, oldest_wait = (
+            (settings.send_batch_min, 0.0)
+            if due and not probing
+            else ready_summary(engine, route, now, settings.send_batch_min, settings.send_batch_min)
         )
         flush = should_flush(
             ready,
