@@ -7,6 +7,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import DBAPIError, StatementError
 
@@ -14,7 +17,7 @@ from config import Settings
 from tests.conftest import make_messages
 from worker.core.validation import validate_message
 from worker.flows.producer import row_for
-from worker.store.db import bulk_update, get_engine, insert_new, insert_rows
+from worker.store.db import among, array_literal, bulk_update, get_engine, insert_new, insert_rows
 from worker.store.models import events, messages
 
 NOW = datetime.now(UTC)
@@ -182,3 +185,46 @@ def test_messages_not_sent_yet_are_not_in_the_provider_message_id_index(
             {"n": "ix_messages_provider_message_id"},
         ).scalar_one()
     assert "UNIQUE" in definition and "WHERE (provider_message_id IS NOT NULL)" in definition
+
+
+ELEMENTS = {
+    "BIGINT": st.integers(-(2**63), 2**63 - 1),
+    # The characters an array literal gives meaning to, often; any other now and then.
+    "TEXT": st.lists(st.sampled_from(list("\\\"{},' \tNUL")), max_size=8).map("".join)
+    | st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00")),
+    "DOUBLE PRECISION": st.floats(allow_nan=False),
+    "TIMESTAMP WITH TIME ZONE": st.datetimes(
+        min_value=datetime(1900, 1, 1), timezones=st.just(UTC)
+    ),
+}
+
+
+@given(data=st.data())
+@hypothesis_settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_an_array_literal_reaches_postgresql_as_the_values_it_was_made_of(
+    pg_engine: Engine, data: st.DataObject
+) -> None:
+    """Any values, NULLs among them, and any text (quotes, backslashes, braces, commas,
+    blanks, the word NULL) come back from PostgreSQL as they went in."""
+    kind = data.draw(st.sampled_from(sorted(ELEMENTS)))
+    values = data.draw(st.lists(st.none() | ELEMENTS[kind], max_size=20))
+    with pg_engine.connect() as conn:
+        back = conn.exec_driver_sql(
+            f"SELECT CAST(%(a)s AS {kind}[])", {"a": array_literal(values)}
+        ).scalar_one()
+    assert back == values
+
+
+def test_among_matches_no_stored_value_by_a_prefix(pg_engine: Engine) -> None:
+    """A value longer than the column is no match, not cut down to one."""
+    raw = make_messages(1, "prefix")[0] | {"id": "x" * 254}
+    row = row_for(validate_message(raw, now=NOW), None, NOW, Settings())
+    with pg_engine.begin() as conn:
+        insert_new(conn, messages, [row], "id")
+        found = conn.execute(
+            select(messages.c.id).where(among(conn, messages.c.id, ["x" * 300, "y"]))
+        ).all()
+        conn.execute(messages.delete().where(messages.c.id == "x" * 254))
+    assert found == []

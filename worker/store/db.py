@@ -24,8 +24,10 @@ from sqlalchemy import (
     Row,
     String,
     Table,
+    Text,
     any_,
     bindparam,
+    cast,
     create_engine,
     event,
     select,
@@ -118,8 +120,35 @@ def among(
     """`column IN (values)`, sent to PostgreSQL as one array: rendering and parsing an IN list
     of 1,000 keys took more client CPU (≈20 ms) than the statement took to run."""
     if conn.dialect.name == "postgresql":
-        return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+        # Text, not VARCHAR(n): a cast to VARCHAR(n) cuts a longer value to a prefix that
+        # may match a stored one.
+        kind = Text() if isinstance(column.type, String) else column.type
+        literal = bindparam(None, array_literal(list(values)), type_=Text)
+        return column == any_(cast(literal, ARRAY(kind)))
     return column.in_(values)
+
+
+def array_literal(values: Sequence[Any]) -> str:
+    """A PostgreSQL array literal (`{1,2,NULL}`, `{"a","b\\"c"}`) of driver-ready values, for
+    one text parameter cast to the array type: psycopg dumps a list element by element in
+    Python, 2.5 ms for a batch's 1,000 keys and 1,000 message ids against 0.8 ms this way."""
+    if all(type(v) is int for v in values):
+        return "{" + ",".join(map(str, values)) + "}"
+    return "{" + ",".join(map(_element, values)) + "}"
+
+
+def _element(value: Any) -> str:
+    """One element: NULL unquoted, every other value quoted, its quotes and backslashes
+    escaped, so no text (`NULL`, braces, commas, blanks) is read as anything but itself."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, datetime):
+        text = value.isoformat()
+    elif isinstance(value, float):
+        text = repr(value)
+    else:
+        text = str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def claim_rows(
@@ -269,7 +298,7 @@ def _unnest_update(
     # In key order: with the nested-loop plan it gets, rows are locked in the order every
     # other writer locks them.
     rows = sorted(rows, key=lambda row: row[0])
-    params: dict[str, Any] = {"k": [key for key, _ in rows]}
+    params: dict[str, Any] = {"k": array_literal([key for key, _ in rows])}
     arrays = [f"CAST(%(k)s AS {table.c.pk.type.compile(dialect=conn.dialect)}[])"]
     varying = ["pk"]
     sets = []
@@ -285,7 +314,7 @@ def _unnest_update(
         if all(v == values[0] for v in values):
             params[f"c{i}"] = values[0]
         else:
-            params[f"c{i}"] = values
+            params[f"c{i}"] = array_literal(values)
             arrays.append(f"CAST(%(c{i})s AS {sent}[])")
             varying.append(name)
             value = f"v.{name}"
