@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 from config import Settings  # noqa: E402
 from worker.celery import POLL_QUEUE, SEND_QUEUE, app  # noqa: E402
 from worker.core.backoff import learn_plan  # noqa: E402
-from worker.core.states import FINAL  # noqa: E402
+from worker.core.states import FINAL, State  # noqa: E402
 from worker.dev.stack import (  # noqa: E402
     Process,
     Simulator,
@@ -189,6 +189,8 @@ def run_ours(
     profile: bool = False,
     overlap: bool = False,
     chunk: int = 10_000,
+    until_sent: bool = False,
+    name: str | None = None,
 ) -> Result:
     """Fill the outbox with sending held, then let the workers send and follow every message.
 
@@ -199,6 +201,9 @@ def run_ours(
     `overlap`: as users run it instead. Workers take every queue from the start and the
     campaign goes to `enqueue` in chunks of `chunk`, each waking the dispatcher, so sends
     overlap intake; "end to end" is the first enqueue call to the last message submitted.
+
+    `until_sent`: stop once every message has left the queue (polling runs beside the sends
+    as ever), for sizes whose all-final only measures how many checks a second fit.
     """
     env = {
         "DATABASE_URL": url,
@@ -210,7 +215,7 @@ def run_ours(
         env |= {"WEBHOOKS_ENABLED": "true", "WEBHOOK_TOKEN": WEBHOOK_TOKEN, "API_TOKEN": API_KEY}
     settings = Settings(**env)  # type: ignore[arg-type]
     engine = get_engine(url)
-    name = "ours, overlapped" if overlap else "ours + webhooks" if webhooks else "ours"
+    name = name or ("ours, overlapped" if overlap else "ours + webhooks" if webhooks else "ours")
     result = Result(name, n)
     result.plan = plan_at_launch(broker)
     nodes = [f"ours{i}@{socket.gethostname()}" for i in range(n_workers)]
@@ -238,7 +243,7 @@ def run_ours(
             if {name for reply in replies for name in reply} != set(nodes):
                 raise RuntimeError(f"not every worker took the send queue on: {replies}")
             wake_dispatcher(broker)
-        while _finals(engine, campaign) < n:
+        while (_sent if until_sent else _finals)(engine, campaign) < n:
             time.sleep(1)
         for spy in spies:
             spy.send_signal(signal.SIGINT)
@@ -255,7 +260,7 @@ def run_ours(
         "enqueue rate (msg/s)": n / (enqueued - started),
         "send throughput (msg/s)": _rate(n, stats["first_send_at"], last_submit.timestamp()),
         "end to end (msg/s)": _rate(n, started, last_submit.timestamp()),
-        "launch to all-final (s)": last_final.timestamp() - started,
+        "launch to all-final (s)": None if until_sent else last_final.timestamp() - started,
         "send requests / message": stats["send_requests"] / n,
         "status polls / message": stats["status_requests"] / n,
         "peak worker RSS (MB, max)": max(rss) if rss else None,
@@ -272,6 +277,19 @@ def _finals(engine: Engine, campaign: str) -> int:
             conn.execute(
                 select(func.count()).where(
                     messages.c.campaign == campaign, messages.c.state.in_(list(FINAL))
+                )
+            ).scalar_one()
+        )
+
+
+def _sent(engine: Engine, campaign: str) -> int:
+    """Messages of the campaign that left the queue (submitted, or final without a send)."""
+    waiting = [State.QUEUED, State.SENDING, State.HELD]
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                select(func.count()).where(
+                    messages.c.campaign == campaign, messages.c.state.not_in(waiting)
                 )
             ).scalar_one()
         )
@@ -409,7 +427,7 @@ def run_naive(
 # --- floor -------------------------------------------------------------------------------
 
 
-def run_floor(n: int, url: str, sim: Simulator) -> Result:
+def run_floor(n: int, url: str, sim: Simulator, name: str = "floor") -> Result:
     """The fastest plain code doing the unavoidable work: the messages stored (COPY on
     PostgreSQL), POSTed in 1000-message batches, each answer's ids written back with one
     set-based UPDATE. No queue, no claims, no polling, no history."""
@@ -425,7 +443,7 @@ def run_floor(n: int, url: str, sim: Simulator) -> Result:
             inserted = _floor_sqlite(url, batch, client)
     sent = time.time()
     return Result(
-        "floor",
+        name,
         n,
         {
             "enqueue rate (msg/s)": n / (inserted - started),
@@ -748,6 +766,14 @@ def print_table(results: list[Result], meta: str) -> None:
         print(f"send throughput ours / naive: {by['ours'] / by['naive']:.1f}x")
     if by.get("ours") and by.get("floor"):
         print(f"send throughput ours / floor: {by['ours'] / by['floor']:.2f}")
+    for kind in ("ours", "floor"):
+        small, large = by.get(kind), by.get(f"{kind}, at scale")
+        if small and large:
+            sizes = {r.name: r.n for r in results}
+            print(
+                f"send throughput {kind} at {sizes[kind + ', at scale']:,} / at "
+                f"{sizes[kind]:,}: {large / small:.2f}"
+            )
     ends = {r.name: r.figures.get("end to end (msg/s)") for r in results}
     for name in ("ours", "ours, overlapped"):
         if ends.get(name) and ends.get("floor"):
@@ -759,6 +785,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=None,
+        help="also send this many (ours until sent, and the floor): sending flat with size",
+    )
     parser.add_argument("--workers", type=int, default=2, help="worker processes (2 pool each)")
     parser.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
     parser.add_argument("--naive-n", type=int, default=None, help="default: min(n, 20000)")
@@ -833,6 +865,27 @@ def main(argv: list[str] | None = None) -> int:
         if "floor" not in args.skip:
             sim.admin("/_sim/reset", {})
             results.append(run_floor(args.n, url, sim))
+        if args.scale:
+            sim.admin("/_sim/reset", {})
+            reset_broker(args.broker)
+            scaled = new_database(args.db, workdir)
+            urls.append(scaled)
+            results.append(
+                run_ours(
+                    args.scale,
+                    args.workers,
+                    scaled,
+                    args.broker,
+                    sim,
+                    workdir,
+                    until_sent=True,
+                    name="ours, at scale",
+                )
+            )
+            if "floor" not in args.skip:
+                sim.admin("/_sim/reset", {})
+                results.append(run_floor(args.scale, scaled, sim, "floor, at scale"))
+            drop_database(scaled)
         if "check-cost" not in args.skip:
             costs = check_cost(sim, args.check_n)
         if "intake" not in args.skip and shutil.which("wrk") is None:

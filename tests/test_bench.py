@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_prints_the_three_columns(redis_db: str) -> None:
     args = (
         "--n 300 --naive-n 20 --db sqlite --delay-min 0.5 --delay-max 1 --naive-timeout 120"
-        " --check-n 40 --skip intake"  # the intake column has its own test below
+        " --check-n 40 --skip intake --scale 600"  # the intake column has its own test below
     )
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), *args.split(), "--broker", redis_db],
@@ -38,6 +38,9 @@ def test_bench_prints_the_three_columns(redis_db: str) -> None:
     assert "httpx HTTPTransport" in costs and "worker/provider/keepalive.py" in costs
     assert costs.count("µs of CPU per check") == 4
     assert "send throughput ours / naive:" in table and "send throughput ours / floor:" in table
+    assert "ours, at scale (n=600)" in table and "floor, at scale (n=600)" in table
+    assert "send throughput ours at 600 / at 300:" in table
+    assert "send throughput floor at 600 / at 300:" in table
     each = next(line for line in table.splitlines() if line.startswith("peak RSS of each"))
     assert len(each.split(":")[1].split(",")) >= 2  # every worker process, not just the largest
 
