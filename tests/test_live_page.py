@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from worker.ops.cli import upgrade_database
 from worker.ops.reports import FAILED_STATES, campaign_summary
 from worker.producer import enqueue
 from worker.store.models import messages
+from worker.store.pacing import Pacing
 
 API_TOKEN = "api-token-page"
 READONLY = "read-only-page-token"
@@ -122,6 +124,57 @@ def test_the_page_reloads_while_running_and_stops_when_all_final(client) -> None
     done = test.get(_path(name), headers=auth).text
     assert "http-equiv" not in done and 'data-running="false"' in done
     assert _figures(done)["total"] == 3 and _states(done) == {"delivered": 3}
+
+
+def test_the_page_and_the_report_say_when_the_provider_stops_every_send(
+    client, redis_db: str
+) -> None:
+    """A campaign "running" while a 429 (or refused credentials) holds every worker back."""
+    test, name = client
+    auth = {"Authorization": f"Bearer {READONLY}"}
+    assert "Sending is paused" not in test.get(_path(name), headers=auth).text
+    Pacing(redis_db).pause("send:throttle", 30, "the provider throttled sends (HTTP 429)")
+
+    page = unescape(test.get(_path(name), headers=auth).text)
+    assert re.search(
+        r"Sending is paused for every campaign for about \d+ s: "
+        r"the provider throttled sends \(HTTP 429\)\.",
+        page,
+    )
+    report = test.get("/v1" + _path(name), headers={"Authorization": f"Bearer {API_TOKEN}"})
+    assert report.status_code == 200, report.text
+    sending = report.json()["sending"]
+    assert sending["reason"] == "the provider throttled sends (HTTP 429)"
+    assert 0 < sending["paused_for_seconds"] <= 30
+
+
+def test_campaign_status_says_when_the_provider_stops_every_send(
+    tmp_path: Path, redis_db: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'cascade.db'}"
+    upgrade_database(url)
+    settings = Settings(DATABASE_URL=url, BROKER_URL=redis_db)  # type: ignore[call-arg]
+    enqueue(make_messages(3, "st"), "autumn", settings=settings, kick=False)
+    Pacing(redis_db).open_circuit("send:circuit", 60, "HTTP 401: credentials refused")
+    env = {**os.environ, "DATABASE_URL": url, "BROKER_URL": redis_db, "COLUMNS": "200"}
+
+    def status(*extra: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "worker.ops.cli", "campaign", "status", "autumn", *extra],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert re.search(
+        r"running; sending paused for every campaign, about \d+ s more: "
+        r"HTTP 401: credentials refused",
+        status(),
+    )
+    assert '"reason": "HTTP 401: credentials refused"' in status("--json")
 
 
 # --- in a browser, against the real thing ----------------------------------------------------

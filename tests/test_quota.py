@@ -57,14 +57,17 @@ class Clock:
 class NoPacing:
     """`dispatcher.SendPacing` with nothing paused and no limits."""
 
-    def pause(self, name: str, seconds: float) -> None: ...
+    def pause(self, name: str, seconds: float, reason: str = "") -> None: ...
     def paused_for(self, name: str) -> float:
         return 0.0
+
+    def pause_reason(self, name: str) -> str | None:
+        return None
 
     def failed(self, name: str) -> int:
         return 0
 
-    def open_circuit(self, name: str, seconds: float) -> None: ...
+    def open_circuit(self, name: str, seconds: float, reason: str = "") -> None: ...
     def half_open(self, name: str) -> bool:
         return False
 

@@ -114,10 +114,15 @@ class MemoryPacing:
         self.failures = 0
         self.half: set[str] = set()
         self.probe: dict[str, datetime] = {}
+        self.why: dict[str, str] = {}
 
-    def pause(self, name: str, seconds: float) -> None:
+    def pause(self, name: str, seconds: float, reason: str = "paused") -> None:
         end = self.clock() + timedelta(seconds=seconds)
-        self.until[name] = max(self.until.get(name, end), end)
+        if end > self.until.get(name, end - timedelta(seconds=1)):
+            self.until[name], self.why[name] = end, reason
+
+    def pause_reason(self, name: str) -> str | None:
+        return self.why.get(name) if self.paused_for(name) else None
 
     def paused_for(self, name: str) -> float:
         end = self.until.get(name)
@@ -127,8 +132,8 @@ class MemoryPacing:
         self.failures += 1
         return self.failures
 
-    def open_circuit(self, name: str, seconds: float) -> None:
-        self.pause(name, seconds)
+    def open_circuit(self, name: str, seconds: float, reason: str = "circuit open") -> None:
+        self.pause(name, seconds, reason)
         self.half.add(name)
         self.probe.pop(name, None)
 

@@ -72,10 +72,11 @@ class BatchReport:
 class SendPacing(Protocol):
     """What the send path needs of the shared pacing (`worker.store.pacing.Pacing`)."""
 
-    def pause(self, name: str, seconds: float) -> None: ...
+    def pause(self, name: str, seconds: float, reason: str = ...) -> None: ...
     def paused_for(self, name: str) -> float: ...
+    def pause_reason(self, name: str) -> str | None: ...
     def failed(self, name: str) -> int: ...
-    def open_circuit(self, name: str, seconds: float) -> None: ...
+    def open_circuit(self, name: str, seconds: float, reason: str = ...) -> None: ...
     def half_open(self, name: str) -> bool: ...
     def take_probe(self, name: str, seconds: float) -> bool: ...
     def answered(self, name: str) -> None: ...
@@ -95,6 +96,26 @@ def should_flush(ready: int, oldest_wait: float, *, batch_min: int, linger: floa
 def send_paused(pacing: SendPacing) -> float:
     """Seconds left of a pause of all sending: a 429's Retry-After or an open circuit."""
     return max(pacing.paused_for(THROTTLE), pacing.paused_for(CIRCUIT))
+
+
+@dataclass(frozen=True)
+class SendingPause:
+    """Why no worker sends now, for every campaign, and for about how long."""
+
+    seconds: float
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"paused_for_seconds": round(self.seconds, 1), "reason": self.reason}
+
+
+def sending_pause(pacing: SendPacing) -> SendingPause | None:
+    """The longer of a 429's pause and an open circuit, with what caused it; None while
+    workers may send. Status pages show it: a campaign "running" may not be moving."""
+    seconds, name = max((pacing.paused_for(name), name) for name in (THROTTLE, CIRCUIT))
+    if seconds <= 0:
+        return None
+    return SendingPause(seconds, pacing.pause_reason(name) or "paused")
 
 
 def batch_limit(settings: Settings) -> int:
@@ -393,10 +414,10 @@ def heed(pacing: SendPacing, settings: Settings, answer: Answer) -> float:
         if pause is None:
             return 0.0
         if pause.kind == "throttle":
-            pacing.pause(THROTTLE, pause.seconds)
+            pacing.pause(THROTTLE, pause.seconds, f"the provider throttled sends ({pause.reason})")
             log.warning("provider throttled sends: pausing all workers %.1fs", pause.seconds)
         else:
-            pacing.open_circuit(CIRCUIT, pause.seconds)
+            pacing.open_circuit(CIRCUIT, pause.seconds, pause.reason)
             log.error(
                 "send circuit open for %.0fs (%s): messages stay queued, then one probe",
                 pause.seconds,

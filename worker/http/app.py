@@ -294,7 +294,7 @@ def get_campaign(
     settings: SettingsDep,
 ) -> Any:
     """What `cascade campaign report NAME --json` prints."""
-    report = campaign_report(get_engine(settings.database_url), campaign)
+    report = campaign_report(get_engine(settings.database_url), campaign, settings.broker_url)
     if report is None:
         raise HTTPException(404, f"no campaign named {campaign!r}")
     return report

@@ -111,7 +111,7 @@ def campaign_page(
     if len(campaign) > MAX_CAMPAIGN_LENGTH or not campaign.isprintable():
         return _not_found(campaign)
     engine = get_engine(settings.database_url)
-    report = campaign_report(engine, campaign)
+    report = campaign_report(engine, campaign, settings.broker_url)
     if report is None:
         return _not_found(campaign)
     now = utcnow()
@@ -207,6 +207,11 @@ def render_live_page(
         )
     if control.get("pause_reason"):
         state_line += f" {status.capitalize()}: {control['pause_reason']}."
+    if running and (sending := report.get("sending")):
+        state_line += (
+            f" Sending is paused for every campaign for about {sending['paused_for_seconds']:.0f}"
+            f" s: {sending['reason']}."
+        )
     stamp = now.strftime("%Y-%m-%d %H:%M:%S")
     body = "".join(
         [

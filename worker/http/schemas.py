@@ -361,6 +361,15 @@ class CampaignAction(CampaignControl):
     )
 
 
+class SendingPause(BaseModel):
+    """All sending stopped by the provider's answers: every campaign waits, "running" or not."""
+
+    paused_for_seconds: float = Field(description="About how long the pause has left.")
+    reason: str = Field(
+        description="What caused it: a 429, refused credentials, or the provider failing."
+    )
+
+
 class CampaignReport(BaseModel):
     """A campaign in figures: what `cascade campaign report NAME --json` prints."""
 
@@ -394,6 +403,9 @@ class CampaignReport(BaseModel):
         0, description="Of queued: promo and surveys waiting for the recipient's send window."
     )
     control: CampaignControl | None = None
+    sending: SendingPause | None = Field(
+        None, description="Set while a 429 or an open circuit stops every send; else null."
+    )
 
 
 class Health(BaseModel):

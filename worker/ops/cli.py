@@ -343,7 +343,8 @@ def campaign_status(name: str, watch: bool, as_json: bool, interval: float) -> N
     from worker.ops.reports import campaign_summary
 
     engine = _engine()
-    report = campaign_summary(engine, name)
+    broker = _settings().broker_url
+    report = campaign_summary(engine, name, broker)
     if report is None:
         raise click.ClickException(f"no campaign named {name!r}")
     control = report.get("control") or {}
@@ -368,7 +369,7 @@ def campaign_status(name: str, watch: bool, as_json: bool, interval: float) -> N
     with Live(status_view(report, None), console=console, refresh_per_second=4) as live:
         while not report["all_final"] and not _stopped(report):
             time.sleep(interval)
-            report = campaign_summary(engine, name) or report
+            report = campaign_summary(engine, name, broker) or report
             samples = [*samples[-30:], (time.monotonic(), report["final"])]
             live.update(status_view(report, samples))
     if report["all_final"]:
@@ -418,6 +419,12 @@ def _control_rows(table: Table, report: dict[str, Any]) -> None:
             "status",
             f"[yellow]paused[/] since {control['paused_since']} ({control['pause_reason']}): "
             f"`cascade campaign resume {report['campaign']}` sends it again",
+        )
+    elif (sending := report.get("sending")) and not report["all_final"]:
+        table.add_row(
+            "status",
+            f"{status}; [yellow]sending paused[/] for every campaign, about "
+            f"{sending['paused_for_seconds']:.0f} s more: {sending['reason']}",
         )
     else:
         table.add_row("status", status)
@@ -662,7 +669,7 @@ def campaign_report_cmd(
     from worker.ops.reports import campaign_report
 
     engine = _engine()
-    report = campaign_report(engine, name)
+    report = campaign_report(engine, name, _settings().broker_url)
     if report is None:
         raise click.ClickException(f"no campaign named {name!r}")
     if csv_file:

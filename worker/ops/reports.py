@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from redis.exceptions import RedisError
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -40,8 +41,10 @@ from worker.core.redact import mask_phone
 from worker.core.states import FINAL, State
 from worker.core.validation import OutgoingMessage
 from worker.flows.campaigns import campaign_control
+from worker.flows.dispatcher import sending_pause
 from worker.store.db import AnyRow, utcnow
 from worker.store.models import UTCDateTime, events, messages
+from worker.store.pacing import get_pacing
 
 # Final states the provider itself reported: the only ones with a delivery latency.
 PROVIDER_FINAL: tuple[State, ...] = (State.DELIVERED, State.UNDELIVERABLE, State.PERMANENTERROR)
@@ -145,8 +148,11 @@ def message_detail(engine: Engine, message_id: str) -> dict[str, Any] | None:
     }
 
 
-def campaign_summary(engine: Engine, campaign: str) -> dict[str, Any] | None:
-    """The campaign's counts in one grouped query: cheap enough to refresh every second."""
+def campaign_summary(
+    engine: Engine, campaign: str, broker_url: str | None = None
+) -> dict[str, Any] | None:
+    """The campaign's counts in one grouped query: cheap enough to refresh every second.
+    With `broker_url`, `sending` says whether a 429 or an open circuit stops every send."""
     with engine.connect() as conn:
         by_state = conn.execute(
             select(
@@ -213,19 +219,33 @@ def campaign_summary(engine: Engine, campaign: str) -> dict[str, Any] | None:
         # Of `queued`: promo and surveys waiting for the recipient's send window (quiet hours).
         "waiting_for_window": window,
         "control": campaign_control(engine, campaign),
+        "sending": _sending(broker_url),
         "finals_by_source": dict(sorted(sources.items())),
         "first_enqueued_at": _iso(min(row[6] for row in by_state)),
         "last_final_at": _iso(max((row[7] for row in by_state if row[7]), default=None)),
     }
 
 
-def campaign_report(engine: Engine, campaign: str) -> dict[str, Any] | None:
+def _sending(broker_url: str | None) -> dict[str, Any] | None:
+    """The pause of all sending now, or None (sending goes on, or Redis cannot say)."""
+    if broker_url is None:
+        return None
+    try:
+        pause = sending_pause(get_pacing(broker_url))
+    except RedisError:
+        return None
+    return pause.as_dict() if pause else None
+
+
+def campaign_report(
+    engine: Engine, campaign: str, broker_url: str | None = None
+) -> dict[str, Any] | None:
     """The summary plus money per currency, channels, latency percentiles and top errors.
 
     `money` counts only messages that carry a cost or bill; `channels` and
     `latency_seconds` cover what the provider answered; percentiles are nearest-rank.
     """
-    summary = campaign_summary(engine, campaign)
+    summary = campaign_summary(engine, campaign, broker_url)
     if summary is None:
         return None
     with engine.connect() as conn:

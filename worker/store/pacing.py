@@ -38,7 +38,7 @@ LATENCY_MEMORY_S = 24 * 3600
 # Set the key for ARGV[1] ms unless it already has longer to live.
 _EXTEND = """
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
-    redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
 end
 """
 
@@ -51,12 +51,16 @@ class Pacing:
             storage_from_string(redis_url, key_prefix="cascade:rate")
         )
 
-    def pause(self, name: str, seconds: float) -> None:
-        """Pause `name` for everyone for at least `seconds` (an existing longer pause stays).
+    def pause(self, name: str, seconds: float, reason: str = "paused") -> None:
+        """Pause `name` for everyone for at least `seconds` (an existing longer pause stays,
+        with its reason). One script, so two workers pausing at once cannot let the shorter
+        pause win."""
+        self._extend(keys=[PREFIX + name], args=[max(1, int(seconds * 1000)), reason])
 
-        One script, so two workers pausing at once cannot let the shorter pause win.
-        """
-        self._extend(keys=[PREFIX + name], args=[max(1, int(seconds * 1000))])
+    def pause_reason(self, name: str) -> str | None:
+        """Why `name` is paused (what the pause was given), None when it is not."""
+        value = self._redis.get(PREFIX + name)
+        return value.decode(errors="replace") if isinstance(value, bytes) else None
 
     def paused_for(self, name: str) -> float:
         """Seconds left of a pause of `name`, 0 when there is none."""
@@ -71,9 +75,9 @@ class Pacing:
         count, _ = pipe.execute()
         return int(count)
 
-    def open_circuit(self, name: str, seconds: float) -> None:
+    def open_circuit(self, name: str, seconds: float, reason: str = "circuit open") -> None:
         """Pause `name` for `seconds`, then let only probes through until it is answered."""
-        self.pause(name, seconds)
+        self.pause(name, seconds, reason)
         pipe = self._redis.pipeline()
         pipe.set(HALF_OPEN + name, "1", px=HALF_OPEN_MS)
         pipe.delete(PROBE + name)
