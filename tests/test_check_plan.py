@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -164,3 +165,24 @@ def test_an_explorer_checked_late_teaches_nothing() -> None:
     assert explored_latency(start, at(seconds=10), at(seconds=15.2), 5.0) == 15.2
     assert explored_latency(start, None, at(seconds=45), 5.0) is None  # first check 40 s late
     assert explored_latency(start, at(seconds=10), at(seconds=30), 5.0) is None  # a gap
+
+
+def test_full_poll_batches_hand_out_the_next_without_waiting_for_the_sweep(
+    database_factory: Callable[[str], str],
+) -> None:
+    """One queued poll task of 5 checks per 10 s sweep would take over 100 s for 100 messages;
+    a full batch handing out the next checks them all well within that."""
+    env = {
+        "POLL_SWEEP_INTERVAL_SECONDS": "10",
+        "POLL_MAX_QUEUED_TASKS": "1",
+        "POLL_BATCH_SIZE": "5",
+    }
+    with make_stack(database_factory("postgresql"), "postgresql", env) as stack:
+        stack.simulator.configure(delay_min=0.5, delay_max=1.0)
+        started = time.monotonic()
+        stack.enqueue(make_messages(100, "chain"), "chain")
+        report = stack.wait_final("chain", 100, timeout=100)
+        took = time.monotonic() - started
+
+    assert report["states"].get("delivered", 0) + report["states"].get("undeliverable", 0) > 0
+    assert took < 60, took  # the sweep's pace alone: 100 checks at 5 per 10 s, ≥ 200 s

@@ -206,11 +206,16 @@ def sending_behind(res: Resources) -> bool:
 @app.task(name="cascade.poll_sweep")
 def poll_sweep() -> int:
     """Hand due status checks to poll tasks, keeping the poll queue short."""
-    res = resources()
+    return hand_out_checks(resources())
+
+
+def hand_out_checks(res: Resources, most: int | None = None) -> int:
+    """Claim due checks into up to `most` poll tasks (all the room the queue has left, if
+    None); answer how many checks were handed out."""
     settings = res.settings
     free = polling.poll_task_room(queue_length(POLL_QUEUE), sending_behind(res), settings)
     handed = 0
-    for _ in range(free):
+    for _ in range(free if most is None else min(free, most)):
         now = utcnow()
         pks = polling.claim_due(
             res.engine, now, settings.poll_batch_size, settings.poll_lease_seconds
@@ -239,6 +244,11 @@ def poll_batch(pks: list[int], claimed: str | None = None) -> dict[str, Any]:
     )
     if any(state in FINAL for state in report.counts):
         metrics.observe_finals(gauges.submit_to_final(res.engine, pks, started))
+    if len(pks) >= res.settings.poll_batch_size and report.checked:
+        # A full batch checked (not paused): more were likely due. The sweep's tick alone let
+        # the workers take at most POLL_MAX_QUEUED_TASKS batches per
+        # POLL_SWEEP_INTERVAL_SECONDS (2,000 checks/s by default) however fast they went.
+        hand_out_checks(res, most=1)
     return asdict(report)
 
 
