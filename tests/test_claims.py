@@ -217,3 +217,26 @@ def test_outcomes_are_written_only_to_rows_that_still_carry_the_claim(
         (pks[4], "queued"),
         (pks[5], "queued"),
     ]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_claim_of_explorers_takes_them_ahead_of_older_due_checks(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    url = database_factory(backend)
+    fill_messages(url, 300, "explore")
+    engine = get_engine(url)
+    now = utcnow()
+    with engine.begin() as conn:  # all due, the lowest keys longest
+        for pk in range(1, 301):
+            conn.execute(
+                messages.update()
+                .where(messages.c.pk == pk)
+                .values(state="submitted", next_poll_at=now - timedelta(seconds=400 - pk))
+            )
+
+    explorers = polling.claim_due(engine, now, 50, 60, explorers_of=100)
+    oldest = polling.claim_due(engine, now, 5, 60)
+
+    assert sorted(explorers) == [100, 200, 300]
+    assert oldest == [1, 2, 3, 4, 5]

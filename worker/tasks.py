@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 from config import Settings, get_settings
 from worker.celery import POLL_QUEUE, SEND_QUEUE, app
 from worker.core.redact import mask_url
+from worker.core.sendpolicy import learn_every
 from worker.core.states import FINAL
 from worker.core.validation import ROUTES
 from worker.flows import (
@@ -214,12 +215,20 @@ def hand_out_checks(res: Resources, most: int | None = None) -> int:
     None); answer how many checks were handed out."""
     settings = res.settings
     free = polling.poll_task_room(queue_length(POLL_QUEUE), sending_behind(res), settings)
+    # The sweep's first task takes due explorers ahead of the backlog (the plan learns only
+    # from checks on time); the chain after a full batch takes the oldest due.
+    explorers = learn_every(settings) if most is None else 0
     handed = 0
     for _ in range(free if most is None else min(free, most)):
         now = utcnow()
         pks = polling.claim_due(
-            res.engine, now, settings.poll_batch_size, settings.poll_lease_seconds
+            res.engine, now, settings.poll_batch_size, settings.poll_lease_seconds, explorers
         )
+        if explorers and not pks:  # none due: the oldest due instead
+            pks = polling.claim_due(
+                res.engine, now, settings.poll_batch_size, settings.poll_lease_seconds
+            )
+        explorers = 0
         if not pks:
             break
         claimed = polling.lease_end(now, settings.poll_lease_seconds)

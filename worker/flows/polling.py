@@ -74,12 +74,20 @@ def lease_end(now: datetime, lease: float) -> datetime:
     return now + timedelta(seconds=lease)
 
 
-def claim_due(engine: Engine, now: datetime, limit: int, lease: float) -> list[int]:
-    """Take up to `limit` messages due for a check, pushing their next check out by a lease."""
+def claim_due(
+    engine: Engine, now: datetime, limit: int, lease: float, explorers_of: int = 0
+) -> list[int]:
+    """Take up to `limit` messages due for a check, pushing their next check out by a lease.
+
+    `explorers_of`: only the explorers (`backoff.explores`) among them. A check that runs
+    late teaches the plan nothing, so while checks are behind (a burst of sends), the
+    explorers go first or the plan never learns.
+    """
+    only = [messages.c.pk % explorers_of == 0] if explorers_of else []
     rows = claim_rows(
         engine,
         messages,
-        where=[messages.c.next_poll_at <= now],
+        where=[messages.c.next_poll_at <= now, *only],
         order_by=[messages.c.next_poll_at],
         limit=limit,
         values={"next_poll_at": lease_end(now, lease)},
