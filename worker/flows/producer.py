@@ -33,7 +33,7 @@ from worker.core.validation import (
 from worker.flows import consent
 from worker.flows.campaigns import CampaignCancelled, campaign_window, ensure_campaign
 from worker.flows.wake import wake_dispatcher
-from worker.store.db import among, get_engine, insert_new, utcnow
+from worker.store.db import among, get_engine, insert_new, insert_new_by_copy, utcnow
 from worker.store.models import campaigns, events, messages
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,12 @@ def store_as(
     rows: list[dict[str, Any]],
     campaign: str | None = None,
     expire: set[str] | frozenset[str] = frozenset(),
+    *,
+    expect_new: bool = True,
 ) -> tuple[set[str], State]:
     """`store`, and the state the new rows are in: `held` for a held, paused or metered
-    campaign, else `queued`."""
+    campaign, else `queued`. `expect_new`: bet that no id is stored yet (`insert_new_by_copy`:
+    COPY, redone through `insert_new` when one is); false after a chunk of duplicates."""
     if not rows:
         return set(), State.QUEUED
     with engine.begin() as conn:
@@ -167,7 +170,8 @@ def store_as(
                 v is not None
                 for v in (state.held_at, state.paused_at, state.daily_cap, state.rate_limit)
             )
-        inserted = insert_new(conn, messages, rows, key="id")
+        insert = insert_new_by_copy if expect_new else insert_new
+        inserted = insert(conn, messages, rows, key="id")
         if expire & inserted:
             _expire_new(conn, expire & inserted)
         if blocked and inserted:
@@ -278,6 +282,7 @@ def enqueue(
     results: list[EnqueueResult] = []
     seen: set[str] = set()
     accepted_any = False
+    expect_new = True  # a relaunch meets its ids again: then ask before each insert
     for chunk in chunked(items, CHUNK):
         now = utcnow()
         chunk_results: list[EnqueueResult | None] = []
@@ -303,7 +308,8 @@ def enqueue(
             for row in rows
             if quiet.place(row, windows.for_message(row["message_type"], own_window), now, settings)
         }
-        inserted, stored_as = store_as(engine, rows, campaign, late)
+        inserted, stored_as = store_as(engine, rows, campaign, late, expect_new=expect_new)
+        expect_new = expect_new and len(inserted) == len(rows)
         accepted_any = accepted_any or bool(inserted - late)
         known = existing_states(engine, {r["id"] for r in rows} - inserted)
         pending = iter(rows)

@@ -18,6 +18,7 @@ import orjson
 from sqlalchemy import (
     JSON,
     Connection,
+    DateTime,
     Engine,
     Float,
     Integer,
@@ -225,6 +226,33 @@ def insert_new(
         return {found[0] for found in cursor.fetchall()}
 
 
+def insert_new_by_copy(
+    conn: Connection, table: Table, rows: Sequence[dict[str, Any]], key: str
+) -> set[Any]:
+    """`insert_new` betting that every key is new, as in a fresh campaign.
+
+    PostgreSQL: COPY straight into the table, without `insert_new`'s staging table and
+    `ON CONFLICT` (≈7 of 16 ms of server time per 1,000 messages, measured), and without
+    looking the keys up first (the planner seq-scans an unanalysed table for `= ANY`). A key
+    already taken fails the COPY on the unique index: it is undone to its savepoint and the
+    rows go through `insert_new`, which skips the taken keys. SQLite: `insert_new`.
+    """
+    if not rows:
+        return set()
+    if conn.dialect.name != "postgresql":
+        return insert_new(conn, table, rows, key)
+    from psycopg.errors import UniqueViolation
+
+    try:
+        with conn.begin_nested(), _raw_cursor(conn, f"COPY {table.name}") as cursor:
+            _copy(cursor, table.name, table, rows)
+    except DBAPIError as exc:
+        if not isinstance(exc.orig, UniqueViolation):
+            raise
+        return insert_new(conn, table, rows, key)
+    return {row[key] for row in rows}
+
+
 def insert_rows(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
     """Append rows (event history); PostgreSQL takes them by COPY, the cheapest way in."""
     if not rows:
@@ -336,12 +364,38 @@ def _unnest_update(
 
 
 def _copy(cursor: Any, target: str, table: Table, rows: Sequence[dict[str, Any]]) -> None:
-    """COPY rows into `target`, a table with `table`'s columns."""
+    """COPY rows into `target`, a table with `table`'s columns.
+
+    Values are made ready a column at a time (`_copy_column`): psycopg formats an aware
+    datetime in ≈0.8 µs, four fifths of a 25-column row's cost (measured), so each distinct
+    one is formatted once; a column already of its type costs one pass over its types.
+    """
     names = list(rows[0])
-    converters = [_converter(table.c[name]) for name in names]
+    columns = [_copy_column(table.c[name], [row[name] for row in rows]) for name in names]
     with cursor.copy(f"COPY {target} ({', '.join(names)}) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row([convert(row[n]) for n, convert in zip(names, converters, strict=True)])
+        for values in zip(*columns, strict=True):
+            copy.write_row(values)
+
+
+_NONE = type(None)
+
+
+def _copy_column(column: Any, values: list[Any]) -> list[Any]:
+    """One column's values as COPY takes them, with the checks `_converter` makes."""
+    kind = column.type
+    if isinstance(kind, Float | Integer | String):
+        want = float if isinstance(kind, Float) else int if isinstance(kind, Integer) else str
+        if set(map(type, values)) <= {want, _NONE}:
+            return values
+    elif isinstance(kind, DateTime) or isinstance(getattr(kind, "impl", None), DateTime):
+        texts = {value: _timestamp(value) for value in set(values)}
+        return list(map(texts.__getitem__, values))
+    return list(map(_converter(column), values))
+
+
+def _timestamp(value: Any) -> Any:
+    """An aware datetime as ISO 8601 text, which PostgreSQL reads exactly."""
+    return _aware(value).isoformat() if isinstance(value, datetime) else value
 
 
 def _converter(column: Any) -> Callable[[Any], Any]:

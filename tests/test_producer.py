@@ -1,0 +1,67 @@
+"""The intake's store path on real SQLite and PostgreSQL: new rows go in by COPY, betting
+that their ids are new, and every message still gets its own answer when the bet loses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import func, select, update
+
+from config import Settings
+from tests.conftest import make_messages
+from worker.flows.producer import CHUNK, enqueue
+from worker.store.db import get_engine
+from worker.store.models import messages
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(request: pytest.FixtureRequest, database_factory: Callable[[str], str]) -> Settings:
+    return Settings(DATABASE_URL=database_factory(request.param))
+
+
+def _count(settings: Settings) -> int:
+    with get_engine(settings.database_url).connect() as conn:
+        return conn.execute(select(func.count()).select_from(messages)).scalar_one()
+
+
+def test_known_ids_are_answered_with_their_state_amid_new_ones(settings: Settings) -> None:
+    """Chunks that mix stored and new ids: each stored one is a duplicate with the state it
+    is in (not the state it was stored in), each new one is accepted, none is stored twice."""
+    engine = get_engine(settings.database_url)
+    first = enqueue(make_messages(10, "mix", start=995), "mix", settings=settings, kick=False)
+    assert {r.status for r in first} == {"accepted"}
+    with engine.begin() as conn:
+        conn.execute(update(messages).where(messages.c.id == "mix-1000").values(state="delivered"))
+
+    batch = make_messages(2 * CHUNK, "mix")
+    batch.insert(3, batch[1])  # repeated within the call
+    results = enqueue(batch, "mix", settings=settings, kick=False)
+
+    by_status = {s: [r for r in results if r.status == s] for s in ("accepted", "duplicate")}
+    assert len(results) == len(batch)
+    known = [f"mix-{i}" for i in range(995, 1005)]
+    assert [r.id for r in by_status["duplicate"]] == ["mix-1", *known]
+    states = {r.id: r.state for r in by_status["duplicate"]}
+    assert states["mix-1000"] == "delivered" and states["mix-995"] == "queued"
+    assert states["mix-1"] == "queued"
+    assert len(by_status["accepted"]) == 2 * CHUNK - 10
+    assert {r.state for r in by_status["accepted"]} == {"queued"}
+    assert _count(settings) == 2 * CHUNK
+
+
+def test_a_relaunch_stores_nothing_twice(settings: Settings) -> None:
+    batch = make_messages(CHUNK + 5, "again")
+    assert {r.status for r in enqueue(batch, "again", settings=settings, kick=False)} == {
+        "accepted"
+    }
+    again = enqueue(
+        [*batch, *make_messages(3, "again", start=CHUNK + 5)],
+        "again",
+        settings=settings,
+        kick=False,
+    )
+
+    assert [r.status for r in again] == ["duplicate"] * (CHUNK + 5) + ["accepted"] * 3
+    assert {r.state for r in again} == {"queued"}
+    assert _count(settings) == CHUNK + 8
