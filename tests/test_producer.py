@@ -65,3 +65,33 @@ def test_a_relaunch_stores_nothing_twice(settings: Settings) -> None:
     assert [r.status for r in again] == ["duplicate"] * (CHUNK + 5) + ["accepted"] * 3
     assert {r.state for r in again} == {"queued"}
     assert _count(settings) == CHUNK + 8
+
+
+def test_rows_of_a_chunk_share_their_times_but_not_their_expiries() -> None:
+    """RowMaker works out the times a chunk shares once: each row still gets its own TTL's
+    expiry, and a scheduled message its own start."""
+    from datetime import UTC, datetime, timedelta
+
+    from worker.core.validation import validate_message
+    from worker.flows.producer import RowMaker
+
+    settings = Settings()
+    now = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+    later = now + timedelta(days=2)
+    raw = make_messages(4, "rows")
+    raw[1]["ttl"], raw[2]["ttl"] = 60, 60
+    raw[3] |= {"ttl": 60, "scheduledSent": later.isoformat()}
+    make = RowMaker("c", now, settings)
+    rows = [make(validate_message(m, now=now)) for m in raw]  # type: ignore[arg-type]
+
+    deadline = timedelta(seconds=settings.send_retry_for_seconds)
+    lead = timedelta(seconds=settings.schedule_send_lead_seconds)
+    assert [r["expires_at"] for r in rows] == [
+        None,
+        now + timedelta(seconds=60),
+        now + timedelta(seconds=60),
+        later + timedelta(seconds=60),
+    ]
+    assert [r["send_deadline"] for r in rows] == [now + deadline] * 3 + [later + deadline]
+    assert [r["available_at"] for r in rows] == [now] * 3 + [later - lead]
+    assert {r["created_at"] for r in rows} == {now}
