@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 API_COLUMNS = FIELDS  # CSV headers are the message fields, matched case-insensitively
 _CANONICAL = {name.lower(): name for name in API_COLUMNS}
+_API_FIELDS = frozenset(API_COLUMNS)
 CHUNK = 1000
 SNIFF_BYTES = 64 * 1024
 
@@ -246,7 +247,7 @@ def _rows(reader: Any, raw: IO[bytes], layout: CsvLayout, bad: set[int]) -> Iter
             line, start = start, end + 1
             if not any(c.strip() for c in cells):
                 continue  # blank line
-            if bad.intersection(range(line, end + 1)):
+            if bad and bad.intersection(range(line, end + 1)):
                 yield Row(line, {}, "not valid UTF-8; save the file as UTF-8")
                 continue
             if len(cells) > len(layout.columns):
@@ -353,7 +354,7 @@ def generated_id(campaign: str, line: int, phone: str) -> str:
 
 def to_message(row: Row, defaults: Defaults, campaign: str) -> dict[str, Any]:
     """The cascade API object for one CSV row; type problems are left to validation."""
-    values = {k: v.strip() for k, v in row.values.items() if k in API_COLUMNS}
+    values = {k: v.strip() for k, v in row.values.items() if k in _API_FIELDS}
     message: dict[str, Any] = {k: v for k, v in values.items() if v != ""}
     for key, default in (
         ("fromName", defaults.from_name),
