@@ -245,7 +245,7 @@ def _rows(reader: Any, raw: IO[bytes], layout: CsvLayout, bad: set[int]) -> Iter
                 continue
             end = reader.line_num
             line, start = start, end + 1
-            if not any(c.strip() for c in cells):
+            if not "".join(cells).strip():
                 continue  # blank line
             if bad and bad.intersection(range(line, end + 1)):
                 yield Row(line, {}, "not valid UTF-8; save the file as UTF-8")
@@ -253,7 +253,8 @@ def _rows(reader: Any, raw: IO[bytes], layout: CsvLayout, bad: set[int]) -> Iter
             if len(cells) > len(layout.columns):
                 yield Row(line, {}, f"has {len(cells)} cells, the header {len(layout.columns)}")
                 continue
-            cells += [""] * (len(layout.columns) - len(cells))  # Excel drops trailing cells
+            if len(cells) < len(layout.columns):  # Excel drops trailing cells
+                cells += [""] * (len(layout.columns) - len(cells))
             yield Row(line, _values(layout, cells))
     finally:
         raw.close()
@@ -354,8 +355,11 @@ def generated_id(campaign: str, line: int, phone: str) -> str:
 
 def to_message(row: Row, defaults: Defaults, campaign: str) -> dict[str, Any]:
     """The cascade API object for one CSV row; type problems are left to validation."""
-    values = {k: v.strip() for k, v in row.values.items() if k in _API_FIELDS}
-    message: dict[str, Any] = {k: v for k, v in values.items() if v != ""}
+    message: dict[str, Any] = {
+        k: stripped
+        for k, v in row.values.items()
+        if k in _API_FIELDS and (stripped := v.strip()) != ""
+    }
     for key, default in (
         ("fromName", defaults.from_name),
         ("messageType", defaults.message_type),

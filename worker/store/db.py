@@ -12,6 +12,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any, TypeAlias
 
 import orjson
@@ -371,7 +372,12 @@ def _copy(cursor: Any, target: str, table: Table, rows: Sequence[dict[str, Any]]
     one is formatted once; a column already of its type costs one pass over its types.
     """
     names = list(rows[0])
-    columns = [_copy_column(table.c[name], [row[name] for row in rows]) for name in names]
+    # Transposed in C: the rows as tuples (itemgetter), then zip(*…) into columns.
+    tuples = map(itemgetter(*names), rows) if len(names) > 1 else ([row[names[0]]] for row in rows)
+    columns = [
+        _copy_column(table.c[name], list(column))
+        for name, column in zip(names, zip(*tuples, strict=True), strict=True)
+    ]
     with cursor.copy(f"COPY {target} ({', '.join(names)}) FROM STDIN") as copy:
         for values in zip(*columns, strict=True):
             copy.write_row(values)
