@@ -81,6 +81,9 @@ def row_for(
     return RowMaker(campaign, now, settings)(message)
 
 
+QUEUED = State.QUEUED.value
+
+
 class RowMaker:
     """Makes the messages rows of one chunk (`row_for`): the times its messages share (the
     send deadline from now, the expiry of each TTL from now) are worked out once, not per
@@ -118,7 +121,7 @@ class RowMaker:
             "survey_options": list(message.survey_options) if message.survey_options else None,
             "route": message.route,
             "priority": message.priority,
-            "state": State.QUEUED,
+            "state": QUEUED,  # a plain str: a row of atomic values is no work for the GC
             "created_at": now,
             "available_at": available,
             "window_at": None,  # quiet hours (worker/core/quiet.py) set it when they hold it back
