@@ -3,7 +3,7 @@ that their ids are new, and every message still gets its own answer when the bet
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from sqlalchemy import func, select, update
@@ -95,3 +95,24 @@ def test_rows_of_a_chunk_share_their_times_but_not_their_expiries() -> None:
     assert [r["send_deadline"] for r in rows] == [now + deadline] * 3 + [later + deadline]
     assert [r["available_at"] for r in rows] == [now] * 3 + [later - lead]
     assert {r["created_at"] for r in rows} == {now}
+
+
+def test_a_failure_while_the_next_chunk_is_taken_stores_that_chunk_whole_or_not_at_all(
+    settings: Settings,
+) -> None:
+    """The next chunk is taken while the server takes one in (before its commit): an error
+    there leaves the chunk under way unstored (PostgreSQL) or stored (SQLite, taken after),
+    never part of it, and enqueueing again stores every message once."""
+
+    def messages_then_a_failure() -> Iterator[dict[str, object]]:
+        yield from make_messages(CHUNK + 10, "cut")
+        raise RuntimeError("the producer's source failed")
+
+    with pytest.raises(RuntimeError, match="source failed"):
+        enqueue(messages_then_a_failure(), "cut", settings=settings, kick=False)
+    read_ahead = settings.database_url.startswith("postgresql")
+    assert _count(settings) == (0 if read_ahead else CHUNK)
+
+    again = enqueue(make_messages(CHUNK + 10, "cut"), "cut", settings=settings, kick=False)
+    assert {r.status for r in again[CHUNK:]} == {"accepted"}
+    assert _count(settings) == CHUNK + 10

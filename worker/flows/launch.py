@@ -13,6 +13,7 @@ import hashlib
 import logging
 import re
 import string
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -623,9 +624,10 @@ def _settled(
 
     One `enqueue_chunks` serves the whole launch: the campaign is set up once, and each
     chunk's answers carry its accepted messages as validated (for the estimate) and how
-    many wait for their send window, so neither is asked again. A chunk is read (and, with
-    --dedupe, checked against the campaign) only once the chunk before it is stored."""
-    read: list[tuple[list[Row], list[Row], list[dict[str, Any]]]] = []  # one chunk at most
+    many wait for their send window, so neither is asked again. The next chunk is read and
+    checked while the server takes one in (`enqueue_chunks`); with --dedupe, only once the
+    chunk before it is stored."""
+    read: deque[tuple[list[Row], list[Row], list[dict[str, Any]]]] = deque()  # in file order
 
     def messages_of_chunks() -> Iterator[list[dict[str, Any]]]:
         for chunk in chunked(rows, CHUNK):
@@ -635,7 +637,7 @@ def _settled(
 
     if dry_run:
         for messages_ in messages_of_chunks():
-            chunk, readable, _ = read.pop()
+            chunk, readable, _ = read.popleft()
             errors = _dry_run(messages_, name, defaults, settings, stats)
             yield list(_refusals(chunk, readable, messages_, errors, stats, settings))
         return
@@ -645,8 +647,9 @@ def _settled(
         settings=settings,
         callback_url=defaults.callback_url,
         callback_task=defaults.callback_task,
+        read_ahead=not defaults.dedupe,  # --dedupe looks the stored campaign up per chunk
     ):
-        chunk, readable, messages_ = read.pop()
+        chunk, readable, messages_ = read.popleft()
         errors = _count(done, stats, settings)
         yield list(_refusals(chunk, readable, messages_, errors, stats, settings))
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from itertools import islice
 from typing import Any, Literal
 
@@ -177,10 +178,13 @@ def store_as(
     expire: set[str] | frozenset[str] = frozenset(),
     *,
     expect_new: bool = True,
+    meanwhile: Callable[[], None] | None = None,
 ) -> tuple[set[str], State]:
     """`store`, and the state the new rows are in: `held` for a held, paused or metered
     campaign, else `queued`. `expect_new`: bet that no id is stored yet (`insert_new_by_copy`:
-    COPY, redone through `insert_new` when one is); false after a chunk of duplicates."""
+    COPY, redone through `insert_new` when one is); false after a chunk of duplicates.
+    `meanwhile`: run while the server takes the COPY in, before the commit (if a COPY is
+    made; a failure in it rolls the rows back)."""
     if not rows:
         return set(), State.QUEUED
     with engine.begin() as conn:
@@ -204,8 +208,10 @@ def store_as(
                 v is not None
                 for v in (state.held_at, state.paused_at, state.daily_cap, state.rate_limit)
             )
-        insert = insert_new_by_copy if expect_new else insert_new
-        inserted = insert(conn, messages, rows, key="id")
+        if expect_new:
+            inserted = insert_new_by_copy(conn, messages, rows, "id", meanwhile)
+        else:
+            inserted = insert_new(conn, messages, rows, key="id")
         if expire & inserted:
             _expire_new(conn, expire & inserted)
         if blocked and inserted:
@@ -350,10 +356,18 @@ def enqueue_chunks(
     callback_url: str | None = None,
     callback_task: str | None = None,
     send_window: str | None = None,
+    read_ahead: bool = True,
 ) -> Iterator[Enqueued]:
     """`enqueue` a chunk (of at most CHUNK messages) at a time, one transaction each, in
-    order; wakes nothing. What a chunk's checks read (the suppression list) is read after
-    the chunk before it is stored."""
+    order; wakes nothing.
+
+    `read_ahead`: the next chunk is taken from `chunks` and checked (validation, the
+    suppression list, send windows) while the server takes this chunk's COPY in, before its
+    commit: the database's time and ours overlap on one thread, where one after the other
+    they add up (≈10 and ≈20 ms per 1,000 messages). A chunk is still stored only after the
+    one before it is committed and answered; what is read ahead was checked, never stored,
+    and an error in taking it rolls the chunk under way back. False when taking a chunk
+    must see the one before it stored (`campaign launch --dedupe`)."""
     check_campaign(campaign)
     inherited = campaign_callbacks(callback_url, callback_task)
     settings = settings or get_settings()
@@ -378,14 +392,25 @@ def enqueue_chunks(
         }
         return batch
 
-    def store(batch: _Batch) -> tuple[set[str], State]:
-        return store_as(engine, batch.rows, campaign, batch.late, expect_new=expect_new)
-
-    for batch in map(prepare, chunks):
-        inserted, stored_as = store(batch)
+    batches = map(prepare, chunks)
+    batch = next(batches, None)
+    while batch is not None:
+        ahead: list[_Batch | None] = []  # the next batch, once taken
+        take = partial(_take_next, batches, ahead) if read_ahead else None
+        inserted, stored_as = store_as(
+            engine, batch.rows, campaign, batch.late, expect_new=expect_new, meanwhile=take
+        )
         expect_new = expect_new and len(inserted) == len(batch.rows)
         known = existing_states(engine, {r["id"] for r in batch.rows} - inserted)
         yield _answered(batch, inserted, stored_as, known)
+        if not ahead:  # no COPY was made (or no overlap wanted): take it now
+            _take_next(batches, ahead)
+        batch = ahead[0]
+
+
+def _take_next(batches: Iterator[_Batch], ahead: list[_Batch | None]) -> None:
+    """Check the next chunk into `ahead` (None after the last one)."""
+    ahead.append(next(batches, None))
 
 
 def _checked(

@@ -228,7 +228,11 @@ def insert_new(
 
 
 def insert_new_by_copy(
-    conn: Connection, table: Table, rows: Sequence[dict[str, Any]], key: str
+    conn: Connection,
+    table: Table,
+    rows: Sequence[dict[str, Any]],
+    key: str,
+    meanwhile: Callable[[], None] | None = None,
 ) -> set[Any]:
     """`insert_new` betting that every key is new, as in a fresh campaign.
 
@@ -237,6 +241,8 @@ def insert_new_by_copy(
     looking the keys up first (the planner seq-scans an unanalysed table for `= ANY`). A key
     already taken fails the COPY on the unique index: it is undone to its savepoint and the
     rows go through `insert_new`, which skips the taken keys. SQLite: `insert_new`.
+    `meanwhile` runs once the rows are sent, while the server is still taking them in
+    (`_copy`); it is not run where no COPY is made.
     """
     if not rows:
         return set()
@@ -246,7 +252,7 @@ def insert_new_by_copy(
 
     try:
         with conn.begin_nested(), _raw_cursor(conn, f"COPY {table.name}") as cursor:
-            _copy(cursor, table.name, table, rows)
+            _copy(cursor, table.name, table, rows, meanwhile)
     except DBAPIError as exc:
         if not isinstance(exc.orig, UniqueViolation):
             raise
@@ -364,8 +370,16 @@ def _unnest_update(
     return sql, params
 
 
-def _copy(cursor: Any, target: str, table: Table, rows: Sequence[dict[str, Any]]) -> None:
-    """COPY rows into `target`, a table with `table`'s columns.
+def _copy(
+    cursor: Any,
+    target: str,
+    table: Table,
+    rows: Sequence[dict[str, Any]],
+    meanwhile: Callable[[], None] | None = None,
+) -> None:
+    """COPY rows into `target`, a table with `table`'s columns; `meanwhile` runs after the
+    last row is written and before the server is waited for (it works through them in
+    parallel: ≈10 ms per 1,000 messages that would otherwise be spent waiting).
 
     Values are made ready a column at a time (`_copy_column`): psycopg formats an aware
     datetime in ≈0.8 µs, four fifths of a 25-column row's cost (measured), so each distinct
@@ -381,6 +395,8 @@ def _copy(cursor: Any, target: str, table: Table, rows: Sequence[dict[str, Any]]
     with cursor.copy(f"COPY {target} ({', '.join(names)}) FROM STDIN") as copy:
         for values in zip(*columns, strict=True):
             copy.write_row(values)
+        if meanwhile is not None:
+            meanwhile()
 
 
 _NONE = type(None)
