@@ -1,6 +1,7 @@
 """Launching a campaign from a CSV or Excel file, and retrying one.
 
-A launch streams the file in chunks, so a million rows use the memory of one chunk.
+A launch streams the file in chunks, so a million rows use the memory of two chunks (one
+is read while the one before is stored).
 Ids are either the file's own or derived from the campaign name, the line and the phone,
 so launching the same file again under the same name enqueues nothing twice and resumes
 a launch that was interrupted.
