@@ -561,3 +561,19 @@ def test_dedupe_skips_a_phone_already_in_the_campaign_or_the_file(
     assert count(settings.database_url, "dd") == 3
     again = launch(first, "dd", defaults, settings)  # a relaunch: already known, not deduped
     assert (again.accepted, again.duplicate, again.deduped) == (0, 2, 0)
+
+
+def test_dedupe_sees_the_chunk_before_stored_across_a_chunk_boundary(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """A launch reads the next chunk while the server takes one in, but not with --dedupe:
+    a phone in the last row of one chunk and the first of the next is enqueued once."""
+    from worker.flows.launch import CHUNK
+
+    phones = [f"+38067{i:07d}" for i in range(CHUNK)] + ["+380670000999", "+380679999999"]
+    source = write(tmp_path / "edge.csv", "phone,name\n" + "".join(f"{p},x\n" for p in phones))
+
+    stats = launch(source, "edge", replace(MAPPED, dedupe=True), settings)
+
+    assert (stats.rows, stats.accepted, stats.deduped) == (CHUNK + 2, CHUNK + 1, 1)
+    assert count(settings.database_url, "edge") == CHUNK + 1

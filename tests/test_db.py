@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import HealthCheck, given
@@ -17,7 +17,15 @@ from config import Settings
 from tests.conftest import make_messages
 from worker.core.validation import validate_message
 from worker.flows.producer import row_for
-from worker.store.db import among, array_literal, bulk_update, get_engine, insert_new, insert_rows
+from worker.store.db import (
+    among,
+    array_literal,
+    bulk_update,
+    get_engine,
+    insert_new,
+    insert_new_by_copy,
+    insert_rows,
+)
 from worker.store.models import events, messages
 
 NOW = datetime.now(UTC)
@@ -60,6 +68,56 @@ def test_insert_new_answers_the_new_ids_only(engine: Engine) -> None:
         (rows[1]["id"], None, NOW),
         (rows[2]["id"], None, NOW),
     ]
+
+
+def test_insert_new_by_copy_answers_the_new_ids_even_when_one_is_taken(engine: Engine) -> None:
+    rows = _rows(4, "bet")
+    rows[3]["survey_options"] = ["yes", "no"]
+    with engine.begin() as conn:
+        assert insert_new_by_copy(conn, messages, rows[:2], key="id") == {
+            rows[0]["id"],
+            rows[1]["id"],
+        }
+    with engine.begin() as conn:
+        # The bet lost (rows[1] is stored): the COPY is undone to its savepoint and the rows
+        # go through insert_new's ON CONFLICT, in the same transaction, which goes on.
+        assert insert_new_by_copy(conn, messages, rows[1:], key="id") == {
+            rows[2]["id"],
+            rows[3]["id"],
+        }
+        assert insert_new_by_copy(conn, messages, [], key="id") == set()
+
+    assert _stored(engine, "id", "survey_options", "created_at") == [
+        (rows[0]["id"], None, NOW),
+        (rows[1]["id"], None, NOW),
+        (rows[2]["id"], None, NOW),
+        (rows[3]["id"], ["yes", "no"], NOW),
+    ]
+
+
+def test_copy_keeps_each_instant_and_the_checks_of_an_insert(pg_engine: Engine) -> None:
+    """COPY sends datetimes as text, each distinct one formatted once: an offset other than
+    UTC is the same instant, a naive one is refused, an over-long string is refused."""
+    kyiv = timezone(timedelta(hours=2))
+    rows = _rows(3, "when")
+    rows[0]["available_at"] = NOW.astimezone(kyiv)
+    rows[1]["expires_at"] = None
+    rows[2]["ttl"] = True  # a bool is no int for the driver: converted as an insert would
+    with pg_engine.begin() as conn:
+        insert_new_by_copy(conn, messages, rows, key="id")
+    assert _stored(pg_engine, "available_at", "expires_at", "ttl") == [
+        (NOW, rows[0]["expires_at"], rows[0]["ttl"]),
+        (NOW, None, rows[1]["ttl"]),
+        (NOW, rows[2]["expires_at"], 1),
+    ]
+
+    naive = _rows(1, "naive")[0] | {"created_at": datetime(2026, 1, 1)}
+    with pytest.raises(ValueError, match="naive"), pg_engine.begin() as conn:
+        insert_new_by_copy(conn, messages, [naive], key="id")
+    long = _rows(1, "long")[0] | {"from_name": "F" * 65}
+    with pytest.raises(DBAPIError, match="too long"), pg_engine.begin() as conn:
+        insert_new_by_copy(conn, messages, [long], key="id")
+    assert len(_stored(pg_engine, "id")) == 3
 
 
 def test_insert_new_follows_a_schema_change_on_the_same_connection(pg_engine: Engine) -> None:

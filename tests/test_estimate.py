@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from config import Settings
 from config.rates import parse_rate_card
@@ -106,3 +108,24 @@ def test_a_dry_run_estimates_parts_and_cost(tmp_path: Path) -> None:
         "priced_messages": 4,
         "without_rate": {"+141…/sms": 1},
     }
+
+
+def _parts_char_by_char(text: str) -> tuple[str, int, int]:
+    """sms_parts as GSM 03.38 reads, one character at a time (what set operations replace)."""
+    from worker.core.estimate import GSM_BASIC, GSM_EXTENSION, SINGLE, SPLIT
+
+    if not text:
+        return "GSM-7", 0, 1
+    if all(c in GSM_BASIC or c in GSM_EXTENSION for c in text):
+        encoding, length = "GSM-7", sum(2 if c in GSM_EXTENSION else 1 for c in text)
+    else:
+        encoding, length = "UCS-2", len(text.encode("utf-16-le")) // 2
+    if length <= SINGLE[encoding]:
+        return encoding, length, 1
+    return encoding, length, -(-length // SPLIT[encoding])
+
+
+@pytest.mark.unit
+@given(st.text(st.sampled_from("aZ09 @€[]{}^~|\\\f\nñΔé😀ї"), max_size=400) | st.text(max_size=200))
+def test_sms_parts_counts_as_character_by_character(text: str) -> None:
+    assert sms_parts(text) == _parts_char_by_char(text)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from worker.core.phones import surely_valid
+from worker.core.phones import _country, surely_valid
 
 pytestmark = pytest.mark.unit
 
@@ -80,3 +80,30 @@ def test_the_ukrainian_mobile_numbers_of_a_campaign_are_decided_quickly() -> Non
     assert surely_valid("+380671234567")
     assert not surely_valid("+3806712345678")  # too long: phonenumbers says why
     assert not surely_valid("+1201555012")  # +1: several regions, phonenumbers decides
+
+
+def plan_says(value: str) -> bool:
+    """The plan read the long way: the general description and then each type in turn, as
+    `_by_length` folds them into one regex per length."""
+    found = _country(value[1:4])
+    if found is None or found[1] is None:
+        return False
+    size, plan = found
+    national = value[1 + size :]
+    if not 2 <= len(national) <= 17 or national[0] == "0":
+        return False
+    if plan.national_prefix is not None and plan.national_prefix.match(national):
+        return False
+    return plan.general.matches(national) and any(t.matches(national) for t in plan.types)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(code=st.sampled_from(CODES), rest=st.text("0123456789", min_size=1, max_size=14))
+def test_the_folded_patterns_answer_as_the_plan_read_type_by_type(code: int, rest: str) -> None:
+    value = f"+{code}{rest}"[:16]
+    assert surely_valid(value) == plan_says(value), value
+
+
+def test_every_example_number_is_answered_as_the_plan_reads_it() -> None:
+    for value in example_numbers():
+        assert surely_valid(value) == plan_says(value), value

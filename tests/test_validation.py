@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -18,6 +19,8 @@ from worker.core.validation import (
     FieldError,
     OutgoingMessage,
     ValidationRules,
+    _checked_message,
+    _plain_message,
     validate_message,
 )
 
@@ -642,3 +645,53 @@ def test_a_region_that_does_not_exist_is_named() -> None:
     )
     with pytest.raises(ValueError, match="default_region must be a two-letter"):
         ValidationRules(default_region="Ukraine")
+
+
+# --- the quick yes for plain messages ------------------------------------------------------
+
+EDGE_TEXT = st.text(
+    st.sampled_from(["a", " ", "\t", "\n", "\x00", "\x1f", "\x7f", "\x9f", "\xa0", "\ud800", "é"]),
+    max_size=6,
+)
+EDGE_VALUES = (
+    JSON_VALUES
+    | EDGE_TEXT
+    | st.sampled_from(["", " ", "a" * 64, "a" * 65, "a" * 254, "a" * 255, "x" * 4097, True, 0])
+    | st.sampled_from([-1, 2_678_400, 2_678_401, "+380671234567", "+3806712345", "promo"])
+    | st.sampled_from(["standard", "tg-viber", "flashcall", "viber_survey", "+0671234567"])
+)
+PLAIN_FIELDS = ("id", "fromName", "toPhone", "messageType", "text", "ttl", "route")
+
+
+@st.composite
+def plain_messages(draw: st.DrawFn) -> dict[str, Any]:
+    """Plain messages, one or two fields replaced by an edge value or taken out."""
+    raw = message(
+        id=draw(st.from_regex(r"[A-Za-z0-9._-]{1,254}", fullmatch=True)),
+        messageType=draw(st.sampled_from(["transaction", "promo"])),
+        toPhone=draw(st.sampled_from([PHONE, "+14155552671", "+447911123456", "+380441234567"])),
+    )
+    for _ in range(draw(st.integers(0, 2))):
+        field = draw(st.sampled_from([*PLAIN_FIELDS, "scheduledSent", "phoneRegion"]))
+        raw[field] = draw(EDGE_VALUES | st.just(ABSENT))
+    return {key: value for key, value in raw.items() if value is not ABSENT}
+
+
+@settings(max_examples=2000, deadline=None)
+@given(plain_messages() | ANY_INPUT, st.sampled_from([None, "UA"]))
+def test_the_quick_yes_for_plain_messages_is_the_full_checks_answer(
+    raw: Any, region: str | None
+) -> None:
+    rules = ValidationRules(default_region=region)
+    if not isinstance(raw, Mapping):
+        return
+    quick = _plain_message(raw, rules)
+    if quick is not None:
+        assert quick == _checked_message(raw, NOW, rules)
+
+
+def test_the_quick_yes_answers_the_messages_campaigns_are_made_of() -> None:
+    for raw in (message(), message(messageType="promo", ttl=3600, route="tg-viber")):
+        assert _plain_message(raw, ValidationRules()) == _checked_message(
+            raw, NOW, ValidationRules()
+        )

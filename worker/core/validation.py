@@ -179,6 +179,14 @@ def validate_message(
         return [FieldError("message", f"must be an object of message fields, got {_kind(raw)}")]
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
+    plain = _plain_message(raw, rules)
+    return plain if plain is not None else _checked_message(raw, now, rules)
+
+
+def _checked_message(
+    raw: Mapping[Any, Any], now: datetime, rules: ValidationRules
+) -> OutgoingMessage | list[FieldError]:
+    """Every check of `validate_message`, each problem named."""
     errors: list[FieldError] = []
     if not _FIELD_SET.issuperset(raw):
         errors.extend(_unknown_field(key) for key in raw if key not in _FIELD_SET)
@@ -233,6 +241,58 @@ def validate_message(
         callback_url=get("callbackUrl"),
         callback_task=_with_queue(get("callbackTask")),
         callback_late_after=get("callbackLateAfter"),
+    )
+
+
+# The plain message most producers send, as few questions as prove it valid (`_plain_message`).
+_PLAIN_FIELDS = frozenset({"id", "fromName", "toPhone", "messageType", "text", "ttl", "route"})
+_PLAIN_TYPES = frozenset({"transaction", "promo"})  # text required, no survey options
+_UNSTORABLE_RE = re.compile(r"[\x00\ud800-\udfff]")
+_CONTROL_OR_UNSTORABLE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _plain_message(raw: Mapping[Any, Any], rules: ValidationRules) -> OutgoingMessage | None:
+    """A quick yes for a plain message (a dict of the common fields, each of its plain
+    type, an E.164 phone that `surely_valid` accepts): the OutgoingMessage the full checks
+    would answer. None means "not decided here": the full checks run and name every
+    problem. Half the time of the full checks (≈8 µs, measured), and it only ever says yes
+    where they do (tests/test_validation.py holds it to them)."""
+    if type(raw) is not dict or not _PLAIN_FIELDS.issuperset(raw):
+        return None
+    get = raw.get
+    message_id, from_name, phone = get("id"), get("fromName"), get("toPhone")
+    message_type, text, ttl, route = get("messageType"), get("text"), get("ttl"), get("route")
+    if not (
+        type(message_id) is str
+        and len(message_id) <= MAX_ID_LENGTH
+        and _ID_RE.fullmatch(message_id)
+        and type(from_name) is str
+        and 0 < len(from_name) <= MAX_FROM_NAME_LENGTH
+        and not from_name.isspace()
+        and not _CONTROL_OR_UNSTORABLE_RE.search(from_name)
+        and type(phone) is str
+        and _E164_RE.fullmatch(phone)
+        and type(message_type) is str
+        and message_type in _PLAIN_TYPES
+        and type(text) is str
+        and 0 < len(text) <= MAX_TEXT_LENGTH
+        and not text.isspace()
+        and not _UNSTORABLE_RE.search(text)
+        and (ttl is None or (type(ttl) is int and 0 < ttl <= MAX_TTL_SECONDS))
+        and (route is None or (type(route) is str and route in ROUTES))
+        and surely_valid(phone)
+    ):
+        return None
+    return OutgoingMessage(
+        message_id,
+        from_name,
+        phone,
+        message_type,
+        text,
+        ttl,
+        None,
+        None,
+        rules.default_route if route is None else route,
     )
 
 

@@ -1,6 +1,7 @@
 """Launching a campaign from a CSV or Excel file, and retrying one.
 
-A launch streams the file in chunks, so a million rows use the memory of one chunk.
+A launch streams the file in chunks, so a million rows use the memory of two chunks (one
+is read while the one before is stored).
 Ids are either the file's own or derived from the campaign name, the line and the phone,
 so launching the same file again under the same name enqueues nothing twice and resumes
 a launch that was interrupted.
@@ -13,13 +14,14 @@ import hashlib
 import logging
 import re
 import string
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import DBAPIError
 
 from config import Settings
@@ -28,6 +30,7 @@ from worker.core.quiet import checked_window, place
 from worker.core.states import State
 from worker.core.validation import (
     FIELDS,
+    FieldError,
     OutgoingMessage,
     campaign_callbacks,
     region_problem,
@@ -42,7 +45,14 @@ from worker.flows.campaigns import (
     set_limits,
 )
 from worker.flows.consent import listed
-from worker.flows.producer import check_campaign, chunked, enqueue, rules_from
+from worker.flows.producer import (
+    Enqueued,
+    check_campaign,
+    chunked,
+    enqueue,
+    enqueue_chunks,
+    rules_from,
+)
 from worker.flows.wake import wake_dispatcher
 from worker.store.db import among, get_engine, utcnow
 from worker.store.models import campaigns, messages
@@ -51,6 +61,7 @@ log = logging.getLogger(__name__)
 
 API_COLUMNS = FIELDS  # CSV headers are the message fields, matched case-insensitively
 _CANONICAL = {name.lower(): name for name in API_COLUMNS}
+_API_FIELDS = frozenset(API_COLUMNS)
 CHUNK = 1000
 SNIFF_BYTES = 64 * 1024
 
@@ -236,15 +247,16 @@ def _rows(reader: Any, raw: IO[bytes], layout: CsvLayout, bad: set[int]) -> Iter
                 continue
             end = reader.line_num
             line, start = start, end + 1
-            if not any(c.strip() for c in cells):
+            if not "".join(cells).strip():
                 continue  # blank line
-            if bad.intersection(range(line, end + 1)):
+            if bad and bad.intersection(range(line, end + 1)):
                 yield Row(line, {}, "not valid UTF-8; save the file as UTF-8")
                 continue
             if len(cells) > len(layout.columns):
                 yield Row(line, {}, f"has {len(cells)} cells, the header {len(layout.columns)}")
                 continue
-            cells += [""] * (len(layout.columns) - len(cells))  # Excel drops trailing cells
+            if len(cells) < len(layout.columns):  # Excel drops trailing cells
+                cells += [""] * (len(layout.columns) - len(cells))
             yield Row(line, _values(layout, cells))
     finally:
         raw.close()
@@ -345,8 +357,11 @@ def generated_id(campaign: str, line: int, phone: str) -> str:
 
 def to_message(row: Row, defaults: Defaults, campaign: str) -> dict[str, Any]:
     """The cascade API object for one CSV row; type problems are left to validation."""
-    values = {k: v.strip() for k, v in row.values.items() if k in API_COLUMNS}
-    message: dict[str, Any] = {k: v for k, v in values.items() if v != ""}
+    message: dict[str, Any] = {
+        k: stripped
+        for k, v in row.values.items()
+        if k in _API_FIELDS and (stripped := v.strip()) != ""
+    }
     for key, default in (
         ("fromName", defaults.from_name),
         ("messageType", defaults.message_type),
@@ -450,11 +465,8 @@ def launch(
     with out_path.open("w", newline="", encoding="utf-8") as out:
         rejects = csv.writer(out)
         rejects.writerow(REJECT_COLUMNS)
-        for chunk in chunked(rows, CHUNK):
-            stats.rows += len(chunk)
-            for line, field_name, reason, message in _settle(
-                chunk, defaults, name, settings, stats, dry_run
-            ):
+        for refusals in _settled(rows, defaults, name, settings, stats, dry_run):
+            for line, field_name, reason, message in refusals:
                 rejects.writerow(
                     (
                         line,
@@ -553,19 +565,6 @@ def _stored_ids(settings: Settings, ids: list[str]) -> set[str]:
         return set()
 
 
-def _waiting_for_window(settings: Settings, ids: list[Any]) -> int:
-    """Of the messages just stored queued, those the recipient's send window keeps back."""
-    if not ids:
-        return 0
-    with get_engine(settings.database_url).connect() as conn:
-        count: int = conn.execute(
-            select(func.count()).where(
-                among(conn, messages.c.id, ids), messages.c.window_at > utcnow()
-            )
-        ).scalar_one()
-    return count
-
-
 def _dedupe(
     readable: list[Row],
     messages_: list[dict[str, Any]],
@@ -610,69 +609,128 @@ def _dedupe(
     return keep
 
 
-def _settle(
-    chunk: list[Row],
+Refusal = tuple[int, str, str, dict[str, Any]]  # line, field, reason, the row's message
+
+
+def _settled(
+    rows: Iterable[Row],
     defaults: Defaults,
     name: str,
     settings: Settings,
     stats: LaunchStats,
     dry_run: bool,
-) -> Iterator[tuple[int, str, str, dict[str, Any]]]:
-    """Validate (and unless a dry run, enqueue) one chunk; yield its refusals in line order."""
+) -> Iterator[list[Refusal]]:
+    """Validate (and unless a dry run, enqueue) the rows a chunk at a time; yield each
+    chunk's refusals in line order once it is counted in `stats` (and stored).
 
+    One `enqueue_chunks` serves the whole launch: the campaign is set up once, and each
+    chunk's answers carry its accepted messages as validated (for the estimate) and how
+    many wait for their send window, so neither is asked again. The next chunk is read and
+    checked while the server takes one in (`enqueue_chunks`); with --dedupe, only once the
+    chunk before it is stored."""
+    read: deque[tuple[list[Row], list[Row], list[dict[str, Any]]]] = deque()  # in file order
+
+    def messages_of_chunks() -> Iterator[list[dict[str, Any]]]:
+        for chunk in chunked(rows, CHUNK):
+            stats.rows += len(chunk)
+            read.append((chunk, *_messages(chunk, defaults, name, settings, stats)))
+            yield read[-1][2]
+
+    if dry_run:
+        for messages_ in messages_of_chunks():
+            chunk, readable, _ = read.popleft()
+            errors = _dry_run(messages_, name, defaults, settings, stats)
+            yield list(_refusals(chunk, readable, messages_, errors, stats, settings))
+        return
+    for done in enqueue_chunks(
+        messages_of_chunks(),
+        name,
+        settings=settings,
+        callback_url=defaults.callback_url,
+        callback_task=defaults.callback_task,
+        read_ahead=not defaults.dedupe,  # --dedupe looks the stored campaign up per chunk
+    ):
+        chunk, readable, messages_ = read.popleft()
+        errors = _count(done, stats, settings)
+        yield list(_refusals(chunk, readable, messages_, errors, stats, settings))
+
+
+def _messages(
+    chunk: list[Row], defaults: Defaults, name: str, settings: Settings, stats: LaunchStats
+) -> tuple[list[Row], list[dict[str, Any]]]:
+    """A chunk's readable rows and their messages (those --dedupe keeps)."""
     readable = [r for r in chunk if r.problem is None]
     messages_ = [to_message(r, defaults, name) for r in readable]
-    now, rules, card = utcnow(), rules_from(settings), settings.rates
     if defaults.dedupe:
+        now, rules = utcnow(), rules_from(settings)
         kept = _dedupe(readable, messages_, name, settings, now, rules, stats)
-        chunk = [r for r in chunk if r.problem is not None or r.line in kept]
+        chunk[:] = [r for r in chunk if r.problem is not None or r.line in kept]
         pairs = [(r, m) for r, m in zip(readable, messages_, strict=True) if r.line in kept]
         readable, messages_ = [r for r, _ in pairs], [m for _, m in pairs]
-    if dry_run:
-        checked = [validate_message(m, now=now, rules=rules) for m in messages_]
-        errors = [c if isinstance(c, list) else None for c in checked]
-        # What the launch would answer `duplicate`: an id already stored (a relaunch), or
-        # one repeated earlier in the chunk. Neither is enqueued, estimated nor counted.
-        known = _stored_ids(settings, [c.id for c in checked if not isinstance(c, list)])
-        accepted: list[OutgoingMessage] = []
-        for outcome in checked:
-            if isinstance(outcome, list):
-                continue
-            if outcome.id in known:
-                stats.duplicate += 1
-                continue
-            known.add(outcome.id)
-            accepted.append(outcome)
-            stats.estimate.add(outcome, card)
-        stats.accepted += len(accepted)
-        window = send_window_option(defaults.send_window)
-        _consent_preview(stats, accepted, name, settings, window)
-    else:
-        answered = enqueue(
-            messages_,
-            name,
-            settings=settings,
-            kick=False,
-            callback_url=defaults.callback_url,
-            callback_task=defaults.callback_task,
-        )
-        errors = [list(r.errors) if r.status == "rejected" else None for r in answered]
-        stats.accepted += sum(r.status == "accepted" for r in answered)
-        for message, result in zip(messages_, answered, strict=True):
-            if result.status == "accepted":  # validated again: the estimate needs its fields
-                valid = validate_message(message, now=now, rules=rules)
-                if not isinstance(valid, list):
-                    stats.estimate.add(valid, card)
-        stats.duplicate += sum(r.status == "duplicate" for r in answered)
-        stats.suppressed += sum(
-            any("suppression list" in e.problem for e in r.errors) for r in answered
-        )
-        stats.expired_by_window += sum(
-            r.status == "accepted" and r.state == State.EXPIRED for r in answered
-        )
-        stats.waiting_for_window += _waiting_for_window(
-            settings, [r.id for r in answered if r.status == "accepted" and r.state == State.QUEUED]
-        )
+    return readable, messages_
+
+
+Errors = list[list[FieldError] | None]  # per message: its problems, or None if it passed
+
+
+def _dry_run(
+    messages_: list[dict[str, Any]],
+    name: str,
+    defaults: Defaults,
+    settings: Settings,
+    stats: LaunchStats,
+) -> Errors:
+    """Count what enqueueing would do, storing nothing."""
+    now, rules, card = utcnow(), rules_from(settings), settings.rates
+    checked = [validate_message(m, now=now, rules=rules) for m in messages_]
+    errors: Errors = [c if isinstance(c, list) else None for c in checked]
+    # What the launch would answer `duplicate`: an id already stored (a relaunch), or
+    # one repeated earlier in the chunk. Neither is enqueued, estimated nor counted.
+    known = _stored_ids(settings, [c.id for c in checked if not isinstance(c, list)])
+    accepted: list[OutgoingMessage] = []
+    for outcome in checked:
+        if isinstance(outcome, list):
+            continue
+        if outcome.id in known:
+            stats.duplicate += 1
+            continue
+        known.add(outcome.id)
+        accepted.append(outcome)
+        stats.estimate.add(outcome, card)
+    stats.accepted += len(accepted)
+    window = send_window_option(defaults.send_window)
+    _consent_preview(stats, accepted, name, settings, window)
+    return errors
+
+
+def _count(done: Enqueued, stats: LaunchStats, settings: Settings) -> Errors:
+    """Count an enqueued chunk's answers; answer each message's problems."""
+    card = settings.rates
+    for message in done.accepted:
+        stats.estimate.add(message, card)
+    errors: Errors = []
+    for result in done.results:
+        errors.append(list(result.errors) if result.status == "rejected" else None)
+        if result.status == "accepted":
+            stats.accepted += 1
+            stats.expired_by_window += result.state == State.EXPIRED
+        elif result.status == "duplicate":
+            stats.duplicate += 1
+        else:
+            stats.suppressed += any("suppression list" in e.problem for e in result.errors)
+    stats.waiting_for_window += done.waiting_for_window
+    return errors
+
+
+def _refusals(
+    chunk: list[Row],
+    readable: list[Row],
+    messages_: list[dict[str, Any]],
+    errors: Errors,
+    stats: LaunchStats,
+    settings: Settings,
+) -> Iterator[Refusal]:
+    """A chunk's refused rows, in line order: unreadable ones, then each problem of the rest."""
     stats.renumbered += sum(bool(phone_change(m, settings.default_phone_region)) for m in messages_)
     found = dict(zip((r.line for r in readable), zip(messages_, errors, strict=True), strict=True))
     for row in chunk:

@@ -12,12 +12,14 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any, TypeAlias
 
 import orjson
 from sqlalchemy import (
     JSON,
     Connection,
+    DateTime,
     Engine,
     Float,
     Integer,
@@ -225,6 +227,39 @@ def insert_new(
         return {found[0] for found in cursor.fetchall()}
 
 
+def insert_new_by_copy(
+    conn: Connection,
+    table: Table,
+    rows: Sequence[dict[str, Any]],
+    key: str,
+    meanwhile: Callable[[], None] | None = None,
+) -> set[Any]:
+    """`insert_new` betting that every key is new, as in a fresh campaign.
+
+    PostgreSQL: COPY straight into the table, without `insert_new`'s staging table and
+    `ON CONFLICT` (≈7 of 16 ms of server time per 1,000 messages, measured), and without
+    looking the keys up first (the planner seq-scans an unanalysed table for `= ANY`). A key
+    already taken fails the COPY on the unique index: it is undone to its savepoint and the
+    rows go through `insert_new`, which skips the taken keys. SQLite: `insert_new`.
+    `meanwhile` runs once the rows are sent, while the server is still taking them in
+    (`_copy`); it is not run where no COPY is made.
+    """
+    if not rows:
+        return set()
+    if conn.dialect.name != "postgresql":
+        return insert_new(conn, table, rows, key)
+    from psycopg.errors import UniqueViolation
+
+    try:
+        with conn.begin_nested(), _raw_cursor(conn, f"COPY {table.name}") as cursor:
+            _copy(cursor, table.name, table, rows, meanwhile)
+    except DBAPIError as exc:
+        if not isinstance(exc.orig, UniqueViolation):
+            raise
+        return insert_new(conn, table, rows, key)
+    return {row[key] for row in rows}
+
+
 def insert_rows(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
     """Append rows (event history); PostgreSQL takes them by COPY, the cheapest way in."""
     if not rows:
@@ -335,13 +370,54 @@ def _unnest_update(
     return sql, params
 
 
-def _copy(cursor: Any, target: str, table: Table, rows: Sequence[dict[str, Any]]) -> None:
-    """COPY rows into `target`, a table with `table`'s columns."""
+def _copy(
+    cursor: Any,
+    target: str,
+    table: Table,
+    rows: Sequence[dict[str, Any]],
+    meanwhile: Callable[[], None] | None = None,
+) -> None:
+    """COPY rows into `target`, a table with `table`'s columns; `meanwhile` runs after the
+    last row is written and before the server is waited for (it works through them in
+    parallel: ≈10 ms per 1,000 messages that would otherwise be spent waiting).
+
+    Values are made ready a column at a time (`_copy_column`): psycopg formats an aware
+    datetime in ≈0.8 µs, four fifths of a 25-column row's cost (measured), so each distinct
+    one is formatted once; a column already of its type costs one pass over its types.
+    """
     names = list(rows[0])
-    converters = [_converter(table.c[name]) for name in names]
+    # Transposed in C: the rows as tuples (itemgetter), then zip(*…) into columns.
+    tuples = map(itemgetter(*names), rows) if len(names) > 1 else ([row[names[0]]] for row in rows)
+    columns = [
+        _copy_column(table.c[name], list(column))
+        for name, column in zip(names, zip(*tuples, strict=True), strict=True)
+    ]
     with cursor.copy(f"COPY {target} ({', '.join(names)}) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row([convert(row[n]) for n, convert in zip(names, converters, strict=True)])
+        for values in zip(*columns, strict=True):
+            copy.write_row(values)
+        if meanwhile is not None:
+            meanwhile()
+
+
+_NONE = type(None)
+
+
+def _copy_column(column: Any, values: list[Any]) -> list[Any]:
+    """One column's values as COPY takes them, with the checks `_converter` makes."""
+    kind = column.type
+    if isinstance(kind, Float | Integer | String):
+        want = float if isinstance(kind, Float) else int if isinstance(kind, Integer) else str
+        if set(map(type, values)) <= {want, _NONE}:
+            return values
+    elif isinstance(kind, DateTime) or isinstance(getattr(kind, "impl", None), DateTime):
+        texts = {value: _timestamp(value) for value in set(values)}
+        return list(map(texts.__getitem__, values))
+    return list(map(_converter(column), values))
+
+
+def _timestamp(value: Any) -> Any:
+    """An aware datetime as ISO 8601 text, which PostgreSQL reads exactly."""
+    return _aware(value).isoformat() if isinstance(value, datetime) else value
 
 
 def _converter(column: Any) -> Callable[[Any], Any]:
