@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,3 +61,17 @@ def test_bench_runs_the_webhook_intake_column(redis_db: str) -> None:
     for row in ("pushes/s (answered 200)", "receipt to applied p99", "BulkGate reports/s"):
         assert row in done.stdout
     assert "intake, 1 API" in done.stdout and "intake run 1:" in done.stdout
+
+
+def test_the_intake_bench_prints_each_way_in() -> None:
+    args = ["--n", "200", "--runs", "1", "--db", "sqlite"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "enqueue_bench.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    for way in ("one call", "chunks of 10,000", "csv launch"):
+        assert re.search(rf"^{way}: median [\d,]+ msg/s .*µs/msg$", done.stdout, re.M), way
