@@ -214,7 +214,12 @@ def hand_out_checks(res: Resources, most: int | None = None) -> int:
     """Claim due checks into up to `most` poll tasks (all the room the queue has left, if
     None); answer how many checks were handed out."""
     settings = res.settings
-    free = polling.poll_task_room(queue_length(POLL_QUEUE), sending_behind(res), settings)
+    behind = sending_behind(res)
+    if behind and most is not None:
+        # No chain while sends wait: the sweep's tick keeps checks to a trickle then (two
+        # tasks per tick); chained, they took half the workers from a campaign of 1,000,000.
+        return 0
+    free = polling.poll_task_room(queue_length(POLL_QUEUE), behind, settings)
     # The sweep's first task takes due explorers ahead of the backlog (the plan learns only
     # from checks on time); the chain after a full batch takes the oldest due.
     explorers = learn_every(settings) if most is None else 0
