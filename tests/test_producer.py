@@ -116,3 +116,17 @@ def test_a_failure_while_the_next_chunk_is_taken_stores_that_chunk_whole_or_not_
     again = enqueue(make_messages(CHUNK + 10, "cut"), "cut", settings=settings, kick=False)
     assert {r.status for r in again[CHUNK:]} == {"accepted"}
     assert _count(settings) == CHUNK + 10
+
+
+def test_an_id_repeated_in_a_later_chunk_of_one_call_is_a_duplicate(settings: Settings) -> None:
+    """Repeats are found within a chunk by the intake, across chunks by the database."""
+    raws = make_messages(CHUNK * 2 + 10, "rep")
+    raws.append(dict(raws[3]))  # a repeat of the first chunk's fourth, in the third chunk
+    raws.insert(5, dict(raws[5]))  # a repeat within the first chunk
+
+    results = enqueue(raws, "rep", settings=settings, kick=False)
+
+    assert [r.status for r in results].count("duplicate") == 2
+    assert results[6].status == "duplicate" and results[6].id == raws[5]["id"]
+    assert results[-1].status == "duplicate" and results[-1].state == "queued"
+    assert _count(settings) == CHUNK * 2 + 10

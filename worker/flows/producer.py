@@ -377,12 +377,13 @@ def enqueue_chunks(
     own_window = campaign_window(engine, campaign, send_window)
     windows, suppressed_types = settings.windows, settings.suppressed_types
     rules = rules_from(settings)
-    seen: set[str] = set()
     expect_new = True  # a relaunch meets its ids again: then ask before each insert
 
     def prepare(chunk: Sequence[Mapping[str, Any]]) -> _Batch:
         now = utcnow()
-        batch = _checked(chunk, now, rules, inherited, seen, campaign, settings)
+        # Repeats within a chunk here; across chunks the database answers them (the id is
+        # stored): a set of every id of a 1,000,000-row launch held ≈ 95 MB to the end.
+        batch = _checked(chunk, now, rules, inherited, set(), campaign, settings)
         if refused := consent.door(engine, batch.rows, suppressed_types):
             batch.results, batch.rows = _refuse(batch.results, batch.rows, refused)
         batch.late = {
