@@ -1,6 +1,6 @@
-"""What several test modules share, so no test module imports another: filling a database
-with messages, reading one back, a simulator on a loopback socket, and the strategies and
-payloads of the property tests."""
+"""What several test modules share, so no test module imports another: an injected clock
+and the send path's pacing in memory, filling a database with messages, reading one back, a
+simulator on a loopback socket, and the strategies and payloads of the property tests."""
 
 from __future__ import annotations
 
@@ -19,12 +19,85 @@ from sqlalchemy import Engine, select, update
 
 from config import Settings
 from tests.conftest import make_messages
+from worker.core.backoff import NO_PLAN, CheckPlan
 from worker.core.states import State
 from worker.core.validation import MESSAGE_TYPES, ROUTES, validate_message
 from worker.dev.simulator import SimulatorConfig, create_app
 from worker.flows.producer import row_for, store
 from worker.store.db import get_engine, utcnow
 from worker.store.models import events, messages
+
+# --- time and pacing, in memory ---
+
+
+class Clock:
+    """An injected clock: `now` moves only when a test moves it."""
+
+    def __init__(self, now: datetime | None = None) -> None:
+        self.now = now or utcnow()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class MemoryPacing:
+    """`dispatcher.SendPacing` on an injected clock, as `worker.store.pacing.Pacing` keeps it
+    in Redis: pauses with their causes, the circuit's failures, half-open state and probe;
+    no rate limits, and the fixed poll schedule (no latencies learned)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.until: dict[str, datetime] = {}
+        self.failures = 0
+        self.half: set[str] = set()
+        self.probe: dict[str, datetime] = {}
+        self.why: dict[str, str] = {}
+
+    def pause(self, name: str, seconds: float, reason: str = "paused") -> None:
+        end = self.clock() + timedelta(seconds=seconds)
+        if end > self.until.get(name, end - timedelta(seconds=1)):
+            self.until[name], self.why[name] = end, reason
+
+    def pause_reason(self, name: str) -> str | None:
+        return self.why.get(name) if self.paused_for(name) else None
+
+    def paused_for(self, name: str) -> float:
+        end = self.until.get(name)
+        return max(0.0, (end - self.clock()).total_seconds()) if end else 0.0
+
+    def failed(self, name: str) -> int:
+        self.failures += 1
+        return self.failures
+
+    def open_circuit(self, name: str, seconds: float, reason: str = "circuit open") -> None:
+        self.pause(name, seconds, reason)
+        self.half.add(name)
+        self.probe.pop(name, None)
+
+    def half_open(self, name: str) -> bool:
+        return name in self.half
+
+    def take_probe(self, name: str, seconds: float) -> bool:
+        held = self.probe.get(name)
+        if held is not None and held > self.clock():
+            return False
+        self.probe[name] = self.clock() + timedelta(seconds=seconds)
+        return True
+
+    def release_probe(self, name: str) -> None:
+        self.probe.pop(name, None)
+
+    def answered(self, name: str) -> None:
+        self.failures = 0
+        self.half.discard(name)
+        self.probe.pop(name, None)
+
+    def acquire(self, name: str, per_second: int, cost: int = 1) -> None:
+        return None
+
+    def check_plan(self, route: str, settings: Settings) -> CheckPlan:
+        return NO_PLAN
+
 
 # --- a database with messages --------------------------------------------------------------
 

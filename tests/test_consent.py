@@ -510,7 +510,8 @@ def test_a_promo_approved_after_its_window_closed_waits_at_the_claim_for_the_nex
 ) -> None:
     """Enqueued inside its window, held, approved hours later when the window has closed:
     the claim puts it back until the next opening instead of sending it at night."""
-    from tests.test_quota import ENV, Clock, NoPacing, Provider
+    from tests.helpers import Clock, MemoryPacing
+    from tests.test_quota import ENV, Provider
     from worker.flows import dispatcher
     from worker.flows.campaigns import approve_campaign, hold_campaign
     from worker.provider.smsbat import SendClient
@@ -532,7 +533,9 @@ def test_a_promo_approved_after_its_window_closed_waits_at_the_claim_for_the_nex
     client = SendClient(settings, transport=httpx.MockTransport(provider.handle))
 
     def send() -> None:
-        dispatcher.send_batch(engine, client, NoPacing(), settings, "standard", clock=clock)
+        dispatcher.send_batch(
+            engine, client, MemoryPacing(clock), settings, "standard", clock=clock
+        )
 
     send()
     assert provider.sent == ["n-tx"]

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 from config import Settings
 from tests.conftest import make_messages
-from worker.core.backoff import NO_PLAN, CheckPlan
+from tests.helpers import Clock, MemoryPacing
 from worker.core.states import State
 from worker.core.validation import validate_message
 from worker.flows import dispatcher, quota
@@ -31,7 +31,7 @@ from worker.flows.sweeper import give_up
 from worker.ops.cli import status_view
 from worker.ops.reports import campaign_report
 from worker.provider.smsbat import SendClient
-from worker.store.db import get_engine, utcnow
+from worker.store.db import get_engine
 from worker.store.models import messages
 
 BACKENDS = pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -44,41 +44,6 @@ ENV = {
     "SEND_RETRY_FOR_SECONDS": "3600",
 }
 PRICED = {"RATE_CARD": "380:sms=0.5", "RATE_CARD_CURRENCY": "UAH"}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = utcnow()  # today: status reads today's figures by the real date
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-class NoPacing:
-    """`dispatcher.SendPacing` with nothing paused and no limits."""
-
-    def pause(self, name: str, seconds: float, reason: str = "") -> None: ...
-    def paused_for(self, name: str) -> float:
-        return 0.0
-
-    def pause_reason(self, name: str) -> str | None:
-        return None
-
-    def failed(self, name: str) -> int:
-        return 0
-
-    def open_circuit(self, name: str, seconds: float, reason: str = "") -> None: ...
-    def half_open(self, name: str) -> bool:
-        return False
-
-    def take_probe(self, name: str, seconds: float) -> bool:
-        return True
-
-    def release_probe(self, name: str) -> None: ...
-    def answered(self, name: str) -> None: ...
-    def acquire(self, name: str, per_second: int, cost: int = 1) -> None: ...
-    def check_plan(self, route: str, settings: Settings) -> CheckPlan:
-        return NO_PLAN  # the fixed poll schedule: these tests learn no latencies
 
 
 class Provider:
@@ -110,7 +75,7 @@ def _send_all(url: str, settings: Settings, clock: Clock, provider: Provider) ->
     reports = []
     for _ in range(20):
         report = dispatcher.send_batch(
-            get_engine(url), client, NoPacing(), settings, "standard", clock=clock
+            get_engine(url), client, MemoryPacing(clock), settings, "standard", clock=clock
         )
         reports.append(report)
         clock.now += timedelta(milliseconds=10)

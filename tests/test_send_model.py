@@ -48,7 +48,7 @@ from sqlalchemy import delete, select
 
 from config import Settings
 from tests.conftest import make_messages
-from worker.core.backoff import NO_PLAN, CheckPlan
+from tests.helpers import Clock, MemoryPacing
 from worker.core.sendpolicy import request_bound
 from worker.core.states import FINAL, State
 from worker.core.validation import validate_message
@@ -60,6 +60,7 @@ from worker.store.db import get_engine
 from worker.store.models import campaigns, events, messages
 
 BATCH = 16
+START = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
 ENV = {
     "SMSBAT_API_KEY": "model-key",
     "SMSBAT_BASE_URL": "http://provider.model",
@@ -95,71 +96,6 @@ DONE = FINAL | {State.SUBMITTED}
 
 class WorkerDied(BaseException):
     """A SIGKILL between the provider's answer and the commit: nothing after it runs."""
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-class MemoryPacing:
-    """`dispatcher.SendPacing` on the injected clock, as `worker.store.pacing.Pacing` keeps it."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.until: dict[str, datetime] = {}
-        self.failures = 0
-        self.half: set[str] = set()
-        self.probe: dict[str, datetime] = {}
-        self.why: dict[str, str] = {}
-
-    def pause(self, name: str, seconds: float, reason: str = "paused") -> None:
-        end = self.clock() + timedelta(seconds=seconds)
-        if end > self.until.get(name, end - timedelta(seconds=1)):
-            self.until[name], self.why[name] = end, reason
-
-    def pause_reason(self, name: str) -> str | None:
-        return self.why.get(name) if self.paused_for(name) else None
-
-    def paused_for(self, name: str) -> float:
-        end = self.until.get(name)
-        return max(0.0, (end - self.clock()).total_seconds()) if end else 0.0
-
-    def failed(self, name: str) -> int:
-        self.failures += 1
-        return self.failures
-
-    def open_circuit(self, name: str, seconds: float, reason: str = "circuit open") -> None:
-        self.pause(name, seconds, reason)
-        self.half.add(name)
-        self.probe.pop(name, None)
-
-    def half_open(self, name: str) -> bool:
-        return name in self.half
-
-    def take_probe(self, name: str, seconds: float) -> bool:
-        held = self.probe.get(name)
-        if held is not None and held > self.clock():
-            return False
-        self.probe[name] = self.clock() + timedelta(seconds=seconds)
-        return True
-
-    def release_probe(self, name: str) -> None:
-        self.probe.pop(name, None)
-
-    def answered(self, name: str) -> None:
-        self.failures = 0
-        self.half.discard(name)
-        self.probe.pop(name, None)
-
-    def acquire(self, name: str, per_second: int, cost: int = 1) -> None:
-        return None
-
-    def check_plan(self, route: str, settings: Settings) -> CheckPlan:
-        return NO_PLAN
 
 
 class ModelProvider:
@@ -266,7 +202,7 @@ def send_machine(url: str) -> type[RuleBasedStateMachine]:
             with engine.begin() as conn:
                 for table in (events, messages, campaigns):
                     conn.execute(delete(table))
-            self.clock = Clock()
+            self.clock = Clock(START)
             self.pacing = MemoryPacing(self.clock)
             self.provider = ModelProvider(random.Random(0), parts_of)
             self.client = SendClient(settings, transport=self.provider.transport())
@@ -428,7 +364,7 @@ def test_a_batch_chained_after_a_full_one_goes_without_waiting_to_fill(
     env = ENV | {"SEND_BATCH_MIN": "10", "SEND_LINGER_SECONDS": "60"}
     settings = Settings(**env, DATABASE_URL=url)  # type: ignore[arg-type]
     engine = get_engine(url)
-    clock = Clock()
+    clock = Clock(START)
     now = clock()
     rows = []
     for raw in make_messages(3, "due"):
