@@ -93,11 +93,6 @@ def should_flush(ready: int, oldest_wait: float, *, batch_min: int, linger: floa
     return ready >= batch_min or (ready > 0 and oldest_wait >= linger)
 
 
-def send_paused(pacing: SendPacing) -> float:
-    """Seconds left of a pause of all sending: a 429's Retry-After or an open circuit."""
-    return max(pacing.paused_for(THROTTLE), pacing.paused_for(CIRCUIT))
-
-
 @dataclass(frozen=True)
 class SendingPause:
     """Why no worker sends now, for every campaign, and for about how long."""
@@ -116,6 +111,12 @@ def sending_pause(pacing: SendPacing) -> SendingPause | None:
     if seconds <= 0:
         return None
     return SendingPause(seconds, pacing.pause_reason(name) or "paused")
+
+
+def send_paused(pacing: SendPacing) -> float:
+    """Seconds left of a pause of all sending: a 429's Retry-After or an open circuit."""
+    pause = sending_pause(pacing)
+    return pause.seconds if pause else 0.0
 
 
 def batch_limit(settings: Settings) -> int:

@@ -383,7 +383,7 @@ def enqueue_chunks(
         now = utcnow()
         # Repeats within a chunk here; across chunks the database answers them (the id is
         # stored): a set of every id of a 1,000,000-row launch held ≈ 95 MB to the end.
-        batch = _checked(chunk, now, rules, inherited, set(), campaign, settings)
+        batch = _checked(chunk, now, rules, inherited, campaign, settings)
         if refused := consent.door(engine, batch.rows, suppressed_types):
             batch.results, batch.rows = _refuse(batch.results, batch.rows, refused)
         batch.late = {
@@ -419,11 +419,11 @@ def _checked(
     now: datetime,
     rules: ValidationRules,
     inherited: Callbacks,
-    seen: set[str],
     campaign: str | None,
     settings: Settings,
 ) -> _Batch:
     """Validate a chunk: a result for each refused or repeated message, a row for the rest."""
+    seen: set[str] = set()
     results: list[EnqueueResult | None] = []
     rows: list[dict[str, Any]] = []
     valid: dict[str, OutgoingMessage] = {}

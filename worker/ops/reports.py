@@ -15,6 +15,7 @@ import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -44,7 +45,7 @@ from worker.flows.campaigns import campaign_control
 from worker.flows.dispatcher import sending_pause
 from worker.store.db import AnyRow, utcnow
 from worker.store.models import UTCDateTime, events, messages
-from worker.store.pacing import get_pacing
+from worker.store.pacing import Pacing, get_pacing
 
 # Final states the provider itself reported: the only ones with a delivery latency.
 PROVIDER_FINAL: tuple[State, ...] = (State.DELIVERED, State.UNDELIVERABLE, State.PERMANENTERROR)
@@ -226,12 +227,19 @@ def campaign_summary(
     }
 
 
+@lru_cache(maxsize=4)
+def _pacing(broker_url: str) -> Pacing:
+    """One per broker: a page reloading every few seconds, or `campaign status --watch`,
+    would otherwise open a Redis pool per view."""
+    return get_pacing(broker_url)
+
+
 def _sending(broker_url: str | None) -> dict[str, Any] | None:
     """The pause of all sending now, or None (sending goes on, or Redis cannot say)."""
     if broker_url is None:
         return None
     try:
-        pause = sending_pause(get_pacing(broker_url))
+        pause = sending_pause(_pacing(broker_url))
     except RedisError:
         return None
     return pause.as_dict() if pause else None
