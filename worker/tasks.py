@@ -266,11 +266,16 @@ def poll_batch(pks: list[int], claimed: str | None = None) -> dict[str, Any]:
     return asdict(report)
 
 
+_consent_passes = sweeper.ConsentPasses()
+
+
 @app.task(name="cascade.sweep")
 def sweep() -> dict[str, int]:
     res = resources()
     kept = quota.keep_waiting(res.engine, res.settings)  # before a capped day fails them
-    return sweeper.sweep(res.engine, res.settings) | ({"kept_for_cap": kept} if kept else {})
+    since = _consent_passes.since(utcnow())
+    swept = sweeper.sweep(res.engine, res.settings, since)
+    return swept | ({"kept_for_cap": kept} if kept else {})
 
 
 @app.task(name="cascade.enforce_holds")
