@@ -29,7 +29,7 @@ from worker.core.backoff import (
 from worker.core.sendpolicy import check_delay, learn_every, pause_for
 from worker.core.states import FINAL, State
 from worker.core.statuses import Report, apply
-from worker.observe.metrics import count_checks
+from worker.observe.metrics import count_checks, observe_finals
 from worker.provider.smsbat import (
     NotFound,
     ProviderError,
@@ -229,9 +229,10 @@ def poll_batch(
         count_checks(results.values())
     paused = max(paused, heed(pacing, settings, [answer for _, answer in results.values()]))
     plans = {route: pacing.check_plan(route, settings) for route in {r.route for r in rows}}
-    report.counts, learned = record_polls(
+    report.counts, learned, finals = record_polls(
         engine, settings, [r.pk for r in rows], results, paused, plans
     )
+    observe_finals(finals)
     for route, latencies in learned.items():
         pacing.note_latencies(route, latencies)
     return report
@@ -259,13 +260,15 @@ def record_polls(
     results: dict[str, Checked],
     paused: float,
     plans: Mapping[str, CheckPlan] | None = None,
-) -> tuple[dict[str, int], dict[str, list[float]]]:
+) -> tuple[dict[str, int], dict[str, list[float]], list[float]]:
     """Apply answers forward-only, schedule the next check of every unfinished message on
-    its route's plan; answer the counts of new states and, by route, the latencies the
-    exploring messages that became final showed."""
+    its route's plan; answer the counts of new states, by route the latencies the exploring
+    messages that became final showed, and the seconds from submit to final of every
+    message that did (for the latency histogram)."""
     now = utcnow()
     counts: dict[str, int] = {}
     learned: dict[str, list[float]] = {}
+    finals: list[float] = []
     every = learn_every(settings)
     changes: dict[int, dict[str, Any]] = {}
     journal: list[dict[str, Any]] = []
@@ -300,6 +303,8 @@ def record_polls(
                 counts[new_state] = counts.get(new_state, 0) + 1
                 timed_out = new_state == State.TIMEOUT
                 start = _start(row)
+                if new_state in FINAL and row.submitted_at is not None:
+                    finals.append((now - row.submitted_at).total_seconds())
                 learn = new_state in FINAL and not timed_out and explores(row.pk, every)
                 if learn and checked is not None and start is not None:
                     latency = explored_latency(
@@ -322,7 +327,7 @@ def record_polls(
             changes[row.pk] = change
         bulk_update(conn, messages, changes)
         insert_rows(conn, events, journal)
-    return counts, learned
+    return counts, learned, finals
 
 
 def as_report(status: StatusReport) -> Report:
