@@ -122,20 +122,23 @@ def any_due(engine: Engine, where: list[Any], deadline: ColumnElement[Any]) -> b
 def _close(
     engine: Engine,
     where: list[Any],
-    deadline: ColumnElement[Any],
+    deadline: ColumnElement[Any] | None,
     target: State,
     code: str,
     detail: str,
     now: datetime | None = None,
 ) -> int:
+    """Close up to CHUNK rows matching `where`; with `deadline`, an indexed column that
+    orders them, ask `any_due` first."""
     now = now or utcnow()
-    if not any_due(engine, where, deadline):
+    if deadline is not None and not any_due(engine, where, deadline):
         return 0
     with engine.begin() as conn:
         rows = list(
             conn.execute(
                 select(messages.c.pk, messages.c.state)
                 .where(*where)
+                .order_by(*([] if deadline is None else [deadline]))
                 .limit(CHUNK)
                 .with_for_update(skip_locked=True)
             )
@@ -162,11 +165,14 @@ def _close(
 
 
 def expire_queued(engine: Engine) -> int:
+    """A backstop: the claim itself expires the rows it takes. No index on `expires_at`
+    among queued rows: it cost every enqueued message 3 µs of CPU (8 % of intake), for a
+    pass that reads the queue's index once every SWEEP_INTERVAL_SECONDS."""
     now = utcnow()
     return _close(
         engine,
         [messages.c.state == State.QUEUED, messages.c.expires_at <= now],
-        messages.c.expires_at,
+        None,
         State.EXPIRED,
         "TTL_EXPIRED",
         "TTL ran out before the message could be sent",
@@ -174,7 +180,9 @@ def expire_queued(engine: Engine) -> int:
 
 
 def time_out(engine: Engine, settings: Settings) -> int:
-    """Close overdue messages the poller has not reached (it closes the rest itself)."""
+    """Close overdue messages the poller has not reached (it closes the rest itself): those
+    whose check is as overdue as their deadline. A message with a check still to come is
+    the poller's to time out, so the pass walks the next-check index, not the table."""
     late = utcnow() - timedelta(
         seconds=settings.poll_lease_seconds + settings.poll_outage_grace_seconds
     )
@@ -182,9 +190,10 @@ def time_out(engine: Engine, settings: Settings) -> int:
         engine,
         [
             messages.c.state.in_([State.SUBMITTED, State.SCHEDULED, State.PROCESSING]),
+            messages.c.next_poll_at < late,
             messages.c.poll_deadline < late,
         ],
-        messages.c.poll_deadline,
+        messages.c.next_poll_at,
         State.TIMEOUT,
         "TIMEOUT",
         "no final status before the deadline",

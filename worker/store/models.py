@@ -190,18 +190,6 @@ class Message(Base):
             postgresql_where=sql_text("state = 'queued'"),
             sqlite_where=sql_text("state = 'queued'"),
         ),
-        Index(  # the sweeper's TTL pass (0017)
-            "ix_messages_expires",
-            "expires_at",
-            postgresql_where=sql_text("state = 'queued' AND expires_at IS NOT NULL"),
-            sqlite_where=sql_text("state = 'queued' AND expires_at IS NOT NULL"),
-        ),
-        Index(  # the sweeper's polling-deadline pass (0017)
-            "ix_messages_poll_deadline",
-            "poll_deadline",
-            postgresql_where=sql_text("state IN ('submitted', 'scheduled', 'processing')"),
-            sqlite_where=sql_text("state IN ('submitted', 'scheduled', 'processing')"),
-        ),
         Index(
             "ix_messages_sending_lease",
             "lease_until",
