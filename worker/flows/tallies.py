@@ -116,6 +116,8 @@ def _fold(engine: Engine, names: Sequence[str]) -> None:
     columns = [*KEYS, *SUMMED, *TIMES]
     with engine.begin() as conn:
         top = conn.execute(select(func.max(t.c.pk))).scalar_one()
+        if top is None:
+            return
         taken = [among(conn, t.c.campaign, names), t.c.pk <= top]
         if conn.dialect.name == "postgresql":
             gone = delete(t).where(*taken).returning(*t.c).cte("gone")
