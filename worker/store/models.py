@@ -204,6 +204,25 @@ class Message(Base):
             sqlite_where=sql_text("next_poll_at IS NOT NULL"),
         ),
         Index("ix_messages_campaign_state", "campaign", "state"),
+        # The summary's counts that depend on the time now, over just those rows (0017).
+        Index(
+            "ix_messages_waiting",
+            "campaign",
+            "available_at",
+            postgresql_where=sql_text(
+                "state = 'queued' AND scheduled_sent IS NOT NULL AND window_at IS NULL"
+            ),
+            sqlite_where=sql_text(
+                "state = 'queued' AND scheduled_sent IS NOT NULL AND window_at IS NULL"
+            ),
+        ),
+        Index(
+            "ix_messages_window",
+            "campaign",
+            "window_at",
+            postgresql_where=sql_text("state = 'queued' AND window_at IS NOT NULL"),
+            sqlite_where=sql_text("state = 'queued' AND window_at IS NOT NULL"),
+        ),
         Index(
             "ix_messages_callback_waiting",
             "final_at",

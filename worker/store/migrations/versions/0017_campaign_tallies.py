@@ -18,6 +18,11 @@ the rate card's) is tallied so the summary's `money` needs no scan either.
 `first_created_at` and `last_final_at` are the min and max of the rows written: nothing
 deletes messages or moves those times back, so they stay the campaign's own.
 
+The summary's two counts that depend on the time now (scheduled messages kept until their
+time, messages held for a send window) get partial indexes over just those rows: the
+window count seq-scanned all of messages (280 ms at 1,000,000), and the waiting count
+walked every campaign's not-yet-available queued rows.
+
 """
 
 from collections.abc import Sequence
@@ -149,7 +154,18 @@ def _sqlite_triggers() -> dict[str, str]:
     }
 
 
+WAITING = "state = 'queued' AND scheduled_sent IS NOT NULL AND window_at IS NULL"
+WINDOW = "state = 'queued' AND window_at IS NOT NULL"
+
+
 def upgrade() -> None:
+    for name, columns, where in (
+        ("ix_messages_waiting", ["campaign", "available_at"], WAITING),
+        ("ix_messages_window", ["campaign", "window_at"], WINDOW),
+    ):
+        op.create_index(
+            name, "messages", columns, postgresql_where=sa.text(where), sqlite_where=sa.text(where)
+        )
     op.create_table(
         "campaign_tallies",
         sa.Column("pk", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
@@ -203,3 +219,5 @@ def downgrade() -> None:
         op.execute("DROP FUNCTION campaign_tallies_count()")
     op.drop_index("ix_campaign_tallies_campaign", table_name="campaign_tallies")
     op.drop_table("campaign_tallies")
+    op.drop_index("ix_messages_window", table_name="messages")
+    op.drop_index("ix_messages_waiting", table_name="messages")
