@@ -13,6 +13,11 @@ once, and a shared row would serialise their transactions on its lock. The sweep
 campaign's deltas into their sums (worker/flows/tallies.py), so they stay few.
 
 PostgreSQL: statement-level triggers with transition tables, one INSERT per statement.
+What they add to a 1,000-row UPDATE, measured at 1,000,000 messages: ≈1.1–1.5 µs a row to
+keep the transition tables (a no-op trigger) and ≈1.4–2.1 µs in the function; netting
+each table's own per-group sums instead of one grouping over both with per-row numeric
+arithmetic halved the function's 3.7–4.0 µs. Transition tables refuse column lists
+(`UPDATE OF …`) and statement triggers take no row WHEN: every UPDATE pays the capture.
 SQLite: row-level triggers, -old and +new per changed row. The currency (the bill's, else
 the rate card's) is tallied so the summary's `money` needs no scan either.
 `first_created_at` and `last_final_at` are the min and max of the rows written: nothing
@@ -55,60 +60,46 @@ TALLIED = (
 )
 CURRENCY = "COALESCE(NULLIF({0}.bill_currency, ''), NULLIF({0}.rate_currency, ''))"
 
-# One function for the three statement triggers: it sums the rows a statement wrote,
-# +new -old, per group. Cost and bill are summed as numeric, so a group whose rows only
-# moved within it cancels exactly and is skipped, as are rows of no campaign.
+
+def _side(rows: str, sign: str) -> str:
+    """One transition table's sums per group, negated (`sign` -1) for the rows replaced."""
+    return (
+        f"SELECT {sign} AS sign, campaign, state, final_source, "
+        f"{CURRENCY.format('r')} AS currency, "
+        f"{sign} * count(*) AS n, {sign} * COALESCE(sum(cost), 0) AS cost, "
+        f"{sign} * COALESCE(sum(bill_amount), 0) AS bill, "
+        f"{sign} * count(*) FILTER (WHERE cost IS NOT NULL OR bill_amount IS NOT NULL) AS priced, "
+        f"{sign} * COALESCE(sum(unknown_outcomes), 0) AS unknown_outcomes, "
+        f"{sign} * COALESCE(sum(polls), 0) AS polls, {sign} * count(provider_message_id) AS sent, "
+        "min(created_at) AS first_created_at, max(final_at) AS last_final_at "
+        f"FROM {rows} AS r WHERE campaign IS NOT NULL GROUP BY 2, 3, 4, 5"
+    )
+
+
+NEW, OLD = "FILTER (WHERE sign = 1)", "FILTER (WHERE sign = -1)"
+# One function for the three statement triggers. Each transition table is summed per group
+# in one pass, then the two sides are netted over a handful of rows: a group whose rows
+# changed no tallied column sums the same on both sides (bit for bit: the same values in
+# the same order) and is skipped, as are rows of no campaign. The times are the new rows'.
 POSTGRES_FUNCTION = f"""
 CREATE FUNCTION campaign_tallies_count() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO campaign_tallies ({COLUMNS})
-        SELECT campaign, state, final_source, {CURRENCY.format("r")}, count(*),
-               COALESCE(sum(cost), 0), COALESCE(sum(bill_amount), 0),
-               count(*) FILTER (WHERE cost IS NOT NULL OR bill_amount IS NOT NULL),
-               COALESCE(sum(unknown_outcomes), 0), COALESCE(sum(polls), 0),
-               count(provider_message_id), min(created_at), max(final_at)
-        FROM new_rows AS r WHERE campaign IS NOT NULL
-        GROUP BY 1, 2, 3, 4;
+        SELECT {COLUMNS} FROM ({_side("new_rows", "1")}) AS d;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO campaign_tallies ({COLUMNS})
-        SELECT campaign, state, final_source, {CURRENCY.format("r")}, -count(*),
-               -COALESCE(sum(cost), 0), -COALESCE(sum(bill_amount), 0),
-               -count(*) FILTER (WHERE cost IS NOT NULL OR bill_amount IS NOT NULL),
-               -COALESCE(sum(unknown_outcomes), 0), -COALESCE(sum(polls), 0),
-               -count(provider_message_id), NULL, NULL
-        FROM old_rows AS r WHERE campaign IS NOT NULL
-        GROUP BY 1, 2, 3, 4;
+        SELECT {KEYS}, {SUMS}, NULL, NULL FROM ({_side("old_rows", "-1")}) AS d;
     ELSE
         INSERT INTO campaign_tallies ({COLUMNS})
-        SELECT campaign, state, final_source, currency, sum(sign),
-               COALESCE(sum(sign * cost), 0), COALESCE(sum(sign * bill), 0),
-               sum(sign * priced), COALESCE(sum(sign * unknown_outcomes), 0),
-               COALESCE(sum(sign * polls), 0), sum(sign * sent),
-               min(created_at) FILTER (WHERE sign = 1), max(final_at) FILTER (WHERE sign = 1)
-        FROM (
-            SELECT 1 AS sign, campaign, state, final_source, {CURRENCY.format("r")} AS currency,
-                   cost::numeric AS cost, bill_amount::numeric AS bill,
-                   (cost IS NOT NULL OR bill_amount IS NOT NULL)::int AS priced,
-                   unknown_outcomes, polls, (provider_message_id IS NOT NULL)::int AS sent,
-                   created_at, final_at
-            FROM new_rows AS r WHERE campaign IS NOT NULL
-            UNION ALL
-            SELECT -1, campaign, state, final_source, {CURRENCY.format("r")},
-                   cost::numeric, bill_amount::numeric,
-                   (cost IS NOT NULL OR bill_amount IS NOT NULL)::int,
-                   unknown_outcomes, polls, (provider_message_id IS NOT NULL)::int,
-                   created_at, final_at
-            FROM old_rows AS r WHERE campaign IS NOT NULL
-        ) AS d
-        GROUP BY 1, 2, 3, 4
-        HAVING sum(sign) <> 0 OR sum(sign * cost) <> 0 OR sum(sign * bill) <> 0
-            OR sum(sign * priced) <> 0 OR sum(sign * unknown_outcomes) <> 0
-            OR sum(sign * polls) <> 0 OR sum(sign * sent) <> 0
-            OR min(created_at) FILTER (WHERE sign = 1)
-               IS DISTINCT FROM min(created_at) FILTER (WHERE sign = -1)
-            OR max(final_at) FILTER (WHERE sign = 1)
-               IS DISTINCT FROM max(final_at) FILTER (WHERE sign = -1);
+        SELECT {KEYS}, sum(n), sum(cost), sum(bill), sum(priced), sum(unknown_outcomes),
+               sum(polls), sum(sent), min(first_created_at) {NEW}, max(last_final_at) {NEW}
+        FROM ({_side("new_rows", "1")} UNION ALL {_side("old_rows", "-1")}) AS d
+        GROUP BY {KEYS}
+        HAVING sum(n) <> 0 OR sum(cost) <> 0 OR sum(bill) <> 0 OR sum(priced) <> 0
+            OR sum(unknown_outcomes) <> 0 OR sum(polls) <> 0 OR sum(sent) <> 0
+            OR min(first_created_at) {NEW} IS DISTINCT FROM min(first_created_at) {OLD}
+            OR max(last_final_at) {NEW} IS DISTINCT FROM max(last_final_at) {OLD};
     END IF;
     RETURN NULL;
 END
