@@ -209,7 +209,9 @@ def campaign_summary(
         "control": campaign_control(engine, campaign),
         "sending": _sending(broker_url),
         "finals_by_source": dict(sorted(sources.items())),
-        "first_enqueued_at": _iso(min(filter(None, (g.first_created_at for g in groups)))),
+        "first_enqueued_at": _iso(
+            min(filter(None, (g.first_created_at for g in groups)), default=None)
+        ),
         "last_final_at": _iso(max(filter(None, (g.last_final_at for g in groups)), default=None)),
     }
 
