@@ -257,16 +257,22 @@ def _sending(broker_url: str | None) -> dict[str, Any] | None:
 def campaign_report(
     engine: Engine, campaign: str, broker_url: str | None = None
 ) -> dict[str, Any] | None:
-    """The summary plus money per currency, channels, latency percentiles and top errors.
-
-    `money` (the summary's) counts only messages that carry a cost or bill; `channels` and
-    `latency_seconds` cover what the provider answered; percentiles are nearest-rank.
-    """
+    """The summary plus channels, latency percentiles and top errors (`campaign_analytics`)."""
     summary = campaign_summary(engine, campaign, broker_url)
     if summary is None:
         return None
+    return summary | campaign_analytics(engine, campaign)
+
+
+def campaign_analytics(engine: Engine, campaign: str) -> dict[str, Any]:
+    """What the tallies cannot answer, scanned from the campaign's messages: channels,
+    latency percentiles and top errors.
+
+    `channels` and `latency_seconds` cover what the provider answered; percentiles are
+    nearest-rank.
+    """
     with engine.connect() as conn:
-        return summary | {
+        return {
             "channels": _channels(conn, campaign),
             "latency_seconds": _latency(conn, campaign),
             "top_errors": _top_errors(conn, campaign),
