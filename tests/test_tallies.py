@@ -306,3 +306,31 @@ def test_the_migration_counts_the_messages_already_there_and_goes_back(
     with engine.begin() as conn:  # no trigger left behind to write to a missing table
         conn.execute(update(messages).values(polls=messages.c.polls + 1))
         assert conn.execute(text("SELECT count(*) FROM messages")).scalar_one() == 60
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_sweep_folds_a_campaign_with_many_rows_and_leaves_a_small_one(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    url = database_factory(backend)
+    engine = get_engine(url)
+    settings = _settings(url)
+    stored(engine, settings, "alpha", 100, 0)
+    stored(engine, settings, "beta", 3, 100)
+    for pk in range(1, 81):  # one write per statement: 80 delta rows and more for alpha
+        with engine.begin() as conn:
+            conn.execute(update(messages).where(messages.c.pk == pk).values(polls=1, cost=0.25))
+
+    def rows(name: str) -> int:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).where(campaign_tallies.c.campaign == name)
+                ).scalar_one()
+            )
+
+    small = rows("beta")  # one a message on SQLite, one for the batch on PostgreSQL
+    assert rows("alpha") > tallies.FOLD_MIN_ROWS
+    assert sweeper.sweep(engine, settings)["tallies_folded"] == 1
+    assert rows("alpha") == 1 and rows("beta") == small  # all queued, with a cost: one group
+    assert_tallies_match(engine, ("alpha", "beta"))
