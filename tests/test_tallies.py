@@ -334,3 +334,19 @@ def test_the_sweep_folds_a_campaign_with_many_rows_and_leaves_a_small_one(
     assert sweeper.sweep(engine, settings)["tallies_folded"] == 1
     assert rows("alpha") == 1 and rows("beta") == small  # all queued, with a cost: one group
     assert_tallies_match(engine, ("alpha", "beta"))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_write_that_changes_no_tallied_column_appends_nothing(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    url = database_factory(backend)
+    engine = get_engine(url)
+    stored(engine, _settings(url), "alpha", 50, 0)
+    with engine.begin() as conn:
+        conn.execute(update(messages).where(messages.c.pk % 2 == 0).values(cost=0.0315))
+        before = conn.execute(select(func.count()).select_from(campaign_tallies)).scalar_one()
+        conn.execute(update(messages).values(next_poll_at=utcnow(), attempts=2))
+        conn.execute(update(messages).values(cost=messages.c.cost))  # rewritten, not changed
+        after = conn.execute(select(func.count()).select_from(campaign_tallies)).scalar_one()
+    assert after == before
