@@ -148,3 +148,23 @@ def test_a_slow_provider_costs_the_checks_not_started_never_the_answers_in_hand(
     assert 2 <= len(answered) < len(ids)  # two threads, 0.4 s a check, 1 s budget
     assert len(results) < len(ids)  # the checks never started are not in the results
     assert took < 2.0
+
+
+def test_a_429_stops_the_checks_not_started(redis_db: str) -> None:
+    """The simulator throttles from the first check: of 50 ids on 4 threads, only the checks
+    already under way when the 429 came back are made, not the other 46-odd."""
+    config = SimulatorConfig(delay_min=0, delay_max=0, status_throttle_next=1000)
+    with running_simulator(config) as sim:
+        ids = [a["messageId"] for a in sim.post(SEND, json=batch(50), headers=KEY).json()]
+        settings = Settings(
+            SMSBAT_API_KEY="test-key",
+            SMSBAT_BASE_URL=str(sim.base_url),
+            BROKER_URL=redis_db,
+            DATABASE_URL="sqlite://",
+            POLL_CONCURRENCY=4,
+        )  # type: ignore[call-arg]
+        with ThreadPoolExecutor(4) as threads:
+            results = check_all(StatusClient(settings), Pacing(redis_db), settings, ids, threads, 5)
+        made = sim.get("/_sim/stats").json()["status_requests"]
+    assert 1 <= len(results) <= 4 and made == len(results)
+    assert all(type(answer).__name__ == "Throttled" for _, answer in results.values())

@@ -24,7 +24,7 @@ from sqlalchemy import Engine, select
 
 from config import Settings
 from worker.core.states import State
-from worker.flows import consent
+from worker.flows import consent, sweeper
 from worker.flows.dispatcher import claim
 from worker.flows.inbox import store_inbound
 from worker.flows.producer import enqueue
@@ -191,6 +191,37 @@ def test_the_claim_never_takes_a_promo_to_a_listed_number_and_the_sweeper_ends_i
     assert [r.id for r in taken] == ["r-tx"]
     assert sweep(engine, settings)["suppressed"] == 1
     assert _states(engine, "r-") == {"r-promo": State.SUPPRESSED, "r-tx": State.SENDING}
+
+
+@BACKENDS
+def test_between_whole_passes_the_backstop_looks_up_only_numbers_listed_since(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    """Two promos slipped past the door: one to a number listed an hour ago, one to a number
+    listed now. A pass since ten minutes ago ends only the second; a whole pass, the first."""
+    url = database_factory(backend)
+    settings, engine = _settings(url), get_engine(url)
+    old, new = "+380671110002", "+380671110003"
+    enqueue([_message("s-old", old), _message("s-new", new)], "s", settings=settings, kick=False)
+    now = utcnow()
+    with engine.begin() as conn:
+        for phone, at in ((old, now - timedelta(hours=1)), (new, now)):
+            conn.execute(suppressions.insert().values(phone=phone, created_at=at, source="test"))
+    assert consent.suppress_queued(engine, since=now - timedelta(minutes=10)) == 1
+    assert _states(engine, "s-") == {"s-old": State.QUEUED, "s-new": State.SUPPRESSED}
+    assert consent.suppress_queued(engine) == 1
+    assert _states(engine, "s-")["s-old"] == State.SUPPRESSED
+
+
+def test_the_consent_backstop_reads_everything_first_then_hourly_and_listings_in_between() -> None:
+    passes = sweeper.ConsentPasses(full_every=3600, margin=600)
+    start = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+    assert passes.since(start) is None  # a process's first sweep: a whole pass
+    later = start + timedelta(minutes=30)
+    assert passes.since(later) == start - timedelta(minutes=10)
+    assert passes.since(start + timedelta(minutes=59)) == start - timedelta(minutes=10)
+    assert passes.since(start + timedelta(hours=1)) is None
+    assert passes.since(start + timedelta(hours=1, seconds=15)) == start + timedelta(minutes=50)
 
 
 @BACKENDS

@@ -129,6 +129,21 @@ def test_a_check_is_one_get_with_the_key_and_the_connection_is_kept(
     assert "x-authorization-key: k-secret" in head.lower()
 
 
+def test_the_id_is_quoted_into_the_request_under_the_base_path(
+    serve: Callable[..., Server],
+) -> None:
+    """The request's bytes are made once with a hole for the id: an id that needs quoting and
+    a base URL with a path of its own come out as httpx would write them."""
+    server = serve(lambda n, head: ok())
+    client = client_for(server, SMSBAT_BASE_URL=f"http://127.0.0.1:{server.port}/v2")
+    client.status("a/b c?")
+    client.status("m-2")
+    heads = [request.decode() for request in server.requests]
+    assert heads[0].startswith("GET /v2/bat/message/a%2Fb%20c%3F HTTP/1.1\r\n")
+    assert heads[1].startswith("GET /v2/bat/message/m-2 HTTP/1.1\r\n")
+    assert heads[0].split("\r\n", 1)[1] == heads[1].split("\r\n", 1)[1]
+
+
 def test_bodies_by_chunks_and_until_close_are_read_whole(serve: Callable[..., Server]) -> None:
     half = len(STATUS) // 2
     chunked = (

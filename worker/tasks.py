@@ -20,7 +20,6 @@ from config import Settings, get_settings
 from worker.celery import POLL_QUEUE, SEND_QUEUE, app
 from worker.core.redact import mask_url
 from worker.core.sendpolicy import learn_every
-from worker.core.states import FINAL
 from worker.core.validation import ROUTES
 from worker.flows import (
     callbacks,
@@ -246,7 +245,6 @@ def hand_out_checks(res: Resources, most: int | None = None) -> int:
 def poll_batch(pks: list[int], claimed: str | None = None) -> dict[str, Any]:
     """Check the claimed messages; `claimed` (the claim's mark) is absent in older tasks."""
     res = resources()
-    started = utcnow()
     report = polling.poll_batch(
         res.engine,
         res.checker,
@@ -256,8 +254,6 @@ def poll_batch(pks: list[int], claimed: str | None = None) -> dict[str, Any]:
         res.threads,
         claimed=datetime.fromisoformat(claimed) if claimed else None,
     )
-    if any(state in FINAL for state in report.counts):
-        metrics.observe_finals(gauges.submit_to_final(res.engine, pks, started))
     if len(pks) >= res.settings.poll_batch_size and report.checked:
         # A full batch checked (not paused): more were likely due. The sweep's tick alone let
         # the workers take at most POLL_MAX_QUEUED_TASKS batches per
@@ -266,11 +262,16 @@ def poll_batch(pks: list[int], claimed: str | None = None) -> dict[str, Any]:
     return asdict(report)
 
 
+_consent_passes = sweeper.ConsentPasses()
+
+
 @app.task(name="cascade.sweep")
 def sweep() -> dict[str, int]:
     res = resources()
     kept = quota.keep_waiting(res.engine, res.settings)  # before a capped day fails them
-    return sweeper.sweep(res.engine, res.settings) | ({"kept_for_cap": kept} if kept else {})
+    since = _consent_passes.since(utcnow())
+    swept = sweeper.sweep(res.engine, res.settings, since)
+    return swept | ({"kept_for_cap": kept} if kept else {})
 
 
 @app.task(name="cascade.enforce_holds")

@@ -185,25 +185,34 @@ def claimable() -> ColumnElement[bool]:
     return or_(messages.c.needs_consent.is_(False), probe.is_(None))
 
 
-def suppress_queued(engine: Engine, limit: int = 5000) -> int:
+def suppress_queued(engine: Engine, since: datetime | None = None, limit: int = 5000) -> int:
     """The sweeper's backstop: unsent rows needing consent whose number is listed (they
-    slipped past the door and the opt-out's own pass) end as `suppressed`."""
+    slipped past the door and the opt-out's own pass) end as `suppressed`.
+
+    `since`: only numbers listed since then, looked up by number. The whole pass reads every
+    unsent row's entry (and, with autovacuum off, every one its rows ever had): 190 ms a
+    sweep at 1,000,000 queued, for a race that only numbers listed a moment ago can lose.
+    """
     listed = exists().where(suppressions.c.phone == messages.c.to_phone)
+    unsent = [messages.c.state.in_([State.QUEUED, State.HELD]), messages.c.needs_consent.is_(True)]
     with engine.begin() as conn:
-        pks = list(
-            conn.execute(
-                select(messages.c.pk)
-                .where(
-                    messages.c.state.in_([State.QUEUED, State.HELD]),
-                    messages.c.needs_consent.is_(True),
-                    listed,
-                )
-                .limit(limit)
-            ).scalars()
-        )
+        if since is None:
+            wheres = [[*unsent, listed]]
+        else:
+            recent = select(suppressions.c.phone).where(suppressions.c.created_at >= since)
+            phones = list(conn.execute(recent).scalars())
+            wheres = [
+                [*unsent, among(conn, messages.c.to_phone, phones[i : i + 1000])]
+                for i in range(0, len(phones), 1000)
+            ]
+        pks: list[int] = []
+        for where in wheres:
+            pks += conn.execute(select(messages.c.pk).where(*where).limit(limit)).scalars()
+            if len(pks) >= limit:
+                break
         if not pks:
             return 0
-        return _suppress(conn, [among(conn, messages.c.pk, pks)], [], utcnow())
+        return _suppress(conn, [among(conn, messages.c.pk, pks[:limit])], [], utcnow())
 
 
 def listed(conn: Connection, phones: Iterable[str]) -> set[str]:

@@ -14,7 +14,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import ColumnElement, Engine, insert, select, update
 
 from config import Settings
 from worker.core.backoff import send_retry_delay
@@ -49,6 +49,9 @@ def recover_stale_claims(engine: Engine, settings: Settings, now: datetime | Non
     path decides one. An isolation part stays a part, so the halving goes on from there.
     """
     now = now or utcnow()
+    stale = [messages.c.state == State.SENDING, messages.c.lease_until < now]
+    if not any_due(engine, stale, messages.c.lease_until):
+        return 0
     with engine.begin() as conn:
         rows = list(
             conn.execute(
@@ -59,7 +62,7 @@ def recover_stale_claims(engine: Engine, settings: Settings, now: datetime | Non
                     messages.c.unknown_outcomes,
                     messages.c.send_deadline,
                 )
-                .where(messages.c.state == State.SENDING, messages.c.lease_until < now)
+                .where(*stale)
                 .order_by(messages.c.pk)
                 .limit(CHUNK)
                 .with_for_update(skip_locked=True)
@@ -96,6 +99,7 @@ def give_up(engine: Engine, now: datetime | None = None) -> int:
     return _close(
         engine,
         [messages.c.state == State.QUEUED, messages.c.send_deadline <= now],
+        messages.c.send_deadline,
         State.FAILED,
         "SEND_DEADLINE",
         "not sent before its send deadline (SEND_RETRY_FOR_SECONDS)",
@@ -103,15 +107,32 @@ def give_up(engine: Engine, now: datetime | None = None) -> int:
     )
 
 
+def any_due(engine: Engine, where: list[Any], deadline: ColumnElement[Any]) -> bool:
+    """Whether a row matches, asked by walking `deadline`'s partial index in order.
+
+    With autovacuum off, the index keeps an entry for every row that ever matched, and once
+    their deadlines pass they are all in range. A bitmap scan (the planner's choice for the
+    sweep's own query) visits the heap for each of them on every sweep: 150–300 ms at
+    1,000,000 messages, growing with every campaign. An ordered scan marks the dead entries
+    it meets, so later sweeps step over them: 4 ms.
+    """
+    with engine.connect() as conn:
+        found = conn.execute(select(messages.c.pk).where(*where).order_by(deadline).limit(1))
+        return found.first() is not None
+
+
 def _close(
     engine: Engine,
     where: list[Any],
+    deadline: ColumnElement[Any],
     target: State,
     code: str,
     detail: str,
     now: datetime | None = None,
 ) -> int:
     now = now or utcnow()
+    if not any_due(engine, where, deadline):
+        return 0
     with engine.begin() as conn:
         rows = list(
             conn.execute(
@@ -147,6 +168,7 @@ def expire_queued(engine: Engine) -> int:
     return _close(
         engine,
         [messages.c.state == State.QUEUED, messages.c.expires_at <= now],
+        messages.c.expires_at,
         State.EXPIRED,
         "TTL_EXPIRED",
         "TTL ran out before the message could be sent",
@@ -164,18 +186,39 @@ def time_out(engine: Engine, settings: Settings) -> int:
             messages.c.state.in_([State.SUBMITTED, State.SCHEDULED, State.PROCESSING]),
             messages.c.poll_deadline < late,
         ],
+        messages.c.poll_deadline,
         State.TIMEOUT,
         "TIMEOUT",
         "no final status before the deadline",
     )
 
 
-def sweep(engine: Engine, settings: Settings) -> dict[str, int]:
+class ConsentPasses:
+    """When the consent backstop reads every unsent row: at a process's first sweep and
+    every `full_every` seconds. In between it looks up only the numbers listed since the
+    last whole pass (less `margin`, for a listing or an intake still committing then)."""
+
+    def __init__(self, full_every: float = 3600.0, margin: float = 600.0) -> None:
+        self.full_every = full_every
+        self.margin = margin
+        self._full_at: datetime | None = None
+
+    def since(self, now: datetime) -> datetime | None:
+        """None for a whole pass (and it counts as done), else where the listings start."""
+        if self._full_at is None or (now - self._full_at).total_seconds() >= self.full_every:
+            self._full_at = now
+            return None
+        return self._full_at - timedelta(seconds=self.margin)
+
+
+def sweep(
+    engine: Engine, settings: Settings, consent_since: datetime | None = None
+) -> dict[str, int]:
     return {
         "stale_claims": recover_stale_claims(engine, settings),
         "expired": expire_queued(engine),
         "gave_up": give_up(engine),
         "timeout": time_out(engine, settings),
-        "suppressed": suppress_queued(engine),
+        "suppressed": suppress_queued(engine, consent_since),
         "tallies_folded": fold(engine),
     }

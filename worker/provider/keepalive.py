@@ -20,7 +20,8 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import httpx
 
@@ -54,16 +55,27 @@ class KeepAliveTransport(httpx.BaseTransport):
         url = request.url
         if (url.scheme, url.host, url.port or self._port) != (self._scheme, self._host, self._port):
             raise httpx.UnsupportedProtocol(f"this transport serves only {self._origin()}")
-        timeouts = request.extensions.get("timeout", {})
-        wire = _request_bytes(request)
+        try:
+            reply = self.exchange(request_bytes(request), request.extensions.get("timeout", {}))
+        except httpx.RequestError as exc:
+            exc.request = request  # as httpx's own transports tell which request failed
+            raise
+        return httpx.Response(
+            reply.status, headers=reply.headers, content=reply.body, request=request
+        )
+
+    def exchange(self, wire: bytes, timeouts: Mapping[str, float | None]) -> Reply:
+        """Send one request already in wire form (to this transport's origin) and read its
+        answer, without httpx's Request and Response objects: building those cost a status
+        check more CPU than the exchange itself. Errors are httpx's, as handle_request's."""
         connection = self._take()
         if connection is not None:
             try:
-                return self._exchange(connection, wire, timeouts, request, reused=True)
+                return self._exchange(connection, wire, timeouts, reused=True)
             except _StaleConnection:
                 pass  # closed by the server while idle: nothing was read, try once afresh
         connection = _Connection.open(self._host, self._port, self._ssl, timeouts)
-        return self._exchange(connection, wire, timeouts, request, reused=False)
+        return self._exchange(connection, wire, timeouts, reused=False)
 
     def close(self) -> None:
         with self._lock:
@@ -95,11 +107,10 @@ class KeepAliveTransport(httpx.BaseTransport):
         self,
         connection: _Connection,
         wire: bytes,
-        timeouts: dict[str, float | None],
-        request: httpx.Request,
+        timeouts: Mapping[str, float | None],
         *,
         reused: bool,
-    ) -> httpx.Response:
+    ) -> Reply:
         try:
             connection.settimeout(timeouts.get("write"))
             try:
@@ -107,38 +118,52 @@ class KeepAliveTransport(httpx.BaseTransport):
             except (BrokenPipeError, ConnectionResetError):
                 if reused:
                     raise _StaleConnection from None
-                raise httpx.WriteError("connection closed while writing", request=request) from None
+                raise httpx.WriteError("connection closed while writing") from None
             except TimeoutError:
-                raise httpx.WriteTimeout("request not written in time", request=request) from None
+                raise httpx.WriteTimeout("request not written in time") from None
             connection.settimeout(timeouts.get("read"))
-            status, headers, body, keep = connection.read_response(request.method)
+            status, headers, body, keep = connection.read_response(wire.startswith(b"HEAD "))
         except _StaleConnection:
             connection.close()
             if reused:
                 raise
             raise httpx.RemoteProtocolError(
-                "server disconnected without sending a response", request=request
+                "server disconnected without sending a response"
             ) from None
         except httpx.TransportError:
             connection.close()
             raise
         except TimeoutError:
             connection.close()
-            raise httpx.ReadTimeout("no answer within the read timeout", request=request) from None
+            raise httpx.ReadTimeout("no answer within the read timeout") from None
         except _Malformed as exc:
             connection.close()
-            raise httpx.RemoteProtocolError(str(exc), request=request) from None
+            raise httpx.RemoteProtocolError(str(exc)) from None
         except OSError as exc:
             connection.close()
-            raise httpx.ReadError(f"{type(exc).__name__}: {exc}", request=request) from None
+            raise httpx.ReadError(f"{type(exc).__name__}: {exc}") from None
         if keep:
             self._give_back(connection)
         else:
             connection.close()
-        return httpx.Response(status, headers=headers, content=body, request=request)
+        return Reply(status, headers, body)
 
 
-def _request_bytes(request: httpx.Request) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer as read off the socket."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of the header `name` (lower case), if any."""
+        return next((v for n, v in self.headers if n.lower() == name), None)
+
+
+def request_bytes(request: httpx.Request) -> bytes:
+    """The request as this transport writes it."""
     body = request.read()
     lines = [f"{request.method} ".encode() + request.url.raw_path + b" HTTP/1.1"]
     lines += [name + b": " + value for name, value in request.headers.raw]
@@ -157,6 +182,7 @@ class _Connection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._buffer = bytearray()
+        self._timeout = sock.gettimeout()
 
     @classmethod
     def open(
@@ -164,7 +190,7 @@ class _Connection:
         host: str,
         port: int,
         context: ssl.SSLContext | None,
-        timeouts: dict[str, float | None],
+        timeouts: Mapping[str, float | None],
     ) -> _Connection:
         try:
             sock = socket.create_connection((host, port), timeout=timeouts.get("connect"))
@@ -178,7 +204,9 @@ class _Connection:
         return cls(sock)
 
     def settimeout(self, seconds: float | None) -> None:
-        self.sock.settimeout(seconds)
+        if seconds != self._timeout:  # a system call each time, for the same value mostly
+            self.sock.settimeout(seconds)
+            self._timeout = seconds
 
     def usable(self) -> bool:
         """An idle connection with nothing to read: a readable one was closed (or spoke out
@@ -197,8 +225,9 @@ class _Connection:
         with contextlib.suppress(OSError):
             self.sock.close()
 
-    def read_response(self, method: str) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
-        """Status, headers, body, and whether the connection may carry another request."""
+    def read_response(self, head_only: bool) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
+        """Status, headers, body (none for a HEAD), and whether the connection may carry
+        another request."""
         head = self._read_head()
         status_line, *header_lines = head.split(b"\r\n")
         version, status = _status(status_line)
@@ -222,7 +251,7 @@ class _Connection:
             elif lower == b"connection":
                 options = {t.strip() for t in value.lower().split(b",")}
                 keep = b"close" not in options and (keep or b"keep-alive" in options)
-        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        if head_only or status in (204, 304) or 100 <= status < 200:
             return status, headers, b"", keep
         if chunked:
             body = b"".join(self._chunks())

@@ -190,6 +190,18 @@ class Message(Base):
             postgresql_where=sql_text("state = 'queued'"),
             sqlite_where=sql_text("state = 'queued'"),
         ),
+        Index(  # the sweeper's TTL pass (0017)
+            "ix_messages_expires",
+            "expires_at",
+            postgresql_where=sql_text("state = 'queued' AND expires_at IS NOT NULL"),
+            sqlite_where=sql_text("state = 'queued' AND expires_at IS NOT NULL"),
+        ),
+        Index(  # the sweeper's polling-deadline pass (0017)
+            "ix_messages_poll_deadline",
+            "poll_deadline",
+            postgresql_where=sql_text("state IN ('submitted', 'scheduled', 'processing')"),
+            sqlite_where=sql_text("state IN ('submitted', 'scheduled', 'processing')"),
+        ),
         Index(
             "ix_messages_sending_lease",
             "lease_until",
@@ -204,7 +216,7 @@ class Message(Base):
             sqlite_where=sql_text("next_poll_at IS NOT NULL"),
         ),
         Index("ix_messages_campaign_state", "campaign", "state"),
-        # The summary's counts that depend on the time now, over just those rows (0017).
+        # The summary's counts that depend on the time now, over just those rows (0018).
         Index(
             "ix_messages_waiting",
             "campaign",
@@ -415,7 +427,7 @@ class SendDay(Base):
 
 class CampaignTally(Base):
     """What one write changed in a campaign's counts, per state, final source and currency:
-    triggers on messages append these (migration 0017), a status view sums them, and the
+    triggers on messages append these (migration 0018), a status view sums them, and the
     sweep folds each campaign's rows into their sums (worker/flows/tallies.py)."""
 
     __tablename__ = "campaign_tallies"
