@@ -1,12 +1,14 @@
 """What several test modules share, so no test module imports another: an injected clock
 and the send path's pacing in memory, filling a database with messages, reading one back, a
-simulator on a loopback socket, and the strategies and payloads of the property tests."""
+simulator on a loopback socket, a campaign's figures recounted, and the strategies and
+payloads of the property tests."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
@@ -20,12 +22,98 @@ from sqlalchemy import Engine, select, update
 from config import Settings
 from tests.conftest import make_messages
 from worker.core.backoff import NO_PLAN, CheckPlan
-from worker.core.states import State
+from worker.core.states import FINAL, State
 from worker.core.validation import MESSAGE_TYPES, ROUTES, validate_message
 from worker.dev.simulator import SimulatorConfig, create_app
+from worker.flows.campaigns import list_campaigns
 from worker.flows.producer import row_for, store
+from worker.ops.reports import UNKNOWN_CURRENCY, UNKNOWN_CURRENCY_NOTE, campaign_summary
 from worker.store.db import get_engine, utcnow
 from worker.store.models import events, messages
+
+# --- campaign figures counted over the messages, against the tallies ---
+
+COUNTED = (
+    "total",
+    "states",
+    "final",
+    "sent",
+    "delivered",
+    "cost",
+    "cost_currency",
+    "money",
+    "unknown_outcomes",
+    "polls",
+    "finals_by_source",
+    "first_enqueued_at",
+    "last_final_at",
+)
+
+
+def recount(engine: Engine, campaign: str) -> dict[str, Any] | None:
+    """The summary's counted figures from the campaign's messages, one by one in Python."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(messages).where(messages.c.campaign == campaign)).all()
+    if not rows:
+        return None
+    states = Counter(row.state for row in rows)
+    money: dict[str, list[Any]] = {}
+    for row in rows:
+        if row.cost is not None or row.bill_amount is not None:
+            currency = row.bill_currency or row.rate_currency or UNKNOWN_CURRENCY
+            totals = money.setdefault(currency, [0.0, 0.0, 0])
+            totals[0] += row.cost or 0.0
+            totals[1] += row.bill_amount or 0.0
+            totals[2] += 1
+    finals = [row.final_at for row in rows if row.final_at is not None]
+    iso = lambda at: at.isoformat().replace("+00:00", "Z") if at else None  # noqa: E731
+    return {
+        "total": len(rows),
+        "states": dict(sorted(states.items())),
+        "final": sum(n for state, n in states.items() if state in FINAL),
+        "sent": sum(1 for row in rows if row.provider_message_id is not None),
+        "delivered": states.get("delivered", 0),
+        "cost": round(sum(row.cost or 0.0 for row in rows), 4) if len(money) <= 1 else None,
+        "cost_currency": next(iter(money)) if len(money) == 1 else None,
+        "money": {
+            currency: {
+                "cost": round(cost, 4),
+                "bill": round(bill, 4),
+                "messages": n,
+                "note": UNKNOWN_CURRENCY_NOTE if currency == UNKNOWN_CURRENCY else None,
+            }
+            for currency, (cost, bill, n) in sorted(money.items())
+        },
+        "unknown_outcomes": sum(row.unknown_outcomes or 0 for row in rows),
+        "polls": sum(row.polls or 0 for row in rows),
+        "finals_by_source": dict(
+            sorted(Counter(r.final_source for r in rows if r.final_source).items())
+        ),
+        "first_enqueued_at": iso(min(row.created_at for row in rows)),
+        "last_final_at": iso(max(finals, default=None)),
+    }
+
+
+def tallied(engine: Engine, campaign: str) -> dict[str, Any] | None:
+    summary = campaign_summary(engine, campaign)
+    return None if summary is None else {key: summary[key] for key in COUNTED}
+
+
+def assert_tallies_match(engine: Engine, names: tuple[str, ...], *, exact: bool = True) -> None:
+    """Equal figures; unless `exact`, the first and last times may cover rows gone."""
+    for name in names:
+        found, expected = tallied(engine, name), recount(engine, name)
+        if not exact and found and expected:
+            first, last = found.pop("first_enqueued_at"), found.pop("last_final_at")
+            assert first <= expected.pop("first_enqueued_at"), name
+            true_last = expected.pop("last_final_at")
+            assert true_last is None or (last is not None and last >= true_last), name
+        assert found == expected, name
+    listed = {c["campaign"]: c for c in list_campaigns(engine)}
+    for name, row in listed.items():
+        expected = recount(engine, name)
+        assert row["total"] == (expected["total"] if expected else 0), name
+
 
 # --- time and pacing, in memory ---
 

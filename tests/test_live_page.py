@@ -29,8 +29,10 @@ from config import Settings
 from tests.conftest import Stack, make_messages, make_stack
 from worker.core.states import FINAL
 from worker.dev.stack import Api, start_api, wait_for
+from worker.http import live_page
 from worker.http.app import create_app
 from worker.http.live_page import COOKIE
+from worker.ops.cache import FiguresCache
 from worker.ops.cli import upgrade_database
 from worker.ops.reports import FAILED_STATES, campaign_summary
 from worker.producer import enqueue
@@ -331,3 +333,31 @@ def test_the_page_in_a_browser_mid_campaign_and_at_its_end_shows_the_database(
     _check_against_database(page, stack, campaign)
     logs = stack.logs()
     assert READONLY not in logs and API_TOKEN not in logs
+
+
+def test_the_scanned_figures_are_kept_a_while_and_their_age_shown(client, monkeypatch) -> None:
+    """Counts come fresh from the tallies; while the campaign runs, the row scans (errors,
+    channels, latency, the chart, the rates) are recomputed once the refresh has passed,
+    their age on the page. All final, they are computed afresh (the reload test)."""
+    test, name = client
+    now = [0.0]
+    monkeypatch.setattr(live_page, "FIGURES", FiguresCache(clock=lambda: now[0]))
+    auth = {"Authorization": f"Bearer {READONLY}"}
+    first = test.get(_path(name), headers=auth).text
+    assert "E_LATER" not in first and " s ago" not in first
+    settings = test.app.state.settings  # type: ignore[attr-defined]
+    from worker.store.db import get_engine
+
+    with get_engine(settings.database_url).begin() as conn:
+        conn.execute(
+            messages.update()
+            .where(messages.c.campaign == name, messages.c.id != "p-2")  # one still queued
+            .values(state="failed", error_code="E_LATER", final_at=func.now())
+        )
+    now[0] += 3
+    kept = test.get(_path(name), headers=auth).text
+    assert _states(kept) == {"failed": 2, "queued": 1}  # the counts: fresh
+    assert "E_LATER" not in kept and "as of 3 s ago" in kept
+    now[0] += 3  # past the 5 s refresh
+    fresh = test.get(_path(name), headers=auth).text
+    assert "E_LATER" in fresh and " s ago" not in fresh

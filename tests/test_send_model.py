@@ -13,7 +13,8 @@ of any length are runs of faults and clock jumps.
 After every step: no refused number was accepted; only refused numbers are `rejected`;
 `failed` only past the send deadline or after too many lost answers; no tracking id
 accepted twice unless its message records an unknown outcome; isolation parts are never
-mixed with other rows; every message is final, queued, or in a live claim. At the end the
+mixed with other rows; every message is final, queued, or in a live claim; the campaign's
+tallies sum to a recount of its messages. At the end the
 provider calms down and every message must be final within `request_bound` requests.
 
 Pacing is an in-memory stand-in on the injected clock: Redis keeps time by its own clock.
@@ -48,7 +49,7 @@ from sqlalchemy import delete, select
 
 from config import Settings
 from tests.conftest import make_messages
-from tests.helpers import Clock, MemoryPacing
+from tests.helpers import Clock, MemoryPacing, assert_tallies_match
 from worker.core.sendpolicy import request_bound
 from worker.core.states import FINAL, State
 from worker.core.validation import validate_message
@@ -57,7 +58,7 @@ from worker.flows.producer import row_for, store
 from worker.flows.sweeper import give_up, recover_stale_claims
 from worker.provider.smsbat import SendClient
 from worker.store.db import get_engine
-from worker.store.models import campaigns, events, messages
+from worker.store.models import campaign_tallies, campaigns, events, messages
 
 BATCH = 16
 START = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
@@ -200,7 +201,7 @@ def send_machine(url: str) -> type[RuleBasedStateMachine]:
         def __init__(self) -> None:
             super().__init__()
             with engine.begin() as conn:
-                for table in (events, messages, campaigns):
+                for table in (events, messages, campaigns, campaign_tallies):
                     conn.execute(delete(table))
             self.clock = Clock(START)
             self.pacing = MemoryPacing(self.clock)
@@ -264,6 +265,10 @@ def send_machine(url: str) -> type[RuleBasedStateMachine]:
         def _rows(self) -> list[Any]:
             with engine.begin() as conn:
                 return list(conn.execute(select(*WATCHED).order_by(messages.c.pk)))
+
+        @invariant()
+        def tallies_sum_to_a_recount(self) -> None:
+            assert_tallies_match(engine, ("model",))
 
         @invariant()
         def parts_are_never_mixed(self) -> None:

@@ -73,6 +73,7 @@ def test_live_claims_and_fresh_messages_are_left_alone(
         "gave_up": 0,
         "timeout": 0,
         "suppressed": 0,
+        "tallies_folded": 0,
     }
     assert sorted(_states(url).values()) == ["queued", "queued", "sending", "sending"]
 
@@ -98,6 +99,7 @@ def test_expiry_and_timeout(backend: str, database_factory: Callable[[str], str]
         "gave_up": 0,
         "timeout": 2,
         "suppressed": 0,
+        "tallies_folded": 0,
     }
 
     assert _states(url) == {

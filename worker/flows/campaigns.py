@@ -20,6 +20,7 @@ from worker.core.quiet import WINDOWED_TYPES, checked_window, next_window_open
 from worker.core.states import FINAL, State
 from worker.core.validation import NO_CALLBACKS, Callbacks
 from worker.flows.quota import stored_reason
+from worker.flows.tallies import counts_by_campaign
 from worker.flows.wake import wake_dispatcher
 from worker.store.db import AnyRow, among, insert_or_skip, utcnow
 from worker.store.models import campaigns, events, messages
@@ -532,14 +533,9 @@ def enforce_holds(engine: Engine) -> int:
 
 
 def list_campaigns(engine: Engine) -> list[dict[str, Any]]:
+    """Every campaign with its counts, from the tallies: no campaign's messages are read."""
     with engine.connect() as conn:
-        counts: dict[str, dict[str, int]] = {}
-        for name, state, n in conn.execute(
-            select(messages.c.campaign, messages.c.state, func.count())
-            .where(messages.c.campaign.is_not(None))
-            .group_by(messages.c.campaign, messages.c.state)
-        ):
-            counts.setdefault(name, {})[state] = n
+        counts = counts_by_campaign(conn)
         rows = conn.execute(select(campaigns).order_by(campaigns.c.created_at)).all()
     listing = []
     for row in rows:

@@ -4,7 +4,8 @@
   outcome: the request may have reached the provider;
 - a queued message whose TTL ran out is `expired`, one past its send deadline `failed`;
 - a message with the provider and no final status past its deadline is `timeout`;
-- an unsent promo or survey whose number opted out is `suppressed` (worker/flows/consent.py).
+- an unsent promo or survey whose number opted out is `suppressed` (worker/flows/consent.py);
+- a campaign's tally rows are folded into their sums (worker/flows/tallies.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from worker.core.sendpolicy import Current, MessageChange, Unknown, decide
 from worker.core.states import State
 from worker.flows.campaigns import cancelled_campaigns
 from worker.flows.consent import suppress_queued
+from worker.flows.tallies import fold
 from worker.store.db import among, bulk_update, insert_rows, utcnow
 from worker.store.models import events, messages
 
@@ -227,4 +229,5 @@ def sweep(
         "gave_up": give_up(engine),
         "timeout": time_out(engine, settings),
         "suppressed": suppress_queued(engine, consent_since),
+        "tallies_folded": fold(engine),
     }

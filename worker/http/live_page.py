@@ -31,6 +31,7 @@ from config import Settings
 from worker.core.states import State
 from worker.flows.producer import MAX_CAMPAIGN_LENGTH
 from worker.http.app import app_settings
+from worker.ops.cache import FiguresCache
 from worker.ops.html_report import (
     _STYLE,
     _bar_chart,
@@ -43,12 +44,14 @@ from worker.ops.html_report import (
     _state_table,
     _timeline_chart,
 )
-from worker.ops.reports import campaign_report, deliveries_over_time
+from worker.ops.reports import campaign_analytics, campaign_summary, deliveries_over_time
 from worker.store.db import get_engine, utcnow
 from worker.store.models import messages
 
 COOKIE = "cascade_page_token"
 RATE_WINDOW_SECONDS = 60
+# The page's row scans (channels, latency, errors, the chart, the rates), per process.
+FIGURES = FiguresCache()
 
 router = APIRouter(tags=["pages"])
 
@@ -111,16 +114,26 @@ def campaign_page(
     if len(campaign) > MAX_CAMPAIGN_LENGTH or not campaign.isprintable():
         return _not_found(campaign)
     engine = get_engine(settings.database_url)
-    report = campaign_report(engine, campaign, settings.broker_url)
-    if report is None:
+    summary = campaign_summary(engine, campaign, settings.broker_url)
+    if summary is None:
         return _not_found(campaign)
-    now = utcnow()
+    refresh = settings.campaign_page_refresh_seconds
+    # Kept apart once all final: the last page is computed after the last message ended.
+    key = (engine, campaign, summary["all_final"])
+    analytics = FIGURES.get(
+        (*key, "analytics"), lambda: campaign_analytics(engine, campaign), refresh
+    )
+    timeline = FIGURES.get(
+        (*key, "timeline"), lambda: deliveries_over_time(engine, campaign), refresh
+    )
+    rates = FIGURES.get((*key, "rates"), lambda: recent_rates(engine, campaign, utcnow()), refresh)
     page = render_live_page(
-        report,
-        deliveries_over_time(engine, campaign),
-        recent_rates(engine, campaign, now),
-        now=now,
-        refresh_seconds=settings.campaign_page_refresh_seconds,
+        summary | analytics.value,
+        timeline.value,
+        rates.value,
+        now=utcnow(),
+        refresh_seconds=refresh,
+        figures_age=max(analytics.age, timeline.age, rates.age),
     )
     return HTMLResponse(page, headers=_PRIVATE)
 
@@ -192,8 +205,10 @@ def render_live_page(
     *,
     now: datetime,
     refresh_seconds: float,
+    figures_age: float = 0.0,
 ) -> str:
-    """The page: campaign_report()'s figures, deliveries_over_time()'s chart, recent_rates()."""
+    """The page: campaign_report()'s figures, deliveries_over_time()'s chart, recent_rates().
+    `figures_age`: seconds since the oldest of the scanned figures (all but the counts)."""
     name = escape(str(report["campaign"]))
     running = not report["all_final"]
     control = report.get("control") or {}
@@ -217,7 +232,7 @@ def render_live_page(
         [
             f"<h1>Campaign {name}</h1>",
             f'<p class="sub" data-now="{now.isoformat()}" data-running="{str(running).lower()}">'
-            f"As of {stamp} UTC. {escape(state_line)}</p>",
+            f"As of {stamp} UTC. {escape(state_line)}{escape(_age_line(figures_age))}</p>",
             _headline(report),
             _rates(report, rates),
             _section("Deliveries over time", _timeline_chart(timeline)),
@@ -234,6 +249,13 @@ def render_live_page(
     )
     refresh = f'<meta http-equiv="refresh" content="{refresh_seconds:g}">' if running else ""
     return _document(f"Campaign {name}: live", body, head=refresh)
+
+
+def _age_line(age: float) -> str:
+    """The scanned figures are recomputed only so often (worker.ops.cache): say how old."""
+    if age < 1:
+        return ""
+    return f" Rates, chart, channels, latency and errors as of {age:.0f} s ago."
 
 
 def _rates(report: dict[str, Any], rates: dict[str, Any]) -> str:

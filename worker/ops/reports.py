@@ -32,7 +32,6 @@ from sqlalchemy import (
     extract,
     func,
     literal,
-    or_,
     select,
 )
 
@@ -43,6 +42,7 @@ from worker.core.states import FINAL, State
 from worker.core.validation import OutgoingMessage
 from worker.flows.campaigns import campaign_control
 from worker.flows.dispatcher import sending_pause
+from worker.flows.tallies import Tally, campaign_tallies_of
 from worker.store.db import AnyRow, utcnow
 from worker.store.models import UTCDateTime, events, messages
 from worker.store.pacing import Pacing, get_pacing
@@ -152,24 +152,11 @@ def message_detail(engine: Engine, message_id: str) -> dict[str, Any] | None:
 def campaign_summary(
     engine: Engine, campaign: str, broker_url: str | None = None
 ) -> dict[str, Any] | None:
-    """The campaign's counts in one grouped query: cheap enough to refresh every second.
+    """The campaign's counts from its tallies (worker/flows/tallies.py), kept by triggers:
+    a few rows summed however many messages it has, cheap enough to refresh every second.
     With `broker_url`, `sending` says whether a 429 or an open circuit stops every send."""
     with engine.connect() as conn:
-        by_state = conn.execute(
-            select(
-                messages.c.state,
-                func.count(),
-                func.coalesce(func.sum(messages.c.cost), 0.0),
-                func.coalesce(func.sum(messages.c.unknown_outcomes), 0),
-                func.coalesce(func.sum(messages.c.polls), 0),
-                func.count(messages.c.provider_message_id),
-                func.min(messages.c.created_at),
-                func.max(messages.c.final_at),
-                messages.c.final_source,
-            )
-            .where(messages.c.campaign == campaign)
-            .group_by(messages.c.state, messages.c.final_source)
-        ).all()
+        groups = campaign_tallies_of(conn, campaign)
         waiting = conn.execute(
             select(func.count()).where(
                 messages.c.campaign == campaign,
@@ -186,19 +173,19 @@ def campaign_summary(
                 messages.c.window_at > utcnow(),
             )
         ).scalar_one()
-        money = _money(conn, campaign)
-    if not by_state:
+    if not groups:
         return None
-    states: dict[str, int] = {}
-    sources: dict[str, int] = {}
-    for row in by_state:
-        states[row[0]] = states.get(row[0], 0) + row[1]
-        if row[8] is not None:
-            sources[row[8]] = sources.get(row[8], 0) + row[1]
+    states: Counter[str] = Counter()
+    sources: Counter[str] = Counter()
+    for group in groups:
+        states[group.state] += group.n
+        if group.final_source is not None:
+            sources[group.final_source] += group.n
     total = sum(states.values())
     final = sum(n for state, n in states.items() if state in FINAL)
     delivered = states.get(State.DELIVERED, 0)
-    sent = sum(row[5] for row in by_state)
+    sent = sum(group.sent for group in groups)
+    money = money_of(groups)
     return {
         "campaign": campaign,
         "total": total,
@@ -210,11 +197,11 @@ def campaign_summary(
         "delivery_rate": round(delivered / total, 4) if total else 0.0,
         "delivery_rate_of_sent": round(delivered / sent, 4) if sent else 0.0,
         # One currency (or none): its total. Several: null, and `money` has each apart.
-        "cost": round(sum(row[2] for row in by_state), 4) if len(money) <= 1 else None,
+        "cost": round(sum(group.cost for group in groups), 4) if len(money) <= 1 else None,
         "cost_currency": next(iter(money)) if len(money) == 1 else None,
         "money": money,  # per currency: what `status` shows when `cost` is null
-        "unknown_outcomes": int(sum(row[3] for row in by_state)),
-        "polls": int(sum(row[4] for row in by_state)),
+        "unknown_outcomes": sum(group.unknown_outcomes for group in groups),
+        "polls": sum(group.polls for group in groups),
         # Of `queued`: scheduled messages we keep until shortly before their time.
         "waiting_for_time": waiting,
         # Of `queued`: promo and surveys waiting for the recipient's send window (quiet hours).
@@ -222,8 +209,30 @@ def campaign_summary(
         "control": campaign_control(engine, campaign),
         "sending": _sending(broker_url),
         "finals_by_source": dict(sorted(sources.items())),
-        "first_enqueued_at": _iso(min(row[6] for row in by_state)),
-        "last_final_at": _iso(max((row[7] for row in by_state if row[7]), default=None)),
+        "first_enqueued_at": _iso(
+            min(filter(None, (g.first_created_at for g in groups)), default=None)
+        ),
+        "last_final_at": _iso(max(filter(None, (g.last_final_at for g in groups)), default=None)),
+    }
+
+
+def money_of(groups: Sequence[Tally]) -> dict[str, dict[str, Any]]:
+    """Cost and bill per currency; only messages that carry an amount are counted."""
+    totals: dict[str, tuple[float, float, int]] = {}
+    for group in groups:
+        if group.priced:
+            currency = group.currency or UNKNOWN_CURRENCY
+            cost, bill, count = totals.get(currency, (0.0, 0.0, 0))
+            totals[currency] = (cost + group.cost, bill + group.bill, count + group.priced)
+    return {
+        currency: {
+            "cost": round(cost, 4),
+            "bill": round(bill, 4),
+            "messages": count,
+            # One shape for every currency, as the API's schema gives it.
+            "note": UNKNOWN_CURRENCY_NOTE if currency == UNKNOWN_CURRENCY else None,
+        }
+        for currency, (cost, bill, count) in sorted(totals.items())
     }
 
 
@@ -248,54 +257,26 @@ def _sending(broker_url: str | None) -> dict[str, Any] | None:
 def campaign_report(
     engine: Engine, campaign: str, broker_url: str | None = None
 ) -> dict[str, Any] | None:
-    """The summary plus money per currency, channels, latency percentiles and top errors.
-
-    `money` counts only messages that carry a cost or bill; `channels` and
-    `latency_seconds` cover what the provider answered; percentiles are nearest-rank.
-    """
+    """The summary plus channels, latency percentiles and top errors (`campaign_analytics`)."""
     summary = campaign_summary(engine, campaign, broker_url)
     if summary is None:
         return None
+    return summary | campaign_analytics(engine, campaign)
+
+
+def campaign_analytics(engine: Engine, campaign: str) -> dict[str, Any]:
+    """What the tallies cannot answer, scanned from the campaign's messages: channels,
+    latency percentiles and top errors.
+
+    `channels` and `latency_seconds` cover what the provider answered; percentiles are
+    nearest-rank.
+    """
     with engine.connect() as conn:
-        return summary | {
-            "money": _money(conn, campaign),
+        return {
             "channels": _channels(conn, campaign),
             "latency_seconds": _latency(conn, campaign),
             "top_errors": _top_errors(conn, campaign),
         }
-
-
-def _money(conn: Connection, campaign: str) -> dict[str, dict[str, Any]]:
-    """Cost and bill per currency; only messages that carry an amount are counted."""
-    rows = conn.execute(
-        select(
-            messages.c.bill_currency,
-            messages.c.rate_currency,
-            func.coalesce(func.sum(messages.c.cost), 0.0),
-            func.coalesce(func.sum(messages.c.bill_amount), 0.0),
-            func.count(),
-        )
-        .where(
-            messages.c.campaign == campaign,
-            or_(messages.c.cost.is_not(None), messages.c.bill_amount.is_not(None)),
-        )
-        .group_by(messages.c.bill_currency, messages.c.rate_currency)
-    ).all()
-    totals: dict[str, Counter[str]] = {}
-    for bill_currency, rate_currency, cost, bill, count in rows:
-        currency = bill_currency or rate_currency or UNKNOWN_CURRENCY
-        totals.setdefault(currency, Counter()).update(cost=cost, bill=bill, messages=count)
-    money: dict[str, dict[str, Any]] = {
-        currency: {
-            "cost": round(figures["cost"], 4),
-            "bill": round(figures["bill"], 4),
-            "messages": int(figures["messages"]),
-            # One shape for every currency, as the API's schema gives it.
-            "note": UNKNOWN_CURRENCY_NOTE if currency == UNKNOWN_CURRENCY else None,
-        }
-        for currency, figures in sorted(totals.items())
-    }
-    return money
 
 
 def _delivering_channel(extended_statuses: Any) -> str | None:

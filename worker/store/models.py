@@ -204,6 +204,25 @@ class Message(Base):
             sqlite_where=sql_text("next_poll_at IS NOT NULL"),
         ),
         Index("ix_messages_campaign_state", "campaign", "state"),
+        # The summary's counts that depend on the time now, over just those rows (0018).
+        Index(
+            "ix_messages_waiting",
+            "campaign",
+            "available_at",
+            postgresql_where=sql_text(
+                "state = 'queued' AND scheduled_sent IS NOT NULL AND window_at IS NULL"
+            ),
+            sqlite_where=sql_text(
+                "state = 'queued' AND scheduled_sent IS NOT NULL AND window_at IS NULL"
+            ),
+        ),
+        Index(
+            "ix_messages_window",
+            "campaign",
+            "window_at",
+            postgresql_where=sql_text("state = 'queued' AND window_at IS NOT NULL"),
+            sqlite_where=sql_text("state = 'queued' AND window_at IS NOT NULL"),
+        ),
         Index(
             "ix_messages_callback_waiting",
             "final_at",
@@ -394,6 +413,29 @@ class SendDay(Base):
     spend_budget: Mapped[float | None] = mapped_column(Float)
 
 
+class CampaignTally(Base):
+    """What one write changed in a campaign's counts, per state, final source and currency:
+    triggers on messages append these (migration 0018), a status view sums them, and the
+    sweep folds each campaign's rows into their sums (worker/flows/tallies.py)."""
+
+    __tablename__ = "campaign_tallies"
+
+    pk: Mapped[int] = mapped_column(BigPK, primary_key=True, autoincrement=True)
+    campaign: Mapped[str] = mapped_column(String(200), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    final_source: Mapped[str | None] = mapped_column(String(16))
+    currency: Mapped[str | None] = mapped_column(String(8))  # the bill's, else the rate's
+    n: Mapped[int] = mapped_column(BigInteger)  # messages
+    cost: Mapped[float] = mapped_column(Float)
+    bill: Mapped[float] = mapped_column(Float)
+    priced: Mapped[int] = mapped_column(BigInteger)  # messages with a cost or a bill
+    unknown_outcomes: Mapped[int] = mapped_column(BigInteger)
+    polls: Mapped[int] = mapped_column(BigInteger)
+    sent: Mapped[int] = mapped_column(BigInteger)  # messages with a provider messageId
+    first_created_at: Mapped[datetime | None]
+    last_final_at: Mapped[datetime | None]
+
+
 def _table(model: type[Base]) -> Table:
     """The mapped class's Table: SQLAlchemy types `__table__` as any FromClause, and the
     statements and helpers here need the Table (its columns, insert/update)."""
@@ -411,3 +453,4 @@ callbacks = _table(Callback)
 suppressions = _table(Suppression)
 suppression_events = _table(SuppressionEvent)
 send_days = _table(SendDay)
+campaign_tallies = _table(CampaignTally)
