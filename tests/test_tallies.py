@@ -1,4 +1,4 @@
-"""Campaign tallies (migration 0018): whatever writes the messages, the tallies the
+"""Campaign tallies (migration 0017): whatever writes the messages, the tallies the
 triggers keep sum to a recount of the messages, folding or not, on both backends.
 
 A hypothesis state machine drives real flows (intake, claims, holds and pauses, cancel,
@@ -280,7 +280,7 @@ def test_the_migration_counts_the_messages_already_there_and_goes_back(
 ) -> None:
     url = database_factory(backend)
     engine = get_engine(url)
-    command.downgrade(_alembic(url), "0017")
+    command.downgrade(_alembic(url), "0016")
     assert "campaign_tallies" not in inspect(engine).get_table_names()
     settings = _settings(url)
     stored(engine, settings, "alpha", 30, 0)
@@ -301,7 +301,7 @@ def test_the_migration_counts_the_messages_already_there_and_goes_back(
     assert_tallies_match(engine, ("alpha", "beta", "gamma"))
     stored(engine, settings, "alpha", 5, 100)  # and the triggers count what comes next
     assert_tallies_match(engine, ("alpha", "beta", "gamma"))
-    command.downgrade(_alembic(url), "0017")
+    command.downgrade(_alembic(url), "0016")
     assert "campaign_tallies" not in inspect(engine).get_table_names()
     with engine.begin() as conn:  # no trigger left behind to write to a missing table
         conn.execute(update(messages).values(polls=messages.c.polls + 1))

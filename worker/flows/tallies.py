@@ -1,7 +1,7 @@
 """A campaign's counts from its tally rows, and the folding that keeps those rows few.
 
 Triggers on `messages` append a delta row per (campaign, state, final source, currency)
-for every write (migration 0018), so the counts are right whatever wrote the messages;
+for every write (migration 0017), so the counts are right whatever wrote the messages;
 a status view sums a campaign's rows instead of counting its messages. The sweep folds
 each campaign with many rows into one row per group, in one transaction that only takes
 rows it has seen: deltas committed meanwhile stay, to be folded next time.

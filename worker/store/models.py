@@ -204,7 +204,7 @@ class Message(Base):
             sqlite_where=sql_text("next_poll_at IS NOT NULL"),
         ),
         Index("ix_messages_campaign_state", "campaign", "state"),
-        # The summary's counts that depend on the time now, over just those rows (0018).
+        # The summary's counts that depend on the time now, over just those rows (0017).
         Index(
             "ix_messages_waiting",
             "campaign",
@@ -415,7 +415,7 @@ class SendDay(Base):
 
 class CampaignTally(Base):
     """What one write changed in a campaign's counts, per state, final source and currency:
-    triggers on messages append these (migration 0018), a status view sums them, and the
+    triggers on messages append these (migration 0017), a status view sums them, and the
     sweep folds each campaign's rows into their sums (worker/flows/tallies.py)."""
 
     __tablename__ = "campaign_tallies"

@@ -1,7 +1,7 @@
 """campaign_tallies: each campaign's counts, kept by triggers on messages
 
-Revision ID: 0018
-Revises: 0017
+Revision ID: 0017
+Revises: 0016
 
 A status view counted every row of the campaign: 1.6 s a view at 1,000,000 messages on
 PostgreSQL, its index walk visiting the heap for every entry (no visibility map without
@@ -35,8 +35,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0018"
-down_revision: str | None = "0017"
+revision: str = "0017"
+down_revision: str | None = "0016"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
