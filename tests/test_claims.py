@@ -172,6 +172,39 @@ def test_sending_is_behind_while_a_full_batch_is_ready_and_sending_is_free(
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_full_poll_batch_starts_no_next_one_while_a_full_send_batch_waits(
+    backend: str, database_factory: Callable[[str], str], redis_db: str
+) -> None:
+    """The chain after a full poll batch stands aside while sends wait (in the bench it took
+    half the workers beside the sends of 1,000,000); the sweep's trickle goes on alone."""
+    from types import SimpleNamespace
+
+    from tests.helpers import mark_submitted
+    from worker.store.pacing import Pacing
+    from worker.tasks import hand_out_checks
+
+    url = database_factory(backend)
+    engine = get_engine(url)
+    settings = Settings(DATABASE_URL=url, SEND_BATCH_MAX=100)  # type: ignore[call-arg]
+    fill_messages(url, 100, "waiting")  # a full send batch, ready
+    fill_messages(url, 20, "checked")
+    mark_submitted(engine, {f"checked-{i}": f"pm-{i}" for i in range(20)})
+    due = utcnow() - timedelta(seconds=1)
+    with engine.begin() as conn:
+        conn.execute(
+            messages.update().where(messages.c.campaign == "checked"), {"next_poll_at": due}
+        )
+    res = SimpleNamespace(engine=engine, settings=settings, pacing=Pacing(redis_db))
+
+    assert hand_out_checks(res, most=1) == 0  # type: ignore[arg-type]
+    with engine.connect() as conn:  # nothing claimed: every check still due as it was
+        marks = conn.execute(
+            select(messages.c.next_poll_at).where(messages.c.campaign == "checked")
+        ).scalars()
+        assert {mark.replace(microsecond=0) for mark in marks} == {due.replace(microsecond=0)}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_outcomes_are_written_only_to_rows_that_still_carry_the_claim(
     backend: str, database_factory: Callable[[str], str]
 ) -> None:
