@@ -332,10 +332,10 @@ class StatusClient:
     threaded sync client 0.8–0.9 ms, and checks are CPU-bound on a worker. Requests go to
     the transport itself, not through httpx.Client, whose layers (URL merging, cookies,
     auth and redirect flows) a check does not need. That transport is the lean
-    `KeepAliveTransport` unless a proxy is in the way (see worker/provider/keepalive.py),
-    and then a check is its request's bytes, made once with a hole for the message id,
-    and the answer's status, one header and body: with httpx's Request and Response (and
-    the URL each parses) a check took 180 µs of user CPU here, this way 70 (a bare socket,
+    `KeepAliveTransport` unless a proxy is in the way (see worker/provider/keepalive.py).
+    Over it a check is its request's bytes, made once with a hole for the message id, and
+    the answer's status, one header and body: with httpx's Request and Response (and the
+    URL each parses) a check took 180 µs of user CPU here, this way 70 (a bare socket,
     20). Any other transport (a proxy's, a test's) gets httpx's Request and Response.
     """
 
@@ -349,11 +349,12 @@ class StatusClient:
         self._timeouts = _timeout(settings).as_dict()
         self._retry_after = _retry_after_policy(settings)
         self._transport = transport or _status_transport(base, settings)
-        self._wire: tuple[bytes, bytes] | None = None
+        # Over the lean transport: the request's bytes before and after the id.
+        self._lean: tuple[KeepAliveTransport, bytes, bytes] | None = None
         if isinstance(self._transport, KeepAliveTransport):
-            hole = uuid.uuid4().hex  # the id's place in the request's bytes
+            hole = uuid.uuid4().hex
             start, _, end = request_bytes(self._request(hole)).partition(hole.encode())
-            self._wire = start, end
+            self._lean = self._transport, start, end
 
     def _request(self, quoted_id: str) -> httpx.Request:
         return httpx.Request(
@@ -378,9 +379,9 @@ class StatusClient:
 
     def _get(self, quoted_id: str) -> tuple[int, bytes, Callable[[], str | None]]:
         """The answer's status, body and a reader of its Retry-After header."""
-        if self._wire is not None and isinstance(self._transport, KeepAliveTransport):
-            start, end = self._wire
-            reply = self._transport.exchange(start + quoted_id.encode() + end, self._timeouts)
+        if self._lean is not None:
+            transport, start, end = self._lean
+            reply = transport.exchange(start + quoted_id.encode() + end, self._timeouts)
             return reply.status, reply.body, lambda: _text(reply.header(b"retry-after"))
         response = self._transport.handle_request(self._request(quoted_id))
         try:
