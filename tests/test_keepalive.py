@@ -6,7 +6,9 @@ import socket
 import ssl
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -14,16 +16,27 @@ import pytest
 
 from config import Settings
 from worker.provider.keepalive import KeepAliveTransport
-from worker.provider.smsbat import NotFound, StatusClient, Throttled, Unavailable
+from worker.provider.smsbat import (
+    NotFound,
+    ProviderError,
+    StatusClient,
+    StatusReport,
+    Throttled,
+    Unavailable,
+)
 
 
 class Closing(bytes):
     """An answer after which the server closes the connection."""
 
 
+class Pieces(tuple[bytes, ...]):
+    """An answer the server writes a piece at a time, a moment apart."""
+
+
 # A server's script: given the connection's request number and the request head, what to
 # write back (None: close without answering; "hang": answer nothing, keep the socket).
-Script = Callable[[int, bytes], bytes | str | None]
+Script = Callable[[int, bytes], bytes | Pieces | str | None]
 
 STATUS = b'{"messageId": "m-1", "deliverystatus": "delivered", "partscount": 1, "cost": 0.05}'
 
@@ -84,6 +97,11 @@ class Server:
                     self._held.append(conn)
                     threading.Event().wait(10)
                     return
+                if isinstance(answer, Pieces):
+                    for piece in answer:
+                        conn.sendall(piece)
+                        threading.Event().wait(0.02)
+                    continue
                 assert isinstance(answer, bytes)
                 conn.sendall(answer)
                 if isinstance(answer, Closing):
@@ -305,3 +323,163 @@ def test_tls_with_the_servers_certificate_trusted(
     # Not trusted (the system's roots): refused, as httpx's transport would.
     with pytest.raises(Unavailable, match="ConnectError"):
         client_for(server, "https").status("m-1")
+
+
+# --- many checks at once from one thread (`status_all` over `exchange_all`) ---------------
+
+
+def check_many(
+    client: StatusClient,
+    ids: Sequence[str],
+    *,
+    width: int = 4,
+    budget: float = 10,
+    go_on: Callable[[], bool] = lambda: True,
+) -> dict[str, StatusReport | ProviderError]:
+    """Every answer `status_all` yields, by id; each id at most once."""
+    answers: dict[str, StatusReport | ProviderError] = {}
+    with ThreadPoolExecutor(width) as threads:
+        for message_id, answer, seconds in client.status_all(
+            ids, width=width, deadline=time.monotonic() + budget, go_on=go_on, threads=threads
+        ):
+            assert message_id not in answers and seconds >= 0
+            answers[message_id] = answer
+    return answers
+
+
+def states(answers: dict[str, StatusReport | ProviderError]) -> dict[str, str]:
+    return {
+        m: a.state if isinstance(a, StatusReport) else type(a).__name__ for m, a in answers.items()
+    }
+
+
+IDS = [f"m-{i}" for i in range(40)]
+
+
+def test_checks_run_width_at_a_time_over_kept_connections(serve: Callable[..., Server]) -> None:
+    """The first four requests meet at a barrier in the server: made one after another, the
+    barrier would break and the server close unanswered."""
+    barrier = threading.Barrier(4, timeout=5)
+
+    def script(n: int, head: bytes) -> bytes | None:
+        if len(server.requests) <= 4:
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                return None
+        return ok()
+
+    server = serve(script)
+    answers = check_many(client_for(server), IDS, width=4)
+    assert states(answers) == dict.fromkeys(IDS, "delivered")
+    assert server.connections == 4
+    paths = sorted(r.split(b" ")[1].decode() for r in server.requests)
+    assert paths == sorted(f"/bat/message/{m}" for m in IDS)
+
+
+def test_answers_in_pieces_and_in_chunks_are_read_whole(serve: Callable[..., Server]) -> None:
+    answer = ok()
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(STATUS), STATUS)
+    )
+    server = serve(
+        lambda n, head: (
+            Pieces((answer[:10], answer[10:60], answer[60:]))
+            if b"m-1" in head
+            else Pieces((chunked[:50], chunked[50:]))
+        )
+    )
+    answers = check_many(client_for(server), IDS[:12], width=3)
+    assert states(answers) == dict.fromkeys(IDS[:12], "delivered")
+    assert server.connections == 3
+
+
+def test_a_kept_connection_the_server_closed_is_retried_on_a_fresh_one(
+    serve: Callable[..., Server],
+) -> None:
+    # One answer per connection, then the server closes on the next request unanswered.
+    server = serve(lambda n, head: ok() if n == 0 else None)
+    answers = check_many(client_for(server), IDS[:10], width=2)
+    assert states(answers) == dict.fromkeys(IDS[:10], "delivered")
+    assert server.connections == 10
+
+
+def test_one_silent_or_garbled_check_holds_back_no_other(serve: Callable[..., Server]) -> None:
+    def script(n: int, head: bytes) -> bytes | str:
+        if b"/m-3 " in head:
+            return "hang"
+        if b"/m-5 " in head:
+            return b"SMTP ready\r\n\r\n"
+        return ok()
+
+    server = serve(script)
+    answers = check_many(client_for(server), IDS[:10], width=2)
+    assert states(answers) == dict.fromkeys(IDS[:10], "delivered") | {
+        "m-3": "Unavailable",
+        "m-5": "Unavailable",
+    }
+    assert "ReadTimeout" in str(answers["m-3"]) and "RemoteProtocolError" in str(answers["m-5"])
+
+
+def test_the_deadline_ends_the_checks_under_way_and_starts_no_more(
+    serve: Callable[..., Server],
+) -> None:
+    server = serve(lambda n, head: "hang")
+    client = client_for(server, HTTP_READ_TIMEOUT_SECONDS=30)
+    answers = check_many(client, IDS, width=3, budget=0.3)
+    assert states(answers) == dict.fromkeys(IDS[:3], "Unavailable")
+    assert len(server.requests) == 3
+
+
+def test_go_on_stops_new_checks_not_those_under_way(serve: Callable[..., Server]) -> None:
+    server = serve(lambda n, head: ok())
+    seen: list[str] = []
+    with ThreadPoolExecutor(1) as threads:
+        for message_id, _, _ in client_for(server).status_all(
+            IDS, width=3, deadline=time.monotonic() + 10, go_on=lambda: not seen, threads=threads
+        ):
+            seen.append(message_id)
+    assert 1 <= len(seen) <= 3 and len(server.requests) == len(seen)
+
+
+def test_nothing_listening_answers_each_check_started_as_an_outage() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = Settings(SMSBAT_BASE_URL=f"http://127.0.0.1:{port}", SMSBAT_API_KEY="k")  # type: ignore[call-arg]
+    answers = check_many(StatusClient(settings), IDS[:5])
+    assert states(answers) == dict.fromkeys(IDS[:5], "Unavailable")
+    assert all("ConnectError" in str(a) for a in answers.values())
+
+
+def test_many_checks_over_tls(serve: Callable[..., Server], certificate: tuple[Path, Path]) -> None:
+    key, cert = certificate
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    server = serve(
+        lambda n, head: ok() if n % 2 else Pieces((ok()[:30], ok()[30:])), server_context
+    )
+    origin = httpx.URL(f"https://127.0.0.1:{server.port}")
+    client = StatusClient(
+        Settings(SMSBAT_BASE_URL=str(origin), SMSBAT_API_KEY="k"),  # type: ignore[call-arg]
+        transport=KeepAliveTransport(
+            origin, ssl_context=ssl.create_default_context(cafile=str(cert))
+        ),
+    )
+    answers = check_many(client, IDS, width=4)
+    assert states(answers) == dict.fromkeys(IDS, "delivered")
+    assert server.connections == 4
+
+
+def test_through_a_proxy_threads_make_the_checks(
+    monkeypatch: pytest.MonkeyPatch, serve: Callable[..., Server]
+) -> None:
+    server = serve(lambda n, head: ok())
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = client_for(server, SMSBAT_BASE_URL="http://provider.invalid")
+    answers = check_many(client, IDS[:9], width=3)
+    assert states(answers) == dict.fromkeys(IDS[:9], "delivered")
+    assert all(r.startswith(b"GET http://provider.invalid/") for r in server.requests)

@@ -9,11 +9,9 @@ became final or was polled less than the minimum gap ago.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor, wait
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -39,7 +37,6 @@ from worker.provider.smsbat import (
     StatusReport,
     Throttled,
     Unauthorized,
-    Unavailable,
 )
 from worker.store.db import AnyRow, among, bulk_update, claim_rows, insert_rows, utcnow
 from worker.store.models import events, messages
@@ -162,53 +159,38 @@ def check_all(
     threads: Executor,
     budget: float,
 ) -> dict[str, Checked]:
-    """Check every id concurrently, within the shared status request rate, for `budget` s.
+    """Check every id, POLL_CONCURRENCY at a time, within the shared status request rate,
+    for `budget` s.
 
-    Checks not started within the budget are left for the next round; answers in hand are
+    Checks not started within the budget are left for the next round, and those still
+    unanswered at its end count as polls the provider may have seen: answers in hand are
     never lost to a slow provider running the task into its time limit. A 429 or a 401
-    stops the checks not started yet. Each of up to POLL_CONCURRENCY threads takes ids
-    from one queue: a future per check cost ≈10 µs of CPU and a thread wake-up each.
+    stops the checks not started yet.
     """
     deadline = time.monotonic() + budget
     results: dict[str, Checked] = {}
-    taken: list[str] = []
-    stop = threading.Event()
+    stopped = False
 
-    def one(message_id: str) -> Checked:
-        try:
-            answer: Answer = client.status(message_id)
-        except ProviderError as exc:
-            answer = exc
-        except Exception as exc:  # one odd failure must not cost the batch its answers
-            answer = Unavailable(f"{type(exc).__name__} on status check")
-        return utcnow(), answer
-
-    def drain(todo: deque[str]) -> None:
-        while not stop.is_set() and time.monotonic() < deadline:
-            try:
-                message_id = todo.popleft()
-            except IndexError:
-                return
-            taken.append(message_id)
-            results[message_id] = checked = one(message_id)
-            if isinstance(checked[1], Throttled | Unauthorized):
-                stop.set()
+    def go_on() -> bool:
+        return not stopped
 
     step = settings.status_requests_per_second or len(message_ids) or 1
     for start in range(0, len(message_ids), step):
         chunk = message_ids[start : start + step]
         pacing.acquire("poll:requests", settings.status_requests_per_second, len(chunk))
-        todo = deque(chunk)
-        width = min(settings.poll_concurrency, len(todo))
-        loops = [threads.submit(drain, todo) for _ in range(width)]
-        _, running = wait(loops, timeout=max(0.0, deadline - time.monotonic()))
-        if running or todo or stop.is_set():
+        answers = client.status_all(
+            chunk,
+            width=settings.poll_concurrency,
+            deadline=deadline,
+            go_on=go_on,
+            threads=threads,
+        )
+        for message_id, answer, _ in answers:
+            results[message_id] = utcnow(), answer
+            stopped = stopped or isinstance(answer, Throttled | Unauthorized)
+        if stopped or time.monotonic() >= deadline:
             break
-    answered = dict(results)  # a check still running past the budget writes to `results`
-    unanswered = Unavailable("no answer within the poll task's budget")
-    for message_id in taken:  # on its way: count it as a poll the provider may see
-        answered.setdefault(message_id, (utcnow(), unanswered))
-    return answered
+    return results
 
 
 def poll_batch(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter as Tally
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -159,6 +159,12 @@ class TimedStatusClient(StatusClient):
             return super().status(message_id)
         finally:
             PROVIDER_LATENCY.labels("status").observe(time.perf_counter() - started)
+
+    def status_all(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        latency = PROVIDER_LATENCY.labels("status")
+        for message_id, answer, seconds in super().status_all(*args, **kwargs):
+            latency.observe(seconds)
+            yield message_id, answer, seconds
 
 
 # --- exposition ------------------------------------------------------------------------------

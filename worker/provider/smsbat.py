@@ -16,10 +16,14 @@ Exceptions say what the caller may do next:
 from __future__ import annotations
 
 import math
+import queue
 import re
+import threading
+import time
 import uuid
 from base64 import b64encode
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
@@ -39,7 +43,7 @@ from worker.core.answers import Unauthorized as Unauthorized
 from worker.core.answers import Unavailable as Unavailable
 from worker.core.backoff import parse_retry_after
 from worker.core.states import PROVIDER_STATES, State
-from worker.provider.keepalive import KeepAliveTransport, request_bytes
+from worker.provider.keepalive import KeepAliveTransport, Reply, request_bytes
 
 # What httpx.Client sends, which the send client does: the provider sees one agent.
 USER_AGENT = f"python-httpx/{httpx.__version__}"
@@ -365,11 +369,112 @@ class StatusClient:
         )
 
     def status(self, message_id: str) -> StatusReport:
+        return self._check(message_id)
+
+    def status_all(
+        self,
+        message_ids: Iterable[str],
+        *,
+        width: int,
+        deadline: float,
+        go_on: Callable[[], bool],
+        threads: Executor,
+    ) -> Iterator[tuple[str, StatusReport | ProviderError, float]]:
+        """Check each id, `width` at a time, yielding it, its answer (a report or the error
+        `status` would raise) and the seconds it took, as answers come.
+
+        `go_on` is asked before each check starts; at `deadline` (`time.monotonic()`) none
+        starts and the checks under way end as Unavailable. Over the lean transport one
+        thread keeps them all under way (`KeepAliveTransport.exchange_all`); over any
+        other, `width` of `threads` each make one check after another.
+        """
+        if self._lean is None:
+            yield from self._threaded(message_ids, width, deadline, go_on, threads)
+            return
+        transport, start, end = self._lean
+        wires = ((m, start + quote(m, safe="").encode() + end) for m in message_ids)
+        answers = transport.exchange_all(
+            wires, self._timeouts, width=width, deadline=deadline, go_on=go_on
+        )
+        for message_id, reply, seconds in answers:
+            try:
+                if isinstance(reply, httpx.TransportError):
+                    raise Unavailable(f"{type(reply).__name__} on status check")
+                report: StatusReport | ProviderError = self._read(
+                    message_id, reply.status, reply.body, _retry_after_of(reply)
+                )
+            except ProviderError as exc:
+                report = exc
+            yield message_id, report, seconds
+
+    def _threaded(
+        self,
+        message_ids: Iterable[str],
+        width: int,
+        deadline: float,
+        go_on: Callable[[], bool],
+        threads: Executor,
+    ) -> Iterator[tuple[str, StatusReport | ProviderError, float]]:
+        todo = iter(message_ids)
+        taken: set[str] = set()  # started and not yet answered
+        lock = threading.Lock()
+        over = threading.Event()
+        answers: queue.SimpleQueue[tuple[str, StatusReport | ProviderError, float] | None]
+        answers = queue.SimpleQueue()
+
+        def drain() -> None:
+            try:
+                while True:
+                    with lock:
+                        if over.is_set() or time.monotonic() >= deadline or not go_on():
+                            return
+                        message_id = next(todo, None)
+                        if message_id is None:
+                            return
+                        taken.add(message_id)
+                    started = time.monotonic()
+                    try:
+                        answer: StatusReport | ProviderError = self._check(message_id)
+                    except ProviderError as exc:
+                        answer = exc
+                    except Exception as exc:  # one odd failure must not cost the batch
+                        answer = Unavailable(f"{type(exc).__name__} on status check")
+                    answers.put((message_id, answer, time.monotonic() - started))
+            finally:
+                answers.put(None)
+
+        for _ in range(width):
+            threads.submit(drain)
+        running = width
+        while running:
+            try:
+                item = answers.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:  # the budget is spent: what is under way stays unanswered
+                break
+            if item is None:
+                running -= 1
+                continue
+            with lock:
+                taken.discard(item[0])
+            yield item
+        with lock:
+            over.set()
+            unanswered = list(taken)
+        for message_id in unanswered:
+            yield message_id, Unavailable("no answer within the poll task's budget"), 0.0
+
+    def _check(self, message_id: str) -> StatusReport:
         quoted = quote(message_id, safe="")
         try:
             code, body, retry_after = self._get(quoted)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise Unavailable(f"{type(exc).__name__} on status check") from None
+        return self._read(message_id, code, body, retry_after)
+
+    def _read(
+        self, message_id: str, code: int, body: bytes, retry_after: Callable[[], str | None]
+    ) -> StatusReport:
+        """The report in an answer, or the ProviderError it means."""
         path = self._path + message_id
         _raise_for_status(code, path, body, retry_after, sending=False, policy=self._retry_after)
         try:
@@ -382,7 +487,7 @@ class StatusClient:
         if self._lean is not None:
             transport, start, end = self._lean
             reply = transport.exchange(start + quoted_id.encode() + end, self._timeouts)
-            return reply.status, reply.body, lambda: _text(reply.header(b"retry-after"))
+            return reply.status, reply.body, _retry_after_of(reply)
         response = self._transport.handle_request(self._request(quoted_id))
         try:
             response.read()
@@ -394,5 +499,11 @@ class StatusClient:
         self._transport.close()
 
 
-def _text(value: bytes | None) -> str | None:
-    return value.decode("latin-1") if value is not None else None
+def _retry_after_of(reply: Reply) -> Callable[[], str | None]:
+    """A reader of the answer's Retry-After header, for the few answers that need it."""
+
+    def read() -> str | None:
+        value = reply.header(b"retry-after")
+        return value.decode("latin-1") if value is not None else None
+
+    return read
