@@ -43,6 +43,7 @@ import orjson
 import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -1328,12 +1329,55 @@ def _admin_routes(sim: _Simulator) -> list[Route]:
     ]
 
 
+class _LeanStatus:
+    """Status GETs answered straight on ASGI, past Starlette's router, Request and Response.
+
+    The simulator shares the bench's two cores with the workers it stands in front of, and
+    status checks are most of its requests: through Starlette one took ≈115 µs of its CPU.
+    What a client sees is the same: the same answers, headers and faults."""
+
+    def __init__(self, app: Any, sim: _Simulator) -> None:
+        self._app = app
+        self._sim = sim
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        message_id = path[len(_STATUS_PREFIX) :]
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "GET"
+            or not path.startswith(_STATUS_PREFIX)
+            or not message_id
+            or "/" in message_id
+        ):
+            await self._app(scope, receive, send)
+            return
+        sim = self._sim
+        answer = sim.status(Headers(scope=scope), message_id, time.time())
+        if answer.reset or sim.config.latency_ms or answer.hold:
+            await (await _reply(sim, answer))(scope, receive, send)
+            return
+        headers = [
+            (b"content-length", b"%d" % len(answer.body)),
+            (b"content-type", b"application/json"),
+        ]
+        for name, value in (answer.headers or {}).items():
+            headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+        await send({"type": "http.response.start", "status": answer.code, "headers": headers})
+        await send({"type": "http.response.body", "body": answer.body})
+
+
+_STATUS_PREFIX: Final = STATUS_PATH.removesuffix("{messageId}")
+
+
 def create_app(config: SimulatorConfig | None = None) -> Starlette:
     """The simulator as an ASGI app; ``config`` stays live (admin changes mutate it)."""
     sim = _Simulator(config if config is not None else SimulatorConfig())
     pusher = _Pusher(sim)
     return Starlette(
-        routes=_provider_routes(sim) + _admin_routes(sim), lifespan=lambda _: _lifespan(pusher)
+        routes=_provider_routes(sim) + _admin_routes(sim),
+        middleware=[Middleware(_LeanStatus, sim=sim)],
+        lifespan=lambda _: _lifespan(pusher),
     )
 
 
