@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from config import Settings
+from tests.helpers import STATUS, Closing, Pieces, Script, Server, ok
 from worker.provider.keepalive import KeepAliveTransport
 from worker.provider.smsbat import (
     NotFound,
@@ -24,91 +25,6 @@ from worker.provider.smsbat import (
     Throttled,
     Unavailable,
 )
-
-
-class Closing(bytes):
-    """An answer after which the server closes the connection."""
-
-
-class Pieces(tuple[bytes, ...]):
-    """An answer the server writes a piece at a time, a moment apart."""
-
-
-# A server's script: given the connection's request number and the request head, what to
-# write back (None: close without answering; "hang": answer nothing, keep the socket).
-Script = Callable[[int, bytes], bytes | Pieces | str | None]
-
-STATUS = b'{"messageId": "m-1", "deliverystatus": "delivered", "partscount": 1, "cost": 0.05}'
-
-
-def ok(body: bytes = STATUS, *extra: bytes) -> bytes:
-    head = [b"HTTP/1.1 200 OK", b"Content-Type: application/json", *extra]
-    return b"\r\n".join([*head, b"Content-Length: %d" % len(body), b"", body])
-
-
-class Server:
-    """Accepts connections on 127.0.0.1 and answers each request by `script`."""
-
-    def __init__(self, script: Script, context: ssl.SSLContext | None = None) -> None:
-        self.script = script
-        self.context = context
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.connections = 0
-        self.requests: list[bytes] = []
-        self._held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        if self.context is not None:
-            try:
-                conn = self.context.wrap_socket(conn, server_side=True)
-            except (ssl.SSLError, OSError):
-                conn.close()
-                return
-        buffer = b""
-        number = 0
-        with conn:
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    try:
-                        data = conn.recv(65536)
-                    except OSError:
-                        return
-                    if not data:
-                        return
-                    buffer += data
-                head, buffer = buffer.split(b"\r\n\r\n", 1)
-                self.requests.append(head)
-                answer = self.script(number, head)
-                number += 1
-                if answer is None:
-                    return
-                if answer == "hang":
-                    self._held.append(conn)
-                    threading.Event().wait(10)
-                    return
-                if isinstance(answer, Pieces):
-                    for piece in answer:
-                        conn.sendall(piece)
-                        threading.Event().wait(0.02)
-                    continue
-                assert isinstance(answer, bytes)
-                conn.sendall(answer)
-                if isinstance(answer, Closing):
-                    return
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import math
@@ -28,8 +29,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.helpers import KEY, SEND, batch, running_simulator, stats
-from worker.dev.simulator import SimulatorConfig
+from tests.helpers import (
+    KEY,
+    SEND,
+    STATUS,
+    Closing,
+    Pieces,
+    Script,
+    Server,
+    batch,
+    ok,
+    running_simulator,
+    stats,
+)
+from worker.dev.simulator import SimulatorConfig, _PushClient, _PushFailed
 from worker.ops import cli
 
 PRAGUE = ZoneInfo("Europe/Prague")
@@ -452,3 +465,55 @@ def test_cli_options_reach_the_config_and_tokens_stay_hidden(
     assert (config.push_duplicates, config.push_reorder, config.push_early) == (0.1, True, True)
     assert "/webhooks/smsbat" in result.output
     assert "secret" not in result.output
+
+
+def test_the_push_client_keeps_connections_and_replaces_one_closed_while_idle() -> None:
+    """Against a scripted server: a kept connection the receiver closed is tried once more
+    on a fresh one (not counted as a failed attempt); chunked answers, `Connection: close`
+    and an HTTP/1.0 answer read to its end are each read whole."""
+    chunked = b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    scripts: dict[str, Script] = {
+        "one per connection": lambda n, head: ok() if n == 0 else None,
+        "chunked": lambda n, head: Pieces((chunked[:40], chunked[40:])),
+        "close": lambda n, head: ok(STATUS, b"Connection: close"),
+        "until close": lambda n, head: Closing(b"HTTP/1.0 200 OK\r\n\r\n" + STATUS),
+        "kept": lambda n, head: ok(),
+    }
+    expected_connections = {
+        "one per connection": 4,
+        "chunked": 1,
+        "close": 4,
+        "until close": 4,
+        "kept": 1,
+    }
+    for name, script in scripts.items():
+        server = Server(script)
+        try:
+            codes = asyncio.run(_pushes(f"http://127.0.0.1:{server.port}/hook?x=1", 4))
+        finally:
+            server.close()
+        assert codes == [202 if name == "chunked" else 200] * 4, name
+        assert server.connections == expected_connections[name], name
+        head = server.requests[0].decode()
+        assert head.startswith("POST /hook?x=1 HTTP/1.1\r\n"), name
+        assert f"Host: 127.0.0.1:{server.port}" in head and "Content-Length: 7" in head, name
+
+
+async def _pushes(url: str, n: int, method: str = "POST", body: bytes = b'{"a":1}') -> list[int]:
+    """`n` pushes one after another over one lane's client."""
+    client = _PushClient()
+    try:
+        return [await client.request(method, url, body, {"Authorization": "t"}) for _ in range(n)]
+    finally:
+        client.close()
+
+
+def test_a_push_a_fresh_connection_leaves_unanswered_fails() -> None:
+    server = Server(lambda n, head: None)
+    try:
+        with pytest.raises(_PushFailed):
+            asyncio.run(_pushes(f"http://127.0.0.1:{server.port}/dlr?a=1", 1, "GET", b""))
+    finally:
+        server.close()
+    assert server.requests[0].startswith(b"GET /dlr?a=1 HTTP/1.1\r\n")
+    assert b"Content-Length" not in server.requests[0]

@@ -24,12 +24,10 @@ import itertools
 import logging
 import math
 import random
-import threading
 import time
 import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -47,8 +45,6 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-
-from worker.provider.keepalive import KeepAliveTransport
 
 SEND_PATH: Final = "/api/CascadeMessage/send_message/async"
 SEND_TG_VIBER_PATH: Final = "/api/CascadeMessage/send_message/tg-viber/async"
@@ -1114,19 +1110,19 @@ class _Pusher:
     async def running(self) -> AsyncIterator[None]:
         """Run the pushes for the app's lifetime (its lifespan)."""
         lanes: list[asyncio.Queue[_Push]] = [asyncio.Queue() for _ in range(PUSH_WORKERS)]
-        # Sync requests on threads over the workers' own lean transport: httpx's async
-        # client spent ~3 ms of CPU per push here and httpx.Client ~0.9 ms, more than the
-        # receiver it measures, on the same cores (a provider pushes from its own).
-        client = _PushClient()
-        with ThreadPoolExecutor(PUSH_WORKERS, thread_name_prefix="push") as threads:
-            tasks = [asyncio.create_task(self._schedule(lanes))]
-            tasks += [asyncio.create_task(self._send(client, threads, lane)) for lane in lanes]
-            try:
-                yield
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+        clients = [_PushClient() for _ in lanes]
+        tasks = [asyncio.create_task(self._schedule(lanes))]
+        tasks += [
+            asyncio.create_task(self._send(client, lane))
+            for client, lane in zip(clients, lanes, strict=True)
+        ]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for client in clients:
                 client.close()
 
     async def _schedule(self, lanes: list[asyncio.Queue[_Push]]) -> None:
@@ -1143,15 +1139,13 @@ class _Pusher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(sim.wake.wait(), wait)
 
-    async def _send(
-        self, client: _PushClient, threads: ThreadPoolExecutor, lane: asyncio.Queue[_Push]
-    ) -> None:
+    async def _send(self, client: _PushClient, lane: asyncio.Queue[_Push]) -> None:
         """One lane's delivery worker."""
         while True:
             push = await lane.get()
-            self.sim.push_done(push, await self._deliver(client, threads, push))
+            self.sim.push_done(push, await self._deliver(client, push))
 
-    async def _deliver(self, client: _PushClient, threads: ThreadPoolExecutor, push: _Push) -> bool:
+    async def _deliver(self, client: _PushClient, push: _Push) -> bool:
         """Send with retries on connection errors and 5xx, as a provider would; True on 2xx."""
         sim = self.sim
         for attempt in range(PUSH_ATTEMPTS):
@@ -1161,10 +1155,8 @@ class _Pusher:
                 return False
             headers = sim.push_headers(push, time.time())
             try:
-                code = await asyncio.get_running_loop().run_in_executor(
-                    threads, client.request, push.method, push.url, push.body, headers
-                )
-            except httpx.HTTPError:
+                code = await client.request(push.method, push.url, push.body, headers)
+            except (OSError, TimeoutError, _PushFailed):
                 continue
             sim.push_answered(push, code)
             if code < 500:
@@ -1172,40 +1164,101 @@ class _Pusher:
         return False
 
 
-class _PushClient:
-    """Pushes over one `KeepAliveTransport` per receiving origin, shared by the threads."""
+class _PushFailed(Exception):
+    """A push got no readable answer."""
 
-    HEADERS: Final = {"User-Agent": "smsbat-simulator"}
-    TIMEOUTS: Final = httpx.Timeout(PUSH_TIMEOUT).as_dict()
+
+class _PushClient:
+    """One lane's kept-alive connections, one per receiving origin, over asyncio's streams.
+
+    Its pushes go one after another. On the server's event loop, not on threads: 64 threads
+    each blocking on a push over the workers' transport spent ≈380 µs of the simulator's CPU
+    a push (httpx's async client ≈3 ms), which the receiver it measures shares the cores
+    with; a provider pushes from machines of its own.
+    """
 
     def __init__(self) -> None:
-        self._transports: dict[tuple[str, str, int | None], KeepAliveTransport] = {}
-        self._lock = threading.Lock()
+        self._open: dict[str, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
+        self._targets: dict[str, tuple[str, str, int, bytes, bytes]] = {}
 
-    def request(self, method: str, url: str, body: bytes, headers: dict[str, str]) -> int:
-        """The answer's status code; httpx's errors as they come."""
-        request = httpx.Request(
-            method,
-            url,
-            content=body or None,
-            headers=self.HEADERS | headers,
-            extensions={"timeout": self.TIMEOUTS},
-        )
-        response = self._transport(request.url).handle_request(request)
-        response.close()
-        return response.status_code
+    async def request(self, method: str, url: str, body: bytes, headers: dict[str, str]) -> int:
+        """The answer's status code; a kept connection found closed is replaced once."""
+        origin, host, port, target, host_header = self._target(url)
+        lines = [b"%s %s HTTP/1.1" % (method.encode(), target), b"Host: " + host_header]
+        lines += [f"{n}: {v}".encode("latin-1") for n, v in (_PUSH_HEADERS | headers).items()]
+        if body or method == "POST":
+            lines.append(b"Content-Length: %d" % len(body))
+        wire = b"\r\n".join(lines) + b"\r\n\r\n" + body
+        for _ in range(2):
+            kept = self._open.pop(origin, None)
+            async with asyncio.timeout(PUSH_TIMEOUT):
+                reader, writer = kept or await asyncio.open_connection(
+                    host, port, ssl=origin.startswith("https:") or None
+                )
+                try:
+                    writer.write(wire)
+                    code, keep = await _read_answer(reader)
+                except (OSError, asyncio.IncompleteReadError, _PushFailed) as exc:
+                    writer.close()
+                    stale = isinstance(exc, asyncio.IncompleteReadError) and not exc.partial
+                    if kept and (stale or isinstance(exc, ConnectionResetError)):
+                        continue  # closed by the receiver while idle: once more, afresh
+                    raise _PushFailed(type(exc).__name__) from None
+                except BaseException:  # a timeout or a cancel: the answer is half read
+                    writer.close()
+                    raise
+            if keep:
+                self._open[origin] = reader, writer
+            else:
+                writer.close()
+            return code
+        raise _PushFailed("the receiver closed a fresh connection unanswered")
 
-    def _transport(self, url: httpx.URL) -> KeepAliveTransport:
-        origin = (url.scheme, url.host, url.port)
-        with self._lock:
-            if origin not in self._transports:
-                base = httpx.URL(scheme=url.scheme, host=url.host, port=url.port)
-                self._transports[origin] = KeepAliveTransport(base, max_idle=PUSH_WORKERS)
-            return self._transports[origin]
+    def _target(self, url: str) -> tuple[str, str, int, bytes, bytes]:
+        """Origin, host, port, request target and Host header of a receiver's URL."""
+        found = self._targets.get(url)
+        if found is None:
+            parsed = httpx.URL(url)
+            port = parsed.port or (443 if parsed.scheme == "https" else 80)
+            host = parsed.host
+            named = f"[{host}]" if ":" in host else host
+            host_header = (named if parsed.port is None else f"{named}:{port}").encode()
+            origin = f"{parsed.scheme}://{named}:{port}"
+            found = self._targets[url] = origin, host, port, parsed.raw_path, host_header
+        return found
 
     def close(self) -> None:
-        for transport in self._transports.values():
-            transport.close()
+        for _, writer in self._open.values():
+            writer.close()
+        self._open.clear()
+
+
+_PUSH_HEADERS: Final = {"User-Agent": "smsbat-simulator"}
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """An HTTP/1.1 answer's status and whether the connection stays open, its body read."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *lines = head[:-4].split(b"\r\n")
+    version, _, rest = status_line.partition(b" ")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0") or not rest[:3].isdigit():
+        raise _PushFailed("not an HTTP/1.x answer")
+    fields = {}
+    for line in lines:
+        name, _, value = line.partition(b":")
+        fields[name.strip().lower()] = value.strip().lower()
+    keep = version == b"HTTP/1.1" and b"close" not in fields.get(b"connection", b"")
+    if fields.get(b"transfer-encoding", b"").endswith(b"chunked"):
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            await reader.readexactly(size + 2)
+        while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+            pass
+    elif b"content-length" in fields:
+        await reader.readexactly(int(fields[b"content-length"]))
+    else:
+        await reader.read()
+        keep = False
+    return int(rest[:3]), keep
 
 
 def _json(payload: Any, code: int = 200) -> Response:
