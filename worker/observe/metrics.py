@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter as Tally
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from typing import Any
 
 from prometheus_client import (
@@ -34,6 +35,7 @@ from worker.provider.smsbat import (
     ProviderError,
     SendClient,
     StatusClient,
+    StatusReport,
     Throttled,
     Unauthorized,
     Unavailable,
@@ -160,9 +162,20 @@ class TimedStatusClient(StatusClient):
         finally:
             PROVIDER_LATENCY.labels("status").observe(time.perf_counter() - started)
 
-    def status_all(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+    def status_all(
+        self,
+        message_ids: Iterable[str],
+        *,
+        width: int,
+        deadline: float,
+        go_on: Callable[[], bool],
+        threads: Executor,
+    ) -> Iterator[tuple[str, StatusReport | ProviderError, float]]:
         latency = PROVIDER_LATENCY.labels("status")
-        for message_id, answer, seconds in super().status_all(*args, **kwargs):
+        answers = super().status_all(
+            message_ids, width=width, deadline=deadline, go_on=go_on, threads=threads
+        )
+        for message_id, answer, seconds in answers:
             latency.observe(seconds)
             yield message_id, answer, seconds
 

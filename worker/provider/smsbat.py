@@ -405,6 +405,8 @@ class StatusClient:
                 )
             except ProviderError as exc:
                 report = exc
+            except Exception as exc:  # one odd answer must not cost the others theirs
+                report = Unavailable(f"{type(exc).__name__} on status check")
             yield message_id, report, seconds
 
     def _threaded(
@@ -437,7 +439,7 @@ class StatusClient:
                         answer: StatusReport | ProviderError = self._check(message_id)
                     except ProviderError as exc:
                         answer = exc
-                    except Exception as exc:  # one odd failure must not cost the batch
+                    except Exception as exc:  # one odd failure must not cost the others
                         answer = Unavailable(f"{type(exc).__name__} on status check")
                     answers.put((message_id, answer, time.monotonic() - started))
             finally:
