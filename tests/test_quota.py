@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 
 from config import Settings
 from tests.conftest import make_messages
-from tests.helpers import Clock, MemoryPacing, running_simulator
+from tests.helpers import Clock, MemoryPacing, accepted_by, running_simulator, send_for
 from worker.core.states import State
 from worker.core.validation import validate_message
 from worker.dev.simulator import SimulatorConfig
@@ -201,21 +201,6 @@ def test_next_midnight_is_utc() -> None:
 NOON = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 
 
-def _through_an_outage(url: str, settings: Settings, clock: Clock, minutes: float) -> None:
-    """send_batch every 5 s of the injected clock for `minutes`, as beat would: through the
-    circuit's pauses, the retries' backoff and the probes."""
-    client = SendClient(settings)
-    pacing = MemoryPacing(clock)
-    for _ in range(int(minutes * 12)):
-        dispatcher.send_batch(get_engine(url), client, pacing, settings, "standard", clock=clock)
-        clock.now += timedelta(seconds=5)
-
-
-def _accepted(sim: httpx.Client) -> dict[str, int]:
-    """The simulator's own record: each message it accepted and how many times."""
-    return {i: m["sends"] for i, m in sim.get("/_sim/messages").json().items()}
-
-
 @BACKENDS
 def test_a_provider_outage_does_not_spend_the_daily_cap(
     backend: str, database_factory: Callable[[str], str]
@@ -229,8 +214,8 @@ def test_a_provider_outage_does_not_spend_the_daily_cap(
         settings = Settings(**env, DATABASE_URL=url, DAILY_MESSAGE_CAP="25")  # type: ignore[arg-type]
         clock = Clock(NOON)
         _store(url, settings, 40, "o", clock())
-        _through_an_outage(url, settings, clock, minutes=20)
-        accepted, statuses = _accepted(sim), sim.get("/_sim/stats").json()["send_status"]
+        send_for(url, settings, clock, minutes=20)
+        accepted, statuses = accepted_by(sim), sim.get("/_sim/stats").json()["send_status"]
 
     assert sorted(accepted) == sorted(f"o-{i}" for i in range(25))
     assert statuses["500"] == 6  # the outage happened, and the provider recovered
@@ -251,8 +236,8 @@ def test_a_provider_outage_does_not_spend_the_daily_budget(
         settings = Settings(**env, DATABASE_URL=url, DAILY_SPEND_BUDGET="5.2")  # type: ignore[arg-type]
         clock = Clock(NOON)
         _store(url, settings, 20, "s", clock())  # 0.50 UAH each: 10 fit
-        _through_an_outage(url, settings, clock, minutes=20)
-        accepted = _accepted(sim)
+        send_for(url, settings, clock, minutes=20)
+        accepted = accepted_by(sim)
 
     assert sorted(accepted) == sorted(f"s-{i}" for i in range(10))
     assert _states(url, "s") == {State.SUBMITTED: 10, State.QUEUED: 10}
@@ -286,8 +271,8 @@ def test_a_send_whose_answer_was_lost_counts_once(
         settings = Settings(**env, DATABASE_URL=url, DAILY_MESSAGE_CAP="10")  # type: ignore[arg-type]
         clock = Clock(NOON)
         _store(url, settings, 10, "u", clock())
-        _through_an_outage(url, settings, clock, minutes=2)
-        accepted = _accepted(sim)
+        send_for(url, settings, clock, minutes=2)
+        accepted = accepted_by(sim)
 
     assert len(accepted) == 10 and set(accepted.values()) == {2}  # the resend: duplicates
     assert _states(url, "u") == {State.SUBMITTED: 10}
@@ -307,12 +292,12 @@ def test_a_retry_after_midnight_counts_on_the_new_day(
         late = datetime(2026, 3, 2, 23, 59, 50, tzinfo=UTC)
         clock = Clock(late)
         _store(url, settings, 10, "n", clock())
-        _through_an_outage(url, settings, clock, minutes=1 / 12)  # one batch: a 500
+        send_for(url, settings, clock, minutes=1 / 12)  # one batch: a 500
         assert _counted_on(url, "n") == {"2026-03-02"}
         assert _states(url, "n") == {State.QUEUED: 10}
         clock.now = quota.next_midnight(late) + timedelta(seconds=30)
-        _through_an_outage(url, settings, clock, minutes=1)
-        accepted = _accepted(sim)
+        send_for(url, settings, clock, minutes=1)
+        accepted = accepted_by(sim)
 
     assert sorted(accepted) == sorted(f"n-{i}" for i in range(10))
     assert _states(url, "n") == {State.SUBMITTED: 10}
