@@ -124,6 +124,9 @@ class Message(Base):
     # The UTC day ("2026-03-02") the message last counted against the global daily caps
     # (worker/flows/quota.py, migration 0018): a send retried that day is not counted again.
     counted_on: Mapped[str | None] = mapped_column(String(10))
+    # The UTC day a metered campaign last released it from `held` (worker/flows/campaigns.py
+    # `meter`, migration 0018): held again that day, it is released again without counting.
+    released_on: Mapped[str | None] = mapped_column(String(10))
 
     # Provider tracking.
     provider_message_id: Mapped[str | None] = mapped_column(String(64))
@@ -195,6 +198,13 @@ class Message(Base):
             "pk",
             postgresql_where=sql_text("state = 'queued' AND counted_on IS NOT NULL"),
             sqlite_where=sql_text("state = 'queued' AND counted_on IS NOT NULL"),
+        ),
+        Index(  # a metered campaign's messages released today and held again (0018)
+            "ix_messages_released",
+            "campaign",
+            "released_on",
+            postgresql_where=sql_text("state = 'held' AND released_on IS NOT NULL"),
+            sqlite_where=sql_text("state = 'held' AND released_on IS NOT NULL"),
         ),
         Index(
             "ix_messages_send_deadline",
