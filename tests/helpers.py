@@ -26,9 +26,11 @@ from worker.core.backoff import NO_PLAN, CheckPlan
 from worker.core.states import FINAL, State
 from worker.core.validation import MESSAGE_TYPES, ROUTES, validate_message
 from worker.dev.simulator import SimulatorConfig, create_app
+from worker.flows import dispatcher
 from worker.flows.campaigns import list_campaigns
 from worker.flows.producer import row_for, store
 from worker.ops.reports import UNKNOWN_CURRENCY, UNKNOWN_CURRENCY_NOTE, campaign_summary
+from worker.provider.smsbat import SendClient
 from worker.store.db import get_engine, utcnow
 from worker.store.models import events, messages
 
@@ -285,6 +287,29 @@ def batch(n: int, prefix: str = "m", **extra: Any) -> list[dict[str, Any]]:
 
 def stats(client: httpx.Client) -> dict[str, Any]:
     return client.get("/_sim/stats").json()
+
+
+def accepted_by(sim: httpx.Client) -> dict[str, int]:
+    """The simulator's own record: each message id it accepted and how many times."""
+    return {i: m["sends"] for i, m in sim.get("/_sim/messages").json().items()}
+
+
+def send_for(
+    url: str,
+    settings: Settings,
+    clock: Clock,
+    minutes: float,
+    beat: Callable[[datetime], object] | None = None,
+) -> None:
+    """`dispatcher.send_batch` every 5 s of the injected clock for `minutes` (after `beat`,
+    e.g. a metered campaign's release, if given): through the circuit's pauses, the
+    retries' backoff and its probes, as the workers would."""
+    client, pacing, engine = SendClient(settings), MemoryPacing(clock), get_engine(url)
+    for _ in range(round(minutes * 12)):
+        if beat is not None:
+            beat(clock())
+        dispatcher.send_batch(engine, client, pacing, settings, "standard", clock=clock)
+        clock.now += timedelta(seconds=5)
 
 
 # --- pushed reports --------------------------------------------------------------------------

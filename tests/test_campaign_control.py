@@ -8,15 +8,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 
 from config import Settings
 from tests.conftest import Stack, make_messages
+from tests.helpers import Clock, accepted_by, running_simulator, send_for
 from worker.core.states import journal_allows
+from worker.core.validation import validate_message
+from worker.dev.simulator import SimulatorConfig
 from worker.dev.stack import Simulator
 from worker.flows.campaigns import (
     CampaignCancelled,
@@ -25,16 +29,23 @@ from worker.flows.campaigns import (
     approve_campaign,
     cancel_campaign,
     enforce_holds,
+    ensure_campaign,
     hold_campaign,
     later_by,
+    meter,
+    new_releases,
     pause_campaign,
+    rate_room,
     resume_campaign,
+    set_limits,
 )
 from worker.flows.launch import Defaults, launch
-from worker.flows.producer import enqueue
+from worker.flows.producer import enqueue, row_for, store
 from worker.ops.reports import campaign_summary
 from worker.store.db import get_engine, utcnow
-from worker.store.models import events, messages
+from worker.store.models import campaigns, events, messages
+
+BACKENDS = pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -416,6 +427,147 @@ def test_a_campaign_rate_keeps_that_many_queued_per_tick(settings: Settings) -> 
     assert states(settings, "rate") == {"held": 26, "queued": 4}
     set_limits(engine, "rate", None, None)  # lifted: everything goes
     assert states(settings, "rate") == {"queued": 30}
+
+
+def test_a_message_released_today_and_held_again_goes_again_without_counting(
+    settings: Settings,
+) -> None:
+    engine = get_engine(settings.database_url)
+    enqueue(make_messages(15, "again"), "again", settings=settings, kick=False)
+    set_limits(engine, "again", 10, None)
+    day1 = datetime(2026, 3, 2, 9, tzinfo=UTC)
+    assert meter(engine, now=day1, retry_for=3600) == 10
+
+    pause_campaign(engine, "again")  # before they were sent
+    resume_campaign(engine, "again")
+    assert states(settings, "again") == {"held": 15}
+    assert meter(engine, now=day1, retry_for=3600) == 10  # the same 10, not counted again
+    assert meter(engine, now=day1, retry_for=3600) == 0
+    with engine.connect() as conn:
+        day = select(campaigns.c.cap_day, campaigns.c.cap_released)
+        assert tuple(conn.execute(day).one()) == ("2026-03-02", 10)
+        released = select(messages.c.id).where(messages.c.state == "queued")
+        assert sorted(conn.execute(released).scalars()) == sorted(f"again-{i}" for i in range(10))
+
+    pause_campaign(engine, "again")
+    resume_campaign(engine, "again")
+    assert meter(engine, now=day1 + timedelta(days=1), retry_for=3600) == 10  # a new day
+    with engine.connect() as conn:
+        assert tuple(conn.execute(day).one()) == ("2026-03-03", 10)  # counted on it
+
+
+@pytest.mark.unit
+def test_a_metered_release_counts_new_messages_within_the_cap_and_the_rate() -> None:
+    assert new_releases(10, 0, None) == 10
+    assert new_releases(10, 10, None) == 0
+    assert new_releases(10, 4, 3) == 3  # the rate's room is smaller than the cap's
+    assert new_releases(10, 4, 0) == 0  # re-releases took the room
+    assert new_releases(None, 0, 5) == 5
+    assert rate_room(None, 1.0, 7) is None
+    assert (rate_room(4.0, 0.5, 0), rate_room(4.0, 0.5, 2)) == (2, 0)
+    assert rate_room(0.1, 1.0, 0) == 1  # at least one a tick
+
+
+# --- a campaign's daily cap through a provider outage -------------------------------------
+
+NOON = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+
+
+def _metered(settings: Settings, url: str, campaign: str, count: int, cap: int) -> None:
+    """`count` messages stored at NOON under a campaign with a daily cap of `cap`."""
+    rows = []
+    for raw in make_messages(count, campaign):
+        checked = validate_message(raw, now=NOON)
+        assert not isinstance(checked, list), checked
+        rows.append(row_for(checked, campaign, NOON, settings))
+    engine = get_engine(url)
+    ensure_campaign(engine, campaign)
+    store(engine, rows, campaign)
+    set_limits(engine, campaign, cap, None)
+
+
+def _beat(url: str) -> Callable[[datetime], object]:
+    return lambda now: meter(get_engine(url), now=now, retry_for=3600)
+
+
+def _outage(
+    backend: str, database_factory: Callable[[str], str], operator: Callable[[Engine], object]
+) -> tuple[dict[str, int], dict[str, int], Any]:
+    """A campaign of 25 capped at 10 a day; the provider answers its first six sends 500;
+    `operator` acts once the first send failed. Answers what the simulator accepted, the
+    states, and the campaign's limits, after 20 minutes of sending that day."""
+    url = database_factory(backend)
+    with running_simulator(SimulatorConfig(fail_next_sends=6)) as sim:
+        settings = Settings(  # type: ignore[call-arg]
+            SMSBAT_API_KEY="test-key",
+            SMSBAT_BASE_URL=str(sim.base_url),
+            DATABASE_URL=url,
+            SEND_BATCH_MAX=10,
+            SEND_BATCH_MIN=1,
+            SEND_LINGER_SECONDS=0,
+        )
+        _metered(settings, url, "m", 25, 10)
+        clock = Clock(NOON)
+        send_for(url, settings, clock, 1 / 12, _beat(url))  # released, refused: a 500
+        assert accepted_by(sim) == {}
+        operator(get_engine(url))
+        send_for(url, settings, clock, 20, _beat(url))
+        accepted = accepted_by(sim)
+    with get_engine(url).connect() as conn:
+        limits = conn.execute(
+            select(campaigns.c.cap_day, campaigns.c.cap_released).where(campaigns.c.name == "m")
+        ).one()
+        counted = dict(
+            conn.execute(
+                select(messages.c.state, func.count())
+                .where(messages.c.campaign == "m")
+                .group_by(messages.c.state)
+            ).all()
+        )
+    return accepted, counted, limits
+
+
+@BACKENDS
+def test_a_provider_outage_does_not_spend_a_campaigns_daily_cap(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    """The cap counts releases from `held`; a send retried after a 500 stays queued and is
+    not released, nor counted, again."""
+    accepted, counted, limits = _outage(backend, database_factory, lambda engine: None)
+    assert sorted(accepted) == sorted(f"m-{i}" for i in range(10))
+    assert counted == {"submitted": 10, "held": 15}
+    assert tuple(limits) == ("2026-03-02", 10)
+
+
+@BACKENDS
+def test_a_campaign_paused_and_resumed_in_an_outage_releases_its_retries_free(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    """Paused, the messages released today and waiting to be retried go back to `held`;
+    resumed, they are released again without counting again: the day still sends 10."""
+
+    def pause_and_resume(engine: Engine) -> None:
+        pause_campaign(engine, "m")
+        resume_campaign(engine, "m")
+
+    accepted, counted, limits = _outage(backend, database_factory, pause_and_resume)
+    assert sorted(accepted) == sorted(f"m-{i}" for i in range(10))
+    assert counted == {"submitted": 10, "held": 15}
+    assert tuple(limits) == ("2026-03-02", 10)
+
+
+@BACKENDS
+def test_a_cap_raised_in_an_outage_counts_each_message_once(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    """A new limit holds the campaign's queued messages again (the retries among them);
+    raised from 10 to 15, the day sends 15 messages, not the same 10 counted twice."""
+    accepted, counted, limits = _outage(
+        backend, database_factory, lambda engine: set_limits(engine, "m", 15, None)
+    )
+    assert sorted(accepted) == sorted(f"m-{i}" for i in range(15))
+    assert counted == {"submitted": 15, "held": 10}
+    assert tuple(limits) == ("2026-03-02", 15)
 
 
 def test_a_rate_limited_campaign_on_a_running_worker(stack: Stack, sim, campaign: str) -> None:

@@ -15,18 +15,22 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from rich.console import Console
 from sqlalchemy import func, select
 
 from config import Settings
 from tests.conftest import make_messages
-from tests.helpers import Clock, MemoryPacing
+from tests.helpers import Clock, MemoryPacing, accepted_by, running_simulator, send_for
 from worker.core.states import State
 from worker.core.validation import validate_message
+from worker.dev.simulator import SimulatorConfig
 from worker.flows import dispatcher, quota
 from worker.flows.campaigns import campaign_control
 from worker.flows.producer import row_for, store
+from worker.flows.quota import Candidate, admission
 from worker.flows.sweeper import give_up
 from worker.ops.cli import status_view
 from worker.ops.reports import campaign_report
@@ -190,3 +194,204 @@ def test_next_midnight_is_utc() -> None:
     assert quota.next_midnight(datetime(2026, 1, 1, 23, 59, tzinfo=UTC)) == datetime(
         2026, 1, 2, tzinfo=UTC
     )
+
+
+# --- a retry counts once -------------------------------------------------------------------
+
+NOON = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+
+
+@BACKENDS
+def test_a_provider_outage_does_not_spend_the_daily_cap(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    """The simulator answers 500 to the first sends (the first 25 messages admitted, then
+    the circuit's probes), then recovers: the same 25 are sent that day, no other. Each
+    retry used to count again, and the cap was spent on messages the provider refused."""
+    url = database_factory(backend)
+    with running_simulator(SimulatorConfig(fail_next_sends=6)) as sim:
+        env = {**ENV, "SMSBAT_API_KEY": "test-key", "SMSBAT_BASE_URL": str(sim.base_url)}
+        settings = Settings(**env, DATABASE_URL=url, DAILY_MESSAGE_CAP="25")  # type: ignore[arg-type]
+        clock = Clock(NOON)
+        _store(url, settings, 40, "o", clock())
+        send_for(url, settings, clock, minutes=20)
+        accepted, statuses = accepted_by(sim), sim.get("/_sim/stats").json()["send_status"]
+
+    assert sorted(accepted) == sorted(f"o-{i}" for i in range(25))
+    assert statuses["500"] == 6  # the outage happened, and the provider recovered
+    assert set(accepted.values()) == {1}
+    assert _states(url, "o") == {State.SUBMITTED: 25, State.QUEUED: 15}
+    figures = quota.today(get_engine(url), settings, clock())
+    assert figures["day"] == "2026-03-02" and figures["messages"] == 25
+    assert figures["capped"] and figures["capped"].startswith("global daily cap of 25")
+
+
+@BACKENDS
+def test_a_provider_outage_does_not_spend_the_daily_budget(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    url = database_factory(backend)
+    with running_simulator(SimulatorConfig(fail_next_sends=6)) as sim:
+        env = {**ENV, **PRICED, "SMSBAT_API_KEY": "test-key", "SMSBAT_BASE_URL": str(sim.base_url)}
+        settings = Settings(**env, DATABASE_URL=url, DAILY_SPEND_BUDGET="5.2")  # type: ignore[arg-type]
+        clock = Clock(NOON)
+        _store(url, settings, 20, "s", clock())  # 0.50 UAH each: 10 fit
+        send_for(url, settings, clock, minutes=20)
+        accepted = accepted_by(sim)
+
+    assert sorted(accepted) == sorted(f"s-{i}" for i in range(10))
+    assert _states(url, "s") == {State.SUBMITTED: 10, State.QUEUED: 10}
+    figures = quota.today(get_engine(url), settings, clock())
+    assert figures["spend"] == 5.0 and figures["messages"] == 10
+
+
+def _counted_on(url: str, campaign: str) -> set[str | None]:
+    with get_engine(url).connect() as conn:
+        return set(
+            conn.execute(
+                select(messages.c.counted_on).where(messages.c.campaign == campaign)
+            ).scalars()
+        )
+
+
+@BACKENDS
+def test_a_send_whose_answer_was_lost_counts_once(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    """A lost answer (a read timeout) may mean the provider has the message: it counted
+    when it was first admitted, and its resend that day does not count again."""
+    url = database_factory(backend)
+    with running_simulator(SimulatorConfig(hang_next_sends=1, hang_seconds=1.5)) as sim:
+        env = {
+            **ENV,
+            "SMSBAT_API_KEY": "test-key",
+            "SMSBAT_BASE_URL": str(sim.base_url),
+            "HTTP_READ_TIMEOUT_SECONDS": "0.5",
+        }
+        settings = Settings(**env, DATABASE_URL=url, DAILY_MESSAGE_CAP="10")  # type: ignore[arg-type]
+        clock = Clock(NOON)
+        _store(url, settings, 10, "u", clock())
+        send_for(url, settings, clock, minutes=2)
+        accepted = accepted_by(sim)
+
+    assert len(accepted) == 10 and set(accepted.values()) == {2}  # the resend: duplicates
+    assert _states(url, "u") == {State.SUBMITTED: 10}
+    assert quota.today(get_engine(url), settings, clock())["messages"] == 10
+
+
+@BACKENDS
+def test_a_retry_after_midnight_counts_on_the_new_day(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    """Admitted at 23:59:50 UTC and refused (a 500), the messages are sent after 00:00:
+    they count on the new day, which they are sent on; the day before keeps its count."""
+    url = database_factory(backend)
+    with running_simulator(SimulatorConfig(fail_next_sends=1)) as sim:
+        env = {**ENV, "SMSBAT_API_KEY": "test-key", "SMSBAT_BASE_URL": str(sim.base_url)}
+        settings = Settings(**env, DATABASE_URL=url, DAILY_MESSAGE_CAP="10")  # type: ignore[arg-type]
+        late = datetime(2026, 3, 2, 23, 59, 50, tzinfo=UTC)
+        clock = Clock(late)
+        _store(url, settings, 10, "n", clock())
+        send_for(url, settings, clock, minutes=1 / 12)  # one batch: a 500
+        assert _counted_on(url, "n") == {"2026-03-02"}
+        assert _states(url, "n") == {State.QUEUED: 10}
+        clock.now = quota.next_midnight(late) + timedelta(seconds=30)
+        send_for(url, settings, clock, minutes=1)
+        accepted = accepted_by(sim)
+
+    assert sorted(accepted) == sorted(f"n-{i}" for i in range(10))
+    assert _states(url, "n") == {State.SUBMITTED: 10}
+    assert _counted_on(url, "n") == {"2026-03-03"}
+    engine = get_engine(url)
+    assert quota.today(engine, settings, late)["messages"] == 10
+    assert quota.today(engine, settings, clock())["messages"] == 10
+
+
+# --- the counting decision, pure ------------------------------------------------------------
+
+NEW, RETRY = Candidate(False, 0.5), Candidate(True, 0.0)
+
+
+@pytest.mark.unit
+def test_a_message_counts_once_a_utc_day() -> None:
+    assert not quota.counted_today(None, "2026-03-02")  # never counted
+    assert quota.counted_today("2026-03-02", "2026-03-02")  # a retry the same day
+    assert not quota.counted_today("2026-03-01", "2026-03-02")  # counts again the next day
+
+
+@pytest.mark.unit
+def test_a_retry_goes_free_even_once_the_cap_is_reached() -> None:
+    capped = admission([RETRY, NEW, RETRY], 25, 0.0, cap=25, budget=None, capped=quota.MESSAGES)
+    assert (capped.admitted, capped.counted, capped.messages) == ((0, 2), (), 25)
+    assert capped.capped == quota.MESSAGES
+
+
+@pytest.mark.unit
+def test_new_messages_are_counted_in_claim_order_up_to_the_cap() -> None:
+    claim = [NEW, RETRY, NEW, NEW, RETRY]
+    reached = admission(claim, 8, 0.0, cap=10, budget=None, capped=None)
+    assert (reached.admitted, reached.counted) == ((0, 1, 2, 4), (0, 2))
+    assert (reached.messages, reached.capped) == (10, quota.MESSAGES)
+    under = admission(claim, 0, 0.0, cap=10, budget=None, capped=None)
+    assert (under.admitted, under.counted, under.capped) == ((0, 1, 2, 3, 4), (0, 2, 3), None)
+
+
+@pytest.mark.unit
+def test_the_budget_stops_at_the_first_new_message_that_does_not_fit() -> None:
+    dear, cheap = Candidate(False, 2.0), Candidate(False, 0.1)
+    result = admission([cheap, dear, cheap, RETRY], 0.0, 4.0, cap=None, budget=5.0, capped=None)
+    assert (result.admitted, result.counted) == ((0, 3), (0,))  # no overtaking the dear one
+    assert result.capped == quota.BUDGET and result.spend == pytest.approx(4.1)
+
+
+CLAIMS = st.lists(
+    st.builds(Candidate, st.booleans(), st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.5])),
+    max_size=30,
+)
+
+
+@pytest.mark.unit
+@given(
+    claim=CLAIMS,
+    messages=st.integers(0, 40),
+    spend=st.sampled_from([0.0, 1.0, 4.75, 10.0]),
+    cap=st.none() | st.integers(1, 40),
+    budget=st.none() | st.sampled_from([0.5, 5.0, 12.0]),
+    capped=st.none() | st.sampled_from([quota.MESSAGES, quota.BUDGET]),
+)
+def test_admission_counts_each_message_once_and_never_past_a_cap(
+    claim: list[Candidate],
+    messages: int,
+    spend: float,
+    cap: int | None,
+    budget: float | None,
+    capped: str | None,
+) -> None:
+    result = admission(claim, messages, spend, cap=cap, budget=budget, capped=capped)
+    new = [i for i, row in enumerate(claim) if not row.counted]
+
+    # Counted today: always sent, never counted again. New: counted exactly when sent.
+    assert set(result.admitted) == {i for i, r in enumerate(claim) if r.counted} | set(
+        result.counted
+    )
+    assert set(result.counted) <= set(new)
+    assert result.messages == messages + len(result.counted)
+    assert result.spend == pytest.approx(spend + sum(claim[i].cost for i in result.counted))
+    # In claim order: the new messages counted are the first ones; none after one left out.
+    assert list(result.counted) == new[: len(result.counted)]
+    # No cap is overrun by this claim, and one that stopped a message says so.
+    if result.counted:
+        assert cap is None or result.messages <= cap
+        assert budget is None or result.spend <= budget + 1e-9
+    if len(result.counted) < len(new):
+        assert result.capped is not None
+    if capped is not None:
+        assert result.counted == () and result.capped == capped
+
+    # The same claim retried (the provider failed it): what went goes again, free.
+    marked = [Candidate(True, 0.0) if i in result.counted else row for i, row in enumerate(claim)]
+    again = admission(
+        marked, result.messages, result.spend, cap=cap, budget=budget, capped=result.capped
+    )
+    assert set(result.admitted) <= set(again.admitted)
+    assert (again.counted, again.messages) == ((), result.messages)

@@ -169,10 +169,11 @@ def move_messages(
     target: State,
     detail: str,
     limit: int | None = None,
+    where: Sequence[Any] = (),
     **values: Any,
 ) -> int:
-    """Move every message of a campaign in `source` to `target`, journalled (source
-    "system"), a chunk per transaction; answer how many moved.
+    """Move every message of a campaign in `source` to `target` (and meeting `where`),
+    journalled (source "system"), a chunk per transaction; answer how many moved.
 
     Rows another transaction holds (a claim turning them into `sending`) are skipped: the
     loop ends when a pass finds no unlocked row. For holds, `enforce_holds` (beat) takes any
@@ -182,7 +183,9 @@ def move_messages(
     moved = 0
     while limit is None or moved < limit:
         size = MOVE_CHUNK if limit is None else min(MOVE_CHUNK, limit - moved)
-        query = select(messages.c.pk).where(messages.c.campaign == name, messages.c.state == source)
+        query = select(messages.c.pk).where(
+            messages.c.campaign == name, messages.c.state == source, *where
+        )
         if limit is not None:  # a metered release goes oldest first; a whole move need not
             query = query.order_by(messages.c.pk)
         with engine.begin() as conn:
@@ -440,6 +443,22 @@ def set_limits(
     return campaign_control(engine, name)
 
 
+def rate_room(rate: float | None, interval: float, queued: int) -> int | None:
+    """How many more of a campaign's messages its rate lets into the queue this tick
+    (`rate × interval` at a time, at least one); None without a rate."""
+    if rate is None:
+        return None
+    return max(1, math.ceil(rate * interval)) - queued
+
+
+def new_releases(cap: int | None, released_today: int, room: int | None) -> int:
+    """How many messages not yet released today a metered campaign may release now: what
+    its daily cap leaves, within its rate's `room`. A message released today and held
+    again since (a pause, a new limit) is not among them: it goes again without counting."""
+    allow = cap - released_today if cap is not None else MOVE_CHUNK
+    return allow if room is None else min(allow, room)
+
+
 def meter(
     engine: Engine,
     interval: float = 1.0,
@@ -450,6 +469,12 @@ def meter(
     day's cap, and `rate × interval` queued at a time (beat runs this every `interval`
     seconds, so the claim sends them at about the rate). Answers how many it released.
 
+    A message counts once a UTC day against the cap: the day it was released is kept on
+    it (`released_on`, migration 0018). One released today and held again since (a pause
+    or a new limit while it waited to be sent, or to be retried after a provider error)
+    is released again first, within the rate, without counting again; one released on an
+    earlier day counts again today, as a new release.
+
     A released message's send deadline is at least `retry_for` (SEND_RETRY_FOR_SECONDS)
     from its release: days waiting for a cap must not fail it unsent.
     """
@@ -458,7 +483,7 @@ def meter(
     now = now or utcnow()
     fresh = now + timedelta(seconds=retry_for)
     deadline = messages.c.send_deadline
-    renewed = {"send_deadline": case((deadline < fresh, fresh), else_=deadline)}
+    renewed: dict[str, Any] = {"send_deadline": case((deadline < fresh, fresh), else_=deadline)}
     day = now.date().isoformat()
     with engine.connect() as conn:
         metered = conn.execute(
@@ -478,7 +503,7 @@ def meter(
     released_all = 0
     for name, cap, rate, cap_day, cap_released in metered:
         today = (cap_released or 0) if cap_day == day else 0
-        allow = cap - today if cap is not None else MOVE_CHUNK
+        queued = 0
         if rate is not None:
             with engine.connect() as conn:
                 queued = conn.execute(
@@ -486,14 +511,34 @@ def meter(
                         messages.c.campaign == name, messages.c.state == State.QUEUED
                     )
                 ).scalar_one()
-            allow = min(allow, max(1, math.ceil(rate * interval)) - queued)
+        room = rate_room(rate, interval, queued)
+        again = 0
+        if room is None or room > 0:
+            again = move_messages(
+                engine,
+                name,
+                State.HELD,
+                State.QUEUED,
+                "released again (counted today already)",
+                limit=room,
+                where=[messages.c.released_on == day],
+                **renewed,
+            )
+        allow = new_releases(cap, today, None if room is None else room - again)
         released = 0
         if allow > 0:
             why = "released within the campaign's " + (
                 "rate" if rate is not None and cap is None else "daily cap and rate"
             )
             released = move_messages(
-                engine, name, State.HELD, State.QUEUED, why, limit=allow, **renewed
+                engine,
+                name,
+                State.HELD,
+                State.QUEUED,
+                why,
+                limit=allow,
+                released_on=day,
+                **renewed,
             )
         if released or cap_day != day:
             with engine.begin() as conn:
@@ -509,7 +554,7 @@ def meter(
                 name,
                 cap,
             )
-        released_all += released
+        released_all += again + released
     return released_all
 
 

@@ -152,45 +152,59 @@ _CLAIM_COLUMNS = (
     messages.c.attempts,
     messages.c.expires_at,
     messages.c.isolation,
+    messages.c.counted_on,
 )
 
 
-def _ready_filter(route: str, now: datetime) -> list[Any]:
-    """Queued rows of a route whose time has come, outside any isolation part."""
+def _ready_filter(route: str, now: datetime, counted_on: str | None = None) -> list[Any]:
+    """Queued rows of a route whose time has come, outside any isolation part; with
+    `counted_on`, only those counted against the global caps that day (a capped day's)."""
     return [
         messages.c.state == State.QUEUED,
         messages.c.route == route,
         messages.c.available_at <= now,
         messages.c.isolation.is_(None),
         claimable(),  # never a promo or survey to a number that opted out
+        *_counted(counted_on),
     ]
 
 
+def _counted(day: str | None) -> list[Any]:
+    """Once a global cap stops new messages, only the ones counted today go (their retries):
+    `ix_messages_counted` finds those without reading the queue waiting for midnight."""
+    return [] if day is None else [messages.c.counted_on == day]
+
+
 def ready_summary(
-    engine: Engine, route: str, now: datetime, cap: int, batch_min: int
+    engine: Engine,
+    route: str,
+    now: datetime,
+    cap: int,
+    batch_min: int,
+    counted_on: str | None = None,
 ) -> tuple[int, float]:
     """How many messages are ready (counted up to `cap`) and how long the oldest has waited.
 
     The wait only decides a batch smaller than `batch_min`, so a full one skips that query.
     """
-    ready = select(messages.c.pk).where(*_ready_filter(route, now)).limit(cap).subquery()
+    where = _ready_filter(route, now, counted_on)
+    ready = select(messages.c.pk).where(*where).limit(cap).subquery()
     with engine.begin() as conn:
         count = conn.execute(select(func.count()).select_from(ready)).scalar_one()
         if not count or count >= batch_min:
             return count, 0.0
-        oldest = conn.execute(
-            select(func.min(messages.c.available_at)).where(*_ready_filter(route, now))
-        ).scalar_one()
+        oldest = conn.execute(select(func.min(messages.c.available_at)).where(*where)).scalar_one()
     return count, (now - oldest).total_seconds() if oldest else 0.0
 
 
-def _part_filter(route: str, now: datetime) -> list[Any]:
+def _part_filter(route: str, now: datetime, counted_on: str | None = None) -> list[Any]:
     return [
         messages.c.state == State.QUEUED,
         messages.c.route == route,
         messages.c.isolation.is_not(None),
         messages.c.available_at <= now,
         claimable(),
+        *_counted(counted_on),
     ]
 
 
@@ -202,13 +216,19 @@ def parts_ready(engine: Engine, route: str, now: datetime) -> bool:
 
 
 def claim(
-    engine: Engine, route: str, now: datetime, limit: int, lease: float, token: str
+    engine: Engine,
+    route: str,
+    now: datetime,
+    limit: int,
+    lease: float,
+    token: str,
+    counted_on: str | None = None,
 ) -> list[AnyRow]:
     """Take up to `limit` ready messages, urgent types first, in one statement."""
     return claim_rows(
         engine,
         messages,
-        where=_ready_filter(route, now),
+        where=_ready_filter(route, now, counted_on),
         order_by=[messages.c.priority, messages.c.pk],
         limit=limit,
         values=_claimed(now, lease, token),
@@ -217,12 +237,18 @@ def claim(
 
 
 def claim_part(
-    engine: Engine, route: str, now: datetime, limit: int, lease: float, token: str
+    engine: Engine,
+    route: str,
+    now: datetime,
+    limit: int,
+    lease: float,
+    token: str,
+    counted_on: str | None = None,
 ) -> list[AnyRow]:
     """Take the ready rows of the oldest isolation part: a part is never mixed with others."""
     oldest = (
         select(messages.c.isolation)
-        .where(*_part_filter(route, now))
+        .where(*_part_filter(route, now, counted_on))
         .order_by(messages.c.priority, messages.c.pk)
         .limit(1)
         .scalar_subquery()
@@ -235,6 +261,7 @@ def claim_part(
             messages.c.isolation == oldest,
             messages.c.available_at <= now,
             claimable(),
+            *_counted(counted_on),
         ],
         order_by=[messages.c.pk],
         limit=limit,
@@ -453,23 +480,26 @@ def send_batch(
     report.paused = send_paused(pacing)
     if report.paused:
         return report
-    report.capped = quota.stopped(engine, settings, clock())
-    if report.capped:  # the messages stay queued for 00:00 UTC or a raised limit
-        return report
+    now = clock()
+    report.capped = quota.stopped(engine, settings, now)
+    # A global cap stops new messages: the rest stay queued for 00:00 UTC or a raised
+    # limit. Those it counted today go on (a send retried after a provider error).
+    counted_on = quota.day_of(now) if report.capped else None
     probing = pacing.half_open(CIRCUIT)
     if probing and not pacing.take_probe(CIRCUIT, probe_lease(settings)):
         return report
-    now = clock()
     token = uuid.uuid4().hex
     lease = settings.send_lease_seconds
+    batch_max = settings.send_batch_max
     # A probe is small: new rows first, a whole part only when nothing else waits.
-    rows = [] if probing else claim_part(engine, route, now, settings.send_batch_max, lease, token)
+    rows = [] if probing else claim_part(engine, route, now, batch_max, lease, token, counted_on)
     if not rows:
         limit = settings.send_probe_size if probing else batch_limit(settings)
+        least = settings.send_batch_min
         ready, oldest_wait = (
-            (settings.send_batch_min, 0.0)
+            (least, 0.0)
             if due and not probing
-            else ready_summary(engine, route, now, settings.send_batch_min, settings.send_batch_min)
+            else ready_summary(engine, route, now, least, least, counted_on)
         )
         flush = should_flush(
             ready,
@@ -478,13 +508,14 @@ def send_batch(
             linger=settings.send_linger_seconds,
         )
         if flush or (probing and ready):
-            rows = claim(engine, route, now, limit, lease, token)
+            rows = claim(engine, route, now, limit, lease, token, counted_on)
     if not rows and probing:
-        rows = claim_part(engine, route, now, settings.send_batch_max, lease, token)
+        rows = claim_part(engine, route, now, batch_max, lease, token, counted_on)
     if rows:  # inside their send window now (an approval at night), then within the
         # global daily cap and budget; the rest goes back to the queue
         rows = hold_outside_window(engine, settings, rows, token, now)
-        rows, report.capped = quota.admit(engine, settings, rows, token, now)
+        rows, capped = quota.admit(engine, settings, rows, token, now)
+        report.capped = capped or report.capped
     report.isolating = bool(rows) and rows[0].isolation is not None
     report.claimed = len(rows)
     if not rows:

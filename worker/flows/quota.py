@@ -4,10 +4,17 @@ worker.campaigns' (`campaign launch --daily-cap --rate`); these sit above them.
 
 The dispatcher asks `stopped` before it claims and hands every claim to `admit`, which
 takes, in claim order, the rows that still fit the day's figures (one locked row of
-`send_days`) and counts them; the rest go straight back to the queue. A message counts when
-it is admitted to a send request (a send retried after a provider error counts again); the
-budget counts it at its RATE_CARD price as if it ended on SMS (per part; viber for
-tg-viber, as `--dry-run` estimates), a number the card has no price for at 0.
+`send_days`) and counts them; the rest go straight back to the queue. A message counts
+once a UTC day, the first time it is admitted to a send request that day: the day is
+marked on it (`messages.counted_on`, migration 0018) in the transaction that counts it.
+A send retried the same day after a provider error (5xx, connection refused, a 429, a
+pause) or a lost answer is not counted again, and goes even once a cap is reached: the
+dispatcher then claims only messages counted today. A lost answer (the provider may have
+the message) was counted when it was first admitted, as every send is. A message retried on
+a later UTC day counts again, on that day: each day's figures are what was admitted to
+send requests that day, and the cap holds for what is sent on it. The budget counts a
+message at its RATE_CARD price as if it ended on SMS (per part; viber for tg-viber, as
+`--dry-run` estimates), a number the card has no price for at 0.
 
 Reaching a cap pauses sending, never drops: messages stay `queued` until 00:00 UTC (or a
 raised limit), the sweeper keeps their send deadline at least SEND_RETRY_FOR_SECONDS past
@@ -19,8 +26,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, time, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Engine, select, update
 
@@ -106,6 +114,69 @@ def stopped(engine: Engine, settings: Settings, now: datetime | None = None) -> 
     return reason(capped, settings, day.spend)
 
 
+class Candidate(NamedTuple):
+    """One claimed row as the day's figures see it."""
+
+    counted: bool  # already counted today (`counted_today`): admitted free, even when capped
+    cost: float  # what counting it adds to the day's spend (`price`)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What one claim comes to against the day: the rows admitted to the send request and,
+    among them, the rows counted now (indexes into the claim, in claim order); the day's
+    figures after it, and the cap that stops new messages (reached now or before)."""
+
+    admitted: tuple[int, ...]
+    counted: tuple[int, ...]
+    messages: int
+    spend: float
+    capped: str | None
+
+
+def counted_today(counted_on: str | None, today: str) -> bool:
+    """Whether a message marked `counted_on` (the last UTC day it was counted) already counts
+    against `today`: only the same day. Counted on an earlier day, it counts again today."""
+    return counted_on == today
+
+
+def admission(
+    claim: Sequence[Candidate],
+    messages: int,
+    spend: float,
+    *,
+    cap: int | None,
+    budget: float | None,
+    capped: str | None,
+) -> Admission:
+    """Of one claim (claim order), what goes and what is counted, from the day's figures
+    (`messages`, `spend`, the cap in force, if any).
+
+    A row counted today goes and costs nothing more. The others are counted while they fit;
+    the first that does not stops the rest of them (claim order is priority order), so the
+    cap is exact and a cheaper message never overtakes an urgent one."""
+    admitted: list[int] = []
+    counted: list[int] = []
+    for index, row in enumerate(claim):
+        if row.counted:
+            admitted.append(index)
+            continue
+        if capped is not None:
+            continue
+        if cap is not None and messages >= cap:
+            capped = MESSAGES
+            continue
+        if budget is not None and spend + row.cost > budget + 1e-9:
+            capped = BUDGET
+            continue
+        admitted.append(index)
+        counted.append(index)
+        messages, spend = messages + 1, spend + row.cost
+    if capped is None and cap is not None and messages >= cap:
+        capped = MESSAGES  # the next claim need not be made and put back
+    return Admission(tuple(admitted), tuple(counted), messages, spend, capped)
+
+
 def admit(
     engine: Engine,
     settings: Settings,
@@ -113,43 +184,55 @@ def admit(
     token: str,
     now: datetime | None = None,
 ) -> tuple[list[Any], str | None]:
-    """Of one claim's rows (claim order), those that fit today's cap and budget, counted;
-    the others are put back in the queue. Answers them and the reason when a cap stopped
-    the rest (or was reached by the last one admitted)."""
+    """Of one claim's rows (claim order), those counted today already and those that fit
+    today's cap and budget, counted and marked; the others are put back in the queue.
+    Answers them and the reason when a cap stops new messages (reached by this claim or
+    before)."""
     if not active(settings) or not rows:
         return list(rows), None
     now = now or utcnow()
-    cap, budget, card = settings.daily_message_cap, settings.daily_spend_budget, settings.rates
     today = day_of(now)
+    claim = [
+        Candidate(True, 0.0)
+        if counted_today(row.counted_on, today)
+        else Candidate(False, price(row, settings.rates))
+        for row in rows
+    ]
     with engine.begin() as conn:
         day = _locked_day(conn, today)
-        count, spend = day.messages, day.spend
-        capped = _in_force(day, settings)
-        fit: list[Any] = []
-        for row in [] if capped else rows:
-            if cap is not None and count >= cap:
-                capped = MESSAGES
-                break
-            cost = price(row, card)
-            if budget is not None and spend + cost > budget + 1e-9:
-                capped = BUDGET
-                break
-            fit.append(row)
-            count, spend = count + 1, spend + cost
-        if capped is None and cap is not None and count >= cap:
-            capped = MESSAGES  # the next claim need not be made and put back
-        values: dict[str, Any] = {"messages": count, "spend": spend}
-        why = reason(capped, settings, spend) if capped is not None else None
-        if capped is not None:
-            values |= {"capped": capped, "reason": why, "spend_budget": budget}
+        result = admission(
+            claim,
+            day.messages,
+            day.spend,
+            cap=settings.daily_message_cap,
+            budget=settings.daily_spend_budget,
+            capped=_in_force(day, settings),
+        )
+        values: dict[str, Any] = {"messages": result.messages, "spend": result.spend}
+        why = reason(result.capped, settings, result.spend) if result.capped else None
+        if why is not None:
+            values |= {
+                "capped": result.capped,
+                "reason": why,
+                "spend_budget": settings.daily_spend_budget,
+            }
         conn.execute(update(send_days).where(send_days.c.day == today).values(values))
-    rest = [row.pk for row in rows[len(fit) :]]
+        if result.counted:  # in the same transaction: counted once, and marked so
+            counted = [rows[i].pk for i in result.counted]
+            conn.execute(
+                update(messages).where(among(conn, messages.c.pk, counted)).values(counted_on=today)
+            )
+    going = set(result.admitted)
+    fit = [row for i, row in enumerate(rows) if i in going]
+    rest = [row.pk for i, row in enumerate(rows) if i not in going]
     if rest:
         _unclaim(engine, token, rest)
     if why is None:
         return fit, None
     if day.capped is None:  # reached by this claim: said once
-        log.warning("%s: %d messages sent today (UTC), %d put back", why, count, len(rest))
+        log.warning(
+            "%s: %d messages sent today (UTC), %d put back", why, result.messages, len(rest)
+        )
     return fit, why
 
 

@@ -121,6 +121,12 @@ class Message(Base):
     # hours let it go (set only when they held it back), for reports.
     needs_consent: Mapped[bool] = mapped_column(Boolean, server_default=sql_text("false"))
     window_at: Mapped[datetime | None]
+    # The UTC day ("2026-03-02") the message last counted against the global daily caps
+    # (worker/flows/quota.py, migration 0018): a send retried that day is not counted again.
+    counted_on: Mapped[str | None] = mapped_column(String(10))
+    # The UTC day a metered campaign last released it from `held` (worker/flows/campaigns.py
+    # `meter`, migration 0018): held again that day, it is released again without counting.
+    released_on: Mapped[str | None] = mapped_column(String(10))
 
     # Provider tracking.
     provider_message_id: Mapped[str | None] = mapped_column(String(64))
@@ -183,6 +189,22 @@ class Message(Base):
             "pk",
             postgresql_where=sql_text("state = 'queued' AND isolation IS NOT NULL"),
             sqlite_where=sql_text("state = 'queued' AND isolation IS NOT NULL"),
+        ),
+        Index(  # what a capped day still sends: the retries of messages it counted (0018)
+            "ix_messages_counted",
+            "route",
+            "counted_on",
+            "priority",
+            "pk",
+            postgresql_where=sql_text("state = 'queued' AND counted_on IS NOT NULL"),
+            sqlite_where=sql_text("state = 'queued' AND counted_on IS NOT NULL"),
+        ),
+        Index(  # a metered campaign's messages released today and held again (0018)
+            "ix_messages_released",
+            "campaign",
+            "released_on",
+            postgresql_where=sql_text("state = 'held' AND released_on IS NOT NULL"),
+            sqlite_where=sql_text("state = 'held' AND released_on IS NOT NULL"),
         ),
         Index(
             "ix_messages_send_deadline",
