@@ -1,11 +1,13 @@
 """Figures that are row scans (channels, latency, top errors, the timeline, recent rates),
-kept per process and recomputed at most once per max(the page's refresh, 10 × what they
+kept per process and recomputed at most once per max(the caller's refresh, 10 × what they
 last took to compute).
 
 Tallies answer the counts; these they cannot, and at 1,000,000 messages they cost seconds
-a view. A page reloading every 5 s would otherwise spend more than a core of PostgreSQL per
-viewer: bounded this way, a figure costs at most a tenth of the database's time however
-many viewers reload, and the page says how old it is.
+a view. A page reloading every 5 s, or a dashboard polling `GET /v1/campaigns/{name}`,
+would otherwise spend more than a core of PostgreSQL per viewer: bounded this way, a figure
+costs at most a tenth of the database's time however many viewers reload, and the page and
+the API say how old it is. `FIGURES` is the process's one cache: the live page and the API
+share a campaign's analytics.
 """
 
 from __future__ import annotations
@@ -71,3 +73,7 @@ class FiguresCache:
             while len(self._entries) > self._kept:
                 dropped, _ = self._entries.popitem(last=False)
                 self._locks.pop(dropped, None)
+
+
+# The process's figures: the live page's (worker.http.live_page) and the API's report.
+FIGURES = FiguresCache()
