@@ -43,8 +43,10 @@ class _Entry:
 
 
 class FiguresCache:
-    """One lock per figure: viewers arriving while it is computed wait for that result
-    instead of computing it again."""
+    """One lock per figure, so it is computed by one viewer at a time. Viewers arriving
+    while it is computed again get the figure they would have had a moment before, with its
+    age, instead of waiting seconds for the new one; only a figure never computed yet is
+    waited for (then shared, not computed again)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, kept: int = KEPT) -> None:
         self._clock = clock
@@ -56,7 +58,12 @@ class FiguresCache:
     def get(self, key: Hashable, compute: Callable[[], T], refresh: float) -> Figure[T]:
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
+            kept = self._entries.get(key)
+        if kept is not None and not lock.acquire(blocking=False):
+            return Figure(kept.value, self._clock() - kept.at)  # being computed again
+        if kept is None:
+            lock.acquire()
+        try:
             entry = self._entries.get(key)
             now = self._clock()
             if entry is None or due(now - entry.at, entry.took, refresh):
@@ -65,6 +72,8 @@ class FiguresCache:
                 entry = _Entry(value, done, done - now)
                 self._store(key, entry)
             return Figure(entry.value, self._clock() - entry.at)
+        finally:
+            lock.release()
 
     def _store(self, key: Hashable, entry: _Entry) -> None:
         with self._guard:
