@@ -207,7 +207,7 @@ class Settings(BaseSettings):
     campaign_page_refresh_seconds: float = Field(
         5.0, ge=1, le=3600, alias="CAMPAIGN_PAGE_REFRESH_SECONDS"
     )
-    # Counting every message by state and campaign reads the whole table: at most this often.
+    # Every message by state and campaign (tallies, and the messages without a campaign).
     metrics_totals_seconds: float = Field(60.0, ge=0, alias="METRICS_TOTALS_SECONDS")
     metrics_top_campaigns: int = Field(20, ge=1, le=500, alias="METRICS_TOP_CAMPAIGNS")
     health_beat_max_age_seconds: float = Field(120.0, gt=0, alias="HEALTH_BEAT_MAX_AGE_SECONDS")

@@ -106,5 +106,7 @@ def test_producer_routes_need_the_bearer_token_and_document_their_errors() -> No
         assert set(operation["responses"]) == statuses, (method, path)
         assert ("security" in operation) == path.startswith("/v1/")
     schemas = doc["components"]["schemas"]
-    assert set(schemas["CampaignReport"]["required"]) >= {"money", "channels", "latency_seconds"}
+    assert set(schemas["CampaignReport"]["required"]) >= {
+        *("money", "channels", "latency_seconds", "analytics_as_of", "analytics_age_seconds")
+    }
     assert "events" in schemas["MessageDetail"]["required"]

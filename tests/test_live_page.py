@@ -29,9 +29,9 @@ from config import Settings
 from tests.conftest import Stack, make_messages, make_stack
 from worker.core.states import FINAL
 from worker.dev.stack import Api, start_api, wait_for
-from worker.http import live_page
 from worker.http.app import create_app
 from worker.http.live_page import COOKIE
+from worker.ops import cache
 from worker.ops.cache import FiguresCache
 from worker.ops.cli import upgrade_database
 from worker.ops.reports import FAILED_STATES, campaign_summary
@@ -341,7 +341,7 @@ def test_the_scanned_figures_are_kept_a_while_and_their_age_shown(client, monkey
     their age on the page. All final, they are computed afresh (the reload test)."""
     test, name = client
     now = [0.0]
-    monkeypatch.setattr(live_page, "FIGURES", FiguresCache(clock=lambda: now[0]))
+    monkeypatch.setattr(cache, "FIGURES", FiguresCache(clock=lambda: now[0]))
     auth = {"Authorization": f"Bearer {READONLY}"}
     first = test.get(_path(name), headers=auth).text
     assert "E_LATER" not in first and " s ago" not in first

@@ -31,7 +31,7 @@ from config import Settings
 from worker.core.states import State
 from worker.flows.producer import MAX_CAMPAIGN_LENGTH
 from worker.http.app import app_settings
-from worker.ops.cache import FiguresCache
+from worker.ops import cache
 from worker.ops.html_report import (
     _STYLE,
     _bar_chart,
@@ -44,14 +44,12 @@ from worker.ops.html_report import (
     _state_table,
     _timeline_chart,
 )
-from worker.ops.reports import campaign_analytics, campaign_summary, deliveries_over_time
+from worker.ops.reports import analytics_figure, campaign_summary, deliveries_over_time
 from worker.store.db import get_engine, utcnow
 from worker.store.models import messages
 
 COOKIE = "cascade_page_token"
 RATE_WINDOW_SECONDS = 60
-# The page's row scans (channels, latency, errors, the chart, the rates), per process.
-FIGURES = FiguresCache()
 
 router = APIRouter(tags=["pages"])
 
@@ -118,15 +116,14 @@ def campaign_page(
     if summary is None:
         return _not_found(campaign)
     refresh = settings.campaign_page_refresh_seconds
+    figures = cache.FIGURES  # the API's report shares the analytics
     # Kept apart once all final: the last page is computed after the last message ended.
     key = (engine, campaign, summary["all_final"])
-    analytics = FIGURES.get(
-        (*key, "analytics"), lambda: campaign_analytics(engine, campaign), refresh
-    )
-    timeline = FIGURES.get(
+    analytics = analytics_figure(figures, *key, refresh)
+    timeline = figures.get(
         (*key, "timeline"), lambda: deliveries_over_time(engine, campaign), refresh
     )
-    rates = FIGURES.get((*key, "rates"), lambda: recent_rates(engine, campaign, utcnow()), refresh)
+    rates = figures.get((*key, "rates"), lambda: recent_rates(engine, campaign, utcnow()), refresh)
     page = render_live_page(
         summary | analytics.value,
         timeline.value,

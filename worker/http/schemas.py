@@ -396,6 +396,13 @@ class CampaignReport(BaseModel):
     channels: dict[str, int] = Field(description="Messages per delivering channel.")
     latency_seconds: Latency
     top_errors: list[TopError]
+    analytics_as_of: Timestamp = Field(
+        description="When `channels`, `latency_seconds` and `top_errors` were computed: they "
+        "read the campaign's messages, so the API keeps them per process and computes them "
+        "again once older than 10 × what they took (seconds at a million messages). The "
+        "counts are always current. The CLI computes them on the spot."
+    )
+    analytics_age_seconds: float = Field(ge=0, description="Seconds since `analytics_as_of`.")
     waiting_for_time: int = Field(
         0, description="Of queued: scheduled messages kept here until shortly before their time."
     )

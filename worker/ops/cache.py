@@ -1,11 +1,13 @@
 """Figures that are row scans (channels, latency, top errors, the timeline, recent rates),
-kept per process and recomputed at most once per max(the page's refresh, 10 × what they
+kept per process and recomputed at most once per max(the caller's refresh, 10 × what they
 last took to compute).
 
 Tallies answer the counts; these they cannot, and at 1,000,000 messages they cost seconds
-a view. A page reloading every 5 s would otherwise spend more than a core of PostgreSQL per
-viewer: bounded this way, a figure costs at most a tenth of the database's time however
-many viewers reload, and the page says how old it is.
+a view. A page reloading every 5 s, or a dashboard polling `GET /v1/campaigns/{name}`,
+would otherwise spend more than a core of PostgreSQL per viewer: bounded this way, a figure
+costs at most a tenth of the database's time however many viewers reload, and the page and
+the API say how old it is. `FIGURES` is the process's one cache: the live page and the API
+share a campaign's analytics.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ class _Entry:
 
 
 class FiguresCache:
-    """One lock per figure: viewers arriving while it is computed wait for that result
-    instead of computing it again."""
+    """One lock per figure, so it is computed by one viewer at a time. Viewers arriving
+    while it is computed again get the figure they would have had a moment before, with its
+    age, instead of waiting seconds for the new one; only a figure never computed yet is
+    waited for (then shared, not computed again)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, kept: int = KEPT) -> None:
         self._clock = clock
@@ -54,7 +58,12 @@ class FiguresCache:
     def get(self, key: Hashable, compute: Callable[[], T], refresh: float) -> Figure[T]:
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
+            kept = self._entries.get(key)
+        if kept is not None and not lock.acquire(blocking=False):
+            return Figure(kept.value, self._clock() - kept.at)  # being computed again
+        if kept is None:
+            lock.acquire()
+        try:
             entry = self._entries.get(key)
             now = self._clock()
             if entry is None or due(now - entry.at, entry.took, refresh):
@@ -63,6 +72,8 @@ class FiguresCache:
                 entry = _Entry(value, done, done - now)
                 self._store(key, entry)
             return Figure(entry.value, self._clock() - entry.at)
+        finally:
+            lock.release()
 
     def _store(self, key: Hashable, entry: _Entry) -> None:
         with self._guard:
@@ -71,3 +82,7 @@ class FiguresCache:
             while len(self._entries) > self._kept:
                 dropped, _ = self._entries.popitem(last=False)
                 self._locks.pop(dropped, None)
+
+
+# The process's figures: the live page's (worker.http.live_page) and the API's report.
+FIGURES = FiguresCache()

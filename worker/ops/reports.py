@@ -43,6 +43,7 @@ from worker.core.validation import OutgoingMessage
 from worker.flows.campaigns import campaign_control
 from worker.flows.dispatcher import sending_pause
 from worker.flows.tallies import Tally, campaign_tallies_of
+from worker.ops.cache import Figure, FiguresCache
 from worker.store.db import AnyRow, utcnow
 from worker.store.models import UTCDateTime, events, messages
 from worker.store.pacing import Pacing, get_pacing
@@ -255,13 +256,49 @@ def _sending(broker_url: str | None) -> dict[str, Any] | None:
 
 
 def campaign_report(
-    engine: Engine, campaign: str, broker_url: str | None = None
+    engine: Engine,
+    campaign: str,
+    broker_url: str | None = None,
+    *,
+    figures: FiguresCache | None = None,
+    refresh: float = 0.0,
 ) -> dict[str, Any] | None:
-    """The summary plus channels, latency percentiles and top errors (`campaign_analytics`)."""
+    """The summary plus channels, latency percentiles and top errors (`campaign_analytics`),
+    and when those were computed (`analytics_as_of`, `analytics_age_seconds`).
+
+    Without `figures` the analytics are computed now (the CLI: exact, age 0). With it they
+    come from that cache (`analytics_figure`), recomputed once older than max(`refresh`,
+    10 × what they took): the API's answer at a million messages. The counts come from the
+    tallies on every call either way.
+    """
     summary = campaign_summary(engine, campaign, broker_url)
     if summary is None:
         return None
-    return summary | campaign_analytics(engine, campaign)
+    if figures is None:
+        analytics = Figure(campaign_analytics(engine, campaign), 0.0)
+    else:
+        analytics = analytics_figure(figures, engine, campaign, summary["all_final"], refresh)
+    return summary | analytics.value | analytics_age(analytics.age)
+
+
+def analytics_figure(
+    figures: FiguresCache, engine: Engine, campaign: str, all_final: bool, refresh: float
+) -> Figure[dict[str, Any]]:
+    """The campaign's analytics from `figures`, under the key the live page and the API
+    share. Kept apart once all final: the first view after the last message ended computes
+    them afresh."""
+    return figures.get(
+        (engine, campaign, all_final, "analytics"),
+        lambda: campaign_analytics(engine, campaign),
+        refresh,
+    )
+
+
+def analytics_age(age: float, now: datetime | None = None) -> dict[str, Any]:
+    """When the analytics were computed, `age` seconds before `now`, and that age."""
+    age = max(0.0, age)
+    computed = (now or utcnow()) - timedelta(seconds=age)
+    return {"analytics_as_of": _iso(computed), "analytics_age_seconds": round(age, 3)}
 
 
 def campaign_analytics(engine: Engine, campaign: str) -> dict[str, Any]:
