@@ -137,7 +137,10 @@ class Settings(BaseSettings):
     poll_grace_seconds: float = Field(3600.0, ge=0, alias="POLL_GRACE_SECONDS")
     poll_max_age_seconds: float = Field(259200.0, gt=0, le=259200, alias="POLL_MAX_AGE_SECONDS")
     poll_batch_size: int = Field(200, ge=1, le=5000, alias="POLL_BATCH_SIZE")
-    poll_concurrency: int = Field(16, ge=1, le=1000, alias="POLL_CONCURRENCY")
+    # Checks under way at once per process, from one thread (worker/provider/keepalive.py):
+    # more costs no CPU; with a provider 50 ms away a process checks about 6 a second per
+    # connection.
+    poll_concurrency: int = Field(32, ge=1, le=1000, alias="POLL_CONCURRENCY")
     poll_lease_seconds: float = Field(120.0, gt=0, alias="POLL_LEASE_SECONDS")
     poll_sweep_interval_seconds: float = Field(2.0, gt=0, alias="POLL_SWEEP_INTERVAL_SECONDS")
     poll_max_queued_tasks: int = Field(20, ge=1, alias="POLL_MAX_QUEUED_TASKS")

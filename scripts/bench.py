@@ -536,7 +536,8 @@ def _floor_sqlite(url: str, batch: list[dict[str, Any]], client: httpx.Client) -
 
 def check_cost(sim: Simulator, n: int = 4000) -> list[str]:
     """Worker CPU per status check, httpx's own transport beside worker/provider/keepalive.py,
-    on one thread and on POLL_CONCURRENCY's 16 (client side only: the simulator has its own)."""
+    on one thread and on 16, and the workers' own path: 16 under way from one thread
+    (`StatusClient.status_all`). Client side only: the simulator has its own."""
     sim.admin("/_sim/reset", {})
     with httpx.Client(base_url=sim.url, headers={"X-Authorization-Key": API_KEY}) as poster:
         ids = [a["messageId"] for a in _post(poster, list(bench_messages(100, "cost")))]
@@ -560,6 +561,26 @@ def check_cost(sim: Simulator, n: int = 4000) -> list[str]:
                 f"of CPU per check (median of 5 rounds of {n:,})"
             )
         client.close()
+    client = StatusClient(settings)  # the workers' path: checks under way from one thread
+    with ThreadPoolExecutor(1) as pool:
+        samples = []
+        for _ in range(5):
+            cpu = time.process_time()
+            answers = client.status_all(
+                (ids[i % len(ids)] for i in range(n)),
+                width=16,
+                deadline=time.monotonic() + 300,
+                go_on=lambda: True,
+                threads=pool,
+            )
+            for _ in answers:
+                pass
+            samples.append((time.process_time() - cpu) / n * 1e6)
+    lines.append(
+        f"  {'status_all, 16 at once':22}  1 thread(s): {statistics.median(samples):5.0f} µs "
+        f"of CPU per check (median of 5 rounds of {n:,})"
+    )
+    client.close()
     return lines
 
 

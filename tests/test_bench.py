@@ -37,7 +37,8 @@ def test_bench_prints_the_three_columns(redis_db: str) -> None:
     assert "status checks at launch, ours: fixed schedule (0 latencies known)" in table
     costs = table.split("status check cost:")[1]
     assert "httpx HTTPTransport" in costs and "worker/provider/keepalive.py" in costs
-    assert costs.count("µs of CPU per check") == 4
+    assert "status_all, 16 at once" in costs
+    assert costs.count("µs of CPU per check") == 5
     assert "send throughput ours / naive:" in table and "send throughput ours / floor:" in table
     assert "ours, at scale (n=600)" in table and "floor, at scale (n=600)" in table
     assert "send throughput ours at 600 / at 300:" in table
