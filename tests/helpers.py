@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections import Counter
@@ -369,6 +370,10 @@ class Closing(bytes):
     """An answer after which the server closes the connection."""
 
 
+class Reset(bytes):
+    """An answer after which the server resets the connection (RST, not FIN)."""
+
+
 class Pieces(tuple[bytes, ...]):
     """An answer the server writes a piece at a time, a moment apart."""
 
@@ -443,6 +448,9 @@ class Server:
                     continue
                 assert isinstance(answer, bytes)
                 conn.sendall(answer)
+                if isinstance(answer, Reset):
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
                 if isinstance(answer, Closing):
                     return
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from config import Settings
-from tests.helpers import STATUS, Closing, Pieces, Script, Server, ok
+from tests.helpers import STATUS, Closing, Pieces, Reset, Script, Server, ok
 from worker.provider.keepalive import KeepAliveTransport
 from worker.provider.smsbat import (
     NotFound,
@@ -319,6 +319,17 @@ def test_a_kept_connection_the_server_closed_is_retried_on_a_fresh_one(
     answers = check_many(client_for(server), IDS[:10], width=2)
     assert states(answers) == dict.fromkeys(IDS[:10], "delivered")
     assert server.connections == 10
+
+
+def test_a_connection_reset_after_an_answer_is_replaced_for_the_next_check(
+    serve: Callable[..., Server],
+) -> None:
+    """The server resets each connection right after its first answer: the next check on
+    it meets the reset on writing or on reading, and goes once more on a fresh one."""
+    server = serve(lambda n, head: Reset(ok()))
+    answers = check_many(client_for(server), IDS[:12], width=2)
+    assert states(answers) == dict.fromkeys(IDS[:12], "delivered")
+    assert server.connections == 12
 
 
 def test_one_silent_or_garbled_check_holds_back_no_other(serve: Callable[..., Server]) -> None:

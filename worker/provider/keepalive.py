@@ -533,8 +533,7 @@ class _Multiplex(Generic[K]):
             except httpx.TransportError as exc:
                 return key, exc, time.monotonic() - started
         lane.begin(key, wire)
-        self._write(lane)
-        return None
+        return self._advance(lane)  # its first write, its errors handled as any other's
 
     def _lane(self, fresh: bool) -> _Lane[K]:
         if len(self._lanes) >= self._width:  # a fresh connection in place of an idle one
