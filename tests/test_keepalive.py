@@ -311,25 +311,24 @@ def test_answers_in_pieces_and_in_chunks_are_read_whole(serve: Callable[..., Ser
     assert server.connections == 3
 
 
-def test_a_kept_connection_the_server_closed_is_retried_on_a_fresh_one(
-    serve: Callable[..., Server],
+@pytest.mark.parametrize(
+    ("script", "n"),
+    [
+        # One answer per connection, then the server closes on the next request unanswered.
+        (lambda n, head: ok() if n == 0 else None, 10),
+        # A reset (RST, not FIN) right after the first answer: the next check on that
+        # connection meets it on writing or on reading.
+        (lambda n, head: Reset(ok()), 12),
+    ],
+    ids=["closed unanswered", "reset after an answer"],
+)
+def test_a_kept_connection_the_server_dropped_is_replaced_for_the_next_check(
+    serve: Callable[..., Server], script: Script, n: int
 ) -> None:
-    # One answer per connection, then the server closes on the next request unanswered.
-    server = serve(lambda n, head: ok() if n == 0 else None)
-    answers = check_many(client_for(server), IDS[:10], width=2)
-    assert states(answers) == dict.fromkeys(IDS[:10], "delivered")
-    assert server.connections == 10
-
-
-def test_a_connection_reset_after_an_answer_is_replaced_for_the_next_check(
-    serve: Callable[..., Server],
-) -> None:
-    """The server resets each connection right after its first answer: the next check on
-    it meets the reset on writing or on reading, and goes once more on a fresh one."""
-    server = serve(lambda n, head: Reset(ok()))
-    answers = check_many(client_for(server), IDS[:12], width=2)
-    assert states(answers) == dict.fromkeys(IDS[:12], "delivered")
-    assert server.connections == 12
+    server = serve(script)
+    answers = check_many(client_for(server), IDS[:n], width=2)
+    assert states(answers) == dict.fromkeys(IDS[:n], "delivered")
+    assert server.connections == n
 
 
 def test_one_silent_or_garbled_check_holds_back_no_other(serve: Callable[..., Server]) -> None:
