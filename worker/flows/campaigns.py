@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, and_, func, insert, or_, select, update
 
 from config import Settings
 from worker.core.quiet import WINDOWED_TYPES, checked_window, next_window_open
@@ -170,10 +170,16 @@ def move_messages(
     detail: str,
     limit: int | None = None,
     where: Sequence[Any] = (),
+    while_campaign: ColumnElement[bool] | None = None,
     **values: Any,
 ) -> int:
     """Move every message of a campaign in `source` to `target` (and meeting `where`),
     journalled (source "system"), a chunk per transaction; answer how many moved.
+
+    `while_campaign` is a condition on the campaign's row, checked with the row locked in
+    each chunk's transaction: the move stops once it no longer holds. A decision made on an
+    earlier read (beat holding a campaign that was paused when it looked) must not undo an
+    operator's command that came in between (an approve, its messages then held for ever).
 
     Rows another transaction holds (a claim turning them into `sending`) are skipped: the
     loop ends when a pass finds no unlocked row. For holds, `enforce_holds` (beat) takes any
@@ -189,6 +195,8 @@ def move_messages(
         if limit is not None:  # a metered release goes oldest first; a whole move need not
             query = query.order_by(messages.c.pk)
         with engine.begin() as conn:
+            if while_campaign is not None and not _campaign_is(conn, name, while_campaign):
+                return moved
             pks = list(conn.execute(query.limit(size).with_for_update(skip_locked=True)).scalars())
             if not pks:
                 return moved
@@ -216,6 +224,15 @@ def move_messages(
     return moved
 
 
+def _campaign_is(conn: Connection, name: str, condition: ColumnElement[bool]) -> bool:
+    """Whether the campaign meets `condition`, its row locked until the transaction ends
+    (an operator's command on it waits; PostgreSQL re-checks the row once it may read it)."""
+    found = conn.execute(
+        select(campaigns.c.name).where(campaigns.c.name == name, condition).with_for_update()
+    ).first()
+    return found is not None
+
+
 # --- hold and approve, pause and resume ------------------------------------------------
 
 # The send deadline counts no time an operator held a campaign: an hour held, an hour more.
@@ -231,6 +248,10 @@ def later_by(conn: Connection | Engine, column: Any, seconds: float) -> Any:
 
 
 METERED = or_(campaigns.c.daily_cap.is_not(None), campaigns.c.rate_limit.is_not(None))
+LIVE = campaigns.c.cancelled_at.is_(None)
+BLOCKED = and_(LIVE, or_(campaigns.c.held_at.is_not(None), campaigns.c.paused_at.is_not(None)))
+RUNNING = and_(LIVE, campaigns.c.held_at.is_(None), campaigns.c.paused_at.is_(None))
+UNMETERED = and_(campaigns.c.daily_cap.is_(None), campaigns.c.rate_limit.is_(None))
 
 
 def _campaign(conn: Connection, name: str) -> Any:
@@ -292,7 +313,7 @@ def _block(engine: Engine, name: str, column: str, reason: str | None) -> dict[s
             values["pause_reason"] = reason
         conn.execute(update(campaigns).where(campaigns.c.name == name).values(values))
     detail = "campaign held for approval" if column == "held_at" else f"campaign {reason}"
-    held = move_messages(engine, name, State.QUEUED, State.HELD, detail)
+    held = move_messages(engine, name, State.QUEUED, State.HELD, detail, while_campaign=BLOCKED)
     return {"held_now": held, **campaign_control(engine, name)}
 
 
@@ -324,7 +345,13 @@ def _unblock(
         if seconds > 0:
             extra[DEADLINE_COLUMN] = later_by(engine, messages.c.send_deadline, seconds)
         released = move_messages(
-            engine, name, State.HELD, State.QUEUED, f"campaign {verb}", **extra
+            engine,
+            name,
+            State.HELD,
+            State.QUEUED,
+            f"campaign {verb}",
+            while_campaign=and_(RUNNING, UNMETERED),
+            **extra,
         )
         if released and broker_url:
             wake_dispatcher(broker_url)
@@ -437,9 +464,12 @@ def set_limits(
         blocked = row.held_at is not None or row.paused_at is not None
     if daily_cap is not None or rate is not None:
         # Beat's next tick (`meter`) releases them within the limits.
-        move_messages(engine, name, State.QUEUED, State.HELD, "campaign metered (cap or rate)")
+        detail = "campaign metered (cap or rate)"
+        move_messages(engine, name, State.QUEUED, State.HELD, detail, while_campaign=METERED)
     elif not blocked:
-        move_messages(engine, name, State.HELD, State.QUEUED, "campaign limits lifted")
+        detail = "campaign limits lifted"
+        running = and_(RUNNING, UNMETERED)
+        move_messages(engine, name, State.HELD, State.QUEUED, detail, while_campaign=running)
     return campaign_control(engine, name)
 
 
@@ -522,6 +552,7 @@ def meter(
                 "released again (counted today already)",
                 limit=room,
                 where=[messages.c.released_on == day],
+                while_campaign=and_(RUNNING, METERED),
                 **renewed,
             )
         allow = new_releases(cap, today, None if room is None else room - again)
@@ -537,6 +568,7 @@ def meter(
                 State.QUEUED,
                 why,
                 limit=allow,
+                while_campaign=and_(RUNNING, METERED),
                 released_on=day,
                 **renewed,
             )
@@ -572,7 +604,14 @@ def enforce_holds(engine: Engine) -> int:
             ).scalars()
         )
     return sum(
-        move_messages(engine, name, State.QUEUED, State.HELD, "campaign held or paused")
+        move_messages(
+            engine,
+            name,
+            State.QUEUED,
+            State.HELD,
+            "campaign held or paused",
+            while_campaign=BLOCKED,
+        )
         for name in blocked
     )
 
