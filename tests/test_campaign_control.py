@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -655,3 +656,127 @@ def test_status_of_a_held_campaign_shows_its_estimate_and_watch_ends(
     estimate = json.loads(status.stdout)["estimate"]
     assert (estimate["messages"], estimate["sms_parts"], estimate["cost"]) == (2, 3, 4.5)
     assert watched.returncode == 0 and "held, nothing more moves until" in watched.stdout
+
+
+# --- operators' commands interleaved with beat, generated -------------------------------
+
+COMMANDS = ("hold", "approve", "pause", "resume", "rate", "cap", "lift")
+
+
+def command(engine: Engine, name: str, which: str) -> None:
+    """An operator's command as the CLI gives it; one that does not apply now is refused."""
+    act: dict[str, Callable[[], object]] = {
+        "hold": lambda: hold_campaign(engine, name),
+        "approve": lambda: approve_campaign(engine, name),
+        "pause": lambda: pause_campaign(engine, name),
+        "resume": lambda: resume_campaign(engine, name),
+        "rate": lambda: set_limits(engine, name, None, 1000.0),
+        "cap": lambda: set_limits(engine, name, 1000, None),
+        "lift": lambda: set_limits(engine, name, None, None),
+    }
+    with contextlib.suppress(CampaignStateError):
+        act[which]()
+
+
+@BACKENDS
+def test_operators_and_beat_interleaved_never_strand_or_leak_a_message(
+    backend: str,
+    database_factory: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever operators do, and whenever beat looks: after beat, a held or paused campaign
+    has nothing queued, and a running unmetered one nothing held; no message is lost."""
+    from hypothesis import HealthCheck, Phase
+    from hypothesis import settings as hypothesis_settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
+
+    from worker.flows.campaigns import campaign_control
+    from worker.flows.dispatcher import Retry, Submitted, claim, record
+
+    url = database_factory(backend)
+    settings = Settings(DATABASE_URL=url)  # type: ignore[call-arg]
+    engine = get_engine(url)
+    runs = iter(range(10**6))
+
+    class Interleavings(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.name = f"i{next(runs)}"
+            ensure_campaign(engine, self.name)
+            self.enqueued = 0
+            self.in_flight: list[tuple[str, list[Any]]] = []
+
+        @rule(count=st.integers(1, 4))
+        def enqueue(self, count: int) -> None:
+            batch = make_messages(count, self.name, start=self.enqueued)
+            enqueue(batch, self.name, settings=settings, kick=False)
+            self.enqueued += count
+
+        @rule(which=st.sampled_from(COMMANDS))
+        def operator(self, which: str) -> None:
+            command(engine, self.name, which)
+
+        @rule(limit=st.integers(1, 4))
+        def claim_some(self, limit: int) -> None:
+            token = f"t{len(self.in_flight)}-{self.enqueued}"
+            rows = claim(engine, "standard", utcnow() + timedelta(hours=1), limit, 60, token)
+            if rows:
+                self.in_flight.append((token, rows))
+
+        @rule(accepted=st.booleans())
+        def answer(self, accepted: bool) -> None:
+            if not self.in_flight:
+                return
+            token, rows = self.in_flight.pop(0)
+            outcomes = [
+                Submitted(r.pk, f"p-{r.pk}") if accepted else Retry(r.pk, "HTTP 500", True)
+                for r in rows
+            ]
+            record(engine, token, outcomes, {r.pk: r for r in rows}, settings)
+
+        @rule(meanwhile=st.sampled_from((None, *COMMANDS)))
+        def beat(self, meanwhile: str | None) -> None:
+            if meanwhile is not None:
+                import worker.flows.campaigns as module
+
+                original = module.move_messages
+                pending = [lambda: command(engine, self.name, meanwhile)]
+
+                def move(*args: Any, **kwargs: Any) -> int:
+                    while pending:
+                        pending.pop()()
+                    return original(*args, **kwargs)
+
+                monkeypatch.setattr(module, "move_messages", move)
+            enforce_holds(engine)
+            meter(engine)
+            monkeypatch.undo()
+            if meanwhile is not None and pending:
+                pending.pop()()  # beat moved nothing: the command came after it
+                enforce_holds(engine)
+                meter(engine)
+            self.settled()
+
+        def settled(self) -> None:
+            control = campaign_control(engine, self.name)
+            found = states(settings, self.name)
+            assert sum(found.values()) == self.enqueued
+            limits = control["limits"]
+            metered = limits["daily_cap"] is not None or limits["rate"] is not None
+            if control["status"] in ("held", "paused"):
+                assert "queued" not in found, (control, found)
+            elif control["status"] == "running" and not metered:
+                assert "held" not in found, (control, found)
+
+    run_state_machine_as_test(
+        Interleavings,
+        settings=hypothesis_settings(
+            max_examples=25,
+            stateful_step_count=20,
+            deadline=None,
+            derandomize=True,
+            phases=[Phase.generate, Phase.target, Phase.shrink],
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
