@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from worker.core.backoff import (
     NO_PLAN,
+    PAST_PLAN_FOLLOW,
     CheckPlan,
     explored_latency,
     explores,
@@ -61,13 +62,16 @@ def test_an_explorer_is_checked_every_step_until_it_has_explored_enough() -> Non
     assert ages[37] == 360.0  # then backing off with its age
 
 
-def test_others_are_checked_at_the_plans_ages_then_back_off() -> None:
+def test_others_are_checked_at_the_plans_ages_followed_then_back_off() -> None:
     plan = CheckPlan((17.0, 29.5))
     age, ages = 0.0, []
-    for _ in range(4):
+    for _ in range(7):
         age += learned_delay(age, plan, explorer=False, jitter=0, **STEPS)
         ages.append(age)
-    assert ages == [17.0, 29.5, 59.0, 118.0]
+    # Past the plan, every step up to 1.5 times its last age (a plan learned early ends
+    # short of the truth), then backing off with its age.
+    assert ages == [17.0, 29.5, 34.5, 39.5, 44.5, 89.0, 178.0]
+    assert PAST_PLAN_FOLLOW == 1.5
     # A check closer than the minimum gap to a plan age skips it.
     assert learned_delay(16.5, plan, explorer=False, jitter=0, **STEPS) == 13.0
 

@@ -270,6 +270,11 @@ def test_a_claim_of_explorers_takes_them_ahead_of_older_due_checks(
 
     explorers = polling.claim_due(engine, now, 50, 60, explorers_of=100)
     oldest = polling.claim_due(engine, now, 5, 60)
+    # A poll task's batch: the due explorers, filled up with the oldest due.
+    batch = polling.claim_batch(engine, now, 6, 60, explorers_of=70)
+    none_explore = polling.claim_batch(engine, now, 3, 60, explorers_of=0)
 
     assert sorted(explorers) == [100, 200, 300]
     assert oldest == [1, 2, 3, 4, 5]
+    assert batch == [70, 140, 210, 280, 6, 7]
+    assert none_explore == [8, 9, 10]

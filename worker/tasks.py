@@ -219,20 +219,16 @@ def hand_out_checks(res: Resources, most: int | None = None) -> int:
         # tasks per tick); chained, they took half the workers from a campaign of 1,000,000.
         return 0
     free = polling.poll_task_room(queue_length(POLL_QUEUE), behind, settings)
-    # The sweep's first task takes due explorers ahead of the backlog (the plan learns only
-    # from checks on time); the chain after a full batch takes the oldest due.
-    explorers = learn_every(settings) if most is None else 0
+    # Every task, the chain's too, takes the due explorers first (`claim_batch`): were only
+    # the sweep's to do so, the chain would keep the queue full through a backlog, the sweep
+    # would find no room, and the plan would learn nothing while the backlog lasted.
+    explorers = learn_every(settings)
     handed = 0
     for _ in range(free if most is None else min(free, most)):
         now = utcnow()
-        pks = polling.claim_due(
+        pks = polling.claim_batch(
             res.engine, now, settings.poll_batch_size, settings.poll_lease_seconds, explorers
         )
-        if explorers and not pks:  # none due: the oldest due instead
-            pks = polling.claim_due(
-                res.engine, now, settings.poll_batch_size, settings.poll_lease_seconds
-            )
-        explorers = 0
         if not pks:
             break
         claimed = polling.lease_end(now, settings.poll_lease_seconds)

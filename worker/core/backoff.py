@@ -134,6 +134,11 @@ def explored_latency(
     return max(0.0, (final_seen - start).total_seconds())
 
 
+# A message not final at the plan's last age is checked every step until this many times
+# that age, then backs off: a plan learned early (from the fastest) ends short of the truth.
+PAST_PLAN_FOLLOW = 1.5
+
+
 def learned_delay(
     age: float,
     plan: CheckPlan,
@@ -159,5 +164,7 @@ def learned_delay(
     ahead = [a for a in plan.ages if a >= age + min_gap]
     if ahead and not explorer:
         return ahead[0] - age
+    if plan.ages and not explorer and age < PAST_PLAN_FOLLOW * plan.ages[-1]:
+        return max(min_gap, step)
     base = max(age, min_gap) * (factor - 1)
     return _jittered(base, jitter=jitter, cap=cap, min_gap=min_gap, rng=rng)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Boolean, ColumnElement, Engine, literal_column, select, update
 
 from config import Settings
 from worker.core.backoff import (
@@ -82,7 +82,9 @@ def claim_due(
     late teaches the plan nothing, so while checks are behind (a burst of sends), the
     explorers go first or the plan never learns.
     """
-    only = [messages.c.pk % explorers_of == 0] if explorers_of else []
+    # Literal, so the planner matches the predicate of ix_messages_explorers (0019).
+    explorer: ColumnElement[bool] = literal_column(f"pk % {int(explorers_of)} = 0", Boolean)
+    only = [explorer] if explorers_of else []
     rows = claim_rows(
         engine,
         messages,
@@ -93,6 +95,21 @@ def claim_due(
         returning=[messages.c.pk],
     )
     return [row.pk for row in rows]
+
+
+def claim_batch(
+    engine: Engine, now: datetime, size: int, lease: float, explorers_of: int
+) -> list[int]:
+    """One poll task's checks: the due explorers first, then the oldest due, `size` in all.
+
+    An explorer's check that runs late teaches the plan nothing (`explored_latency`): in a
+    backlog (a campaign's first checks all due at once) the plan would be learned from the
+    fastest explorers alone, and time every other message's checks too early.
+    """
+    pks = claim_due(engine, now, size, lease, explorers_of) if explorers_of else []
+    if len(pks) < size:
+        pks += claim_due(engine, now, size - len(pks), lease)
+    return pks
 
 
 # What deciding whether a message is due for a check needs.

@@ -225,6 +225,12 @@ class Message(Base):
             postgresql_where=sql_text("next_poll_at IS NOT NULL"),
             sqlite_where=sql_text("next_poll_at IS NOT NULL"),
         ),
+        Index(  # the due explorers of the default POLL_LEARN_EVERY, ahead of a backlog (0019)
+            "ix_messages_explorers",
+            "next_poll_at",
+            postgresql_where=sql_text("next_poll_at IS NOT NULL AND pk % 100 = 0"),
+            sqlite_where=sql_text("next_poll_at IS NOT NULL AND pk % 100 = 0"),
+        ),
         Index("ix_messages_campaign_state", "campaign", "state"),
         # The summary's counts that depend on the time now, over just those rows (0017).
         Index(
