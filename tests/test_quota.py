@@ -202,6 +202,30 @@ NOON = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 
 
 @BACKENDS
+def test_a_message_whose_ttl_ran_out_is_never_counted_against_the_cap(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    """Claimed ahead of the others (older), five messages past their TTL end `expired`
+    without taking the day's cap of five from the five that can still go."""
+    url = database_factory(backend)
+    settings = Settings(**ENV, DATABASE_URL=url, DAILY_MESSAGE_CAP="5")  # type: ignore[arg-type]
+    clock, provider = Clock(), Provider()
+    rows = []
+    for raw in [*make_messages(5, "ttl", ttl=60), *make_messages(5, "ttl", start=5)]:
+        checked = validate_message(raw, now=clock())
+        assert not isinstance(checked, list), checked
+        rows.append(row_for(checked, "ttl", clock(), settings))
+    store(get_engine(url), rows, "ttl")
+    clock.now += timedelta(minutes=2)
+
+    _send_all(url, settings, clock, provider)
+
+    assert sorted(provider.sent) == [f"ttl-{i}" for i in range(5, 10)]
+    assert _states(url, "ttl") == {State.EXPIRED: 5, State.SUBMITTED: 5}
+    assert quota.today(get_engine(url), settings, clock())["messages"] == 5
+
+
+@BACKENDS
 def test_a_provider_outage_does_not_spend_the_daily_cap(
     backend: str, database_factory: Callable[[str], str]
 ) -> None:

@@ -511,19 +511,23 @@ def send_batch(
             rows = claim(engine, route, now, limit, lease, token, counted_on)
     if not rows and probing:
         rows = claim_part(engine, route, now, batch_max, lease, token, counted_on)
-    if rows:  # inside their send window now (an approval at night), then within the
+    # A message whose TTL ran out is never sent: it ends `expired` here, neither held for
+    # its send window nor counted against the day's cap and budget.
+    expired = [r for r in rows if r.expires_at is not None and r.expires_at <= now]
+    live = [r for r in rows if r.expires_at is None or r.expires_at > now]
+    if live:  # inside their send window now (an approval at night), then within the
         # global daily cap and budget; the rest goes back to the queue
-        rows = hold_outside_window(engine, settings, rows, token, now)
-        rows, capped = quota.admit(engine, settings, rows, token, now)
+        live = hold_outside_window(engine, settings, live, token, now)
+        live, capped = quota.admit(engine, settings, live, token, now)
         report.capped = capped or report.capped
+    rows = expired + live
     report.isolating = bool(rows) and rows[0].isolation is not None
     report.claimed = len(rows)
     if not rows:
         if probing:  # nothing to probe with: let the next worker try
             pacing.release_probe(CIRCUIT)
         return report
-    live = [r for r in rows if r.expires_at is None or r.expires_at > now]
-    done: list[Outcome] = [Expired(r.pk) for r in rows if r.expires_at and r.expires_at <= now]
+    done: list[Outcome] = [Expired(r.pk) for r in expired]
     answer: Answer = {}
     if live:
         answer = post(client, pacing, settings, route, live)
