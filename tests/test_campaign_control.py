@@ -171,9 +171,10 @@ def test_a_send_in_flight_when_paused_is_held_when_it_comes_back(settings: Setti
 
 def between_beats_read_and_its_moves(
     monkeypatch: pytest.MonkeyPatch, command: Callable[[], object]
-) -> None:
+) -> list[Callable[[], object]]:
     """Run an operator's `command` once, after beat read the campaigns and before it moves
-    the first message: the interleaving a busy machine makes now and then."""
+    the first message: the interleaving a busy machine makes now and then. Answers the
+    command while it has not run (beat moved nothing)."""
     import worker.flows.campaigns as module
 
     original = module.move_messages
@@ -185,6 +186,7 @@ def between_beats_read_and_its_moves(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, "move_messages", move)
+    return pending
 
 
 def test_beat_never_holds_a_campaign_approved_since_it_looked(
@@ -737,23 +739,17 @@ def test_operators_and_beat_interleaved_never_strand_or_leak_a_message(
 
         @rule(meanwhile=st.sampled_from((None, *COMMANDS)))
         def beat(self, meanwhile: str | None) -> None:
+            pending: list[Callable[[], object]] = []
             if meanwhile is not None:
-                import worker.flows.campaigns as module
-
-                original = module.move_messages
-                pending = [lambda: command(engine, self.name, meanwhile)]
-
-                def move(*args: Any, **kwargs: Any) -> int:
-                    while pending:
-                        pending.pop()()
-                    return original(*args, **kwargs)
-
-                monkeypatch.setattr(module, "move_messages", move)
+                act = meanwhile  # bound now: the lambda runs inside beat
+                pending = between_beats_read_and_its_moves(
+                    monkeypatch, lambda: command(engine, self.name, act)
+                )
             enforce_holds(engine)
             meter(engine)
             monkeypatch.undo()
-            if meanwhile is not None and pending:
-                pending.pop()()  # beat moved nothing: the command came after it
+            if pending:  # beat moved nothing: the command came after it
+                pending.pop()()
                 enforce_holds(engine)
                 meter(engine)
             self.settled()

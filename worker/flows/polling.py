@@ -83,8 +83,9 @@ def claim_due(
     explorers go first or the plan never learns.
     """
     # Literal, so the planner matches the predicate of ix_messages_explorers (0019).
-    explorer: ColumnElement[bool] = literal_column(f"pk % {int(explorers_of)} = 0", Boolean)
-    only = [explorer] if explorers_of else []
+    only: list[ColumnElement[bool]] = (
+        [literal_column(f"pk % {int(explorers_of)} = 0", Boolean)] if explorers_of else []
+    )
     rows = claim_rows(
         engine,
         messages,
