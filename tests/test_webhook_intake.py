@@ -228,3 +228,21 @@ def test_concurrent_requests_share_a_transaction_and_a_bad_one_fails_alone(
     failed = [i for i, outcome in zip(ids, outcomes, strict=True) if outcome is not None]
     assert failed == ["poison"]
     assert sorted(_stored(engine)) == sorted(i for i in ids if i != "poison")
+
+
+def test_a_caller_that_goes_away_stops_no_write_of_its_group(engine: Engine) -> None:
+    """A client that disconnects cancels its own wait: its report and the others of its
+    group are still stored, and the others are answered."""
+
+    async def run() -> list[Any]:
+        group_committer = intake.committer(engine)
+        waits = [asyncio.ensure_future(group_committer.store(_job(f"g-{i}"))) for i in range(20)]
+        await asyncio.sleep(0)  # queued, the writer under way
+        waits[3].cancel()
+        return await asyncio.gather(*waits, return_exceptions=True)
+
+    outcomes = asyncio.run(run())
+
+    assert isinstance(outcomes[3], asyncio.CancelledError)
+    assert [o for i, o in enumerate(outcomes) if i != 3] == [None] * 19
+    assert sorted(_stored(engine)) == sorted(f"g-{i}" for i in range(20))
