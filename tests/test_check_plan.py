@@ -17,6 +17,7 @@ from sqlalchemy import select
 from worker.core.backoff import (
     NO_PLAN,
     PAST_PLAN_FOLLOW,
+    PAST_PLAN_STEPS,
     CheckPlan,
     explored_latency,
     explores,
@@ -71,7 +72,13 @@ def test_others_are_checked_at_the_plans_ages_followed_then_back_off() -> None:
     # Past the plan, every step up to 1.5 times its last age (a plan learned early ends
     # short of the truth), then backing off with its age.
     assert ages == [17.0, 29.5, 34.5, 39.5, 44.5, 89.0, 178.0]
-    assert PAST_PLAN_FOLLOW == 1.5
+    assert PAST_PLAN_FOLLOW == 1.5 and PAST_PLAN_STEPS == 3
+    # A slow route's plan: at most three steps past it, not every step to 450 s.
+    slow, age, ages = CheckPlan((60.0, 300.0)), 0.0, []
+    for _ in range(6):
+        age += learned_delay(age, slow, explorer=False, jitter=0, **STEPS)
+        ages.append(age)
+    assert ages == [60.0, 300.0, 305.0, 310.0, 315.0, 615.0]
     # A check closer than the minimum gap to a plan age skips it.
     assert learned_delay(16.5, plan, explorer=False, jitter=0, **STEPS) == 13.0
 

@@ -136,7 +136,9 @@ def explored_latency(
 
 # A message not final at the plan's last age is checked every step until this many times
 # that age, then backs off: a plan learned early (from the fastest) ends short of the truth.
+# At most this many steps, so a slow route's tail (a phone off for hours) costs few checks.
 PAST_PLAN_FOLLOW = 1.5
+PAST_PLAN_STEPS = 3
 
 
 def learned_delay(
@@ -164,7 +166,9 @@ def learned_delay(
     ahead = [a for a in plan.ages if a >= age + min_gap]
     if ahead and not explorer:
         return ahead[0] - age
-    if plan.ages and not explorer and age < PAST_PLAN_FOLLOW * plan.ages[-1]:
-        return max(min_gap, step)
+    if plan.ages and not explorer:
+        last = plan.ages[-1]
+        if age < min(PAST_PLAN_FOLLOW * last, last + PAST_PLAN_STEPS * step):
+            return max(min_gap, step)
     base = max(age, min_gap) * (factor - 1)
     return _jittered(base, jitter=jitter, cap=cap, min_gap=min_gap, rng=rng)
