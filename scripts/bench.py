@@ -32,7 +32,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -543,6 +543,19 @@ def check_cost(sim: Simulator, n: int = 4000) -> list[str]:
         ids = [a["messageId"] for a in _post(poster, list(bench_messages(100, "cost")))]
     settings = Settings(SMSBAT_BASE_URL=sim.url, SMSBAT_API_KEY=API_KEY)  # type: ignore[call-arg]
     lines = []
+
+    def cost_line(name: str, threads: int, check: Callable[[Iterator[str]], object]) -> str:
+        """The median worker CPU per check over 5 rounds of `n`, as a line of the column."""
+        samples = []
+        for _ in range(5):
+            cpu = time.process_time()
+            check(ids[i % len(ids)] for i in range(n))
+            samples.append((time.process_time() - cpu) / n * 1e6)
+        return (
+            f"  {name:22} {threads:2} thread(s): {statistics.median(samples):5.0f} µs "
+            f"of CPU per check (median of 5 rounds of {n:,})"
+        )
+
     for name, transport in (
         ("httpx HTTPTransport", httpx.HTTPTransport(limits=httpx.Limits(max_connections=16))),
         ("worker/provider/keepalive.py", KeepAliveTransport(httpx.URL(sim.url))),
@@ -551,35 +564,28 @@ def check_cost(sim: Simulator, n: int = 4000) -> list[str]:
         for threads in (1, 16):
             with ThreadPoolExecutor(threads) as pool:
                 list(pool.map(client.status, ids))
-                samples = []
-                for _ in range(5):
-                    cpu = time.process_time()
-                    list(pool.map(client.status, (ids[i % len(ids)] for i in range(n))))
-                    samples.append((time.process_time() - cpu) / n * 1e6)
-            lines.append(
-                f"  {name:22} {threads:2} thread(s): {statistics.median(samples):5.0f} µs "
-                f"of CPU per check (median of 5 rounds of {n:,})"
-            )
+                status = client.status
+                lines.append(
+                    cost_line(name, threads, lambda batch, s=status: list(pool.map(s, batch)))
+                )
         client.close()
     client = StatusClient(settings)  # the workers' path: checks under way from one thread
     with ThreadPoolExecutor(1) as pool:
-        samples = []
-        for _ in range(5):
-            cpu = time.process_time()
-            answers = client.status_all(
-                (ids[i % len(ids)] for i in range(n)),
-                width=16,
-                deadline=time.monotonic() + 300,
-                go_on=lambda: True,
-                threads=pool,
+        lines.append(
+            cost_line(
+                "status_all, 16 at once",
+                1,
+                lambda batch: list(
+                    client.status_all(
+                        batch,
+                        width=16,
+                        deadline=time.monotonic() + 300,
+                        go_on=lambda: True,
+                        threads=pool,
+                    )
+                ),
             )
-            for _ in answers:
-                pass
-            samples.append((time.process_time() - cpu) / n * 1e6)
-    lines.append(
-        f"  {'status_all, 16 at once':22}  1 thread(s): {statistics.median(samples):5.0f} µs "
-        f"of CPU per check (median of 5 rounds of {n:,})"
-    )
+        )
     client.close()
     return lines
 

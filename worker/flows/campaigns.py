@@ -252,6 +252,9 @@ LIVE = campaigns.c.cancelled_at.is_(None)
 BLOCKED = and_(LIVE, or_(campaigns.c.held_at.is_not(None), campaigns.c.paused_at.is_not(None)))
 RUNNING = and_(LIVE, campaigns.c.held_at.is_(None), campaigns.c.paused_at.is_(None))
 UNMETERED = and_(campaigns.c.daily_cap.is_(None), campaigns.c.rate_limit.is_(None))
+# What a release from `held` needs to still hold: beat's metered one, an operator's plain one.
+RUNNING_METERED = and_(RUNNING, METERED)
+RUNNING_FREE = and_(RUNNING, UNMETERED)
 
 
 def _campaign(conn: Connection, name: str) -> Any:
@@ -350,7 +353,7 @@ def _unblock(
             State.HELD,
             State.QUEUED,
             f"campaign {verb}",
-            while_campaign=and_(RUNNING, UNMETERED),
+            while_campaign=RUNNING_FREE,
             **extra,
         )
         if released and broker_url:
@@ -468,8 +471,7 @@ def set_limits(
         move_messages(engine, name, State.QUEUED, State.HELD, detail, while_campaign=METERED)
     elif not blocked:
         detail = "campaign limits lifted"
-        running = and_(RUNNING, UNMETERED)
-        move_messages(engine, name, State.HELD, State.QUEUED, detail, while_campaign=running)
+        move_messages(engine, name, State.HELD, State.QUEUED, detail, while_campaign=RUNNING_FREE)
     return campaign_control(engine, name)
 
 
@@ -552,7 +554,7 @@ def meter(
                 "released again (counted today already)",
                 limit=room,
                 where=[messages.c.released_on == day],
-                while_campaign=and_(RUNNING, METERED),
+                while_campaign=RUNNING_METERED,
                 **renewed,
             )
         allow = new_releases(cap, today, None if room is None else room - again)
@@ -568,7 +570,7 @@ def meter(
                 State.QUEUED,
                 why,
                 limit=allow,
-                while_campaign=and_(RUNNING, METERED),
+                while_campaign=RUNNING_METERED,
                 released_on=day,
                 **renewed,
             )
