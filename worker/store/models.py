@@ -318,12 +318,6 @@ class ProviderReport(Base):
             sqlite_where=sql_text("processed_at IS NULL"),
         ),
         Index(
-            "ix_provider_reports_parked",
-            "provider_message_id",
-            postgresql_where=sql_text("processed_at IS NULL"),
-            sqlite_where=sql_text("processed_at IS NULL"),
-        ),
-        Index(
             "ix_provider_reports_pending",
             "received_at",
             postgresql_where=sql_text("processed_at IS NULL"),
