@@ -204,6 +204,29 @@ def test_a_full_poll_batch_starts_no_next_one_while_a_full_send_batch_waits(
         assert {mark.replace(microsecond=0) for mark in marks} == {due.replace(microsecond=0)}
 
 
+def test_the_poll_room_counts_poll_tasks_not_the_report_ticks_beside_them(redis_db: str) -> None:
+    """`cascade-poll` also carries `cascade.apply_reports`: counted as a poll task, its tick
+    took the room of one (with POLL_MAX_QUEUED_TASKS=1 and the two ticks in step, no sweep
+    found room for 70-110 s while 100 checks were due)."""
+    import redis
+
+    from worker.celery import POLL_QUEUE, app
+    from worker.tasks import POLL_BATCH, waiting
+
+    client = redis.Redis.from_url(redis_db)
+    with app.connection_for_write(redis_db) as conn:  # real messages, as Celery writes them
+        app.send_task("cascade.apply_reports", queue=POLL_QUEUE, connection=conn)
+        assert waiting(client, POLL_QUEUE, POLL_BATCH) == 0
+        for _ in range(2):
+            app.send_task(POLL_BATCH, ([1, 2, 3], "2026-12-07T22:00:00"), connection=conn)
+        app.send_task("cascade.apply_reports", queue=POLL_QUEUE, connection=conn)
+
+    assert client.llen(POLL_QUEUE) == 4
+    assert waiting(client, POLL_QUEUE, POLL_BATCH) == 2
+    assert waiting(client, POLL_QUEUE, "cascade.apply_reports") == 2
+    assert waiting(client, "cascade-nothing", POLL_BATCH) == 0
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_outcomes_are_written_only_to_rows_that_still_carry_the_claim(
     backend: str, database_factory: Callable[[str], str]
