@@ -186,7 +186,7 @@ def test_full_poll_batches_hand_out_the_next_without_waiting_for_the_sweep(
 
     The 100 go in one send request, so their first checks come due together 5 s later,
     after their delivery, and the chain checks them all at the next sweep: 11.5 s here. It
-    took 13-111 s while the sweep counted `cascade.apply_reports` ticks in the poll queue
+    took 11-111 s while the sweep counted `cascade.apply_reports` ticks in the poll queue
     as poll tasks: with room for one and the two ticks in step, no sweep found any."""
     env = {
         "POLL_SWEEP_INTERVAL_SECONDS": "10",
