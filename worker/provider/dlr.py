@@ -346,9 +346,12 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+@lru_cache(maxsize=4096)
 def _minute(moment: datetime) -> str:
     """A minute-precision time as such (`2025-07-01T10:01Z`): written with `:00` seconds it
-    would claim a status at 10:01:00 for a message we sent at 10:01:40."""
+    would claim a status at 10:01:00 for a message we sent at 10:01:40. Cached like `_iso`:
+    the reports of a push share their minutes, and strftime was a fifth of `cascade api`'s
+    CPU taking BulkGate arrays (py-spy)."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
