@@ -166,6 +166,27 @@ def peak_rss_mb(root_pids: list[int]) -> list[float]:
     return found
 
 
+def cpu_seconds(groups: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds used so far (user + system, from /proc) by each group of process trees,
+    by PostgreSQL's processes and by the rest: what a figure's work cost the machine."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    owner = {
+        pid: kind for kind, roots in groups.items() for r in roots for pid in (r, *_children(r))
+    }
+    used = dict.fromkeys([*groups, "postgres", "rest"], 0.0)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            name, _, rest = (entry / "stat").read_text().rpartition(")")
+        except OSError:
+            continue
+        fields = rest.split()
+        kind = owner.get(int(entry.name)) or ("postgres" if name.endswith("(postgres") else "rest")
+        used[kind] += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return used
+
+
 def _children(pid: int) -> list[int]:
     try:
         kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -749,13 +770,19 @@ def run_intake(
         options = ["--workers", str(api_workers)] if api_workers != 1 else []
         api = start_api(logdir, group.env, extra=options)
         load = os.getloadavg()[0]
+        pids = {"API": [api.process.popen.pid], "workers": [p.popen.pid for p in group.processes]}
+        before = cpu_seconds(pids)
         pushed = run_wrk(api.url, "/webhooks/smsbat", prefix, 1, seconds, logdir)
+        pushes_cpu = _spent(before, cpu_seconds(pids))
         load_after = os.getloadavg()[0]
         stored, applied, waits = applied_latencies(url, prefix, 60)
+        before = cpu_seconds(pids)
         arrays = run_wrk(api.url, "/webhooks/bulkgate", prefix + "g", 100, seconds, logdir)
+        arrays_cpu = _spent(before, cpu_seconds(pids))
         rss = peak_rss_mb([api.process.popen.pid])
         api.process.stop()
     ok = pushed["requests"] - pushed["non2xx"]
+    reports = (arrays["requests"] - arrays["non2xx"]) * 100
     result.n = pushed["requests"]
     result.figures = {
         "pushes/s (answered 200)": ok / pushed["seconds"],
@@ -765,16 +792,25 @@ def run_intake(
         "pushes stored": stored,
         "pushes applied": applied,
         "receipt to applied p99 (s)": _quantile(waits, 0.99),
-        "BulkGate reports/s (x100 arrays)": (arrays["requests"] - arrays["non2xx"])
-        * 100
-        / arrays["seconds"],
+        **{
+            f"push CPU: {kind} (us)": spent / max(ok, 1) * 1e6 for kind, spent in pushes_cpu.items()
+        },
+        "BulkGate reports/s (x100 arrays)": reports / arrays["seconds"],
         "BulkGate array p99 (ms)": arrays["p99_ms"],
+        **{
+            f"report CPU: {kind} (us)": spent / max(reports, 1) * 1e6
+            for kind, spent in arrays_cpu.items()
+        },
         "peak API RSS (MB, max)": max(rss) if rss else None,
         "load average at start": load,
         "load average after pushes": load_after,
     }
     result.rss = rss
     return result
+
+
+def _spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {kind: after[kind] - before[kind] for kind in before}
 
 
 def median_result(runs: list[Result]) -> Result:
