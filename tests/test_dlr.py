@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from tests.helpers import SEED_PAYLOAD
@@ -393,6 +395,52 @@ def test_smsbat_parser_never_raises(data: Any) -> None:
 @given(_PAYLOADS)
 def test_bulkgate_parser_never_raises(data: Any) -> None:
     _check_per_element(data, parse_bulkgate(data))
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    """A report whose `x` is `depth` lists deep, the innermost holding one number."""
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return {"status": "1", "smsID": "d", "x": value}
+
+
+_MIXED_TEXT = st.lists(st.sampled_from(["\x00", "[", "{", "é", "1", "a", '"', "\\"])).map("".join)
+
+
+@given(
+    _PAYLOADS
+    | st.lists(st.dictionaries(st.sampled_from(_KEYS) | _MIXED_TEXT, _MIXED_TEXT), max_size=4)
+    | st.lists(st.builds(_nested, st.integers(28, 36)) | _REPORTS, max_size=4),
+    st.booleans(),
+)
+@example([{"status": "1", "smsID": "a\x00"}], True)
+@example([{"status": "1", "smsID": "a", "x\x00": 1}], False)
+def test_judging_a_push_from_its_body_changes_no_result(data: Any, ascii_only: bool) -> None:
+    """The bytes' shortcut (`_plain`) may only skip the per-report search where it finds
+    nothing: every result, the NUL and depth refusals included, is the same either way."""
+    body = json.dumps(data, ensure_ascii=ascii_only).encode()
+    try:
+        decoded = orjson.loads(body)
+    except orjson.JSONDecodeError:  # NaN, infinities: not JSON, refused before parsing
+        assume(False)
+
+    assert parse_bulkgate(decoded, body=body) == parse_bulkgate(decoded)
+    assert parse_smsbat_webhook(decoded, body=body) == parse_smsbat_webhook(decoded)
+
+
+@pytest.mark.parametrize("depth", [30, 31, 32, 33])
+def test_a_field_nested_past_the_limit_is_refused_with_the_body_given(depth: int) -> None:
+    items = [_nested(depth), {"status": "1", "smsID": "ok"}]
+    body = orjson.dumps(items)
+
+    results = parse_bulkgate(orjson.loads(body), body=body)
+
+    assert isinstance(results[1], Report)
+    if depth >= 32:
+        assert isinstance(results[0], ParseError) and "x: nested deeper than 32" in results[0].error
+    else:
+        assert isinstance(results[0], Report)
 
 
 @given(st.dictionaries(st.sampled_from([*_KEYS, "x"]) | st.text(max_size=5), st.text(max_size=15)))

@@ -223,7 +223,7 @@ async def _smsbat(
     data = _json(request, body)
     if not isinstance(data, dict | list):
         raise _refuse(request, 422, "body must be a JSON object or an array of objects")
-    return await _accept(request, parse_smsbat_webhook(data), settings, wake)
+    return await _accept(request, parse_smsbat_webhook(data, body=body), settings, wake)
 
 
 async def _bulkgate(
@@ -232,7 +232,7 @@ async def _bulkgate(
     data = _json(request, body)
     if not isinstance(data, list):
         raise _refuse(request, 422, "body must be a JSON array of reports")
-    return await _accept(request, parse_bulkgate(data), settings, wake)
+    return await _accept(request, parse_bulkgate(data, body=body), settings, wake)
 
 
 async def _bulkgate_query(

@@ -75,9 +75,10 @@ Parsed = Report | Inbound | ParseError
 # --- SMSBAT status webhook --------------------------------------------------------------
 
 
-def parse_smsbat_webhook(data: Any) -> list[Report | ParseError]:
-    """One result per element; a single object is a push of one."""
-    return _each(data, parse_smsbat_report)
+def parse_smsbat_webhook(data: Any, *, body: bytes | None = None) -> list[Report | ParseError]:
+    """One result per element; a single object is a push of one. `body`: the JSON that
+    orjson decoded into `data`, to judge what the database would refuse from (`_plain`)."""
+    return _each(data, parse_smsbat_report, body)
 
 
 def parse_smsbat_report(item: Any) -> Report:
@@ -105,9 +106,10 @@ def parse_smsbat_report(item: Any) -> Report:
 # --- BulkGate delivery reports ----------------------------------------------------------
 
 
-def parse_bulkgate(items: Any) -> list[Parsed]:
-    """The POSTed JSON array (a single object counts as an array of one)."""
-    return _each(items, parse_bulkgate_item)
+def parse_bulkgate(items: Any, *, body: bytes | None = None) -> list[Parsed]:
+    """The POSTed JSON array (a single object counts as an array of one). `body`: the JSON
+    that orjson decoded into `items`, to judge what the database would refuse from (`_plain`)."""
+    return _each(items, parse_bulkgate_item, body)
 
 
 def parse_bulkgate_query(params: Mapping[str, str]) -> list[Parsed]:
@@ -234,16 +236,35 @@ def _utc(local: datetime, fold: int) -> datetime:
 # --- shared field checks -------------------------------------------------------------------
 
 
-def _each(data: Any, parse: Callable[[Any], T]) -> list[T | ParseError]:
+def _each(data: Any, parse: Callable[[Any], T], body: bytes | None = None) -> list[T | ParseError]:
     items = data if isinstance(data, list) else [data]
+    checked = body is not None and _plain(body, data)
     results: list[T | ParseError] = []
     for index, item in enumerate(items):
         try:
-            _refuse_unstorable(item)
+            if not checked:
+                _refuse_unstorable(item)
             results.append(parse(item))
         except (ValueError, OverflowError) as exc:  # OverflowError: a date beyond year 1..9999
             results.append(ParseError(index, str(exc)))
     return results
+
+
+def _plain(body: bytes, data: Any) -> bool:
+    """Whether JSON decoded by orjson (`body` into `data`) holds nothing `_refuse_unstorable`
+    refuses, judged from its bytes in C: that search over every report's strings was a
+    third of a BulkGate report's parse (1.4 of 4.6 µs, measured).
+
+    orjson refuses lone surrogates and raw control characters, so a NUL comes only from a
+    `\\u0000` escape; a field nested MAX_DEPTH deep needs that many brackets beyond the
+    array's own and each report's. A bracket or an escape inside a string only makes this
+    answer no, and the search runs as before.
+    """
+    if b"\\u0000" in body:
+        return False
+    items = data if isinstance(data, list) else [data]
+    own = isinstance(data, list) + sum(type(item) is dict for item in items)
+    return body.count(b"[") + body.count(b"{") - own < MAX_DEPTH
 
 
 def _refuse_unstorable(item: Any) -> None:

@@ -410,12 +410,12 @@ def _copy_column(column: Any, values: list[Any]) -> list[Any]:
         if set(map(type, values)) <= {want, _NONE}:
             return values
     elif isinstance(kind, DateTime) or isinstance(getattr(kind, "impl", None), DateTime):
-        texts = {value: _timestamp(value) for value in set(values)}
+        texts = {value: timestamp_text(value) for value in set(values)}
         return list(map(texts.__getitem__, values))
     return list(map(_converter(column), values))
 
 
-def _timestamp(value: Any) -> Any:
+def timestamp_text(value: Any) -> Any:
     """An aware datetime as ISO 8601 text, which PostgreSQL reads exactly."""
     return _aware(value).isoformat() if isinstance(value, datetime) else value
 
