@@ -32,7 +32,7 @@ from worker.flows import (
     quota,
     sweeper,
 )
-from worker.observe import gauges, metrics
+from worker.observe import metrics
 from worker.provider.smsbat import SendClient, StatusClient
 from worker.store.db import get_engine, utcnow
 from worker.store.pacing import Pacing, get_pacing
@@ -314,12 +314,10 @@ def enforce_holds() -> dict[str, int]:
 def apply_reports() -> dict[str, int]:
     """Apply stored webhook and DLR reports; match parked ones whose message appeared."""
     res = resources()
-    started = utcnow()
-    finished: list[int] = []
-    counts = inbox.apply_pending(res.engine, res.settings, finished)
+    finals: list[float] = []  # submit → final, as for a poll
+    counts = inbox.apply_pending(res.engine, res.settings, finals)
     metrics.count_reports(counts)
-    if finished:  # submit → final, as for a poll
-        metrics.observe_finals(gauges.submit_to_final(res.engine, finished, started))
+    metrics.observe_finals(finals)
     return counts
 
 

@@ -28,7 +28,7 @@ from sqlalchemy.pool import NullPool
 
 from config import Settings
 from worker.core.states import FINAL, State
-from worker.store.db import among, utcnow
+from worker.store.db import utcnow
 from worker.store.models import (
     UTCDateTime,
     callbacks,
@@ -236,17 +236,6 @@ _caches: dict[tuple[str, float], TotalsCache] = {}
 
 def totals_cache(url: str, max_age: float) -> TotalsCache:
     return _caches.setdefault((url, max_age), TotalsCache(max_age))
-
-
-def submit_to_final(engine: Engine, pks: Iterable[int], since: datetime) -> list[float]:
-    """Seconds from submit to final of the given messages that became final at `since` or
-    later (a poll batch's): one read by primary key, for the latency histogram."""
-    m = messages.c
-    stmt = select(m.submitted_at, m.final_at).where(
-        among(engine, m.pk, list(pks)), m.final_at >= since, m.submitted_at.is_not(None)
-    )
-    with engine.connect() as conn:
-        return [(f - s).total_seconds() for s, f in conn.execute(stmt)]
 
 
 # --- Redis: pauses and beat -------------------------------------------------------------------
