@@ -206,7 +206,8 @@ def _apply_batch(
 ) -> int:
     """Claim one batch of matchable reports, apply them in arrival order; answer how many."""
     with engine.begin() as conn:
-        claimed = [(row.pk, _as_report(row)) for row in conn.execute(_claim_stmt(now))]
+        found = sorted(conn.execute(_claim_stmt(now)), key=lambda row: row.pk)
+        claimed = [(row.pk, _as_report(row)) for row in found]
         if not claimed:
             return 0
         rows = _lock_messages(conn, [report for _, report in claimed])
@@ -248,13 +249,21 @@ def _matched() -> Select[Any]:
 
 
 def _claim_stmt(now: datetime) -> Select[Any]:
-    """Due reports whose message has been submitted, oldest first, skipping locked."""
+    """Due reports whose message has been submitted, skipping locked.
+
+    In no order: ordered, PostgreSQL looked up the message of every due report and sorted
+    them all for each batch of 500 (33 ms a claim, the largest statement while taking
+    pushes for 100,000 messages; auto_explain); unordered it stops at the batch's 500th.
+    The reports come in the table's order, which is their arrival order but where one was
+    put off, and the batch is applied sorted by arrival. Across batches arrival order was
+    never kept (concurrent appliers skip each other's rows); by the forward-only rule a
+    late-applied earlier report moves no state back.
+    """
     return (
         select(provider_reports)
         .where(provider_reports.c.processed_at.is_(None))
         .where(_due(now))
         .where(_matched().exists())
-        .order_by(provider_reports.c.pk)
         .limit(BATCH_SIZE)
         .with_for_update(skip_locked=True)
     )
