@@ -275,14 +275,14 @@ def test_parked_reports_are_tried_again_later_the_longer_they_wait(
     """A run joins only the parked reports that are due, so a pile of another sender's
     reports on the account does not cost every run a join over all of them."""
     url = database_factory(backend)
-    fill_messages(url, 3, "late")
+    fill_messages(url, 4, "late")
     engine = get_engine(url)
     now = utcnow()
-    ages = {"pm-late-0": 10, "pm-late-1": 300, "pm-late-2": 7200}  # seconds parked
+    ages = {"pm-late-0": 1, "pm-late-1": 300, "pm-late-2": 7200, "pm-late-3": 10}  # parked (s)
     for message_id, age in ages.items():
         store_reports(engine, [_report(message_id, State.DELIVERED)], now - timedelta(seconds=age))
 
-    assert apply_pending(engine, _settings(url))["parked"] == 3
+    assert apply_pending(engine, _settings(url))["parked"] == 4
     with engine.connect() as conn:
         retry = dict(
             conn.execute(
@@ -290,17 +290,18 @@ def test_parked_reports_are_tried_again_later_the_longer_they_wait(
             ).all()
         )
     assert retry["pm-late-0"] <= utcnow()  # young: every run
+    assert now + timedelta(seconds=1) < retry["pm-late-3"] <= utcnow() + timedelta(seconds=2)
     assert now + timedelta(seconds=29) < retry["pm-late-1"] <= utcnow() + timedelta(seconds=30)
     assert now + timedelta(seconds=599) < retry["pm-late-2"] <= utcnow() + timedelta(seconds=600)
 
-    mark_submitted(engine, {f"late-{i}": f"pm-late-{i}" for i in range(3)})
-    counts = apply_pending(engine, _settings(url))  # the older two are not tried: not due
+    mark_submitted(engine, {f"late-{i}": f"pm-late-{i}" for i in range(4)})
+    counts = apply_pending(engine, _settings(url))  # the older three are not tried: not due
     assert counts == {"applied": 1, "ignored": 0, "orphan": 0, "parked": 0}
     assert stored_message(engine, "late-1").state == "submitted"
     with engine.begin() as conn:  # their time comes
         conn.execute(update(provider_reports).values(retry_at=utcnow() - timedelta(seconds=1)))
-    assert apply_pending(engine, _settings(url))["applied"] == 2
-    assert {stored_message(engine, f"late-{i}").state for i in range(3)} == {"delivered"}
+    assert apply_pending(engine, _settings(url))["applied"] == 3
+    assert {stored_message(engine, f"late-{i}").state for i in range(4)} == {"delivered"}
 
 
 @BACKENDS
