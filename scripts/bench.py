@@ -248,6 +248,12 @@ def run_ours(
         if api is not None:
             sim.configure(webhook_url=f"{api.url}/webhooks/smsbat", webhook_token=WEBHOOK_TOKEN)
         _wait_for_nodes(nodes)
+        pids = {
+            "workers": [p.popen.pid for p in group.processes],
+            "API": [api.process.popen.pid] if api is not None else [],
+            "simulator": [sim.process.popen.pid],
+        }
+        before = cpu_seconds(pids)
         started = time.time()
         campaign = f"bench-{uuid.uuid4().hex[:6]}"
         spies = [_spy(p, logdir) for p in group.processes] if profile and overlap else []
@@ -264,6 +270,8 @@ def run_ours(
             if {name for reply in replies for name in reply} != set(nodes):
                 raise RuntimeError(f"not every worker took the send queue on: {replies}")
             wake_dispatcher(broker)
+        wait_until_done(engine, sim, campaign, n, sent=True)
+        spent = _spent(before, cpu_seconds(pids))
         wait_until_done(engine, sim, campaign, n, until_sent)
         for spy in spies:
             spy.send_signal(signal.SIGINT)
@@ -285,6 +293,11 @@ def run_ours(
         "status polls / message": stats["status_requests"] / n,
         "peak worker RSS (MB, max)": max(rss) if rss else None,
         "database bytes / message": database_bytes(url) / n,
+        **{
+            f"CPU until sent: {kind} (us/msg)": seconds / n * 1e6
+            for kind, seconds in spent.items()
+            if kind != "API" or api is not None
+        },
     }
     result.rss = rss
     return result
