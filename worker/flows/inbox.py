@@ -169,7 +169,7 @@ def _last_sent_to(conn: Connection, phone: str) -> int | None:
 
 @dataclass
 class _Batch:
-    """What one batch decided: message updates, event rows, report outcomes."""
+    """What one batch decided: message updates, event rows, report outcomes, latencies."""
 
     updates: dict[int, dict[str, Any]]
     journal: list[dict[str, Any]]
