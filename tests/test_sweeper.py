@@ -114,6 +114,40 @@ def test_expiry_and_timeout(backend: str, database_factory: Callable[[str], str]
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_ttl_run_out_while_quiet_hours_hold_it_is_said_as_at_the_door(
+    backend: str, database_factory: Callable[[str], str]
+) -> None:
+    """Before: a promo held at the claim for its window (approved at night) whose TTL ran out
+    meanwhile ended TTL_EXPIRED, as if we had been too slow; at the door the same case is
+    QUIET_HOURS. One whose window had already opened is ours: TTL_EXPIRED."""
+    url = database_factory(backend)
+    fill_messages(url, 3, "w", ttl=60)
+    engine = get_engine(url)
+    now = utcnow()
+    opens = {"w-0": now + timedelta(hours=3), "w-1": now - timedelta(minutes=5), "w-2": None}
+    with engine.begin() as conn:
+        for message_id, window_at in opens.items():
+            conn.execute(
+                messages.update()
+                .where(messages.c.id == message_id)
+                .values(expires_at=now - timedelta(seconds=1), window_at=window_at)
+            )
+
+    assert sweeper.expire_queued(engine) == 3
+
+    with engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(select(messages))}
+        details = {e.message_pk: e.detail for e in conn.execute(select(events))}
+    assert {k: (r.state, r.error_code) for k, r in rows.items()} == {
+        "w-0": ("expired", "QUIET_HOURS"),
+        "w-1": ("expired", "TTL_EXPIRED"),
+        "w-2": ("expired", "TTL_EXPIRED"),
+    }
+    assert "send window" in rows["w-0"].error_message
+    assert details[rows["w-0"].pk] == rows["w-0"].error_message
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_message_kept_from_the_provider_past_its_deadline_fails_saying_so(
     backend: str, database_factory: Callable[[str], str]
 ) -> None:
