@@ -137,19 +137,22 @@ def _close(
     if deadline is not None and not any_due(engine, where, deadline):
         return 0
     with engine.begin() as conn:
-        rows = list(
-            conn.execute(
-                select(messages.c.pk, messages.c.state)
-                .where(*where)
-                .order_by(*([] if deadline is None else [deadline]))
-                .limit(CHUNK)
-                .with_for_update(skip_locked=True)
-            )
-        )
-        if not rows:
-            return 0
+        rows = _lock(conn, where, deadline)
         _finish(conn, rows, target, code, detail, now)
     return len(rows)
+
+
+def _lock(conn: Connection, where: list[Any], order: ColumnElement[Any] | None) -> list[Any]:
+    """Up to CHUNK rows matching `where` (pk, state, window_at), locked, skipping locked."""
+    return list(
+        conn.execute(
+            select(messages.c.pk, messages.c.state, messages.c.window_at)
+            .where(*where)
+            .order_by(*([] if order is None else [order]))
+            .limit(CHUNK)
+            .with_for_update(skip_locked=True)
+        )
+    )
 
 
 def _finish(
@@ -186,14 +189,7 @@ def expire_queued(engine: Engine) -> int:
     """
     now = utcnow()
     with engine.begin() as conn:
-        rows = list(
-            conn.execute(
-                select(messages.c.pk, messages.c.state, messages.c.window_at)
-                .where(messages.c.state == State.QUEUED, messages.c.expires_at <= now)
-                .limit(CHUNK)
-                .with_for_update(skip_locked=True)
-            )
-        )
+        rows = _lock(conn, [messages.c.state == State.QUEUED, messages.c.expires_at <= now], None)
         held = [r for r in rows if r.window_at is not None and r.window_at > now]
         rest = [r for r in rows if r.window_at is None or r.window_at <= now]
         _finish(conn, held, State.EXPIRED, "QUIET_HOURS", WAITING_DETAIL, now)
